@@ -1,0 +1,132 @@
+"""Sending commands to the command topic and waiting for their outcomes.
+
+The API and the process managers both send commands through a ``CommandClient``. The
+client follows the command-outcome topic from the moment it starts, so ``execute`` can
+wait (bounded) for the outcome of the command it just sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import OrderedDict
+from typing import Any
+
+import structlog
+
+
+from infra import kafka
+from infra.codec import CommandEnvelope, DecodeError, Outcome, decode_outcome, encode_command
+from infra.topics import Topics
+
+log = structlog.get_logger("swarmlog.commands")
+
+
+class CommandClient:
+    """Produces commands (idempotent producer, acks=all) and follows their outcomes.
+
+    ``execute(envelope, wait_s)`` returns the Outcome, or None when none came within
+    ``wait_s`` seconds (the command is on the log and will still be decided).
+    Recent outcomes (the last ``remember`` of them) can be looked up by command id.
+    """
+
+    def __init__(
+        self, bootstrap_servers: str, topics: Topics, *, follow_outcomes: bool = True,
+        remember: int = 100_000,
+    ) -> None:
+        self.bootstrap = bootstrap_servers
+        self.topics = topics
+        self.follow_outcomes = follow_outcomes
+        self.producer = kafka.producer(bootstrap_servers)
+        self._waiters: dict[str, list[asyncio.Future[Outcome]]] = {}
+        self._recent: OrderedDict[str, Outcome] = OrderedDict()
+        self._remember = remember
+        self._task: asyncio.Task[None] | None = None
+        self._consumer = kafka.consumer(bootstrap_servers) if follow_outcomes else None
+
+    async def start(self) -> None:
+        """Connect, and start following the outcome topic from its end."""
+        await self.producer.start()
+        if self._consumer is not None:
+            await self._consumer.start()
+            tps = await kafka.partitions_of(self.bootstrap, self.topics.outcomes)
+            self._consumer.assign(tps)
+            await self._consumer.seek_to_end(*tps)
+            for tp in tps:  # resolve "end" now, so nothing sent after start is missed
+                await self._consumer.position(tp)
+            self._task = asyncio.create_task(self._follow(), name="outcomes")
+
+    async def stop(self) -> None:
+        """Stop following outcomes and flush and close the producer."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._consumer is not None:
+            await self._consumer.stop()
+        await self.producer.stop()
+
+    async def _follow(self) -> None:
+        assert self._consumer is not None
+        while True:
+            batch = await self._consumer.getmany(timeout_ms=500, max_records=1000)
+            for records in batch.values():
+                for record in records:
+                    try:
+                        outcome = decode_outcome(record)
+                    except DecodeError:
+                        continue
+                    self._recent[outcome.command_id] = outcome
+                    self._recent.move_to_end(outcome.command_id)
+                    if len(self._recent) > self._remember:
+                        self._recent.popitem(last=False)
+                    for fut in self._waiters.pop(outcome.command_id, []):
+                        if not fut.done():
+                            fut.set_result(outcome)
+
+    def recent(self, command_id: str) -> Outcome | None:
+        """The outcome of ``command_id`` if this client saw it, else None."""
+        return self._recent.get(command_id)
+
+    async def send(self, envelope: CommandEnvelope) -> Any:
+        """Put ``envelope`` on the command topic and wait for the broker's ack;
+        returns its RecordMetadata."""
+        fut = await kafka.send(self.producer, encode_command(self.topics.commands, envelope))
+        return await fut
+
+    async def send_many(self, envelopes: list[CommandEnvelope]) -> None:
+        """Put several commands on the command topic, acked together."""
+        futures = [
+            await kafka.send(self.producer, encode_command(self.topics.commands, e))
+            for e in envelopes
+        ]
+        await asyncio.gather(*futures)
+
+    async def execute_many(
+        self, envelopes: list[CommandEnvelope], wait_s: float
+    ) -> list[Outcome | None]:
+        """Send ``envelopes`` and wait up to ``wait_s`` seconds for all their outcomes."""
+        loop = asyncio.get_running_loop()
+        futures: list[asyncio.Future[Outcome]] = []
+        for env in envelopes:
+            fut: asyncio.Future[Outcome] = loop.create_future()
+            self._waiters.setdefault(env.command_id, []).append(fut)
+            futures.append(fut)
+        try:
+            await self.send_many(envelopes)
+            await asyncio.wait(futures, timeout=wait_s)
+            return [f.result() if f.done() else None for f in futures]
+        finally:
+            for env, fut in zip(envelopes, futures, strict=True):
+                waiters = self._waiters.get(env.command_id)
+                if waiters and fut in waiters:
+                    waiters.remove(fut)
+                    if not waiters:
+                        del self._waiters[env.command_id]
+
+    async def execute(self, envelope: CommandEnvelope, wait_s: float) -> Outcome | None:
+        """Send ``envelope`` and wait up to ``wait_s`` seconds for its outcome (None if none)."""
+        return (await self.execute_many([envelope], wait_s))[0]
+
+
+

@@ -1,0 +1,96 @@
+"""Kafka clients as swarmlog configures them: idempotent producers with acks=all,
+read_committed consumers, and reading partitions from the start to their end.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+from infra.codec import Record
+
+
+def producer(bootstrap_servers: str, *, transactional_id: str | None = None) -> AIOKafkaProducer:
+    """An idempotent producer (acks=all); transactional when ``transactional_id`` is given."""
+    return AIOKafkaProducer(
+        bootstrap_servers=bootstrap_servers,
+        enable_idempotence=True,
+        acks="all",
+        transactional_id=transactional_id,
+        linger_ms=2,
+        request_timeout_ms=30_000,
+    )
+
+
+def consumer(bootstrap_servers: str, *topics: str, group_id: str | None = None, **kw: Any) -> AIOKafkaConsumer:
+    """A read_committed consumer with manual offset commits."""
+    return AIOKafkaConsumer(
+        *topics,
+        bootstrap_servers=bootstrap_servers,
+        group_id=group_id,
+        isolation_level="read_committed",
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        **kw,
+    )
+
+
+async def send(p: AIOKafkaProducer, record: Record) -> Any:
+    """Queue ``record`` on ``p``; returns the future of its RecordMetadata."""
+    return await p.send(record.topic, value=record.value, key=record.key, headers=record.headers)
+
+
+async def partitions_of(bootstrap_servers: str, topic: str) -> list[TopicPartition]:
+    """Every partition of ``topic``, sorted."""
+    c = consumer(bootstrap_servers)
+    await c.start()
+    try:
+        parts = c.partitions_for_topic(topic)
+        if parts is None:
+            await c._client.force_metadata_update()  # first metadata may not hold the topic
+            parts = c.partitions_for_topic(topic) or set()
+        return [TopicPartition(topic, p) for p in sorted(parts)]
+    finally:
+        await c.stop()
+
+
+async def read_to_end(
+    bootstrap_servers: str,
+    tps: Iterable[TopicPartition],
+    handle: Callable[[Any], Awaitable[None] | None],
+    *,
+    start: dict[TopicPartition, int] | None = None,
+) -> dict[TopicPartition, int]:
+    """Read ``tps`` (read_committed) from ``start`` (default: the beginning) to the end
+    offsets they have when this is called, calling ``handle(record)`` for each record in
+    partition order. Returns the next offset of each partition.
+    """
+    tps = list(tps)
+    c = consumer(bootstrap_servers)
+    await c.start()
+    try:
+        c.assign(tps)
+        ends = await c.end_offsets(tps)
+        for tp in tps:
+            if start and tp in start:
+                c.seek(tp, start[tp])
+            else:
+                await c.seek_to_beginning(tp)
+        positions = {tp: await c.position(tp) for tp in tps}
+        pending = {tp for tp in tps if positions[tp] < ends[tp]}
+        while pending:
+            batch = await c.getmany(*pending, timeout_ms=500, max_records=5000)
+            for tp, records in batch.items():
+                for r in records:
+                    out = handle(r)
+                    if out is not None:
+                        await out
+            for tp in list(pending):
+                positions[tp] = await c.position(tp)
+                if positions[tp] >= ends[tp]:
+                    pending.discard(tp)
+        return positions
+    finally:
+        await c.stop()

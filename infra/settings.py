@@ -1,0 +1,77 @@
+"""Configuration: one pydantic-settings ``Settings`` read from the environment.
+
+Every variable is prefixed ``SWARMLOG_`` except the three service URLs, which use the
+names the rest of the ecosystem uses (``KAFKA_BOOTSTRAP_SERVERS``, ``DATABASE_URL``,
+``REDIS_URL``). Where those three are set, ``swarmlog up`` starts nothing and uses them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """All knobs of a swarmlog process; times are in seconds unless the name says ``_ms``."""
+
+    model_config = SettingsConfigDict(env_prefix="SWARMLOG_", extra="ignore")
+
+    kafka_bootstrap_servers: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("KAFKA_BOOTSTRAP_SERVERS", "SWARMLOG_KAFKA_BOOTSTRAP_SERVERS"),
+    )
+    database_url: str | None = Field(
+        default=None, validation_alias=AliasChoices("DATABASE_URL", "SWARMLOG_DATABASE_URL")
+    )
+    redis_url: str | None = Field(
+        default=None, validation_alias=AliasChoices("REDIS_URL", "SWARMLOG_REDIS_URL")
+    )
+
+    state_dir: Path = Path(".swarmlog")
+    #: Prefix of every topic, consumer group and transactional id; tests use a fresh one each.
+    topic_prefix: str = "swarm"
+    #: PostgreSQL schema holding the read models; tests use a fresh one each.
+    db_schema: str = "swarmlog"
+    #: Prefix of every Redis key.
+    redis_prefix: str = "swarmlog"
+    #: Partitions of the command topic and of every event topic (they are co-partitioned).
+    partitions: int = 3
+    replication_factor: int = 1
+
+    api_host: str = "127.0.0.1"
+    api_port: int = 8000
+    #: How long a command route waits for the decider's outcome before answering 202.
+    command_wait_s: float = 5.0
+    #: Most SSE clients one API process serves before answering 503.
+    sse_max_clients: int = 200
+    #: How long an SSE send may block before the client is dropped.
+    sse_send_timeout_s: float = 10.0
+
+    #: Scheduler: how often it looks for work, and how aging lifts old work by one priority.
+    scheduler_tick_s: float = 0.2
+    aging_interval_s: float = 30.0
+    #: An agent with no heartbeat for this long is marked offline.
+    heartbeat_timeout_s: float = 15.0
+
+    projector_batch_size: int = 500
+
+    def require_services(self) -> tuple[str, str, str]:
+        """Return (kafka, database, redis) URLs, or raise RuntimeError naming the missing one."""
+        missing = [
+            name
+            for name, value in (
+                ("KAFKA_BOOTSTRAP_SERVERS", self.kafka_bootstrap_servers),
+                ("DATABASE_URL", self.database_url),
+                ("REDIS_URL", self.redis_url),
+            )
+            if not value
+        ]
+        if missing:
+            raise RuntimeError(
+                f"{', '.join(missing)} not set: run `swarmlog up` and `eval $(swarmlog env)`,"
+                " or set them to running services"
+            )
+        assert self.kafka_bootstrap_servers and self.database_url and self.redis_url
+        return self.kafka_bootstrap_servers, self.database_url, self.redis_url

@@ -1,0 +1,327 @@
+"""The projector: event topics -> PostgreSQL read models (and Redis hot views).
+
+Offsets live in PostgreSQL, not in Kafka ("storing offsets outside Kafka", KafkaConsumer
+javadoc): each batch's rows and the next offset of every partition it read commit in one
+transaction, and on assignment the consumer seeks to the stored offsets. A restart, or a
+kill -9 mid-batch, therefore neither skips nor double-applies an event.
+
+Redis (agent status and load) is written after the commit, each key guarded by the time
+the rows were read, so that an older write never overwrites a newer one; on start the projector
+copies every agent row to Redis, which closes the gap a crash between the commit and
+the Redis write could leave.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections import defaultdict
+from typing import Any
+
+import asyncpg
+import redis.asyncio as aioredis
+import structlog
+from aiokafka import ConsumerRebalanceListener, TopicPartition
+
+from infra import kafka
+from infra.clock import Clock, SystemClock
+from infra.codec import DecodeError, StoredEvent, decode_event, encode_dead_letter, event_ce_type
+from infra.topics import Topics
+from projections import views
+from projections.schema import checked_schema, migrate
+
+log = structlog.get_logger("swarmlog.projector")
+
+PROJECTION = "core"  # agents, tasks and the event archive, projected together
+
+AGENT_COLUMNS = (
+    "agent_id", "name", "capabilities", "max_concurrent_tasks", "cost_per_task", "lifecycle",
+    "registered_at", "last_heartbeat_at", "tasks_completed", "tasks_failed", "tasks_lost",
+    "version", "updated_at",
+)
+TASK_COLUMNS = (
+    "task_id", "type", "payload", "required_capabilities", "priority", "priority_rank",
+    "max_cost", "lease_timeout_s", "run_timeout_s", "max_attempts", "status", "attempts",
+    "requeues", "agent_id", "progress", "progress_message", "result", "quality", "error",
+    "not_before", "submitted_at", "queued_at", "assigned_at", "started_at", "finished_at",
+    "version", "updated_at",
+)
+JSON_COLUMNS = {"capabilities", "payload", "required_capabilities", "result"}
+
+# Sets the hash only when ARGV[1] is higher than its stored version: KEYS[1], ARGV = version,
+# field, value, field, value...
+_GUARDED_HSET = """
+local current = tonumber(redis.call('HGET', KEYS[1], 'version') or '-1')
+if tonumber(ARGV[1]) <= current then return 0 end
+redis.call('HSET', KEYS[1], 'version', ARGV[1])
+for i = 2, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+return 1
+"""
+
+
+def _upsert_sql(schema: str, table: str, columns: tuple[str, ...], key: str) -> str:
+    cols = ", ".join(columns)
+    params = ", ".join(
+        f"${i}::jsonb" if c in JSON_COLUMNS else f"${i}" for i, c in enumerate(columns, 1)
+    )
+    updates = ", ".join(f"{c} = EXCLUDED.{c}" for c in columns if c != key)
+    return (
+        f"INSERT INTO {schema}.{table} ({cols}) VALUES ({params}) "
+        f"ON CONFLICT ({key}) DO UPDATE SET {updates}"
+    )
+
+
+def _params(row: dict[str, Any], columns: tuple[str, ...]) -> tuple[Any, ...]:
+    return tuple(json.dumps(row[c]) if c in JSON_COLUMNS and row[c] is not None else row[c]
+                 for c in columns)
+
+
+def _row(record: asyncpg.Record) -> dict[str, Any]:
+    row = dict(record)
+    for c in JSON_COLUMNS & row.keys():
+        if isinstance(row[c], str):
+            row[c] = json.loads(row[c])
+    return row
+
+
+class Projector:
+    """Consumes every event topic in the consumer group ``<prefix>-projector`` and keeps
+    the agents, tasks and events tables of ``schema`` (and Redis) in step with the log.
+
+    Several copies share the partitions. ``batch_size`` bounds the records per transaction.
+    """
+
+    def __init__(
+        self,
+        *,
+        bootstrap_servers: str,
+        topics: Topics,
+        database_url: str,
+        schema: str,
+        redis_url: str,
+        redis_prefix: str,
+        batch_size: int = 500,
+        clock: Clock | None = None,
+    ) -> None:
+        self.bootstrap = bootstrap_servers
+        self.topics = topics
+        self.database_url = database_url
+        self.schema = checked_schema(schema)
+        self.redis_url = redis_url
+        self.redis_prefix = redis_prefix
+        self.batch_size = batch_size
+        self.clock = clock or SystemClock()
+        self.projected = 0
+        s = self.schema
+        self._upsert_agent = _upsert_sql(s, "agents", AGENT_COLUMNS, "agent_id")
+        self._upsert_task = _upsert_sql(s, "tasks", TASK_COLUMNS, "task_id")
+        self._insert_event = (
+            f'INSERT INTO {s}.events (topic, partition, "offset", event_id, aggregate_type,'
+            " aggregate_id, version, type, time, correlation_id, causation_id, schema_version,"
+            " data) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13::jsonb)"
+            " ON CONFLICT DO NOTHING"
+        )
+        self._save_offset = (
+            f"INSERT INTO {s}.projection_offsets (projection, topic, partition, next_offset,"
+            " updated_at) VALUES ($1, $2, $3, $4, now()) ON CONFLICT (projection, topic,"
+            " partition) DO UPDATE SET next_offset = EXCLUDED.next_offset, updated_at = now()"
+        )
+
+    def agent_key(self, agent_id: str) -> str:
+        """The Redis hash of one agent: lifecycle, status, load and version."""
+        return f"{self.redis_prefix}:agent:{agent_id}"
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Project until ``stop`` is set."""
+        pool = await asyncpg.create_pool(self.database_url, min_size=1, max_size=4)
+        r = aioredis.from_url(self.redis_url)
+        dead_letters = kafka.producer(self.bootstrap)
+        consumer = kafka.consumer(
+            self.bootstrap,
+            group_id=f"{self.topics.prefix}-projector",
+            max_poll_records=self.batch_size,
+            session_timeout_ms=10_000,
+            heartbeat_interval_ms=1_000,
+        )
+        projector = self
+
+        class Seek(ConsumerRebalanceListener):
+            async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+                pass
+
+            async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+                stored = await projector._offsets(pool)
+                for tp in assigned:
+                    if tp in stored:
+                        consumer.seek(tp, stored[tp])
+                    else:
+                        await consumer.seek_to_beginning(tp)
+
+        try:
+            async with pool.acquire() as conn:
+                await migrate(conn, self.schema)
+            self._hset = r.register_script(_GUARDED_HSET)
+            await self._sync_redis(pool, r, None)
+            await dead_letters.start()
+            consumer.subscribe(list(self.topics.event_topics.values()), listener=Seek())
+            await consumer.start()
+            while not stop.is_set():
+                batch = await consumer.getmany(timeout_ms=200, max_records=self.batch_size)
+                if batch:
+                    await self._project(pool, r, dead_letters, batch)
+        finally:
+            await consumer.stop()
+            await dead_letters.stop()
+            await r.aclose()
+            await pool.close()
+
+    async def _offsets(self, pool: asyncpg.Pool) -> dict[TopicPartition, int]:
+        rows = await pool.fetch(
+            f"SELECT topic, partition, next_offset FROM {self.schema}.projection_offsets"
+            " WHERE projection = $1",
+            PROJECTION,
+        )
+        return {TopicPartition(r["topic"], r["partition"]): r["next_offset"] for r in rows}
+
+    async def _project(
+        self,
+        pool: asyncpg.Pool,
+        r: aioredis.Redis,
+        dead_letters: Any,
+        batch: dict[TopicPartition, list[Any]],
+    ) -> None:
+        events: list[StoredEvent] = []
+        for records in batch.values():
+            for record in records:
+                try:
+                    events.append(decode_event(record))
+                except DecodeError as exc:
+                    # Loses nothing: the record, its position and the reason go to the DLQ.
+                    fut = await kafka.send(
+                        dead_letters,
+                        encode_dead_letter(self.topics.deadletter, record, str(exc), self.clock.now()),
+                    )
+                    await fut
+                    log.warning("event dead-lettered", topic=record.topic, offset=record.offset,
+                                reason=str(exc))
+        agent_ids = {e.aggregate_id for e in events if e.aggregate_type == "agent"}
+        task_ids = {e.aggregate_id for e in events if e.aggregate_type == "task"}
+        s = self.schema
+        async with pool.acquire() as conn, conn.transaction():
+            # Lock order (agents, then tasks, by id) keeps concurrent projectors deadlock-free.
+            agents = {
+                rec["agent_id"]: _row(rec)
+                for rec in await conn.fetch(
+                    f"SELECT * FROM {s}.agents WHERE agent_id = ANY($1::text[])"
+                    " ORDER BY agent_id FOR UPDATE",
+                    sorted(agent_ids),
+                )
+            }
+            tasks = {
+                rec["task_id"]: _row(rec)
+                for rec in await conn.fetch(
+                    f"SELECT * FROM {s}.tasks WHERE task_id = ANY($1::text[])"
+                    " ORDER BY task_id FOR UPDATE",
+                    sorted(task_ids),
+                )
+            }
+            counters: dict[tuple[str, str], int] = defaultdict(int)
+            fresh: list[StoredEvent] = []
+            for e in events:
+                if e.aggregate_type == "agent":
+                    before = agents.get(e.aggregate_id)
+                    after = views.evolve_agent(before, e)
+                    if after is not None and after is not before:
+                        agents[e.aggregate_id] = after
+                        fresh.append(e)
+                elif e.aggregate_type == "task":
+                    before = tasks.get(e.aggregate_id)
+                    after = views.evolve_task(before, e)
+                    if after is not None and after is not before:
+                        tasks[e.aggregate_id] = after
+                        fresh.append(e)
+                        if (count := views.agent_counts(e)) is not None:
+                            counters[count] += 1
+            touched_agents = {e.aggregate_id for e in fresh if e.aggregate_type == "agent"}
+            touched_tasks = {e.aggregate_id for e in fresh if e.aggregate_type == "task"}
+            if fresh:
+                await conn.executemany(
+                    self._insert_event,
+                    [
+                        (
+                            e.position.topic, e.position.partition, e.position.offset, e.id,  # type: ignore[union-attr]
+                            e.aggregate_type, e.aggregate_id, e.version,
+                            event_ce_type(e.aggregate_type, e.event.event_type), e.time,
+                            e.correlation_id, e.causation_id, e.event.schema_version,
+                            e.event.model_dump_json(),
+                        )
+                        for e in fresh
+                    ],
+                )
+            if touched_agents:
+                await conn.executemany(
+                    self._upsert_agent,
+                    [_params(agents[a], AGENT_COLUMNS) for a in sorted(touched_agents)],
+                )
+            if touched_tasks:
+                await conn.executemany(
+                    self._upsert_task,
+                    [_params(tasks[t], TASK_COLUMNS) for t in sorted(touched_tasks)],
+                )
+            if counters:
+                for (agent_id, column), n in sorted(counters.items()):
+                    await conn.execute(
+                        f"UPDATE {s}.agents SET {column} = {column} + $2 WHERE agent_id = $1",
+                        agent_id,
+                        n,
+                    )
+            await conn.executemany(
+                self._save_offset,
+                [
+                    (PROJECTION, tp.topic, tp.partition, records[-1].offset + 1)
+                    for tp, records in batch.items()
+                    if records
+                ],
+            )
+        self.projected += len(events)
+        affected = touched_agents | {
+            t["agent_id"] for t in tasks.values() if t.get("agent_id")
+        } | {a for a, _ in counters}
+        if affected:
+            await self._sync_redis(pool, r, affected)
+
+    async def _sync_redis(
+        self, pool: asyncpg.Pool, r: aioredis.Redis, agent_ids: set[str] | None
+    ) -> None:
+        """Copy agents' lifecycle, status and load to Redis (all agents when None)."""
+        s = self.schema
+        where = "" if agent_ids is None else "WHERE a.agent_id = ANY($1::text[])"
+        args: list[Any] = [] if agent_ids is None else [sorted(agent_ids)]
+        rows = await pool.fetch(
+            f"""
+            SELECT a.agent_id, a.lifecycle,
+                   (SELECT count(*) FROM {s}.tasks t
+                     WHERE t.agent_id = a.agent_id AND t.status IN ('assigned', 'running')) AS load,
+                   (extract(epoch FROM clock_timestamp()) * 1e6)::bigint AS read_at
+              FROM {s}.agents a {where}
+            """,
+            *args,
+        )
+        if not rows:
+            return
+        async with r.pipeline(transaction=False) as pipe:
+            for row in rows:
+                status = row["lifecycle"]
+                if status == "running":
+                    status = "busy" if row["load"] else "idle"
+                # Load depends on other aggregates, so the guard is when the row was read
+                # (the database's clock, shared by every projector copy): a slower copy's
+                # older read never overwrites a newer one.
+                version = row["read_at"]
+                await self._hset(
+                    keys=[self.agent_key(row["agent_id"])],
+                    args=[version, "lifecycle", row["lifecycle"], "status", status,
+                          "load", row["load"]],
+                    client=pipe,
+                )
+            await pipe.execute()

@@ -1,0 +1,112 @@
+"""The PostgreSQL read models: DDL, applied idempotently into one schema.
+
+Every table lives in the schema named by ``Settings.db_schema`` (tests use a fresh one
+each), so a read model can be rebuilt into a fresh schema and swapped in.
+"""
+
+from __future__ import annotations
+
+import re
+
+import asyncpg
+
+_IDENT = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+
+DDL = """
+CREATE SCHEMA IF NOT EXISTS {s};
+
+-- The consumed position of each projection: written in the same transaction as its rows.
+CREATE TABLE IF NOT EXISTS {s}.projection_offsets (
+    projection   text    NOT NULL,
+    topic        text    NOT NULL,
+    partition    integer NOT NULL,
+    next_offset  bigint  NOT NULL,
+    updated_at   timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (projection, topic, partition)
+);
+
+-- The event archive: every event, for audit queries (history of an aggregate, as-of).
+CREATE TABLE IF NOT EXISTS {s}.events (
+    topic           text        NOT NULL,
+    partition       integer     NOT NULL,
+    "offset"        bigint      NOT NULL,
+    event_id        text        NOT NULL UNIQUE,
+    aggregate_type  text        NOT NULL,
+    aggregate_id    text        NOT NULL,
+    version         integer     NOT NULL,
+    type            text        NOT NULL,
+    time            timestamptz NOT NULL,
+    correlation_id  text        NOT NULL,
+    causation_id    text        NOT NULL,
+    schema_version  integer     NOT NULL,
+    data            jsonb       NOT NULL,
+    PRIMARY KEY (topic, partition, "offset")
+);
+CREATE INDEX IF NOT EXISTS events_by_aggregate ON {s}.events (aggregate_type, aggregate_id, version);
+CREATE INDEX IF NOT EXISTS events_by_time ON {s}.events (time);
+
+CREATE TABLE IF NOT EXISTS {s}.agents (
+    agent_id              text PRIMARY KEY,
+    name                  text        NOT NULL,
+    capabilities          jsonb       NOT NULL,
+    max_concurrent_tasks  integer     NOT NULL,
+    cost_per_task         bigint      NOT NULL,
+    lifecycle             text        NOT NULL,
+    registered_at         timestamptz NOT NULL,
+    last_heartbeat_at     timestamptz,
+    tasks_completed       integer     NOT NULL DEFAULT 0,
+    tasks_failed          integer     NOT NULL DEFAULT 0,
+    tasks_lost            integer     NOT NULL DEFAULT 0,
+    version               integer     NOT NULL,
+    updated_at            timestamptz NOT NULL
+);
+
+CREATE TABLE IF NOT EXISTS {s}.tasks (
+    task_id                text PRIMARY KEY,
+    type                   text        NOT NULL,
+    payload                jsonb       NOT NULL,
+    required_capabilities  jsonb       NOT NULL,
+    priority               text        NOT NULL,
+    priority_rank          integer     NOT NULL,
+    max_cost               bigint,
+    lease_timeout_s        double precision NOT NULL,
+    run_timeout_s          double precision NOT NULL,
+    max_attempts           integer     NOT NULL,
+    status                 text        NOT NULL,
+    attempts               integer     NOT NULL DEFAULT 0,
+    requeues               integer     NOT NULL DEFAULT 0,
+    agent_id               text,
+    progress               double precision NOT NULL DEFAULT 0,
+    progress_message       text,
+    result                 jsonb,
+    quality                double precision,
+    error                  text,
+    not_before             timestamptz,
+    submitted_at           timestamptz NOT NULL,
+    queued_at              timestamptz,
+    assigned_at            timestamptz,
+    started_at             timestamptz,
+    finished_at            timestamptz,
+    version                integer     NOT NULL,
+    updated_at             timestamptz NOT NULL
+);
+CREATE INDEX IF NOT EXISTS tasks_by_status ON {s}.tasks (status, priority_rank DESC, submitted_at);
+CREATE INDEX IF NOT EXISTS tasks_by_agent ON {s}.tasks (agent_id, status);
+CREATE INDEX IF NOT EXISTS tasks_by_type ON {s}.tasks (type, status);
+"""
+
+
+def checked_schema(name: str) -> str:
+    """``name`` if it is a plain lower-case SQL identifier, else ValueError (it is
+    interpolated into SQL, so nothing else is allowed)."""
+    if not _IDENT.match(name):
+        raise ValueError(f"invalid schema name {name!r}: use [a-z_][a-z0-9_]*")
+    return name
+
+
+async def migrate(conn: asyncpg.Connection, schema: str) -> None:
+    """Create the schema and every read-model table in it, if missing (idempotent)."""
+    s = checked_schema(schema)
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", f"swarmlog-migrate-{s}")
+        await conn.execute(DDL.format(s=s))
