@@ -1,0 +1,371 @@
+"""``swarmlog demo``: the whole stack and a swarm of SDK agents analysing real code.
+
+Steps: start (or reuse) Kafka, PostgreSQL and Redis; start the swarmlog processes
+(processor, streams, projector, API) as child processes; start one process per agent;
+submit one ``analyse-module`` task per module of the chosen packages; part-way through,
+SIGKILL the agent holding the most work, so its tasks are requeued (after its heartbeat
+timeout) and finished by others; wait for every task to finish and the read models to
+catch up; print a summary read back from the read models and the log, never from the
+demo's own memory. Each run has its own topics, schema and Redis prefix (``demo<stamp>``),
+so its figures are its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+from aiokafka import TopicPartition
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from demo.analysis import discover_modules
+from infra import kafka, stack
+from infra.bootstrap import topics_of
+from infra.settings import Settings
+
+DEFAULT_PACKAGES = ("asyncio", "email", "json")
+LARGE_MODULE_LINES = 1000
+
+#: The swarm: name, capabilities, tasks at once, cost per task (tokens).
+AGENTS: tuple[tuple[str, dict[str, float], int, str], ...] = (
+    ("ada", {"python": 0.95, "large-modules": 0.9}, 2, "0.4"),
+    ("grace", {"python": 0.85}, 2, "0.2"),
+    ("linus", {"python": 0.7, "large-modules": 0.8}, 2, "0.3"),
+    ("margaret", {"python": 0.9}, 1, "0.1"),
+)
+
+
+@dataclass
+class Children:
+    """Child processes the demo started, stopped by their recorded pids."""
+
+    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    log_dir: Path = Path(".")
+
+    def start(self, name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+        """Start ``argv`` as child ``name``, its output to ``<log_dir>/<name>.log``."""
+        log = open(self.log_dir / f"{name}.log", "wb")  # noqa: SIM115 - owned by the child
+        proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        self.procs[name] = proc
+        return proc
+
+    def kill(self, name: str) -> None:
+        """SIGKILL child ``name`` (by its pid) and reap it."""
+        proc = self.procs.pop(name)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+    def stop_all(self, timeout_s: float = 15.0) -> None:
+        """SIGTERM every child by pid, wait up to ``timeout_s`` seconds, then SIGKILL."""
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                os.kill(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        for proc in self.procs.values():
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.wait()
+        self.procs.clear()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def _wait_ready(base_url: str, children: Children, timeout_s: float = 90.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    async with httpx.AsyncClient(base_url=base_url, timeout=2.0) as http:
+        while time.monotonic() < deadline:
+            for name, proc in children.procs.items():
+                if proc.poll() is not None:
+                    raise RuntimeError(
+                        f"{name} exited with {proc.returncode}; see {children.log_dir / name}.log"
+                    )
+            try:
+                if (await http.get("/ready")).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            await asyncio.sleep(0.3)
+    raise RuntimeError(f"the API at {base_url} was not ready in {timeout_s:.0f} s")
+
+
+async def _counts(conn: asyncpg.Connection, schema: str) -> dict[str, int]:
+    rows = await conn.fetch(f"SELECT status, count(*) AS n FROM {schema}.tasks GROUP BY status")
+    return {r["status"]: r["n"] for r in rows}
+
+
+async def _busiest_agent(conn: asyncpg.Connection, schema: str, among: set[str]) -> str | None:
+    row = await conn.fetchrow(
+        f"SELECT agent_id, count(*) AS n FROM {schema}.tasks WHERE status IN"
+        " ('assigned', 'running') AND agent_id = ANY($1::text[]) GROUP BY agent_id"
+        " ORDER BY n DESC, agent_id LIMIT 1",
+        sorted(among),
+    )
+    return row["agent_id"] if row else None
+
+
+async def _caught_up(settings: Settings, conn: asyncpg.Connection) -> tuple[int, int]:
+    """(events on the log, events projected) once the projector has reached the log's end."""
+    topics = topics_of(settings)
+    bootstrap = settings.require_services()[0]
+    tps: list[TopicPartition] = []
+    for topic in topics.event_topics.values():
+        tps += await kafka.partitions_of(bootstrap, topic)
+    c = kafka.consumer(bootstrap)
+    await c.start()
+    try:
+        ends = await c.end_offsets(tps)
+        begins = await c.beginning_offsets(tps)
+    finally:
+        await c.stop()
+    for _ in range(300):
+        rows = await conn.fetch(
+            f"SELECT topic, partition, next_offset FROM {settings.db_schema}.projection_offsets"
+        )
+        done = {(r["topic"], r["partition"]): r["next_offset"] for r in rows}
+        if all(done.get((tp.topic, tp.partition), begins[tp]) >= ends[tp] for tp in tps):
+            break
+        await asyncio.sleep(0.2)
+    on_log = sum(ends[tp] - begins[tp] for tp in tps)
+    projected = await conn.fetchval(f"SELECT count(*) FROM {settings.db_schema}.events")
+    return on_log, projected
+
+
+async def summarise(conn: asyncpg.Connection, schema: str) -> dict[str, Any]:
+    """The demo's figures, read back from the read models of ``schema``.
+
+    Returns a dict: ``agents`` (per agent: completed, failed, lost, lifecycle), ``tasks``
+    (counts by status), ``requeues``, ``throughput_per_s``, ``latency_ms`` (p50/p90/p99 of
+    submit-to-completed and submit-to-assigned), ``findings`` (most complex functions).
+    """
+    agents = [
+        dict(r)
+        for r in await conn.fetch(
+            f"SELECT agent_id, name, lifecycle, tasks_completed, tasks_failed, tasks_lost"
+            f" FROM {schema}.agents ORDER BY tasks_completed DESC, agent_id"
+        )
+    ]
+    latency = await conn.fetchrow(
+        f"""
+        SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY done_ms) AS p50,
+               percentile_cont(0.9) WITHIN GROUP (ORDER BY done_ms) AS p90,
+               percentile_cont(0.99) WITHIN GROUP (ORDER BY done_ms) AS p99,
+               percentile_cont(0.5) WITHIN GROUP (ORDER BY assign_ms) AS a50,
+               percentile_cont(0.99) WITHIN GROUP (ORDER BY assign_ms) AS a99,
+               count(*) AS n,
+               extract(epoch FROM max(finished_at) - min(submitted_at)) AS span_s
+          FROM (SELECT extract(epoch FROM finished_at - submitted_at) * 1000 AS done_ms,
+                       extract(epoch FROM assigned_at - submitted_at) * 1000 AS assign_ms,
+                       finished_at, submitted_at
+                  FROM {schema}.tasks WHERE status = 'completed') t
+        """
+    )
+    findings = await conn.fetch(
+        f"""
+        SELECT f->>'name' AS function, t.result->>'module' AS module,
+               (f->>'complexity')::int AS complexity, (f->>'line')::int AS line
+          FROM {schema}.tasks t, jsonb_array_elements(t.result->'most_complex') f
+         WHERE t.status = 'completed'
+         ORDER BY complexity DESC, module, function LIMIT 10
+        """
+    )
+    totals = await conn.fetchrow(
+        f"SELECT coalesce(sum((result->'lines'->>'total')::int), 0) AS lines,"
+        f" coalesce(sum((result->>'functions')::int), 0) AS functions,"
+        f" coalesce(sum((result->>'classes')::int), 0) AS classes,"
+        f" coalesce(sum(requeues), 0) AS requeues"
+        f" FROM {schema}.tasks WHERE status = 'completed' OR requeues > 0"
+    )
+    span = float(latency["span_s"] or 0.0)
+    return {
+        "agents": agents,
+        "tasks": await _counts(conn, schema),
+        "requeues": int(totals["requeues"]),
+        "completed": int(latency["n"]),
+        "throughput_per_s": (latency["n"] / span) if span else 0.0,
+        "latency_ms": {k: float(latency[k] or 0.0) for k in ("p50", "p90", "p99", "a50", "a99")},
+        "code": {k: int(totals[k]) for k in ("lines", "functions", "classes")},
+        "findings": [dict(r) for r in findings],
+    }
+
+
+def render(console: Console, summary: dict[str, Any], extra: dict[str, Any]) -> None:
+    """Print the summary as tables a person can read."""
+    console.rule("[bold]swarmlog demo: summary (read back from the read models and the log)")
+    t = Table(title="Agents", title_justify="left")
+    for col in ("agent", "state", "completed", "failed", "taken back"):
+        t.add_column(col, justify="right" if col not in ("agent", "state") else "left")
+    for a in summary["agents"]:
+        t.add_row(a["name"], a["lifecycle"], str(a["tasks_completed"]), str(a["tasks_failed"]),
+                  str(a["tasks_lost"]))
+    console.print(t)
+    lat = summary["latency_ms"]
+    tasks = ", ".join(f"{k} {v}" for k, v in sorted(summary["tasks"].items()))
+    console.print(
+        f"Tasks: {tasks}; requeued {summary['requeues']} time(s) after "
+        f"[bold]{extra.get('killed', 'no agent')}[/] was killed with SIGKILL.\n"
+        f"Throughput: {summary['throughput_per_s']:.1f} tasks/s over {summary['completed']} "
+        f"completed tasks. Submit-to-completed p50 {lat['p50']:.0f} ms, p90 {lat['p90']:.0f} ms,"
+        f" p99 {lat['p99']:.0f} ms; submit-to-assigned p50 {lat['a50']:.0f} ms,"
+        f" p99 {lat['a99']:.0f} ms.\n"
+        f"Events on the log: {extra['events_on_log']} (projected into the archive:"
+        f" {extra['events_projected']}). Wall time {extra['wall_s']:.1f} s."
+    )
+    code = summary["code"]
+    f = Table(
+        title=f"Findings: the most complex functions of {', '.join(extra['packages'])}"
+        f" ({code['lines']} lines, {code['functions']} functions, {code['classes']} classes)",
+        title_justify="left",
+    )
+    f.add_column("cyclomatic complexity", justify="right")
+    f.add_column("function")
+    f.add_column("module")
+    f.add_column("line", justify="right")
+    for row in summary["findings"]:
+        f.add_row(str(row["complexity"]), row["function"], row["module"], str(row["line"]))
+    console.print(f)
+
+
+async def run_demo(
+    *,
+    state_dir: Path,
+    packages: tuple[str, ...] = DEFAULT_PACKAGES,
+    kill_at: float = 0.35,
+    pace_ms: int = 150,
+    keep_stack: bool = False,
+    console: Console | None = None,
+) -> dict[str, Any]:
+    """Run the demo end to end and return its summary (see ``summarise``), plus
+    ``killed`` (the agent killed), ``events_on_log`` and ``events_projected``.
+
+    ``kill_at`` is the fraction of tasks completed at which the busiest agent is killed
+    (0 disables it); ``pace_ms`` is each agent's think time per task in milliseconds.
+    Raises RuntimeError (naming the service or process and its log) when a part fails.
+    """
+    console = console or Console()
+    started_at = time.monotonic()
+    modules = [m for p in packages for m in discover_modules(p)]
+    info = stack.up(state_dir, console=console)
+    stamp = time.strftime("%Y%m%d%H%M%S")
+    run_id = f"demo{stamp}"
+    port = _free_port()
+    env = {
+        **os.environ,
+        "KAFKA_BOOTSTRAP_SERVERS": info.kafka_bootstrap_servers,
+        "DATABASE_URL": info.database_url,
+        "REDIS_URL": info.redis_url,
+        "SWARMLOG_TOPIC_PREFIX": run_id,
+        "SWARMLOG_DB_SCHEMA": run_id,
+        "SWARMLOG_REDIS_PREFIX": run_id,
+        "SWARMLOG_API_PORT": str(port),
+        "SWARMLOG_HEARTBEAT_TIMEOUT_S": "3",
+        "SWARMLOG_SCHEDULER_TICK_S": "0.05",
+    }
+    settings = Settings(
+        kafka_bootstrap_servers=info.kafka_bootstrap_servers,
+        database_url=info.database_url,
+        redis_url=info.redis_url,
+        topic_prefix=run_id,
+        db_schema=run_id,
+        redis_prefix=run_id,
+    )
+    log_dir = state_dir / "demo" / run_id
+    log_dir.mkdir(parents=True, exist_ok=True)
+    children = Children(log_dir=log_dir)
+    base_url = f"http://127.0.0.1:{port}"
+    cli = [sys.executable, "-m", "infra.cli"]
+    killed: str | None = None
+    try:
+        console.print(f"[bold]Run {run_id}[/]: {len(modules)} modules of {', '.join(packages)};"
+                      f" logs in {log_dir}")
+        for role in ("processor", "streams", "projector", "api"):
+            children.start(role, [*cli, role], env)
+        await _wait_ready(base_url, children)
+        for name, caps, slots, cost in AGENTS:
+            argv = [sys.executable, "-m", "demo.agent", "--api", base_url, "--name", name,
+                    "--max-concurrent", str(slots), "--cost", cost, "--pace-ms", str(pace_ms)]
+            for cap, level in caps.items():
+                argv += ["--capability", f"{cap}={level}"]
+            children.start(f"agent-{name}", argv, env)
+        tasks = [
+            {
+                "task_id": f"{run_id}-{m.name}",
+                "type": "analyse-module",
+                "payload": {"module": m.name, "path": str(m.path), "lines": m.lines},
+                "required_capabilities": ["python"]
+                + (["large-modules"] if m.lines >= LARGE_MODULE_LINES else []),
+                "priority": "high" if m.name.endswith("__init__") or "." not in m.name else "normal",
+                "lease_timeout_s": 10,
+                "run_timeout_s": 60,
+            }
+            for m in modules
+        ]
+        async with httpx.AsyncClient(base_url=base_url, timeout=30.0) as http:
+            response = await http.post("/tasks:batch", json={"tasks": tasks},
+                                       headers={"Idempotency-Key": f"{run_id}-batch"})
+            if response.status_code >= 300:
+                raise RuntimeError(f"submitting tasks failed: {response.status_code} {response.text}")
+        conn = await asyncpg.connect(info.database_url)
+        try:
+            with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                          TimeElapsedColumn(), console=console, transient=False) as progress:
+                bar = progress.add_task("analysing modules", total=len(tasks))
+                deadline = time.monotonic() + 600
+                while time.monotonic() < deadline:
+                    counts = await _counts(conn, run_id)
+                    finished = sum(counts.get(s, 0) for s in
+                                   ("completed", "failed", "cancelled", "dead_lettered"))
+                    progress.update(bar, completed=finished,
+                                    description=f"analysing modules ({counts.get('running', 0)}"
+                                    f" running, {counts.get('queued', 0)} queued)")
+                    if kill_at and killed is None and finished >= kill_at * len(tasks):
+                        alive = {n for n, *_ in AGENTS if f"agent-{n}" in children.procs}
+                        killed = await _busiest_agent(conn, run_id, alive)
+                        if killed:
+                            children.kill(f"agent-{killed}")
+                            progress.console.print(
+                                f"[red]killed agent {killed} (SIGKILL) with work in hand;"
+                                " its tasks go back to the queue when its heartbeats stop[/]"
+                            )
+                    if finished >= len(tasks):
+                        break
+                    await asyncio.sleep(0.25)
+                else:
+                    raise RuntimeError("the demo's tasks did not finish in 10 minutes")
+            on_log, projected = await _caught_up(settings, conn)
+            summary = await summarise(conn, run_id)
+        finally:
+            await conn.close()
+    finally:
+        children.stop_all()
+        if not keep_stack and info.started:
+            stack.down(state_dir)
+    summary.update(
+        killed=killed,
+        events_on_log=on_log,
+        events_projected=projected,
+        wall_s=time.monotonic() - started_at,
+        packages=list(packages),
+        run_id=run_id,
+    )
+    render(console, summary, summary)
+    return summary

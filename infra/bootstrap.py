@@ -1,0 +1,138 @@
+"""The composition root: builds each process role from Settings and runs it until SIGTERM.
+
+One function per role (``swarmlog processor|streams|projector|api``); each creates its
+clients inside the running loop (nothing connects at import time), ensures the topics
+exist, and stops cleanly on SIGTERM or SIGINT: it finishes the batch in hand, commits,
+and closes its clients.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Awaitable, Callable
+
+import structlog
+
+from infra.clock import SystemClock
+from infra.settings import Settings
+from infra.topics import Topics, ensure_topics
+
+log = structlog.get_logger("swarmlog")
+
+
+def topics_of(settings: Settings) -> Topics:
+    """The Topics of a deployment, from its settings."""
+    return Topics(
+        prefix=settings.topic_prefix,
+        partitions=settings.partitions,
+        replication_factor=settings.replication_factor,
+    )
+
+
+def configure_logging(level: str = "INFO") -> None:
+    """structlog to stderr, and quieter aiokafka (its coordinator chatter is expected)."""
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), format="%(message)s")
+    logging.getLogger("aiokafka").setLevel(logging.ERROR)
+    structlog.configure(
+        processors=[
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso"),
+            structlog.dev.ConsoleRenderer(colors=False),
+        ],
+        logger_factory=structlog.PrintLoggerFactory(),
+    )
+
+
+async def _until_signalled(run: Callable[[asyncio.Event], Awaitable[None]]) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    await run(stop)
+
+
+async def _ready_topics(settings: Settings) -> Topics:
+    kafka_url, _, _ = settings.require_services()
+    topics = topics_of(settings)
+    created = await ensure_topics(kafka_url, topics)
+    if created:
+        log.info("topics created", topics=created)
+    return topics
+
+
+def run_processor(settings: Settings) -> None:
+    """Run the command processor until SIGTERM."""
+    from commands.processor import CommandProcessor
+
+    async def main() -> None:
+        topics = await _ready_topics(settings)
+        processor = CommandProcessor(settings.require_services()[0], topics, clock=SystemClock())
+        await _until_signalled(processor.run)
+
+    asyncio.run(main())
+
+
+def run_streams(settings: Settings) -> None:
+    """Run the process managers (the scheduler) until SIGTERM."""
+    from streams.runner import SchedulerRunner
+    from streams.scheduler import Policy
+
+    async def main() -> None:
+        topics = await _ready_topics(settings)
+        runner = SchedulerRunner(
+            settings.require_services()[0],
+            topics,
+            policy=Policy(
+                heartbeat_timeout_s=settings.heartbeat_timeout_s,
+                aging_interval_s=settings.aging_interval_s,
+            ),
+            tick_s=settings.scheduler_tick_s,
+        )
+        await _until_signalled(runner.run)
+
+    asyncio.run(main())
+
+
+def run_projector(settings: Settings) -> None:
+    """Run the projector until SIGTERM."""
+    from projections.projector import Projector
+
+    async def main() -> None:
+        topics = await _ready_topics(settings)
+        kafka_url, database_url, redis_url = settings.require_services()
+        projector = Projector(
+            bootstrap_servers=kafka_url,
+            topics=topics,
+            database_url=database_url,
+            schema=settings.db_schema,
+            redis_url=redis_url,
+            redis_prefix=settings.redis_prefix,
+            batch_size=settings.projector_batch_size,
+        )
+        await _until_signalled(projector.run)
+
+    asyncio.run(main())
+
+
+def run_api(settings: Settings) -> None:
+    """Serve the HTTP API with uvicorn until SIGTERM."""
+    import uvicorn
+
+    from api.app import create_app
+
+    async def main() -> None:
+        await _ready_topics(settings)
+        config = uvicorn.Config(
+            create_app(settings),
+            host=settings.api_host,
+            port=settings.api_port,
+            log_level="warning",
+            lifespan="on",
+        )
+        await uvicorn.Server(config).serve()  # uvicorn handles SIGTERM itself
+
+    asyncio.run(main())
