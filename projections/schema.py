@@ -40,6 +40,7 @@ CREATE TABLE IF NOT EXISTS {s}.events (
     causation_id    text        NOT NULL,
     schema_version  integer     NOT NULL,
     data            jsonb       NOT NULL,
+    projected_at    timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (topic, partition, "offset")
 );
 CREATE INDEX IF NOT EXISTS events_by_aggregate ON {s}.events (aggregate_type, aggregate_id, version);

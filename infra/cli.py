@@ -1,0 +1,278 @@
+"""The ``swarmlog`` command line: one typer command per function.
+
+The stack commands (``up``, ``down``, ``status``, ``env``) run the local Kafka, PostgreSQL
+and Redis of :mod:`infra.stack`. Progress and tables go to stderr; the only thing written
+to stdout is ``export`` lines, so that ``eval "$(swarmlog up)"`` and ``eval "$(swarmlog
+env)"`` set the service variables in the calling shell.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich import box
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from infra import bootstrap, stack
+from infra.settings import Settings
+
+app = typer.Typer(
+    name="swarmlog",
+    help="swarmlog: an event-sourced CQRS backend on Apache Kafka.",
+    no_args_is_help=True,
+    add_completion=False,
+    # Markdown joins a docstring's wrapped lines into paragraphs in --help.
+    rich_markup_mode="markdown",
+)
+
+_err = Console(stderr=True)
+
+
+def _default_state_dir() -> Path:
+    return Settings().state_dir
+
+
+StateDir = Annotated[
+    Path,
+    typer.Option(
+        "--state-dir",
+        help="Where the local stack keeps its data, logs, pids and ports"
+        " (default: $SWARMLOG_STATE_DIR or .swarmlog).",
+        default_factory=_default_state_dir,
+        show_default=False,
+        file_okay=False,
+    ),
+]
+
+
+def _services_table(state_dir: Path) -> Table:
+    root = state_dir.resolve()
+    services = stack.status(state_dir)
+    table = Table(
+        title=f"swarmlog local stack in {root}",
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+    )
+    table.add_column("service", no_wrap=True)
+    table.add_column("state", no_wrap=True)
+    table.add_column("pid", justify="right", no_wrap=True)
+    # Addresses get copied from here, so they are never shortened; each log path goes on the
+    # line below its address, which keeps the table within 80 columns.
+    table.add_column("address / log", overflow="fold")
+    for service in services:
+        log = Path(service["log"])
+        shown = log.relative_to(root) if log.is_relative_to(root) else log
+        table.add_row(
+            service["name"],
+            "[green]running[/]" if service["running"] else "[red]stopped[/]",
+            str(service["pid"] or "-"),
+            f"{escape(service['address'] or '-')}\n[dim]{escape(str(shown))}[/]",
+        )
+    return table
+
+
+@app.command()
+def up(state_dir: StateDir) -> None:
+    """Start Kafka, PostgreSQL and Redis locally, or reuse them if they already run.
+
+    Needs no Docker and no configuration: the Kafka broker jars are fetched from Maven
+    Central once (into ~/.cache/swarmlog), PostgreSQL and Redis are Debian's packages
+    (scripts/setup.sh installs them). Each listens on 127.0.0.1 on a port chosen the first
+    time and kept. If KAFKA_BOOTSTRAP_SERVERS, DATABASE_URL and REDIS_URL are all set,
+    nothing is started and those are used.
+
+    Prints the services on stderr and `export` lines on stdout:
+    eval "$(swarmlog up)" sets the variables in your shell.
+    """
+    try:
+        info = stack.up(state_dir, console=_err)
+    except stack.StackError as error:
+        message = f"[red]swarmlog up failed:[/] {escape(str(error))}"
+        _err.print(message, soft_wrap=True, highlight=False)
+        _err.print("Services that did start keep running; `swarmlog down` stops them.")
+        raise typer.Exit(1) from error
+    if info.started:
+        _err.print(_services_table(state_dir))
+    typer.echo(stack.env_exports(info))
+
+
+@app.command()
+def down(
+    state_dir: StateDir,
+    purge: Annotated[
+        bool,
+        typer.Option(
+            "--purge",
+            help="Also delete the state directory: every topic, table and key is lost.",
+        ),
+    ] = False,
+) -> None:
+    """Stop the local Kafka, PostgreSQL and Redis that `swarmlog up` started.
+
+    Processes are stopped by their recorded pid (SIGTERM, then SIGKILL after 20 s;
+    PostgreSQL with `pg_ctl stop -m fast`). Data stays for the next `up` unless --purge.
+    """
+    try:
+        messages = stack.down(state_dir, purge=purge)
+    except stack.StackError as error:
+        message = f"[red]swarmlog down failed:[/] {escape(str(error))}"
+        _err.print(message, soft_wrap=True, highlight=False)
+        raise typer.Exit(1) from error
+    for message in messages:
+        _err.print(message, soft_wrap=True, highlight=False)
+
+
+@app.command()
+def status(state_dir: StateDir) -> None:
+    """Show whether each local service runs, with its pid, address and log file.
+
+    Exits 0 when all three run, 1 otherwise.
+    """
+    _err.print(_services_table(state_dir))
+    if not all(service["running"] for service in stack.status(state_dir)):
+        raise typer.Exit(1)
+
+
+@app.command()
+def env(state_dir: StateDir) -> None:
+    """Print `export` lines for KAFKA_BOOTSTRAP_SERVERS, DATABASE_URL and REDIS_URL.
+
+    Use as: eval "$(swarmlog env)". Starts nothing: prints the variables already set in
+    the environment if all three are, else the local stack's if it runs, else fails.
+    """
+    info = stack.environment_info()
+    if info is None:
+        found = stack.info(state_dir)
+        if found is None:
+            _err.print(
+                f"The local stack in {state_dir} is not running: run `swarmlog up`.",
+                soft_wrap=True,
+                highlight=False,
+            )
+            raise typer.Exit(1)
+        info = found
+    typer.echo(stack.env_exports(info))
+
+
+def _settings(state_dir: Path) -> Settings:
+    """Settings from the environment; service URLs from the local stack when unset."""
+    settings = Settings()
+    if settings.kafka_bootstrap_servers and settings.database_url and settings.redis_url:
+        return settings
+    found = stack.info(state_dir)
+    if found is None:
+        _err.print(
+            "KAFKA_BOOTSTRAP_SERVERS, DATABASE_URL and REDIS_URL are not set and no local"
+            f" stack runs in {state_dir}: run `swarmlog up` first.",
+            soft_wrap=True,
+            highlight=False,
+        )
+        raise typer.Exit(1)
+    return settings.model_copy(
+        update={
+            "kafka_bootstrap_servers": found.kafka_bootstrap_servers,
+            "database_url": found.database_url,
+            "redis_url": found.redis_url,
+        }
+    )
+
+
+@app.command()
+def processor(state_dir: StateDir) -> None:
+    """Run the command processor: commands -> deciders -> events, transactionally.
+
+    Run several copies to share the command partitions. Stops cleanly on SIGTERM.
+    Configured by SWARMLOG_* variables (see infra/settings.py), e.g.
+    SWARMLOG_TOPIC_PREFIX and SWARMLOG_PARTITIONS.
+    """
+    bootstrap.configure_logging()
+    bootstrap.run_processor(_settings(state_dir))
+
+
+@app.command()
+def streams(state_dir: StateDir) -> None:
+    """Run the process managers: the scheduler (assignment, leases, heartbeats).
+
+    Copies elect one leader; the others stand by. Stops cleanly on SIGTERM.
+    """
+    bootstrap.configure_logging()
+    bootstrap.run_streams(_settings(state_dir))
+
+
+@app.command()
+def projector(state_dir: StateDir) -> None:
+    """Run the projector: events -> PostgreSQL read models and Redis hot views.
+
+    Offsets are kept in PostgreSQL with the rows. Copies share the partitions.
+    """
+    bootstrap.configure_logging()
+    bootstrap.run_projector(_settings(state_dir))
+
+
+@app.command()
+def api(
+    state_dir: StateDir,
+    host: Annotated[str | None, typer.Option(help="Address to listen on (default 127.0.0.1).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port to listen on (default 8000).")] = None,
+) -> None:
+    """Serve the HTTP API (commands, queries, SSE); OpenAPI at /docs."""
+    bootstrap.configure_logging()
+    settings = _settings(state_dir)
+    updates = {k: v for k, v in (("api_host", host), ("api_port", port)) if v is not None}
+    bootstrap.run_api(settings.model_copy(update=updates))
+
+
+@app.command()
+def demo(
+    state_dir: StateDir,
+    package: Annotated[
+        list[str] | None,
+        typer.Option(help="Installed Python package to analyse; repeat for several"
+                     " (default: asyncio, email, json)."),
+    ] = None,
+    kill_at: Annotated[
+        float,
+        typer.Option(min=0.0, max=1.0, help="Kill the busiest agent when this fraction of"
+                     " tasks is done (0: kill none)."),
+    ] = 0.35,
+    pace_ms: Annotated[
+        int, typer.Option(min=0, help="Agents' think time per task, in milliseconds.")
+    ] = 150,
+    keep_stack: Annotated[
+        bool, typer.Option(help="Leave Kafka, PostgreSQL and Redis running afterwards.")
+    ] = False,
+) -> None:
+    """Run the whole stack and a demo swarm analysing real code; print a summary.
+
+    Starts Kafka, PostgreSQL and Redis (or uses the ones the environment names), the
+    swarmlog processes and four SDK agents with different capabilities; submits one task
+    per module of the packages; kills one agent part-way; prints what each agent did,
+    requeues, throughput, latency, events on the log and the most complex functions found.
+    """
+    import asyncio
+
+    from demo.swarm import DEFAULT_PACKAGES, run_demo
+
+    bootstrap.configure_logging("WARNING")
+    try:
+        asyncio.run(
+            run_demo(
+                state_dir=state_dir,
+                packages=tuple(package or DEFAULT_PACKAGES),
+                kill_at=kill_at,
+                pace_ms=pace_ms,
+                keep_stack=keep_stack,
+            )
+        )
+    except (RuntimeError, ValueError, stack.StackError) as error:
+        _err.print(f"[red]swarmlog demo failed:[/] {escape(str(error))}", soft_wrap=True, highlight=False)
+        raise typer.Exit(1) from error
+
+
+if __name__ == "__main__":
+    app()
