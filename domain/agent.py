@@ -54,7 +54,7 @@ class RegisterAgent(AgentCommand):
 
 
 class StartAgent(AgentCommand):
-    """Start a registered or stopped agent: it may now be assigned tasks."""
+    """Start a registered, stopped or offline agent: it may now be assigned tasks."""
 
 
 class StopAgent(AgentCommand):
@@ -187,7 +187,7 @@ def decide(command: AgentCommand, state: AgentState | None) -> list[AgentEvent] 
             return rejected("not_found", "agent_not_found", f"no agent {aid}")
         case _, AgentState(lifecycle="deregistered"):
             return rejected("gone", "agent_deregistered", f"agent {aid} was deregistered")
-        case StartAgent(), AgentState(lifecycle="registered" | "stopped"):
+        case StartAgent(), AgentState(lifecycle="registered" | "stopped" | "offline"):
             return [AgentStarted(agent_id=aid)]
         case StartAgent(), AgentState():
             return rejected(

@@ -18,7 +18,8 @@ def backoff_seconds(
     ``min(cap_s, base_s * 2 ** (attempt - 1)) * u`` with ``u`` in [0.5, 1.0] taken from
     sha256(key:attempt): "equal jitter", so a retry never comes immediately.
     """
-    ceiling = min(cap_s, base_s * (2 ** max(0, attempt - 1)))
+    # Cap the exponent before computing: 2 ** 1100 does not fit in a float.
+    ceiling = min(cap_s, base_s * (2.0 ** min(max(0, attempt - 1), 64)))
     digest = hashlib.sha256(f"{key}:{attempt}".encode()).digest()
     u = int.from_bytes(digest[:8], "big") / 2**64
     return ceiling * (0.5 + u / 2)

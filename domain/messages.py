@@ -10,10 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any, ClassVar, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import AwareDatetime, BaseModel, ConfigDict
 
 MICRO = 1_000_000
 """Micro-tokens per token: every amount of money is an integer number of micro-tokens."""
@@ -29,12 +28,13 @@ class Command(Message):
     """An imperative request to change one aggregate.
 
     Subclasses set ``aggregate_type`` and name their aggregate id field in ``id_field``.
-    ``at`` is the time the command was issued (UTC); it is the only clock the domain sees.
+    ``at`` is the time the command was issued (timezone-aware; a naive time is a
+    ValidationError); it is the only clock the domain sees.
     """
 
     aggregate_type: ClassVar[str]
     id_field: ClassVar[str]
-    at: datetime
+    at: AwareDatetime
 
     @property
     def aggregate_id(self) -> str:

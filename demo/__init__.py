@@ -1,0 +1,1 @@
+"""The swarmlog demo: agents that analyse the source of installed Python packages."""

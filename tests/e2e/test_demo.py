@@ -1,0 +1,82 @@
+"""The main job, small: the demo swarm on the json package, with an agent killed mid-run.
+
+Checks the printed summary against the read models and the log, and the findings
+against an independent analysis of the same files.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import asyncpg
+import pytest
+from rich.console import Console
+
+from demo.analysis import analyse_module, discover_modules
+from demo.swarm import run_demo
+from infra.stack import StackInfo
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture
+def service_env(services: StackInfo, monkeypatch: pytest.MonkeyPatch) -> StackInfo:
+    """The demo reads the services from the environment, as `swarmlog demo` does."""
+    monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", services.kafka_bootstrap_servers)
+    monkeypatch.setenv("DATABASE_URL", services.database_url)
+    monkeypatch.setenv("REDIS_URL", services.redis_url)
+    return services
+
+
+async def test_demo_swarm_finishes_every_module_despite_a_killed_agent(
+    service_env: StackInfo, tmp_path: Path
+) -> None:
+    console = Console(record=True, width=140)
+    summary = await run_demo(
+        state_dir=tmp_path, packages=("json", "email"), kill_at=0.25, pace_ms=400,
+        console=console,
+    )
+    modules = discover_modules("json") + discover_modules("email")
+
+    # Every module was analysed, none failed, and an agent was killed with work in hand.
+    assert summary["tasks"] == {"completed": len(modules)}
+    assert summary["killed"] is not None
+    assert summary["requeues"] >= 1
+
+    schema = summary["run_id"]
+    conn = await asyncpg.connect(service_env.database_url)
+    try:
+        per_agent = {
+            r["agent_id"]: r["n"]
+            for r in await conn.fetch(
+                f"SELECT agent_id, count(*) AS n FROM {schema}.tasks"
+                " WHERE status = 'completed' GROUP BY agent_id"
+            )
+        }
+        lost_by_killed = await conn.fetchval(
+            f"SELECT tasks_lost FROM {schema}.agents WHERE agent_id = $1", summary["killed"]
+        )
+        offline = await conn.fetchval(
+            f"SELECT lifecycle FROM {schema}.agents WHERE agent_id = $1", summary["killed"]
+        )
+        history = await conn.fetchval(f"SELECT count(*) FROM {schema}.events")
+    finally:
+        await conn.close()
+
+    # The summary's per-agent counts are the read model's, and add up to the modules.
+    assert {a["agent_id"]: a["tasks_completed"] for a in summary["agents"] if a["tasks_completed"]} == per_agent
+    assert sum(per_agent.values()) == len(modules)
+    # The killed agent lost its work to the others and was marked offline.
+    assert lost_by_killed >= 1
+    assert offline == "offline"
+    # Every event on the log was projected into the archive.
+    assert summary["events_on_log"] == summary["events_projected"] == history
+
+    # The findings are the real ones: recompute the top function independently.
+    best = max(
+        (f for m in modules for f in analyse_module(m.path, m.name)["most_complex"]),
+        key=lambda f: f["complexity"],
+    )
+    assert summary["findings"][0]["complexity"] == best["complexity"]
+    text = console.export_text()
+    assert "Findings" in text and summary["findings"][0]["function"] in text
