@@ -67,19 +67,21 @@ class Children:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
 
-    def stop_all(self, timeout_s: float = 15.0) -> None:
-        """SIGTERM every child by pid, wait up to ``timeout_s`` seconds, then SIGKILL."""
-        for proc in self.procs.values():
+    def stop_all(self, prefix: str = "", timeout_s: float = 15.0) -> None:
+        """SIGTERM the children whose name starts with ``prefix`` (all by default), by
+        pid; wait up to ``timeout_s`` seconds, then SIGKILL."""
+        chosen = {n: p for n, p in self.procs.items() if n.startswith(prefix)}
+        for proc in chosen.values():
             if proc.poll() is None:
                 os.kill(proc.pid, signal.SIGTERM)
         deadline = time.monotonic() + timeout_s
-        for proc in self.procs.values():
+        for name, proc in chosen.items():
             try:
                 proc.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 os.kill(proc.pid, signal.SIGKILL)
                 proc.wait()
-        self.procs.clear()
+            del self.procs[name]
 
 
 def _free_port() -> int:
@@ -351,6 +353,7 @@ async def run_demo(
                     await asyncio.sleep(0.25)
                 else:
                     raise RuntimeError("the demo's tasks did not finish in 10 minutes")
+            children.stop_all("agent-")  # their last events (stopped) belong in the count
             on_log, projected = await _caught_up(settings, conn)
             summary = await summarise(conn, run_id)
         finally:

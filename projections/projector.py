@@ -165,10 +165,16 @@ class Projector:
             await dead_letters.start()
             consumer.subscribe(list(self.topics.event_topics.values()), listener=Seek())
             await consumer.start()
+            stored: dict[TopicPartition, int] = {}
             while not stop.is_set():
                 batch = await consumer.getmany(timeout_ms=200, max_records=self.batch_size)
-                if batch:
-                    await self._project(pool, r, dead_letters, batch)
+                # The position, not the last offset + 1: it also steps over transaction
+                # markers, so a caught-up projector's offsets equal the log end offsets.
+                positions = {tp: await consumer.position(tp) for tp in consumer.assignment()}
+                moved = {tp: n for tp, n in positions.items() if stored.get(tp) != n}
+                if batch or moved:
+                    await self._project(pool, r, dead_letters, batch, moved)
+                    stored.update(moved)
         finally:
             await consumer.stop()
             await dead_letters.stop()
@@ -189,6 +195,7 @@ class Projector:
         r: aioredis.Redis,
         dead_letters: Any,
         batch: dict[TopicPartition, list[Any]],
+        positions: dict[TopicPartition, int],
     ) -> None:
         events: list[StoredEvent] = []
         for records in batch.values():
@@ -275,13 +282,12 @@ class Projector:
                         agent_id,
                         n,
                     )
+            offsets = {tp: records[-1].offset + 1 for tp, records in batch.items() if records}
+            for tp, position in positions.items():
+                offsets[tp] = max(position, offsets.get(tp, 0))
             await conn.executemany(
                 self._save_offset,
-                [
-                    (PROJECTION, tp.topic, tp.partition, records[-1].offset + 1)
-                    for tp, records in batch.items()
-                    if records
-                ],
+                [(PROJECTION, tp.topic, tp.partition, n) for tp, n in offsets.items()],
             )
         self.projected += len(events)
         affected = touched_agents | {
