@@ -42,9 +42,6 @@ class AgentView:
     lifecycle: str
     last_seen: datetime
     version: int
-    active: set[str] = field(default_factory=set)
-    completed: int = 0
-    failed: int = 0
 
 
 @dataclass
@@ -67,10 +64,26 @@ class TaskView:
 
 @dataclass
 class SchedulerView:
-    """Agents and unfinished tasks, folded from the agent and task event topics."""
+    """Agents and unfinished tasks, folded from the agent and task event topics.
+
+    Nothing here depends on reading one topic before the other (a runner reads their
+    partitions independently): an agent's load is derived from the tasks that name it,
+    and its completed/failed counts are kept by agent id whether or not its
+    registration has been read yet.
+    """
 
     agents: dict[str, AgentView] = field(default_factory=dict)
     tasks: dict[str, TaskView] = field(default_factory=dict)
+    completed: dict[str, int] = field(default_factory=dict)
+    failed: dict[str, int] = field(default_factory=dict)
+
+    def load(self) -> dict[str, int]:
+        """Agent id -> number of tasks assigned to or running on it."""
+        out: dict[str, int] = {}
+        for t in self.tasks.values():
+            if t.status in tk.ACTIVE and t.agent_id is not None:
+                out[t.agent_id] = out.get(t.agent_id, 0) + 1
+        return out
 
 
 @dataclass(frozen=True)
@@ -153,34 +166,29 @@ def _apply_task(view: SchedulerView, stored: StoredEvent, e: tk.TaskEvent) -> No
     if t is None:
         return
     t.version = stored.version
-    holder = view.agents.get(t.agent_id) if t.agent_id else None
     match e:
         case tk.TaskQueued() | tk.TaskRetryScheduled():
             t.status, t.agent_id, t.since = "queued", None, None
             t.not_before, t.queued_at = e.not_before, stored.time
         case tk.TaskAssigned():
             t.status, t.agent_id, t.since = "assigned", e.agent_id, stored.time
-            if (a := view.agents.get(e.agent_id)) is not None:
-                a.active.add(t.task_id)
         case tk.TaskStarted():
             t.status, t.since = "running", stored.time
         case tk.TaskProgressed():
-            if holder is not None:
+            if (holder := view.agents.get(e.agent_id)) is not None:
                 holder.last_seen = max(holder.last_seen, stored.time)
         case tk.TaskRequeued() | tk.TaskTimedOut():
-            if holder is not None:
-                holder.active.discard(t.task_id)
-            t.agent_id = None
-        case tk.TaskCompleted() | tk.TaskFailed() | tk.TaskCancelled() | tk.TaskDeadLettered():
-            if holder is not None:
-                holder.active.discard(t.task_id)
-                if isinstance(e, tk.TaskCompleted):
-                    holder.completed += 1
-                elif isinstance(e, tk.TaskFailed):
-                    holder.failed += 1
-            if isinstance(e, tk.TaskFailed) and e.retryable:
-                t.agent_id = None  # a retry or dead letter event follows
-                return
+            t.status, t.agent_id = "released", None  # a queued or dead letter event follows
+        case tk.TaskCompleted():
+            view.completed[e.agent_id] = view.completed.get(e.agent_id, 0) + 1
+            del view.tasks[t.task_id]
+        case tk.TaskFailed():
+            view.failed[e.agent_id] = view.failed.get(e.agent_id, 0) + 1
+            if e.retryable:
+                t.status, t.agent_id = "released", None  # a retry or dead letter event follows
+            else:
+                del view.tasks[t.task_id]
+        case tk.TaskCancelled() | tk.TaskDeadLettered():
             del view.tasks[t.task_id]
 
 
@@ -241,7 +249,8 @@ def plan(
 def _assignments(
     view: SchedulerView, now: datetime, policy: Policy, tentative: Mapping[str, str]
 ) -> list[Planned]:
-    load = {a.agent_id: len(a.active) for a in view.agents.values()}
+    active = view.load()
+    load = {a.agent_id: active.get(a.agent_id, 0) for a in view.agents.values()}
     for agent_id in tentative.values():
         if agent_id in load:
             load[agent_id] += 1
@@ -280,8 +289,8 @@ def _assignments(
                 max_concurrent_tasks=a.max_concurrent_tasks,
                 load=load[a.agent_id],
                 cost_per_task=a.cost_per_task,
-                completed=a.completed,
-                failed=a.failed,
+                completed=view.completed.get(a.agent_id, 0),
+                failed=view.failed.get(a.agent_id, 0),
             )
             if not eligible(c, t.required, t.max_cost):
                 continue
