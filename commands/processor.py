@@ -171,7 +171,7 @@ class CommandProcessor:
         staged_outcomes: dict[str, Outcome] = {}
         try:
             async with ps.producer.transaction():
-                pending: list[tuple[Outcome, list[Any]]] = []
+                pending: list[tuple[Outcome | str, list[Any]]] = []
                 for record in records:
                     try:
                         env = decode_command(record)
@@ -184,7 +184,10 @@ class CommandProcessor:
                         )
                         log.warning("command dead-lettered", offset=record.offset, reason=str(exc))
                         continue
-                    first = staged_outcomes.get(env.command_id) or ps.outcomes.get(env.command_id)
+                    if env.command_id in staged_outcomes:
+                        pending.append((env.command_id, []))  # repeat within this batch
+                        continue
+                    first = ps.outcomes.get(env.command_id)
                     if first is not None:
                         pending.append((first.model_copy(update={"duplicate": True}), []))
                         continue
@@ -192,7 +195,9 @@ class CommandProcessor:
                     staged_outcomes[env.command_id] = outcome
                     pending.append((outcome, futures))
                 for outcome, futures in pending:
-                    if futures:
+                    if isinstance(outcome, str):  # its first outcome is complete by now
+                        outcome = staged_outcomes[outcome].model_copy(update={"duplicate": True})
+                    elif futures:
                         metas = await asyncio.gather(*futures)
                         events = [
                             {**e, "partition": m.partition, "offset": m.offset}

@@ -1,0 +1,189 @@
+"""FastAPI dependencies, as ``Annotated`` aliases (fastapi/full-stack-fastapi-template).
+
+Everything a route needs was built by the lifespan in api/app.py and hung on
+``app.state``; these aliases hand it in. ``CommandMetaDep`` reads the command headers
+(Idempotency-Key, X-Correlation-ID, If-Match) and ``FreshDep`` makes a query wait until
+the read models have caught up with the positions named by ``?after=``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import uuid
+from dataclasses import dataclass
+from typing import Annotated
+
+import asyncpg
+import redis.asyncio as aioredis
+from fastapi import Depends, Header, Path, Query, Request, Response
+
+from api.metrics import Metrics
+from api.positions import parse_after
+from api.problems import Problem
+from api.schemas import ID_PATTERN
+from api.streams import StreamHub
+from commands.client import CommandClient
+from infra.clock import Clock
+from infra.settings import Settings
+from infra.topics import Topics
+from projections import queries
+
+
+def get_settings(request: Request) -> Settings:
+    """The app's Settings."""
+    return request.app.state.settings  # type: ignore[no-any-return]
+
+
+def get_clock(request: Request) -> Clock:
+    """The clock that stamps commands."""
+    return request.app.state.clock  # type: ignore[no-any-return]
+
+
+def get_pool(request: Request) -> asyncpg.Pool:
+    """The asyncpg pool of the read models."""
+    return request.app.state.pool
+
+
+def get_redis(request: Request) -> aioredis.Redis:
+    """The Redis client."""
+    return request.app.state.redis  # type: ignore[no-any-return]
+
+
+def get_topics(request: Request) -> Topics:
+    """The deployment's topics."""
+    return request.app.state.topics  # type: ignore[no-any-return]
+
+
+def get_command_client(request: Request) -> CommandClient:
+    """The CommandClient (started, following outcomes)."""
+    return request.app.state.command_client  # type: ignore[no-any-return]
+
+
+def get_metrics(request: Request) -> Metrics:
+    """The app's Prometheus collectors."""
+    return request.app.state.metrics  # type: ignore[no-any-return]
+
+
+def get_hub(request: Request) -> StreamHub:
+    """The registry of open SSE streams."""
+    return request.app.state.hub  # type: ignore[no-any-return]
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+ClockDep = Annotated[Clock, Depends(get_clock)]
+PoolDep = Annotated[asyncpg.Pool, Depends(get_pool)]
+RedisDep = Annotated[aioredis.Redis, Depends(get_redis)]
+TopicsDep = Annotated[Topics, Depends(get_topics)]
+CommandClientDep = Annotated[CommandClient, Depends(get_command_client)]
+MetricsDep = Annotated[Metrics, Depends(get_metrics)]
+HubDep = Annotated[StreamHub, Depends(get_hub)]
+
+AgentIdPath = Annotated[
+    str, Path(min_length=1, max_length=128, pattern=ID_PATTERN, description="the agent id")
+]
+TaskIdPath = Annotated[
+    str, Path(min_length=1, max_length=128, pattern=ID_PATTERN, description="the task id")
+]
+Limit = Annotated[int, Query(ge=1, le=500, description="page size (at most 500)")]
+Cursor = Annotated[
+    str | None, Query(max_length=2000, description="``next_cursor`` of the previous page")
+]
+
+# If-Match: "3", 3 or W/"3" (a single entity tag; the aggregate version).
+_IF_MATCH = re.compile(r'^(?:W/)?(?:"(\d{1,9})"|(\d{1,9}))$')
+
+
+def parse_if_match(value: str | None) -> int | None:
+    """The aggregate version in an If-Match header; 422 problem naming If-Match if malformed."""
+    if value is None:
+        return None
+    m = _IF_MATCH.match(value.strip())
+    if m is None:
+        raise Problem(
+            422,
+            "invalid_if_match",
+            f'If-Match must be an aggregate version such as "3" (got {value!r})',
+            field="If-Match",
+        )
+    return int(m.group(1) or m.group(2))
+
+
+@dataclass(frozen=True)
+class CommandMeta:
+    """The envelope fields a command route takes from its request headers."""
+
+    command_id: str
+    correlation_id: str
+    expected_version: int | None
+    idempotency_key: str | None
+
+
+def command_meta(
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            alias="Idempotency-Key",
+            min_length=1,
+            max_length=200,
+            description="the command id; a repeat returns the first outcome, writes nothing",
+        ),
+    ] = None,
+    correlation_id: Annotated[
+        str | None, Header(alias="X-Correlation-ID", min_length=1, max_length=200)
+    ] = None,
+    if_match: Annotated[
+        str | None,
+        Header(alias="If-Match", description='the aggregate version you saw: "3" or W/"3"'),
+    ] = None,
+) -> CommandMeta:
+    """Read Idempotency-Key (default: a uuid4), X-Correlation-ID (default: the command id)
+    and If-Match (optional expected version)."""
+    expected = parse_if_match(if_match)
+    command_id = idempotency_key or str(uuid.uuid4())
+    return CommandMeta(
+        command_id=command_id,
+        correlation_id=correlation_id or command_id,
+        expected_version=expected,
+        idempotency_key=idempotency_key,
+    )
+
+
+CommandMetaDep = Annotated[CommandMeta, Depends(command_meta)]
+
+
+async def fresh_read_models(
+    request: Request,
+    response: Response,
+    settings: SettingsDep,
+    pool: PoolDep,
+    after: Annotated[
+        list[str] | None,
+        Query(
+            description="wait (bounded) until the read models hold the event at this"
+            " ``<topic>:<partition>:<offset>``; repeatable",
+        ),
+    ] = None,
+) -> bool:
+    """Wait up to ``command_wait_s`` until every ``?after=`` position is projected; returns
+    True when fresh, else False and sets ``X-Read-Model-Stale: true``."""
+    if not after:
+        return True
+    try:
+        positions = parse_after(after)
+    except ValueError as exc:
+        raise Problem(422, "invalid_position", str(exc), field="after") from None
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + settings.command_wait_s
+    delay = 0.01
+    while await queries.unreached(pool, settings.db_schema, positions):
+        if loop.time() >= deadline:
+            response.headers["X-Read-Model-Stale"] = "true"
+            request.state.read_model_stale = True
+            return False
+        await asyncio.sleep(min(delay, max(0.0, deadline - loop.time())))
+        delay = min(delay * 2, 0.1)
+    return True
+
+
+FreshDep = Annotated[bool, Depends(fresh_read_models)]

@@ -1,0 +1,210 @@
+"""Problem details (RFC 9457) for every error the API answers, and the exception handlers.
+
+A body is ``{"type", "title", "status", "detail", "code", "field"}`` (plus ``errors`` for
+request validation), served as ``application/problem+json``. ``type`` is the URN
+``urn:swarmlog:problem:<code>``; ``code`` names the rule that was broken (a domain
+Rejection's code, or the API's own: ``validation_error``, ``bad_position`` ...) and
+``field`` the offending field or header where there is one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import asyncpg
+import structlog
+from aiokafka.errors import KafkaError
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from domain.messages import Rejection, RejectionKind
+
+log = structlog.get_logger("swarmlog.api")
+
+PROBLEM_JSON = "application/problem+json"
+
+#: Rejection.kind -> HTTP status.
+STATUS_OF_KIND: dict[RejectionKind, int] = {
+    "not_found": 404,
+    "conflict": 409,
+    "invalid": 422,
+    "forbidden": 403,
+    "gone": 410,
+    "precondition": 412,
+}
+
+TITLES: dict[int, str] = {
+    400: "Bad Request",
+    403: "Forbidden",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    409: "Conflict",
+    410: "Gone",
+    412: "Precondition Failed",
+    422: "Unprocessable Content",
+    429: "Too Many Requests",
+    500: "Internal Server Error",
+    503: "Service Unavailable",
+}
+
+#: Header names as clients write them (FastAPI reports them lower-cased).
+_HEADERS = {
+    "if-match": "If-Match",
+    "idempotency-key": "Idempotency-Key",
+    "x-correlation-id": "X-Correlation-ID",
+    "last-event-id": "Last-Event-ID",
+}
+
+
+class Problem(Exception):
+    """An error the API answers with a problem+json body; raise it from routes and deps."""
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        detail: str,
+        *,
+        field: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        extra: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.code = code
+        self.detail = detail
+        self.field = field
+        self.headers = dict(headers or {})
+        self.extra = dict(extra or {})
+
+    @classmethod
+    def from_rejection(
+        cls,
+        rejection: Rejection,
+        *,
+        headers: Mapping[str, str] | None = None,
+        extra: Mapping[str, Any] | None = None,
+    ) -> Problem:
+        """The problem for a domain Rejection (status from its kind)."""
+        return cls(
+            STATUS_OF_KIND.get(rejection.kind, 422),
+            rejection.code,
+            rejection.detail,
+            field=rejection.field,
+            headers=headers,
+            extra=extra,
+        )
+
+    def body(self) -> dict[str, Any]:
+        """The RFC 9457 body."""
+        return {
+            "type": f"urn:swarmlog:problem:{self.code}",
+            "title": TITLES.get(self.status, "Error"),
+            "status": self.status,
+            "detail": self.detail,
+            "code": self.code,
+            "field": self.field,
+            **self.extra,
+        }
+
+    def response(self) -> JSONResponse:
+        """The problem as a response."""
+        return JSONResponse(
+            self.body(), status_code=self.status, headers=self.headers, media_type=PROBLEM_JSON
+        )
+
+
+def field_name(loc: Sequence[Any]) -> str:
+    """A FastAPI/pydantic error location as a dotted field name.
+
+    The leading ``body``/``path``/``query``/``header`` is dropped (``body.tasks.3.type`` is
+    ``tasks.3.type``) and header names are spelled as clients write them (``If-Match``).
+    """
+    parts = list(loc)
+    where = (
+        parts[0] if parts and parts[0] in ("body", "path", "query", "header", "cookie") else None
+    )
+    if where is not None:
+        parts = parts[1:]
+    if not parts:
+        return str(where or "body")
+    if where == "header" and len(parts) == 1:
+        return _HEADERS.get(str(parts[0]).lower(), str(parts[0]))
+    return ".".join(str(p) for p in parts)
+
+
+def validation_problem(
+    errors: Sequence[Mapping[str, Any]], *, prefix: Sequence[Any] = ()
+) -> Problem:
+    """A 422 problem listing every error as ``{field, message}``; ``field`` is the first."""
+    items = [
+        {
+            "field": field_name([*prefix, *e.get("loc", ())]),
+            "message": str(e.get("msg", "")).removeprefix("Value error, "),
+        }
+        for e in errors
+    ]
+    first = items[0]["field"] if items else None
+    detail = "; ".join(f"{i['field']}: {i['message']}" for i in items) or "invalid request"
+    return Problem(422, "validation_error", detail, field=first, extra={"errors": items})
+
+
+async def _on_problem(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, Problem)
+    response = exc.response()
+    if getattr(request.state, "read_model_stale", False):
+        response.headers["X-Read-Model-Stale"] = "true"
+    return response
+
+
+async def _on_validation(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    return validation_problem(exc.errors()).response()
+
+
+async def _on_http(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    detail = exc.detail if isinstance(exc.detail, str) else TITLES.get(exc.status_code, "Error")
+    return Problem(exc.status_code, code, detail, headers=exc.headers).response()
+
+
+async def _on_unavailable(request: Request, exc: Exception) -> JSONResponse:
+    log.warning("dependency unavailable", path=request.url.path, error=repr(exc))
+    return Problem(
+        503,
+        "service_unavailable",
+        f"a backing service did not answer ({type(exc).__name__}); retry later",
+        headers={"Retry-After": "1"},
+    ).response()
+
+
+async def _on_error(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error", path=request.url.path, exc_info=exc)
+    return Problem(500, "internal_error", "an unexpected error; see the server log").response()
+
+
+def install(app: FastAPI) -> None:
+    """Register the problem+json exception handlers on ``app``: problems, request
+    validation (422), HTTP errors (404, 405 ...), Kafka/PostgreSQL/Redis unreachable (503)
+    and anything else (500)."""
+    app.add_exception_handler(Problem, _on_problem)
+    app.add_exception_handler(RequestValidationError, _on_validation)
+    app.add_exception_handler(StarletteHTTPException, _on_http)
+    for unavailable in (
+        KafkaError,
+        asyncpg.exceptions.PostgresConnectionError,
+        asyncpg.exceptions.CannotConnectNowError,
+        asyncpg.exceptions.TooManyConnectionsError,
+        RedisConnectionError,
+        RedisTimeoutError,
+        ConnectionError,
+        TimeoutError,
+    ):
+        app.add_exception_handler(unavailable, _on_unavailable)
+    app.add_exception_handler(Exception, _on_error)

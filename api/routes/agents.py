@@ -1,0 +1,177 @@
+"""Agents: register, start, stop, restart, heartbeat, update, deregister; list and read;
+follow an agent's assignments live (SSE)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Header, Query, Response
+from sse_starlette import EventSourceResponse
+
+from api.deps import (
+    AgentIdPath,
+    Cursor,
+    FreshDep,
+    HubDep,
+    Limit,
+    PoolDep,
+    SettingsDep,
+    TopicsDep,
+)
+from api.dispatch import COMMAND_RESPONSES, DispatchDep
+from api.pagination import decode_cursor, encode_cursor
+from api.positions import Layout
+from api.problems import Problem
+from api.schemas import AgentCreate, AgentPublic, AgentUpdate, CommandResult, Page, to_micro
+from api.streams import sse_response
+from domain import agent as ag
+from domain import task as tk
+from infra.codec import StoredEvent
+from projections import queries
+
+router = APIRouter(prefix="/agents", tags=["agents"])
+
+AgentStatus = Literal["registered", "idle", "busy", "stopped", "offline", "deregistered"]
+
+
+@router.post("", status_code=201, response_model=CommandResult, responses=COMMAND_RESPONSES)
+async def register_agent(body: AgentCreate, dispatch: DispatchDep):  # type: ignore[no-untyped-def]
+    """Register an agent (201 with Location /agents/{id})."""
+    agent_id = body.agent_id or dispatch.new_id("agent")
+    command = dispatch.command(
+        ag.RegisterAgent,
+        agent_id=agent_id,
+        name=body.name,
+        capabilities=tuple(ag.Capability(**c.model_dump()) for c in body.capabilities),
+        max_concurrent_tasks=body.max_concurrent_tasks,
+        cost_per_task=to_micro(body.cost_per_task),
+    )
+    return await dispatch.execute(command, created_at=f"/agents/{agent_id}")
+
+
+_LIFECYCLE_COMMANDS: dict[str, type[ag.AgentCommand]] = {
+    "start": ag.StartAgent,
+    "stop": ag.StopAgent,
+    "restart": ag.RestartAgent,
+    "heartbeat": ag.RecordHeartbeat,
+}
+
+
+def _lifecycle_route(action: str, cls: type[ag.AgentCommand]) -> None:
+    async def route(agent_id: AgentIdPath, dispatch: DispatchDep):  # type: ignore[no-untyped-def]
+        return await dispatch.execute(dispatch.command(cls, agent_id=agent_id))
+
+    route.__name__ = f"{action}_agent"
+    route.__doc__ = f"{cls.__doc__}"
+    router.add_api_route(
+        f"/{{agent_id}}/{action}",
+        route,
+        methods=["POST"],
+        response_model=CommandResult,
+        responses=COMMAND_RESPONSES,
+        summary=f"{action.capitalize()} an agent"
+        if action != "heartbeat"
+        else "Record a heartbeat",
+    )
+
+
+for _action, _cls in _LIFECYCLE_COMMANDS.items():
+    _lifecycle_route(_action, _cls)
+
+
+@router.patch("/{agent_id}", response_model=CommandResult, responses=COMMAND_RESPONSES)
+async def update_agent(agent_id: AgentIdPath, body: AgentUpdate, dispatch: DispatchDep):  # type: ignore[no-untyped-def]
+    """Replace the agent's capabilities."""
+    command = dispatch.command(
+        ag.UpdateCapabilities,
+        agent_id=agent_id,
+        capabilities=tuple(ag.Capability(**c.model_dump()) for c in body.capabilities),
+    )
+    return await dispatch.execute(command)
+
+
+@router.delete("/{agent_id}", response_model=CommandResult, responses=COMMAND_RESPONSES)
+async def deregister_agent(agent_id: AgentIdPath, dispatch: DispatchDep):  # type: ignore[no-untyped-def]
+    """Deregister the agent for good (its id can never be registered again)."""
+    return await dispatch.execute(dispatch.command(ag.DeregisterAgent, agent_id=agent_id))
+
+
+@router.get("", response_model=Page[AgentPublic])
+async def list_agents(
+    settings: SettingsDep,
+    pool: PoolDep,
+    _fresh: FreshDep,
+    lifecycle: Annotated[
+        Literal["registered", "running", "stopped", "offline", "deregistered"] | None, Query()
+    ] = None,
+    status: Annotated[AgentStatus | None, Query()] = None,
+    limit: Limit = 50,
+    cursor: Cursor = None,
+) -> Page[AgentPublic]:
+    """Agents ordered by agent id, filtered by lifecycle and/or derived status."""
+    key = decode_cursor("agents", cursor, 1)
+    rows = await queries.list_agents(
+        pool,
+        settings.db_schema,
+        lifecycle=lifecycle,
+        status=status,
+        after=key[0] if key else None,
+        limit=limit + 1,
+    )
+    items = [AgentPublic.from_row(r) for r in rows[:limit]]
+    more = len(rows) > limit
+    return Page(
+        items=items, next_cursor=encode_cursor("agents", items[-1].agent_id) if more else None
+    )
+
+
+@router.get(
+    "/{agent_id}", response_model=AgentPublic, responses={404: {"description": "no such agent"}}
+)
+async def get_agent(
+    agent_id: AgentIdPath,
+    settings: SettingsDep,
+    pool: PoolDep,
+    _fresh: FreshDep,
+    response: Response,
+) -> AgentPublic:
+    """One agent, with ``status`` (idle/busy/...) and ``load`` derived from its tasks;
+    ``ETag`` is its version (for If-Match)."""
+    row = await queries.get_agent(pool, settings.db_schema, agent_id)
+    if row is None:
+        raise Problem(404, "agent_not_found", f"no agent {agent_id}", field="agent_id")
+    response.headers["ETag"] = f'"{row["version"]}"'
+    return AgentPublic.from_row(row)
+
+
+@router.get(
+    "/{agent_id}/assignments",
+    response_class=EventSourceResponse,
+    responses={200: {"content": {"text/event-stream": {}}, "description": "SSE of assignments"}},
+)
+async def follow_assignments(
+    agent_id: AgentIdPath,
+    settings: SettingsDep,
+    topics: TopicsDep,
+    hub: HubDep,
+    last_event_id_header: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
+    last_event_id: Annotated[str | None, Query(description="resume after this SSE id")] = None,
+    from_: Annotated[Literal["beginning", "end"], Query(alias="from")] = "end",
+) -> EventSourceResponse:
+    """The agent's ``io.swarmlog.task.assigned`` events, live (from now, by default).
+
+    Each SSE id is a position vector over the task topic's partitions; send it back as
+    ``Last-Event-ID`` (or ``?last_event_id=``) to resume with no gap and no duplicate.
+    """
+
+    def keep(stored: StoredEvent) -> bool:
+        return isinstance(stored.event, tk.TaskAssigned) and stored.event.agent_id == agent_id
+
+    return await sse_response(
+        hub,
+        Layout.of([topics.events(tk.TASK)], topics.partitions),
+        keep,
+        last_event_id=last_event_id or last_event_id_header,
+        from_beginning=from_ == "beginning",
+        send_timeout_s=settings.sse_send_timeout_s,
+    )

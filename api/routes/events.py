@@ -1,0 +1,62 @@
+"""Live CloudEvents of every aggregate over SSE, resumable by position vector."""
+
+from __future__ import annotations
+
+from fnmatch import fnmatchcase
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Header, Query
+from sse_starlette import EventSourceResponse
+
+from api.deps import HubDep, SettingsDep, TopicsDep
+from api.positions import Layout
+from api.streams import sse_response
+from infra.codec import StoredEvent
+
+router = APIRouter(prefix="/events", tags=["live"])
+
+
+@router.get(
+    "",
+    response_class=EventSourceResponse,
+    responses={
+        200: {"content": {"text/event-stream": {}}, "description": "SSE of CloudEvents"},
+        400: {"description": "malformed Last-Event-ID (problem+json)"},
+        503: {"description": "too many streams; see Retry-After (problem+json)"},
+    },
+)
+async def follow_events(
+    settings: SettingsDep,
+    topics: TopicsDep,
+    hub: HubDep,
+    type: Annotated[
+        list[str] | None,
+        Query(description="CloudEvent type glob, e.g. io.swarmlog.task.*; repeatable (any)"),
+    ] = None,
+    subject: Annotated[str | None, Query(description="only this aggregate id")] = None,
+    last_event_id_header: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
+    last_event_id: Annotated[str | None, Query(description="resume after this SSE id")] = None,
+    from_: Annotated[Literal["beginning", "end"], Query(alias="from")] = "end",
+) -> EventSourceResponse:
+    """Every event of every aggregate as a CloudEvent (JSON structured form), SSE ``event``
+    = its type, live from now unless ``?from=beginning``.
+
+    Each SSE id is a position vector (``v1:<offset>.<offset>...``: the next offset of
+    each partition of the event topics, topics sorted by name); send it back as
+    ``Last-Event-ID`` (or ``?last_event_id=``) to resume with no gap and no duplicate.
+    """
+    globs = tuple(type or ())
+
+    def keep(stored: StoredEvent) -> bool:
+        if subject is not None and stored.aggregate_id != subject:
+            return False
+        return not globs or any(fnmatchcase(stored.type, g) for g in globs)
+
+    return await sse_response(
+        hub,
+        Layout.of(topics.event_topics.values(), topics.partitions),
+        keep,
+        last_event_id=last_event_id or last_event_id_header,
+        from_beginning=from_ == "beginning",
+        send_timeout_s=settings.sse_send_timeout_s,
+    )

@@ -1,0 +1,196 @@
+"""Tasks: submit (one, or up to 1,000 in a batch), start, progress, complete, fail,
+cancel; list and read."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Body, Query, Response
+
+from api.deps import Cursor, FreshDep, Limit, PoolDep, SettingsDep, TaskIdPath
+from api.dispatch import COMMAND_RESPONSES, DispatchDep, Dispatcher
+from api.pagination import decode_cursor, encode_cursor
+from api.problems import Problem
+from api.schemas import (
+    BatchResult,
+    CommandResult,
+    Page,
+    TaskBatchCreate,
+    TaskCancel,
+    TaskComplete,
+    TaskCreate,
+    TaskFail,
+    TaskProgress,
+    TaskPublic,
+    TaskStart,
+    to_micro,
+)
+from domain import task as tk
+from domain.messages import Command
+from projections import queries
+
+router = APIRouter(prefix="/tasks", tags=["tasks"])
+
+TaskStatus = Literal[
+    "queued", "assigned", "running", "completed", "failed", "cancelled", "dead_lettered"
+]
+
+
+def _submit(dispatch: Dispatcher, body: TaskCreate, index: int | None = None) -> tk.SubmitTask:
+    return dispatch.command_at(
+        ("body",) if index is None else ("body", "tasks", index),
+        tk.SubmitTask,
+        task_id=body.task_id or dispatch.new_id("task", *([] if index is None else [index])),
+        type=body.type,
+        payload=body.payload,
+        required_capabilities=tuple(body.required_capabilities),
+        priority=body.priority,
+        max_cost=None if body.max_cost is None else to_micro(body.max_cost),
+        lease_timeout_s=body.lease_timeout_s,
+        run_timeout_s=body.run_timeout_s,
+        max_attempts=body.max_attempts,
+    )
+
+
+# Declared before the /{task_id} routes (Starlette matches in order).
+@router.post(":batch", response_model=BatchResult, responses={422: COMMAND_RESPONSES[422]})
+async def submit_task_batch(body: TaskBatchCreate, dispatch: DispatchDep) -> BatchResult:
+    """Submit up to 1,000 tasks in one request; 200 with one result per task, in order.
+
+    With an Idempotency-Key, task i's command id (and its task id, when not given)
+    derive from the key and i, so the whole batch can be retried safely.
+    """
+    commands: list[Command] = [_submit(dispatch, item, i) for i, item in enumerate(body.tasks)]
+    results = await dispatch.execute_many(commands, created=True)
+    return BatchResult(
+        items=results,
+        accepted=sum(r.status == "accepted" for r in results),
+        rejected=sum(r.status == "rejected" for r in results),
+        pending=sum(r.status == "pending" for r in results),
+    )
+
+
+@router.post("", status_code=201, response_model=CommandResult, responses=COMMAND_RESPONSES)
+async def submit_task(body: TaskCreate, dispatch: DispatchDep):  # type: ignore[no-untyped-def]
+    """Submit a task; it is queued at once (201 with Location /tasks/{id})."""
+    command = _submit(dispatch, body)
+    return await dispatch.execute(command, created_at=f"/tasks/{command.task_id}")
+
+
+@router.post("/{task_id}/start", response_model=CommandResult, responses=COMMAND_RESPONSES)
+async def start_task(task_id: TaskIdPath, body: TaskStart, dispatch: DispatchDep):  # type: ignore[no-untyped-def]
+    """The assigned agent starts the task."""
+    return await dispatch.execute(
+        dispatch.command(tk.StartTask, task_id=task_id, agent_id=body.agent_id)
+    )
+
+
+@router.post("/{task_id}/progress", response_model=CommandResult, responses=COMMAND_RESPONSES)
+async def report_progress(task_id: TaskIdPath, body: TaskProgress, dispatch: DispatchDep):  # type: ignore[no-untyped-def]
+    """The assigned agent reports progress in [0, 1] on a running task."""
+    return await dispatch.execute(
+        dispatch.command(
+            tk.ReportProgress,
+            task_id=task_id,
+            agent_id=body.agent_id,
+            progress=body.progress,
+            message=body.message,
+        )
+    )
+
+
+@router.post("/{task_id}/complete", response_model=CommandResult, responses=COMMAND_RESPONSES)
+async def complete_task(task_id: TaskIdPath, body: TaskComplete, dispatch: DispatchDep):  # type: ignore[no-untyped-def]
+    """The assigned agent completes a running task with a result."""
+    return await dispatch.execute(
+        dispatch.command(
+            tk.CompleteTask,
+            task_id=task_id,
+            agent_id=body.agent_id,
+            result=body.result,
+            quality=body.quality,
+        )
+    )
+
+
+@router.post("/{task_id}/fail", response_model=CommandResult, responses=COMMAND_RESPONSES)
+async def fail_task(task_id: TaskIdPath, body: TaskFail, dispatch: DispatchDep):  # type: ignore[no-untyped-def]
+    """The assigned agent reports a failure (retried if retryable and attempts remain)."""
+    return await dispatch.execute(
+        dispatch.command(
+            tk.FailTask,
+            task_id=task_id,
+            agent_id=body.agent_id,
+            error=body.error,
+            retryable=body.retryable,
+        )
+    )
+
+
+@router.post("/{task_id}/cancel", response_model=CommandResult, responses=COMMAND_RESPONSES)
+async def cancel_task(  # type: ignore[no-untyped-def]
+    task_id: TaskIdPath,
+    dispatch: DispatchDep,
+    body: Annotated[TaskCancel | None, Body()] = None,
+):
+    """Cancel a task that has not finished (the body, with a ``reason``, is optional)."""
+    reason = (body or TaskCancel()).reason
+    return await dispatch.execute(dispatch.command(tk.CancelTask, task_id=task_id, reason=reason))
+
+
+@router.get("", response_model=Page[TaskPublic])
+async def list_tasks(
+    settings: SettingsDep,
+    pool: PoolDep,
+    _fresh: FreshDep,
+    status: Annotated[TaskStatus | None, Query()] = None,
+    type: Annotated[str | None, Query(min_length=1, max_length=128)] = None,
+    agent_id: Annotated[str | None, Query(min_length=1, max_length=128)] = None,
+    limit: Limit = 50,
+    cursor: Cursor = None,
+) -> Page[TaskPublic]:
+    """Tasks newest first (by ``submitted_at``, then task id, both descending), filtered by
+    status, type and/or agent."""
+    key = decode_cursor("tasks", cursor, 2)
+    after: tuple[datetime, str] | None = None
+    if key is not None:
+        try:
+            after = (datetime.fromisoformat(key[0]), str(key[1]))
+        except (TypeError, ValueError):
+            raise Problem(
+                422, "invalid_cursor", "cursor is not a cursor of this list", field="cursor"
+            ) from None
+    rows = await queries.list_tasks(
+        pool,
+        settings.db_schema,
+        status=status,
+        type=type,
+        agent_id=agent_id,
+        after=after,
+        limit=limit + 1,
+    )
+    items = [TaskPublic.from_row(r) for r in rows[:limit]]
+    next_cursor = None
+    if len(rows) > limit:
+        last = rows[limit - 1]
+        next_cursor = encode_cursor("tasks", last["submitted_at"].isoformat(), last["task_id"])
+    return Page(items=items, next_cursor=next_cursor)
+
+
+@router.get(
+    "/{task_id}", response_model=TaskPublic, responses={404: {"description": "no such task"}}
+)
+async def get_task(
+    task_id: TaskIdPath,
+    settings: SettingsDep,
+    pool: PoolDep,
+    _fresh: FreshDep,
+    response: Response,
+) -> TaskPublic:
+    """One task; ``ETag`` is its version (for If-Match)."""
+    row = await queries.get_task(pool, settings.db_schema, task_id)
+    if row is None:
+        raise Problem(404, "task_not_found", f"no task {task_id}", field="task_id")
+    response.headers["ETag"] = f'"{row["version"]}"'
+    return TaskPublic.from_row(row)

@@ -1,0 +1,376 @@
+"""Request and response bodies of the HTTP API, kept apart from the domain and storage.
+
+Money crosses the API as decimal strings of tokens (``"0.5"`` in, ``"0.500000"`` out,
+always six decimals); inside it is integer micro-tokens (1 token = 1,000,000). Ids in
+bodies and paths are 1 to 128 characters of ``[A-Za-z0-9_.:@-]`` starting with a
+letter or digit, so they are safe in a URL path.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from decimal import Decimal, InvalidOperation
+from typing import Annotated, Any, Generic, Literal, TypeVar
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+from domain.messages import MICRO
+
+ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,127}$"
+MAX_TOKENS = Decimal(10**9)  # 10**15 micro-tokens, the domain's bound
+MONEY_FIELDS = frozenset({"cost_per_task", "max_cost"})
+
+Id = Annotated[str, Field(min_length=1, max_length=128, pattern=ID_PATTERN)]
+
+
+def _check_tokens(value: str) -> str:
+    try:
+        amount = Decimal(value.strip())
+    except InvalidOperation:
+        raise ValueError('must be a decimal number of tokens, e.g. "0.5"') from None
+    if not amount.is_finite():
+        raise ValueError("must be a finite decimal number of tokens")
+    if amount < 0:
+        raise ValueError("must not be negative")
+    exponent = amount.normalize().as_tuple().exponent
+    if isinstance(exponent, int) and exponent < -6:
+        raise ValueError("must have at most 6 decimal places (1 micro-token)")
+    if amount > MAX_TOKENS:
+        raise ValueError(f"must be at most {MAX_TOKENS} tokens")
+    return value.strip()
+
+
+Tokens = Annotated[
+    str,
+    AfterValidator(_check_tokens),
+    Field(description="tokens as a decimal string, at most 6 decimals", examples=["0.5"]),
+]
+
+
+def to_micro(tokens: str) -> int:
+    """``"0.5"`` -> 500000 (micro-tokens); the value has passed ``Tokens`` validation."""
+    return int(Decimal(tokens) * MICRO)
+
+
+def format_tokens(micro: int | None) -> str | None:
+    """500000 -> ``"0.500000"`` (tokens, six decimals); None stays None."""
+    if micro is None:
+        return None
+    sign = "-" if micro < 0 else ""
+    whole, frac = divmod(abs(int(micro)), MICRO)
+    return f"{sign}{whole}.{frac:06d}"
+
+
+def public_state(state: dict[str, Any] | None) -> dict[str, Any] | None:
+    """An aggregate state with its money fields as token strings."""
+    if state is None:
+        return None
+    return {
+        k: format_tokens(v) if k in MONEY_FIELDS and isinstance(v, int) else v
+        for k, v in state.items()
+    }
+
+
+class In(BaseModel):
+    """A request body: unknown fields are an error, not silently dropped."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class CapabilityIn(In):
+    """A named skill with a level in [0, 1] (1 = expert)."""
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")
+    level: float = Field(ge=0.0, le=1.0)
+
+
+class AgentCreate(In):
+    """Register an agent; ``agent_id`` defaults to a fresh uuid4."""
+
+    agent_id: Id | None = None
+    name: str = Field(min_length=1, max_length=200)
+    capabilities: list[CapabilityIn] = Field(default_factory=list, max_length=100)
+    max_concurrent_tasks: int = Field(default=1, ge=1, le=1000)
+    cost_per_task: Tokens = "0"
+
+
+class AgentUpdate(In):
+    """Replace an agent's capabilities."""
+
+    capabilities: list[CapabilityIn] = Field(max_length=100)
+
+
+Priority = Literal["low", "normal", "high", "urgent", "critical"]
+
+
+class TaskCreate(In):
+    """Submit a task; ``task_id`` defaults to a fresh uuid4; times in seconds."""
+
+    task_id: Id | None = None
+    type: str = Field(min_length=1, max_length=128)
+    payload: dict[str, Any] = Field(default_factory=dict)
+    required_capabilities: list[Annotated[str, Field(min_length=1, max_length=64)]] = Field(
+        default_factory=list, max_length=100
+    )
+    priority: Priority = "normal"
+    max_cost: Tokens | None = None
+    lease_timeout_s: float = Field(default=30.0, gt=0, le=86_400)
+    run_timeout_s: float = Field(default=600.0, gt=0, le=7 * 86_400)
+    max_attempts: int = Field(default=3, ge=1, le=100)
+
+
+MAX_BATCH = 1000
+
+
+class TaskBatchCreate(In):
+    """Submit up to 1,000 tasks in one request."""
+
+    tasks: list[TaskCreate] = Field(min_length=1, max_length=MAX_BATCH)
+
+
+class TaskStart(In):
+    """The assigned agent starts the task."""
+
+    agent_id: Id
+
+
+class TaskProgress(In):
+    """The assigned agent reports progress in [0, 1]."""
+
+    agent_id: Id
+    progress: float = Field(ge=0.0, le=1.0)
+    message: str | None = Field(default=None, max_length=2000)
+
+
+class TaskComplete(In):
+    """The assigned agent completes the task with a result and a quality in [0, 1]."""
+
+    agent_id: Id
+    result: dict[str, Any] = Field(default_factory=dict)
+    quality: float = Field(default=1.0, ge=0.0, le=1.0)
+
+
+class TaskFail(In):
+    """The assigned agent reports a failure; a retryable one is retried if attempts remain."""
+
+    agent_id: Id
+    error: str = Field(min_length=1, max_length=10_000)
+    retryable: bool = True
+
+
+class TaskCancel(In):
+    """Cancel a task that has not finished."""
+
+    reason: str = Field(default="cancelled by user", max_length=2000)
+
+
+# ---------------------------------------------------------------------------- responses
+
+
+class EventRef(BaseModel):
+    """An event a command wrote, and where: pass ``position`` as ``?after=`` to a query
+    to read your write."""
+
+    id: str
+    type: str
+    version: int
+    topic: str
+    partition: int | None = None
+    offset: int | None = None
+    position: str | None = None
+
+
+class CommandResult(BaseModel):
+    """An accepted command: the aggregate's id, version and state after it, its events."""
+
+    id: str
+    version: int
+    state: dict[str, Any] | None
+    events: list[EventRef]
+    command_id: str
+
+
+class CommandPending(BaseModel):
+    """A command on the log whose outcome did not come in time; poll ``location``."""
+
+    command_id: str
+    status: Literal["pending"] = "pending"
+    location: str
+
+
+class CommandOutcomePublic(BaseModel):
+    """What the decider made of a command (``GET /commands/{command_id}``)."""
+
+    command_id: str
+    command_type: str
+    aggregate_type: str
+    id: str
+    status: str
+    version: int
+    events: list[EventRef]
+    rejection: dict[str, Any] | None = None
+    state: dict[str, Any] | None = None
+    duplicate: bool = False
+    decided_at: datetime
+
+
+class BatchItemResult(BaseModel):
+    """One task of a batch: ``status`` is accepted, rejected or pending, ``http_status``
+    what the single-task route would have answered."""
+
+    index: int
+    id: str
+    command_id: str
+    status: Literal["accepted", "rejected", "pending"]
+    http_status: int
+    version: int | None = None
+    events: list[EventRef] = []
+    problem: dict[str, Any] | None = None
+
+
+class BatchResult(BaseModel):
+    """The per-task results of ``POST /tasks:batch``, in request order."""
+
+    items: list[BatchItemResult]
+    accepted: int
+    rejected: int
+    pending: int
+
+
+class CapabilityPublic(BaseModel):
+    """A capability of an agent."""
+
+    name: str
+    level: float
+
+
+class AgentPublic(BaseModel):
+    """An agent as the read model has it; ``status`` derived from lifecycle and load."""
+
+    agent_id: str
+    name: str
+    capabilities: list[CapabilityPublic]
+    max_concurrent_tasks: int
+    cost_per_task: str
+    lifecycle: str
+    status: str
+    load: int
+    registered_at: datetime
+    last_heartbeat_at: datetime | None
+    tasks_completed: int
+    tasks_failed: int
+    tasks_lost: int
+    version: int
+    updated_at: datetime
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> AgentPublic:
+        """From a row of ``projections.queries.get_agent``/``list_agents``."""
+        return cls.model_validate({**row, "cost_per_task": format_tokens(row["cost_per_task"])})
+
+
+class TaskPublic(BaseModel):
+    """A task as the read model has it (times in seconds, money in tokens)."""
+
+    task_id: str
+    type: str
+    payload: dict[str, Any]
+    required_capabilities: list[str]
+    priority: str
+    max_cost: str | None
+    lease_timeout_s: float
+    run_timeout_s: float
+    max_attempts: int
+    status: str
+    attempts: int
+    requeues: int
+    agent_id: str | None
+    progress: float
+    progress_message: str | None
+    result: dict[str, Any] | None
+    quality: float | None
+    error: str | None
+    not_before: datetime | None
+    submitted_at: datetime
+    queued_at: datetime | None
+    assigned_at: datetime | None
+    started_at: datetime | None
+    finished_at: datetime | None
+    version: int
+    updated_at: datetime
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> TaskPublic:
+        """From a row of ``projections.queries.get_task``/``list_tasks``."""
+        return cls.model_validate({**row, "max_cost": format_tokens(row["max_cost"])})
+
+
+class CloudEventPublic(BaseModel):
+    """A CloudEvent in JSON structured form, with where it is in the log (``position``).
+
+    ``data`` is the event exactly as on Kafka (money in integer micro-tokens): the event
+    is the public contract.
+    """
+
+    model_config = ConfigDict(extra="allow")
+
+    specversion: str = "1.0"
+    id: str
+    source: str
+    type: str
+    subject: str
+    time: datetime
+    datacontenttype: str = "application/json"
+    sequence: str
+    aggregatetype: str
+    correlationid: str
+    causationid: str
+    schemaversion: int
+    data: dict[str, Any]
+    position: dict[str, Any]
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> CloudEventPublic:
+        """From a row of ``projections.queries.aggregate_history``."""
+        return cls(
+            id=row["event_id"],
+            source=f"/swarmlog/{row['aggregate_type']}",
+            type=row["type"],
+            subject=row["aggregate_id"],
+            time=row["time"],
+            sequence=str(row["version"]),
+            aggregatetype=row["aggregate_type"],
+            correlationid=row["correlation_id"],
+            causationid=row["causation_id"],
+            schemaversion=row["schema_version"],
+            data=row["data"],
+            position={
+                "topic": row["topic"],
+                "partition": row["partition"],
+                "offset": row["offset"],
+            },
+        )
+
+
+T = TypeVar("T")
+
+
+class Page(BaseModel, Generic[T]):
+    """One page of a list; pass ``next_cursor`` as ``?cursor=`` for the next (None: last)."""
+
+    items: list[T]
+    next_cursor: str | None = None
+
+
+class Health(BaseModel):
+    """The process is up."""
+
+    status: str
+
+
+class Readiness(BaseModel):
+    """Each dependency's check: ``ok`` or why it failed."""
+
+    status: Literal["ready", "unavailable"]
+    checks: dict[str, str]
+    failed: list[str]

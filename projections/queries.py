@@ -1,0 +1,193 @@
+"""Read-model queries: every SQL statement the API runs against the projector's tables.
+
+Each function takes an asyncpg pool or connection and the schema name (checked with
+``checked_schema``, since it is interpolated), and returns plain dicts keyed by column
+(JSON columns decoded, money as integer micro-tokens). Pagination is keyset: each list
+function takes the sort key of the last row already seen (``after``) and returns at most
+``limit`` rows after it, in a fixed total order.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+from typing import Any, TypeAlias
+
+import asyncpg
+
+from infra.codec import Position
+from projections.schema import checked_schema
+
+Conn: TypeAlias = asyncpg.Pool | asyncpg.Connection
+Row = dict[str, Any]
+
+_JSON_COLUMNS = ("capabilities", "payload", "required_capabilities", "result", "data")
+
+#: The operational status of an agent, derived from its lifecycle and its load (the
+#: number of its tasks that are assigned or running).
+_AGENT_VIEW = """
+SELECT a.agent_id, a.name, a.capabilities, a.max_concurrent_tasks, a.cost_per_task,
+       a.lifecycle, a.registered_at, a.last_heartbeat_at, a.tasks_completed,
+       a.tasks_failed, a.tasks_lost, a.version, a.updated_at,
+       coalesce(l.load, 0)::integer AS load,
+       CASE a.lifecycle
+            WHEN 'running' THEN CASE WHEN coalesce(l.load, 0) > 0 THEN 'busy' ELSE 'idle' END
+            ELSE a.lifecycle
+       END AS status
+  FROM {s}.agents a
+  LEFT JOIN LATERAL (
+       SELECT count(*) AS load
+         FROM {s}.tasks t
+        WHERE t.agent_id = a.agent_id AND t.status IN ('assigned', 'running')
+  ) l ON true
+"""
+
+
+def _row(record: asyncpg.Record) -> Row:
+    row = dict(record)
+    for column in _JSON_COLUMNS:
+        if isinstance(row.get(column), str):
+            row[column] = json.loads(row[column])
+    return row
+
+
+async def ping(db: Conn) -> None:
+    """Raise if PostgreSQL does not answer ``select 1``."""
+    await db.fetchval("SELECT 1")
+
+
+async def get_agent(db: Conn, schema: str, agent_id: str) -> Row | None:
+    """One agent with its derived ``status`` and ``load``, or None."""
+    s = checked_schema(schema)
+    record = await db.fetchrow(
+        f"SELECT * FROM ({_AGENT_VIEW.format(s=s)}) v WHERE v.agent_id = $1", agent_id
+    )
+    return None if record is None else _row(record)
+
+
+async def list_agents(
+    db: Conn,
+    schema: str,
+    *,
+    lifecycle: str | None = None,
+    status: str | None = None,
+    after: str | None = None,
+    limit: int = 50,
+) -> list[Row]:
+    """Agents ordered by ``agent_id``, after the agent id ``after``, filtered by lifecycle
+    and/or derived status (idle, busy, registered, stopped, offline, deregistered)."""
+    s = checked_schema(schema)
+    records = await db.fetch(
+        f"""
+        SELECT * FROM ({_AGENT_VIEW.format(s=s)}) v
+         WHERE ($1::text IS NULL OR v.lifecycle = $1)
+           AND ($2::text IS NULL OR v.status = $2)
+           AND ($3::text IS NULL OR v.agent_id > $3)
+         ORDER BY v.agent_id
+         LIMIT $4
+        """,
+        lifecycle,
+        status,
+        after,
+        limit,
+    )
+    return [_row(r) for r in records]
+
+
+async def get_task(db: Conn, schema: str, task_id: str) -> Row | None:
+    """One task, or None."""
+    s = checked_schema(schema)
+    record = await db.fetchrow(f"SELECT * FROM {s}.tasks WHERE task_id = $1", task_id)
+    return None if record is None else _row(record)
+
+
+async def list_tasks(
+    db: Conn,
+    schema: str,
+    *,
+    status: str | None = None,
+    type: str | None = None,
+    agent_id: str | None = None,
+    after: tuple[datetime, str] | None = None,
+    limit: int = 50,
+) -> list[Row]:
+    """Tasks newest first (``submitted_at`` descending, then ``task_id`` descending),
+    after the ``(submitted_at, task_id)`` key ``after``, filtered by status, type, agent."""
+    s = checked_schema(schema)
+    after_at, after_id = after if after is not None else (None, None)
+    records = await db.fetch(
+        f"""
+        SELECT * FROM {s}.tasks t
+         WHERE ($1::text IS NULL OR t.status = $1)
+           AND ($2::text IS NULL OR t.type = $2)
+           AND ($3::text IS NULL OR t.agent_id = $3)
+           AND ($4::timestamptz IS NULL OR (t.submitted_at, t.task_id) < ($4, $5::text))
+         ORDER BY t.submitted_at DESC, t.task_id DESC
+         LIMIT $6
+        """,
+        status,
+        type,
+        agent_id,
+        after_at,
+        after_id,
+        limit,
+    )
+    return [_row(r) for r in records]
+
+
+async def aggregate_history(
+    db: Conn,
+    schema: str,
+    aggregate_type: str,
+    aggregate_id: str,
+    *,
+    after_version: int = 0,
+    limit: int = 100,
+) -> list[Row]:
+    """The archived events of one aggregate with version > ``after_version``, by version."""
+    s = checked_schema(schema)
+    records = await db.fetch(
+        f"""
+        SELECT topic, partition, "offset", event_id, aggregate_type, aggregate_id, version,
+               type, time, correlation_id, causation_id, schema_version, data
+          FROM {s}.events
+         WHERE aggregate_type = $1 AND aggregate_id = $2 AND version > $3
+         ORDER BY version
+         LIMIT $4
+        """,
+        aggregate_type,
+        aggregate_id,
+        after_version,
+        limit,
+    )
+    return [_row(r) for r in records]
+
+
+async def projected_offsets(
+    db: Conn, schema: str, partitions: Iterable[tuple[str, int]]
+) -> dict[tuple[str, int], int]:
+    """The next offset every projection of each (topic, partition) has reached: the lowest
+    over the projections that have a row for it; partitions with no row are absent."""
+    s = checked_schema(schema)
+    wanted = sorted(set(partitions))
+    if not wanted:
+        return {}
+    records = await db.fetch(
+        f"""
+        SELECT o.topic, o.partition, min(o.next_offset) AS next_offset
+          FROM {s}.projection_offsets o
+          JOIN unnest($1::text[], $2::integer[]) AS w(topic, partition)
+            ON o.topic = w.topic AND o.partition = w.partition
+         GROUP BY o.topic, o.partition
+        """,
+        [t for t, _ in wanted],
+        [p for _, p in wanted],
+    )
+    return {(r["topic"], r["partition"]): r["next_offset"] for r in records}
+
+
+async def unreached(db: Conn, schema: str, positions: Sequence[Position]) -> list[Position]:
+    """The positions the read models have not projected yet (next_offset <= offset)."""
+    reached = await projected_offsets(db, schema, ((p.topic, p.partition) for p in positions))
+    return [p for p in positions if reached.get((p.topic, p.partition), -1) <= p.offset]

@@ -1,0 +1,243 @@
+"""The ``swarm`` fixture: a whole swarmlog deployment per test, in this process.
+
+Each test gets fresh topics (prefix ``t<10 hex>``), consumer groups, PostgreSQL schema
+and Redis prefix on the session's real Kafka, PostgreSQL and Redis (``services``, from
+tests/conftest.py), and runs as asyncio tasks the command processor, the scheduler, the
+projector and the API, served by a real uvicorn on a free loopback port. Tests talk to
+it over HTTP only (httpx, httpx-sse), as a client would.
+
+Override settings for one test with indirect parametrization::
+
+    @pytest.mark.parametrize("swarm", [{"sse_max_clients": 1}], indirect=True)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import asyncpg
+import httpx
+import pytest
+import redis.asyncio as aioredis
+import uvicorn
+from aiokafka.admin import AIOKafkaAdminClient
+
+from api.app import create_app
+from commands.processor import CommandProcessor
+from infra import kafka
+from infra.settings import Settings
+from infra.stack import StackInfo
+from infra.topics import Topics, ensure_topics
+from projections.projector import Projector
+from streams.runner import SchedulerRunner
+from streams.scheduler import Policy
+
+T = TypeVar("T")
+
+STARTUP_TIMEOUT_S = 60.0
+SHUTDOWN_TIMEOUT_S = 20.0
+
+
+@dataclass
+class Swarm:
+    """A running deployment: where its API is, a client for it, its settings and topics."""
+
+    base_url: str
+    client: httpx.AsyncClient
+    settings: Settings
+    topics: Topics
+    processor: CommandProcessor
+    scheduler: SchedulerRunner
+    projector: Projector
+    roles: dict[str, tuple[asyncio.Event, asyncio.Task[None]]] = field(default_factory=dict)
+
+    @property
+    def bootstrap(self) -> str:
+        return self.settings.require_services()[0]
+
+    def check_alive(self) -> None:
+        """Raise the error of any role that died (so a test fails with its cause)."""
+        for name, (stop, task) in self.roles.items():
+            if task.done() and not stop.is_set():
+                exc = task.exception()
+                raise AssertionError(f"{name} stopped unexpectedly: {exc!r}") from exc
+
+    async def stop_role(self, name: str) -> None:
+        """Stop one role (``processor``, ``scheduler``, ``projector``) and wait for it."""
+        stop, task = self.roles[name]
+        stop.set()
+        await asyncio.wait_for(task, SHUTDOWN_TIMEOUT_S)
+
+    def start_processor(self) -> CommandProcessor:
+        """Start a new command processor (after ``stop_role("processor")``)."""
+        self.processor = CommandProcessor(self.bootstrap, self.topics)
+        self._start("processor", self.processor.run)
+        return self.processor
+
+    def _start(self, name: str, run: Callable[[asyncio.Event], Coroutine[Any, Any, None]]) -> None:
+        stop = asyncio.Event()
+        self.roles[name] = (stop, asyncio.create_task(run(stop), name=name))
+
+    async def commands_on_log(self) -> int:
+        """How many records the command topic holds (all partitions)."""
+        tps = await kafka.partitions_of(self.bootstrap, self.topics.commands)
+        consumer = kafka.consumer(self.bootstrap)
+        await consumer.start()
+        try:
+            ends = await consumer.end_offsets(tps)
+            return sum(ends.values())
+        finally:
+            await consumer.stop()
+
+    async def eventually(
+        self,
+        probe: Callable[[], Awaitable[T | None]],
+        *,
+        timeout_s: float = 30.0,
+        what: str = "condition",
+    ) -> T:
+        """Poll ``probe`` until it returns something truthy; fail after ``timeout_s``."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while True:
+            self.check_alive()
+            value = await probe()
+            if value:
+                return value
+            if loop.time() > deadline:
+                raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+            await asyncio.sleep(0.1)
+
+
+def _free_socket() -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(128)
+    sock.setblocking(False)
+    return sock
+
+
+@pytest.fixture
+async def swarm(services: StackInfo, request: pytest.FixtureRequest) -> AsyncIterator[Swarm]:
+    """A fresh deployment for one test (see the module docstring)."""
+    overrides: dict[str, Any] = getattr(request, "param", None) or {}
+    prefix = f"t{uuid.uuid4().hex[:10]}"
+    settings = Settings.model_validate(
+        {
+            "KAFKA_BOOTSTRAP_SERVERS": services.kafka_bootstrap_servers,
+            "DATABASE_URL": services.database_url,
+            "REDIS_URL": services.redis_url,
+            "topic_prefix": prefix,
+            "db_schema": prefix,
+            "redis_prefix": prefix,
+            "partitions": 3,
+            "command_wait_s": 5.0,
+            "sse_send_timeout_s": 5.0,
+            "heartbeat_timeout_s": 120.0,
+            **overrides,
+        }
+    )
+    bootstrap = services.kafka_bootstrap_servers
+    topics = Topics(prefix=prefix, partitions=settings.partitions)
+    await ensure_topics(bootstrap, topics)
+
+    processor = CommandProcessor(bootstrap, topics)
+    scheduler = SchedulerRunner(
+        bootstrap,
+        topics,
+        policy=Policy(heartbeat_timeout_s=settings.heartbeat_timeout_s),
+        tick_s=0.1,
+    )
+    projector = Projector(
+        bootstrap_servers=bootstrap,
+        topics=topics,
+        database_url=services.database_url,
+        schema=settings.db_schema,
+        redis_url=services.redis_url,
+        redis_prefix=settings.redis_prefix,
+    )
+    sock = _free_socket()
+    port = sock.getsockname()[1]
+    base_url = f"http://127.0.0.1:{port}"
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(settings),
+            lifespan="on",
+            log_level="warning",
+            timeout_graceful_shutdown=3,
+        )
+    )
+    client = httpx.AsyncClient(base_url=base_url, timeout=httpx.Timeout(30.0))
+    s = Swarm(
+        base_url=base_url,
+        client=client,
+        settings=settings,
+        topics=topics,
+        processor=processor,
+        scheduler=scheduler,
+        projector=projector,
+    )
+    s._start("processor", processor.run)
+    s._start("scheduler", scheduler.run)
+    s._start("projector", projector.run)
+    serving = asyncio.create_task(server.serve(sockets=[sock]), name="api")
+    try:
+
+        async def up() -> bool:
+            if serving.done():
+                raise AssertionError(f"the API did not start: {serving.exception()!r}")
+            return (
+                server.started
+                and len(s.processor.partitions) == settings.partitions
+                and scheduler.caught_up.is_set()
+            )
+
+        await s.eventually(up, timeout_s=STARTUP_TIMEOUT_S, what="the swarm to start")
+        yield s
+        s.check_alive()
+    finally:
+        await client.aclose()
+        server.should_exit = True
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(serving, SHUTDOWN_TIMEOUT_S)
+        sock.close()
+        for stop, _ in s.roles.values():
+            stop.set()
+        tasks = [task for _, task in s.roles.values()]
+        done, pending = await asyncio.wait(tasks, timeout=SHUTDOWN_TIMEOUT_S)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        await _drop(services, settings, topics)
+
+
+async def _drop(services: StackInfo, settings: Settings, topics: Topics) -> None:
+    """Delete the test's topics, schema and Redis keys (best effort)."""
+    with contextlib.suppress(Exception):
+        admin = AIOKafkaAdminClient(bootstrap_servers=services.kafka_bootstrap_servers)
+        await admin.start()
+        try:
+            await admin.delete_topics([spec.name for spec in topics.specs()])
+        finally:
+            await admin.close()
+    with contextlib.suppress(Exception):
+        conn = await asyncpg.connect(services.database_url)
+        try:
+            await conn.execute(f"DROP SCHEMA IF EXISTS {settings.db_schema} CASCADE")
+        finally:
+            await conn.close()
+    with contextlib.suppress(Exception):
+        r = aioredis.from_url(services.redis_url)
+        try:
+            keys = [k async for k in r.scan_iter(match=f"{settings.redis_prefix}:*")]
+            if keys:
+                await r.delete(*keys)
+        finally:
+            await r.aclose()
