@@ -18,8 +18,8 @@ from domain.agent import (
     AgentRestarted,
     AgentStarted,
     AgentStopped,
-    Capability,
     CapabilitiesUpdated,
+    Capability,
     DeregisterAgent,
     HeartbeatRecorded,
     MarkAgentOffline,
@@ -193,15 +193,15 @@ def test_restarting_an_agent_that_was_never_started_is_rejected() -> None:
 
 
 def test_a_heartbeat_from_a_running_agent_is_recorded() -> None:
-    given(AGENT_DECIDER, *LIFECYCLES["running"]).when(
-        RecordHeartbeat(agent_id=AID, at=at(5))
-    ).then(HeartbeatRecorded(agent_id=AID, resumed=False)).and_state(lifecycle="running")
+    given(AGENT_DECIDER, *LIFECYCLES["running"]).when(RecordHeartbeat(agent_id=AID, at=at(5))).then(
+        HeartbeatRecorded(agent_id=AID, resumed=False)
+    ).and_state(lifecycle="running")
 
 
 def test_a_heartbeat_from_an_offline_agent_resumes_it() -> None:
-    given(AGENT_DECIDER, *LIFECYCLES["offline"]).when(
-        RecordHeartbeat(agent_id=AID, at=at(5))
-    ).then(HeartbeatRecorded(agent_id=AID, resumed=True)).and_state(lifecycle="running")
+    given(AGENT_DECIDER, *LIFECYCLES["offline"]).when(RecordHeartbeat(agent_id=AID, at=at(5))).then(
+        HeartbeatRecorded(agent_id=AID, resumed=True)
+    ).and_state(lifecycle="running")
 
 
 @pytest.mark.parametrize("lifecycle", ["registered", "stopped"])
@@ -223,9 +223,9 @@ def test_marking_a_running_agent_offline_records_the_reason() -> None:
 
 
 def test_marking_an_agent_offline_defaults_to_heartbeat_timeout() -> None:
-    given(AGENT_DECIDER, *LIFECYCLES["running"]).when(
-        MarkAgentOffline(agent_id=AID, at=at())
-    ).then(AgentMarkedOffline(agent_id=AID, reason="heartbeat_timeout"))
+    given(AGENT_DECIDER, *LIFECYCLES["running"]).when(MarkAgentOffline(agent_id=AID, at=at())).then(
+        AgentMarkedOffline(agent_id=AID, reason="heartbeat_timeout")
+    )
 
 
 @pytest.mark.parametrize("lifecycle", ["registered", "stopped", "offline"])
@@ -267,8 +267,10 @@ def test_deregistering_twice_is_rejected_as_gone() -> None:
 
 
 def test_every_rejection_names_the_agent_in_its_detail() -> None:
-    rejection = given(AGENT_DECIDER).when(StartAgent(agent_id=AID, at=at())).then_rejected(
-        "agent_not_found"
+    rejection = (
+        given(AGENT_DECIDER)
+        .when(StartAgent(agent_id=AID, at=at()))
+        .then_rejected("agent_not_found")
     )
     assert AID in rejection.detail
 
@@ -318,7 +320,9 @@ def test_a_capability_level_outside_zero_to_one_is_invalid(level: float) -> None
 
 @pytest.mark.parametrize("level", [0.0, 1.0])
 def test_capability_levels_zero_and_one_are_valid(level: float) -> None:
-    assert register(capabilities=(Capability(name="x", level=level),)).capabilities[0].level == level
+    assert (
+        register(capabilities=(Capability(name="x", level=level),)).capabilities[0].level == level
+    )
 
 
 def test_duplicate_capability_names_are_invalid_on_register() -> None:
@@ -360,6 +364,6 @@ def test_other_invalid_registrations_name_the_field(
 
 def test_commands_and_events_are_frozen() -> None:
     with pytest.raises(ValidationError):
-        register().name = "Eve"  # type: ignore[misc]
+        register().name = "Eve"
     with pytest.raises(ValidationError):
-        registered.name = "Eve"  # type: ignore[misc]
+        registered.name = "Eve"

@@ -491,6 +491,9 @@ def test_a_naive_command_time_never_makes_decide_raise() -> None:
 # --- command validation --------------------------------------------------------------
 
 
+NO_SUCH_REASON: Any = "felt_like_it"
+
+
 def error_locations(error: ValidationError) -> list[tuple[str | int, ...]]:
     return [tuple(e["loc"]) for e in error.errors()]
 
@@ -512,7 +515,7 @@ def error_locations(error: ValidationError) -> list[tuple[str | int, ...]]:
         (lambda: FailTask(task_id=TID, agent_id=AGENT, at=at(), error=""), ("error",)),
         (lambda: AssignTask(task_id=TID, agent_id="", at=at()), ("agent_id",)),
         (
-            lambda: RequeueTask(task_id=TID, agent_id=AGENT, at=at(), reason="felt_like_it"),
+            lambda: RequeueTask(task_id=TID, agent_id=AGENT, at=at(), reason=NO_SUCH_REASON),
             ("reason",),
         ),
     ],
