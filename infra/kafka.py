@@ -25,7 +25,14 @@ def producer(bootstrap_servers: str, *, transactional_id: str | None = None) -> 
 
 
 def consumer(bootstrap_servers: str, *topics: str, group_id: str | None = None, **kw: Any) -> AIOKafkaConsumer:
-    """A read_committed consumer with manual offset commits."""
+    """A read_committed consumer with manual offset commits.
+
+    ``fetch_max_wait_ms`` defaults to 100, not Kafka's 500: measured here, a consumer in
+    another process than the producer often got its records only when the broker's
+    fetch wait ran out (send-to-decided p90 317 ms at 500, 37 ms at 100, on 100
+    commands/s), and every command waits on two such hops (command, then outcome).
+    """
+    kw.setdefault("fetch_max_wait_ms", 100)
     return AIOKafkaConsumer(
         *topics,
         bootstrap_servers=bootstrap_servers,
