@@ -16,6 +16,7 @@ decider.
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -64,6 +65,8 @@ class SchedulerRunner:
         self.tick_s = tick_s
         self.resend_s = resend_s
         self.source = source
+        self.idle_plan_s = min(0.5, max(tick_s, 0.05))
+        self._planned_at = 0.0
         self.view = SchedulerView()
         self.leader = asyncio.Event()
         self.caught_up = asyncio.Event()
@@ -120,6 +123,7 @@ class SchedulerRunner:
             ends = await consumer.end_offsets(tps)
             while not stop.is_set() and self.leader.is_set():
                 batch = await consumer.getmany(timeout_ms=int(self.tick_s * 1000), max_records=5000)
+                changed = bool(batch)
                 for records in batch.values():
                     for record in records:
                         try:
@@ -132,12 +136,17 @@ class SchedulerRunner:
                         log.info("scheduler view rebuilt", agents=len(self.view.agents),
                                  tasks=len(self.view.tasks))
                     continue
-                await self._tick(client)
+                # Plan when the view changed, and at least every `idle_plan_s` for timers.
+                now = time.monotonic()
+                if changed or now - self._planned_at >= self.idle_plan_s:
+                    self._planned_at = now
+                    await self._tick(client)
                 await election.getmany(timeout_ms=0)
         finally:
             await consumer.stop()
 
     async def _tick(self, client: CommandClient) -> None:
+        """Plan, and send what is new."""
         now = self.clock.now()
         for cid, inf in list(self._inflight.items()):
             task = self.view.tasks.get(inf.planned.task_id or "")
@@ -149,7 +158,10 @@ class SchedulerRunner:
             for i in self._inflight.values()
             if i.planned.task_id and i.planned.agent_id
         }
-        fresh = [p for p in plan(self.view, now, self.policy, tentative) if p.command_id not in self._inflight]
+        fresh = [
+            p for p in plan(self.view, now, self.policy, tentative)
+            if p.command_id not in self._inflight
+        ]
         if not fresh:
             return
         await client.send_many(

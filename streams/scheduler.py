@@ -258,8 +258,11 @@ def _assignments(
         a.agent_id: a
         for a in view.agents.values()
         if a.lifecycle == "running"
+        and load[a.agent_id] < a.max_concurrent_tasks
         and (now - a.last_seen).total_seconds() <= policy.heartbeat_timeout_s
     }
+    if not candidates:
+        return []
     queued = [
         t
         for t in view.tasks.values()
