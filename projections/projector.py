@@ -36,8 +36,7 @@ PROJECTION = "core"  # agents, tasks and the event archive, projected together
 
 AGENT_COLUMNS = (
     "agent_id", "name", "capabilities", "max_concurrent_tasks", "cost_per_task", "lifecycle",
-    "registered_at", "last_heartbeat_at", "tasks_completed", "tasks_failed", "tasks_lost",
-    "version", "updated_at",
+    "registered_at", "last_heartbeat_at", "version", "updated_at",
 )
 TASK_COLUMNS = (
     "task_id", "type", "payload", "required_capabilities", "priority", "priority_rank",
@@ -113,7 +112,7 @@ class Projector:
         self.clock = clock or SystemClock()
         self.projected = 0
         s = self.schema
-        self._upsert_agent = _upsert_sql(s, "agents", AGENT_COLUMNS, "agent_id")
+        self._upsert_agent = _upsert_sql(s, "agent_rows", AGENT_COLUMNS, "agent_id")
         self._upsert_task = _upsert_sql(s, "tasks", TASK_COLUMNS, "task_id")
         self._insert_event = (
             f'INSERT INTO {s}.events (topic, partition, "offset", event_id, aggregate_type,'
@@ -150,12 +149,13 @@ class Projector:
                 pass
 
             async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+                # Only synchronous seeks here: an awaited seek lets getmany hand out records
+                # from the old position in between. A partition with no stored offset
+                # starts at the beginning by auto_offset_reset (we never commit to Kafka).
                 stored = await projector._offsets(pool)
                 for tp in assigned:
                     if tp in stored:
                         consumer.seek(tp, stored[tp])
-                    else:
-                        await consumer.seek_to_beginning(tp)
 
         try:
             async with pool.acquire() as conn:
@@ -165,16 +165,16 @@ class Projector:
             await dead_letters.start()
             consumer.subscribe(list(self.topics.event_topics.values()), listener=Seek())
             await consumer.start()
-            stored: dict[TopicPartition, int] = {}
+            saved: dict[TopicPartition, int] = {}
             while not stop.is_set():
                 batch = await consumer.getmany(timeout_ms=200, max_records=self.batch_size)
                 # The position, not the last offset + 1: it also steps over transaction
                 # markers, so a caught-up projector's offsets equal the log end offsets.
                 positions = {tp: await consumer.position(tp) for tp in consumer.assignment()}
-                moved = {tp: n for tp, n in positions.items() if stored.get(tp) != n}
+                moved = {tp: n for tp, n in positions.items() if saved.get(tp) != n}
                 if batch or moved:
                     await self._project(pool, r, dead_letters, batch, moved)
-                    stored.update(moved)
+                    saved.update(moved)
         finally:
             await consumer.stop()
             await dead_letters.stop()
@@ -197,104 +197,151 @@ class Projector:
         batch: dict[TopicPartition, list[Any]],
         positions: dict[TopicPartition, int],
     ) -> None:
-        events: list[StoredEvent] = []
-        for records in batch.values():
-            for record in records:
-                try:
-                    events.append(decode_event(record))
-                except DecodeError as exc:
-                    # Loses nothing: the record, its position and the reason go to the DLQ.
-                    fut = await kafka.send(
-                        dead_letters,
-                        encode_dead_letter(self.topics.deadletter, record, str(exc), self.clock.now()),
-                    )
-                    await fut
-                    log.warning("event dead-lettered", topic=record.topic, offset=record.offset,
-                                reason=str(exc))
-        agent_ids = {e.aggregate_id for e in events if e.aggregate_type == "agent"}
-        task_ids = {e.aggregate_id for e in events if e.aggregate_type == "task"}
         s = self.schema
         async with pool.acquire() as conn, conn.transaction():
-            # Lock order (agents, then tasks, by id) keeps concurrent projectors deadlock-free.
-            agents = {
-                rec["agent_id"]: _row(rec)
+            # The stored offsets, locked: records below them were projected already (by
+            # this copy before a rebalance, or by another copy); they are skipped, so a
+            # record is applied once whatever the consumer hands out.
+            stored = {
+                (rec["topic"], rec["partition"]): rec["next_offset"]
                 for rec in await conn.fetch(
-                    f"SELECT * FROM {s}.agents WHERE agent_id = ANY($1::text[])"
-                    " ORDER BY agent_id FOR UPDATE",
-                    sorted(agent_ids),
+                    f"SELECT topic, partition, next_offset FROM {s}.projection_offsets"
+                    " WHERE projection = $1 ORDER BY topic, partition FOR UPDATE",
+                    PROJECTION,
                 )
             }
-            tasks = {
-                rec["task_id"]: _row(rec)
-                for rec in await conn.fetch(
-                    f"SELECT * FROM {s}.tasks WHERE task_id = ANY($1::text[])"
-                    " ORDER BY task_id FOR UPDATE",
-                    sorted(task_ids),
-                )
-            }
-            counters: dict[tuple[str, str], int] = defaultdict(int)
-            fresh: list[StoredEvent] = []
-            for e in events:
-                if e.aggregate_type == "agent":
-                    before = agents.get(e.aggregate_id)
-                    after = views.evolve_agent(before, e)
-                    if after is not None and after is not before:
-                        agents[e.aggregate_id] = after
-                        fresh.append(e)
-                elif e.aggregate_type == "task":
-                    before = tasks.get(e.aggregate_id)
-                    after = views.evolve_task(before, e)
-                    if after is not None and after is not before:
-                        tasks[e.aggregate_id] = after
-                        fresh.append(e)
-                        if (count := views.agent_counts(e)) is not None:
-                            counters[count] += 1
-            touched_agents = {e.aggregate_id for e in fresh if e.aggregate_type == "agent"}
-            touched_tasks = {e.aggregate_id for e in fresh if e.aggregate_type == "task"}
-            if fresh:
-                await conn.executemany(
-                    self._insert_event,
-                    [
-                        (
-                            e.position.topic, e.position.partition, e.position.offset, e.id,  # type: ignore[union-attr]
-                            e.aggregate_type, e.aggregate_id, e.version,
-                            event_ce_type(e.aggregate_type, e.event.event_type), e.time,
-                            e.correlation_id, e.causation_id, e.event.schema_version,
-                            e.event.model_dump_json(),
+            events: list[StoredEvent] = []
+            for tp, records in batch.items():
+                floor = stored.get((tp.topic, tp.partition), -1)
+                for record in records:
+                    if record.offset < floor:
+                        continue
+                    try:
+                        events.append(decode_event(record))
+                    except DecodeError as exc:
+                        # Loses nothing: the record, its position and the reason go to
+                        # the dead-letter topic (a repeat after a crash has the same id).
+                        fut = await kafka.send(
+                            dead_letters,
+                            encode_dead_letter(
+                                self.topics.deadletter, record, str(exc), self.clock.now()
+                            ),
                         )
-                        for e in fresh
-                    ],
-                )
-            if touched_agents:
-                await conn.executemany(
-                    self._upsert_agent,
-                    [_params(agents[a], AGENT_COLUMNS) for a in sorted(touched_agents)],
-                )
-            if touched_tasks:
-                await conn.executemany(
-                    self._upsert_task,
-                    [_params(tasks[t], TASK_COLUMNS) for t in sorted(touched_tasks)],
-                )
-            if counters:
-                for (agent_id, column), n in sorted(counters.items()):
-                    await conn.execute(
-                        f"UPDATE {s}.agents SET {column} = {column} + $2 WHERE agent_id = $1",
-                        agent_id,
-                        n,
-                    )
+                        await fut
+                        log.warning("event dead-lettered", topic=record.topic,
+                                    offset=record.offset, reason=str(exc))
+            touched_agents, holders = await self._apply(conn, events)
             offsets = {tp: records[-1].offset + 1 for tp, records in batch.items() if records}
             for tp, position in positions.items():
                 offsets[tp] = max(position, offsets.get(tp, 0))
             await conn.executemany(
                 self._save_offset,
-                [(PROJECTION, tp.topic, tp.partition, n) for tp, n in offsets.items()],
+                [
+                    (PROJECTION, tp.topic, tp.partition, n)
+                    for tp, n in offsets.items()
+                    if n > stored.get((tp.topic, tp.partition), -1)
+                ],
             )
         self.projected += len(events)
-        affected = touched_agents | {
-            t["agent_id"] for t in tasks.values() if t.get("agent_id")
-        } | {a for a, _ in counters}
-        if affected:
-            await self._sync_redis(pool, r, affected)
+        if touched_agents or holders:
+            await self._sync_redis(pool, r, touched_agents | holders)
+
+    async def _apply(
+        self, conn: asyncpg.Connection, events: list[StoredEvent]
+    ) -> tuple[set[str], set[str]]:
+        """Apply ``events`` to the rows in the open transaction of ``conn``.
+
+        Returns (agents whose row changed, agents that held or now hold a task of this
+        batch or gained a counter): the agents whose Redis status and load may change.
+        """
+        s = self.schema
+        agent_ids = {e.aggregate_id for e in events if e.aggregate_type == "agent"}
+        task_ids = {e.aggregate_id for e in events if e.aggregate_type == "task"}
+        # Lock order (agents, then tasks, by id) keeps concurrent projectors deadlock-free.
+        agents = {
+            rec["agent_id"]: _row(rec)
+            for rec in await conn.fetch(
+                f"SELECT * FROM {s}.agent_rows WHERE agent_id = ANY($1::text[])"
+                " ORDER BY agent_id FOR UPDATE",
+                sorted(agent_ids),
+            )
+        }
+        tasks = {
+            rec["task_id"]: _row(rec)
+            for rec in await conn.fetch(
+                f"SELECT * FROM {s}.tasks WHERE task_id = ANY($1::text[])"
+                " ORDER BY task_id FOR UPDATE",
+                sorted(task_ids),
+            )
+        }
+        # A requeue leaves the row on its agent until the next event clears it, which may
+        # come in a later batch: remember who held each task before this batch too.
+        holders = {t["agent_id"] for t in tasks.values() if t.get("agent_id")}
+        counters: dict[tuple[str, str], int] = defaultdict(int)
+        fresh: list[StoredEvent] = []
+        for e in events:
+            if e.aggregate_type == "agent":
+                before = agents.get(e.aggregate_id)
+                after = views.evolve_agent(before, e)
+                if after is not None and after is not before:
+                    agents[e.aggregate_id] = after
+                    fresh.append(e)
+            elif e.aggregate_type == "task":
+                before = tasks.get(e.aggregate_id)
+                after = views.evolve_task(before, e)
+                if after is not None and after is not before:
+                    tasks[e.aggregate_id] = after
+                    fresh.append(e)
+                    if (count := views.agent_counts(e)) is not None:
+                        counters[count] += 1
+        touched_agents = {e.aggregate_id for e in fresh if e.aggregate_type == "agent"}
+        touched_tasks = {e.aggregate_id for e in fresh if e.aggregate_type == "task"}
+        holders |= {t["agent_id"] for t in tasks.values() if t.get("agent_id")}
+        holders |= {a for a, _ in counters}
+        if fresh:
+            await conn.executemany(
+                self._insert_event,
+                [
+                    (
+                        e.position.topic, e.position.partition, e.position.offset, e.id,  # type: ignore[union-attr]
+                        e.aggregate_type, e.aggregate_id, e.version,
+                        event_ce_type(e.aggregate_type, e.event.event_type), e.time,
+                        e.correlation_id, e.causation_id, e.event.schema_version,
+                        e.event.model_dump_json(),
+                    )
+                    for e in fresh
+                ],
+            )
+        if touched_agents:
+            await conn.executemany(
+                self._upsert_agent,
+                [_params(agents[a], AGENT_COLUMNS) for a in sorted(touched_agents)],
+            )
+        if touched_tasks:
+            await conn.executemany(
+                self._upsert_task,
+                [_params(tasks[t], TASK_COLUMNS) for t in sorted(touched_tasks)],
+            )
+        if counters:
+            # Kept apart from agent_rows so that a task finished before its agent's
+            # registration has been read still counts (the topics are read independently).
+            await conn.executemany(
+                f"INSERT INTO {s}.agent_counters AS c (agent_id, tasks_completed, tasks_failed,"
+                " tasks_lost) VALUES ($1, $2, $3, $4) ON CONFLICT (agent_id) DO UPDATE SET"
+                " tasks_completed = c.tasks_completed + EXCLUDED.tasks_completed,"
+                " tasks_failed = c.tasks_failed + EXCLUDED.tasks_failed,"
+                " tasks_lost = c.tasks_lost + EXCLUDED.tasks_lost",
+                [
+                    (
+                        agent_id,
+                        counters[(agent_id, "tasks_completed")],
+                        counters[(agent_id, "tasks_failed")],
+                        counters[(agent_id, "tasks_lost")],
+                    )
+                    for agent_id in sorted({a for a, _ in counters})
+                ],
+            )
+        return touched_agents, holders
 
     async def _sync_redis(
         self, pool: asyncpg.Pool, r: aioredis.Redis, agent_ids: set[str] | None
@@ -309,7 +356,7 @@ class Projector:
                    (SELECT count(*) FROM {s}.tasks t
                      WHERE t.agent_id = a.agent_id AND t.status IN ('assigned', 'running')) AS load,
                    (extract(epoch FROM clock_timestamp()) * 1e6)::bigint AS read_at
-              FROM {s}.agents a {where}
+              FROM {s}.agent_rows a {where}
             """,
             *args,
         )

@@ -46,7 +46,7 @@ CREATE TABLE IF NOT EXISTS {s}.events (
 CREATE INDEX IF NOT EXISTS events_by_aggregate ON {s}.events (aggregate_type, aggregate_id, version);
 CREATE INDEX IF NOT EXISTS events_by_time ON {s}.events (time);
 
-CREATE TABLE IF NOT EXISTS {s}.agents (
+CREATE TABLE IF NOT EXISTS {s}.agent_rows (
     agent_id              text PRIMARY KEY,
     name                  text        NOT NULL,
     capabilities          jsonb       NOT NULL,
@@ -55,12 +55,27 @@ CREATE TABLE IF NOT EXISTS {s}.agents (
     lifecycle             text        NOT NULL,
     registered_at         timestamptz NOT NULL,
     last_heartbeat_at     timestamptz,
-    tasks_completed       integer     NOT NULL DEFAULT 0,
-    tasks_failed          integer     NOT NULL DEFAULT 0,
-    tasks_lost            integer     NOT NULL DEFAULT 0,
     version               integer     NOT NULL,
     updated_at            timestamptz NOT NULL
 );
+
+-- Counted from task events, which may be read before the agent's registration.
+CREATE TABLE IF NOT EXISTS {s}.agent_counters (
+    agent_id         text PRIMARY KEY,
+    tasks_completed  integer NOT NULL DEFAULT 0,
+    tasks_failed     integer NOT NULL DEFAULT 0,
+    tasks_lost       integer NOT NULL DEFAULT 0
+);
+
+-- The agents read model: the row and its counters.
+CREATE OR REPLACE VIEW {s}.agents AS
+SELECT r.agent_id, r.name, r.capabilities, r.max_concurrent_tasks, r.cost_per_task,
+       r.lifecycle, r.registered_at, r.last_heartbeat_at,
+       coalesce(c.tasks_completed, 0) AS tasks_completed,
+       coalesce(c.tasks_failed, 0) AS tasks_failed,
+       coalesce(c.tasks_lost, 0) AS tasks_lost,
+       r.version, r.updated_at
+  FROM {s}.agent_rows r LEFT JOIN {s}.agent_counters c USING (agent_id);
 
 CREATE TABLE IF NOT EXISTS {s}.tasks (
     task_id                text PRIMARY KEY,

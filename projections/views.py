@@ -17,7 +17,11 @@ Row = dict[str, Any]
 
 
 def evolve_agent(row: Row | None, stored: StoredEvent) -> Row | None:
-    """The agents row after ``stored`` (an agent event)."""
+    """The agents row after ``stored`` (an agent event).
+
+    The task counters start at 0 here and are never changed by agent events: the
+    projector adds ``agent_counts`` of task events to them in a table of their own.
+    """
     e = stored.event
     if isinstance(e, ag.AgentRegistered):
         if row is not None:
