@@ -63,11 +63,7 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None) 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         kafka_url, database_url, redis_url = settings.require_services()
-        topics = Topics(
-            prefix=settings.topic_prefix,
-            partitions=settings.partitions,
-            replication_factor=settings.replication_factor,
-        )
+        topics = Topics.of(settings)
         pool = await asyncpg.create_pool(
             database_url, min_size=1, max_size=10, init=_init_connection
         )

@@ -132,6 +132,15 @@ class Dispatcher:
         key = self.meta.idempotency_key
         return derived_id("id", purpose, key, *parts) if key else str(uuid.uuid4())
 
+    def command_id(self, command: Command) -> str:
+        """The command id: with an Idempotency-Key, derived from the key, the command type
+        and the aggregate (uuid5), so one key reused for another command or aggregate
+        is a new command rather than a replay of someone else's outcome; else uuid4."""
+        key = self.meta.idempotency_key
+        if key is None:
+            return self.meta.command_id
+        return derived_id("command", key, type(command).__name__, command.aggregate_id)
+
     def _count(self, command: Command, outcome: Outcome | None) -> None:
         label = (
             "pending" if outcome is None else ("duplicate" if outcome.duplicate else outcome.status)
@@ -142,7 +151,7 @@ class Dispatcher:
         """Send ``command`` and answer its outcome; ``created_at`` is the Location of the
         aggregate a creation command makes (the answer is then 201)."""
         envelope = CommandEnvelope(
-            command_id=self.meta.command_id,
+            command_id=self.command_id(command),
             command=command,
             correlation_id=self.meta.correlation_id,
             expected_version=self.meta.expected_version,

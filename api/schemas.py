@@ -12,9 +12,24 @@ from datetime import datetime
 from decimal import Decimal, InvalidOperation
 from typing import Annotated, Any, Generic, Literal, TypeVar
 
+import orjson
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from domain.messages import MICRO
+
+#: Most bytes a task's payload or result may take as JSON: events carry them, and a Kafka
+#: record is at most 1 MiB by default (message.max.bytes), with headers and escaping.
+MAX_JSON_BYTES = 256 * 1024
+
+
+def _bounded_json(value: dict[str, Any]) -> dict[str, Any]:
+    size = len(orjson.dumps(value))
+    if size > MAX_JSON_BYTES:
+        raise ValueError(f"is {size} bytes as JSON; at most {MAX_JSON_BYTES} are allowed")
+    return value
+
+
+BoundedJson = Annotated[dict[str, Any], AfterValidator(_bounded_json)]
 
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,127}$"
 MAX_TOKENS = Decimal(10**9)  # 10**15 micro-tokens, the domain's bound
@@ -108,7 +123,7 @@ class TaskCreate(In):
 
     task_id: Id | None = None
     type: str = Field(min_length=1, max_length=128)
-    payload: dict[str, Any] = Field(default_factory=dict)
+    payload: BoundedJson = Field(default_factory=dict)
     required_capabilities: list[Annotated[str, Field(min_length=1, max_length=64)]] = Field(
         default_factory=list, max_length=100
     )
@@ -146,7 +161,7 @@ class TaskComplete(In):
     """The assigned agent completes the task with a result and a quality in [0, 1]."""
 
     agent_id: Id
-    result: dict[str, Any] = Field(default_factory=dict)
+    result: BoundedJson = Field(default_factory=dict)
     quality: float = Field(default=1.0, ge=0.0, le=1.0)
 
 

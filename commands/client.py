@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import OrderedDict
-from typing import Any
 
 import structlog
 
@@ -84,15 +83,21 @@ class CommandClient:
                         if not fut.done():
                             fut.set_result(outcome)
 
+    def follower_problem(self) -> str | None:
+        """Why this client no longer follows outcomes (its task ended), or None if it does.
+
+        A dead follower would turn every command answer into a 202: /ready reports it.
+        """
+        if self._task is None or not self._task.done():
+            return None
+        if self._task.cancelled():
+            return "outcome follower stopped"
+        exc = self._task.exception()
+        return f"outcome follower failed: {type(exc).__name__}: {exc}"
+
     def recent(self, command_id: str) -> Outcome | None:
         """The outcome of ``command_id`` if this client saw it, else None."""
         return self._recent.get(command_id)
-
-    async def send(self, envelope: CommandEnvelope) -> Any:
-        """Put ``envelope`` on the command topic and wait for the broker's ack;
-        returns its RecordMetadata."""
-        fut = await kafka.send(self.producer, encode_command(self.topics.commands, envelope))
-        return await fut
 
     async def send_many(self, envelopes: list[CommandEnvelope]) -> None:
         """Put several commands on the command topic, acked together."""

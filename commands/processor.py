@@ -16,6 +16,7 @@ is recognised (for as long as the outcome topic retains it, a week by default).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -85,6 +86,8 @@ class CommandProcessor:
             heartbeat_interval_ms=1_000,
         )
         self.processed = 0
+        self._failure: BaseException | None = None
+        self.retry_backoff_s = 0.5
 
     async def run(self, stop: asyncio.Event) -> None:
         """Consume and decide until ``stop`` is set; raises Fenced if fenced."""
@@ -97,15 +100,23 @@ class CommandProcessor:
                         await processor._release(tp.partition)
 
             async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+                # aiokafka only logs what a listener raises; keep it so run() can raise it
+                # rather than go on owning a partition it cannot decide for.
                 async with processor._lock:
                     for tp in assigned:
-                        await processor._acquire(tp.partition)
+                        try:
+                            await processor._acquire(tp.partition)
+                        except Exception as exc:
+                            processor._failure = exc
+                            return
 
         await self.consumer.start()
         self.consumer.subscribe([self.topics.commands], listener=Listener())
         try:
             while not stop.is_set():
                 batch = await self.consumer.getmany(timeout_ms=200, max_records=500)
+                if self._failure is not None:
+                    raise RuntimeError("could not take over a command partition") from self._failure
                 if not batch:
                     continue
                 async with self._lock:
@@ -162,7 +173,8 @@ class CommandProcessor:
     async def _release(self, partition: int) -> None:
         ps = self.partitions.pop(partition, None)
         if ps is not None:
-            await ps.producer.stop()
+            with contextlib.suppress(Exception):  # a failed producer may not stop cleanly
+                await ps.producer.stop()
             log.info("partition revoked", partition=partition)
 
     async def _process(self, tp: TopicPartition, records: list[Any]) -> None:
@@ -172,15 +184,18 @@ class CommandProcessor:
         try:
             async with ps.producer.transaction():
                 pending: list[tuple[Outcome | str, list[Any]]] = []
+                written: list[Any] = []  # futures of every record sent; all must succeed
                 for record in records:
                     try:
                         env = decode_command(record)
                     except DecodeError as exc:
-                        await kafka.send(
-                            ps.producer,
-                            encode_dead_letter(
-                                self.topics.deadletter, record, str(exc), self.clock.now()
-                            ),
+                        written.append(
+                            await kafka.send(
+                                ps.producer,
+                                encode_dead_letter(
+                                    self.topics.deadletter, record, str(exc), self.clock.now()
+                                ),
+                            )
                         )
                         log.warning("command dead-lettered", offset=record.offset, reason=str(exc))
                         continue
@@ -205,17 +220,29 @@ class CommandProcessor:
                         ]
                         outcome = outcome.model_copy(update={"events": events})
                         staged_outcomes[outcome.command_id] = outcome
-                    await kafka.send(ps.producer, encode_outcome(self.topics.outcomes, outcome))
+                    written.append(
+                        await kafka.send(ps.producer, encode_outcome(self.topics.outcomes, outcome))
+                    )
+                # aiokafka commits a transaction even if one of its records failed: check
+                # every record before the offsets go in, so a failure aborts the batch.
+                await asyncio.gather(*written)
                 await ps.producer.send_offsets_to_transaction(
                     {tp: records[-1].offset + 1}, self.group_id
                 )
         except ProducerFenced as exc:
             raise Fenced(f"partition {tp.partition} is owned by a newer processor") from exc
         except Exception:
-            # The transaction was aborted: nothing of this batch is visible. Re-read it.
-            log.exception("batch aborted, retrying", partition=tp.partition)
+            # Start the partition afresh: a new producer with the same transactional id
+            # fences this one and aborts whatever it left open (its error state may not
+            # allow an abort), and the state is rebuilt from what was committed.
+            log.exception("batch failed; taking the partition over afresh", partition=tp.partition)
+            await self._release(tp.partition)
+            await asyncio.sleep(self.retry_backoff_s)
+            self.retry_backoff_s = min(self.retry_backoff_s * 2, 30.0)
+            await self._acquire(tp.partition)
             self.consumer.seek(tp, records[0].offset)
             return
+        self.retry_backoff_s = 0.5
         ps.aggregates.update(staged_aggregates)
         ps.outcomes.update(staged_outcomes)
         self.processed += len(records)

@@ -31,8 +31,8 @@ from rich.table import Table
 
 from demo.analysis import discover_modules
 from infra import kafka, stack
-from infra.bootstrap import topics_of
 from infra.settings import Settings
+from infra.topics import Topics
 
 DEFAULT_PACKAGES = ("asyncio", "email", "json")
 LARGE_MODULE_LINES = 1000
@@ -127,7 +127,7 @@ async def _busiest_agent(conn: asyncpg.Connection, schema: str, among: set[str])
 
 async def _caught_up(settings: Settings, conn: asyncpg.Connection) -> tuple[int, int]:
     """(events on the log, events projected) once the projector has reached the log's end."""
-    topics = topics_of(settings)
+    topics = Topics.of(settings)
     bootstrap = settings.require_services()[0]
     tps: list[TopicPartition] = []
     for topic in topics.event_topics.values():
@@ -273,6 +273,7 @@ async def run_demo(
     console = console or Console()
     started_at = time.monotonic()
     modules = [m for p in packages for m in discover_modules(p)]
+    already_running = stack.environment_info() is not None or stack.info(state_dir) is not None
     info = stack.up(state_dir, console=console)
     stamp = time.strftime("%Y%m%d%H%M%S")
     run_id = f"demo{stamp}"
@@ -367,7 +368,7 @@ async def run_demo(
             await conn.close()
     finally:
         children.stop_all()
-        if not keep_stack and info.started:
+        if not keep_stack and not already_running:  # stop only what the demo started
             stack.down(state_dir)
     summary.update(
         killed=killed,

@@ -195,10 +195,8 @@ def decide(command: AgentCommand, state: AgentState | None) -> list[AgentEvent] 
             )
         case StopAgent(), AgentState(lifecycle="running" | "offline"):
             return [AgentStopped(agent_id=aid)]
-        case StopAgent(), AgentState():
-            return rejected(
-                "conflict", "agent_already_stopped", f"agent {aid} is {state.lifecycle}"
-            )
+        case StopAgent(), AgentState(lifecycle="stopped"):
+            return rejected("conflict", "agent_already_stopped", f"agent {aid} is stopped")
         case RestartAgent(), AgentState(lifecycle="running" | "stopped" | "offline"):
             return [AgentRestarted(agent_id=aid)]
         case RecordHeartbeat(), AgentState(lifecycle="running"):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, ClassVar, Generic, Literal, TypeVar
+from typing import ClassVar, Generic, Literal, TypeVar
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict
 
@@ -120,9 +120,4 @@ def rejected(
 ) -> Rejection:
     """Build a Rejection (shorthand used by the deciders)."""
     return Rejection(kind=kind, code=code, detail=detail, field=field)
-
-
-def data_of(message: BaseModel) -> dict[str, Any]:
-    """The JSON-ready data of a message (datetimes as ISO strings, tuples as lists)."""
-    return message.model_dump(mode="json")
 

@@ -23,15 +23,6 @@ from infra.topics import Topics, ensure_topics
 log = structlog.get_logger("swarmlog")
 
 
-def topics_of(settings: Settings) -> Topics:
-    """The Topics of a deployment, from its settings."""
-    return Topics(
-        prefix=settings.topic_prefix,
-        partitions=settings.partitions,
-        replication_factor=settings.replication_factor,
-    )
-
-
 def configure_logging(level: str = "INFO") -> None:
     """structlog to stderr, and quieter aiokafka (its coordinator chatter is expected)."""
     logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), format="%(message)s")
@@ -57,7 +48,7 @@ async def _until_signalled(run: Callable[[asyncio.Event], Awaitable[None]]) -> N
 
 async def _ready_topics(settings: Settings) -> Topics:
     kafka_url, _, _ = settings.require_services()
-    topics = topics_of(settings)
+    topics = Topics.of(settings)
     created = await ensure_topics(kafka_url, topics)
     if created:
         log.info("topics created", topics=created)

@@ -14,6 +14,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
 from domain.registry import DECIDERS
+from infra.settings import Settings
 
 FOREVER = "-1"
 WEEK_MS = str(7 * 24 * 3600 * 1000)
@@ -41,16 +42,28 @@ class Topics:
     partitions: int = 3
     replication_factor: int = 1
 
+    @classmethod
+    def of(cls, settings: Settings) -> Topics:
+        """The topics of the deployment ``settings`` describe."""
+        return cls(
+            prefix=settings.topic_prefix,
+            partitions=settings.partitions,
+            replication_factor=settings.replication_factor,
+        )
+
     @property
     def commands(self) -> str:
+        """The command topic (keyed by aggregate id)."""
         return f"{self.prefix}.commands"
 
     @property
     def outcomes(self) -> str:
+        """The command-outcome topic (keyed by aggregate id, co-partitioned)."""
         return f"{self.prefix}.command-outcomes"
 
     @property
     def deadletter(self) -> str:
+        """The dead-letter topic: records that could not be read, with the reason."""
         return f"{self.prefix}.deadletter"
 
     @property
@@ -66,13 +79,6 @@ class Topics:
     def event_topics(self) -> dict[str, str]:
         """Aggregate type -> event topic, for every aggregate."""
         return {name: self.events(name) for name in sorted(DECIDERS)}
-
-    def aggregate_of(self, topic: str) -> str:
-        """The aggregate type whose events ``topic`` holds; KeyError if none."""
-        for name, t in self.event_topics.items():
-            if t == topic:
-                return name
-        raise KeyError(topic)
 
     def specs(self) -> list[TopicSpec]:
         """Every topic with its configs."""

@@ -170,6 +170,7 @@ class SchedulerRunner:
                     command_id=p.command_id,
                     command=p.command,
                     correlation_id=p.command_id,
+                    expected_version=p.expected_version,
                     source=self.source,
                 )
                 for p in fresh

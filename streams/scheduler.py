@@ -98,12 +98,16 @@ class Policy:
 class Planned:
     """A command the scheduler wants sent, with its deterministic id.
 
+    ``expected_version`` is the aggregate version the decision was made on: sent as the
+    command's expected version, so a decision made on a view that has since moved on
+    (the agent started the task, a heartbeat came in) is rejected, not applied.
     ``task_id``/``agent_id`` name a tentative assignment (it holds a slot of the agent
     until the task's next event arrives).
     """
 
     command_id: str
     command: Command
+    expected_version: int
     task_id: str | None = None
     agent_id: str | None = None
 
@@ -225,6 +229,7 @@ def plan(
                 Planned(
                     derived_id("requeue", t.task_id, t.version),
                     tk.RequeueTask(task_id=t.task_id, agent_id=t.agent_id, reason=reason, at=now),
+                    t.version,
                 )
             )
         elif t.status == "running" and held_s > t.run_timeout_s:
@@ -232,6 +237,7 @@ def plan(
                 Planned(
                     derived_id("run-timeout", t.task_id, t.version),
                     tk.TimeOutTask(task_id=t.task_id, agent_id=t.agent_id, at=now),
+                    t.version,
                 )
             )
     for a in view.agents.values():
@@ -240,6 +246,7 @@ def plan(
                 Planned(
                     derived_id("offline", a.agent_id, a.version),
                     ag.MarkAgentOffline(agent_id=a.agent_id, reason="heartbeat_timeout", at=now),
+                    a.version,
                 )
             )
     out.extend(_assignments(view, now, policy, tentative))
@@ -310,6 +317,7 @@ def _assignments(
             Planned(
                 derived_id("assign", t.task_id, t.version),
                 tk.AssignTask(task_id=t.task_id, agent_id=agent_id, at=now),
+                t.version,
                 task_id=t.task_id,
                 agent_id=agent_id,
             )

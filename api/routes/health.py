@@ -36,14 +36,19 @@ async def _check(what: Awaitable[object]) -> str:
 
 @router.get("/ready", response_model=Readiness, responses={503: {"model": Readiness}})
 async def ready(client: CommandClientDep, pool: PoolDep, redis: RedisDep) -> JSONResponse:
-    """Kafka metadata, PostgreSQL ``select 1`` and Redis PING, each within 2 s: 200 when all
-    answer, else 503 naming the ones that failed."""
+    """Kafka metadata, PostgreSQL ``select 1`` and Redis PING, each within 2 s, and the
+    command-outcome follower alive: 200 when all are, else 503 naming the ones that failed."""
     kafka_check, pg_check, redis_check = await asyncio.gather(
         _check(client.producer.client.fetch_all_metadata()),
         _check(queries.ping(pool)),
         _check(redis.ping()),
     )
-    checks = {"kafka": kafka_check, "postgres": pg_check, "redis": redis_check}
+    checks = {
+        "kafka": kafka_check,
+        "postgres": pg_check,
+        "redis": redis_check,
+        "outcomes": client.follower_problem() or "ok",
+    }
     failed = [name for name, result in checks.items() if result != "ok"]
     body = Readiness(status="unavailable" if failed else "ready", checks=checks, failed=failed)
     return JSONResponse(body.model_dump(), status_code=503 if failed else 200)

@@ -6,6 +6,7 @@ import asyncio
 
 import pytest
 
+from infra.codec import derived_id
 from tests.e2e.support import assert_problem, history, positions, register
 
 pytestmark = pytest.mark.e2e
@@ -68,7 +69,8 @@ async def test_a_repeated_idempotency_key_returns_the_first_outcome_and_writes_o
     again = await c.post("/agents", json=body, headers={"Idempotency-Key": "reg-twice"})
     assert first.status_code == again.status_code == 201
     assert first.json() == again.json()
-    assert first.json()["command_id"] == "reg-twice"
+    body = first.json()
+    assert body["command_id"] == derived_id("command", "reg-twice", "RegisterAgent", body["id"])
     assert again.headers["idempotent-replayed"] == "true"
     assert first.headers["etag"] == again.headers["etag"]
 

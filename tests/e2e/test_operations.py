@@ -19,7 +19,7 @@ async def test_health_ready_and_docs_answer(swarm) -> None:
     assert r.status_code == 200, r.text
     assert r.json() == {
         "status": "ready",
-        "checks": {"kafka": "ok", "postgres": "ok", "redis": "ok"},
+        "checks": {"kafka": "ok", "postgres": "ok", "redis": "ok", "outcomes": "ok"},
         "failed": [],
     }
     r = await c.get("/docs")

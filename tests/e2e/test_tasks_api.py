@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from infra.codec import derived_id
 from tests.e2e.support import assert_problem, history, latest_positions, positions, register
 
 pytestmark = pytest.mark.e2e
@@ -176,14 +177,16 @@ async def test_a_command_not_decided_in_time_is_a_202_and_can_be_looked_up(swarm
         "/agents", json={"agent_id": "late", "name": "Late"}, headers={"Idempotency-Key": "late-1"}
     )
     assert r.status_code == 202, r.text
-    assert r.headers["location"] == "/commands/late-1"
-    assert r.json() == {"command_id": "late-1", "status": "pending", "location": "/commands/late-1"}
-    assert_problem(await c.get("/commands/late-1"), 404, code="outcome_not_found")
+    command_id = derived_id("command", "late-1", "RegisterAgent", "late")
+    location = f"/commands/{command_id}"
+    assert r.headers["location"] == location
+    assert r.json() == {"command_id": command_id, "status": "pending", "location": location}
+    assert_problem(await c.get(location), 404, code="outcome_not_found")
 
     swarm.start_processor()  # the command is on the log: a new processor decides it
 
     async def decided() -> dict | None:
-        r = await c.get("/commands/late-1")
+        r = await c.get(location)
         return r.json() if r.status_code == 200 else None
 
     outcome = await swarm.eventually(decided, what="the pending command to be decided")

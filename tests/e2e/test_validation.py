@@ -115,6 +115,13 @@ BAD_REQUESTS: list[tuple[str, str, Any, dict[str, str], str]] = [
         "required_capabilities",
     ),
     ("POST", "/tasks", {"task_id": "bad-t", "type": "x", "payload": [1, 2]}, {}, "payload"),
+    (
+        "POST",
+        "/tasks",
+        {"task_id": "bad-t", "type": "x", "payload": {"blob": "x" * 300_000}},
+        {},
+        "payload",
+    ),
     # POST /tasks:batch
     ("POST", "/tasks:batch", {"tasks": []}, {}, "tasks"),
     (
@@ -138,6 +145,13 @@ BAD_REQUESTS: list[tuple[str, str, Any, dict[str, str], str]] = [
     ("POST", "/tasks/bad-t/progress", {"agent_id": "a"}, {}, "progress"),
     ("POST", "/tasks/bad-t/complete", {"agent_id": "a", "quality": -0.1}, {}, "quality"),
     ("POST", "/tasks/bad-t/complete", {"result": {}}, {}, "agent_id"),
+    (
+        "POST",
+        "/tasks/bad-t/complete",
+        {"agent_id": "a", "result": {"blob": "x" * 300_000}},
+        {},
+        "result",
+    ),
     ("POST", "/tasks/bad-t/fail", {"agent_id": "a", "error": ""}, {}, "error"),
     (
         "POST",

@@ -166,11 +166,16 @@ def test_stopping_a_running_or_offline_agent_makes_it_stopped(lifecycle: str) ->
     ).and_state(lifecycle="stopped")
 
 
-@pytest.mark.parametrize("lifecycle", ["registered", "stopped"])
-def test_stopping_an_agent_that_is_not_running_is_rejected(lifecycle: str) -> None:
-    given(AGENT_DECIDER, *LIFECYCLES[lifecycle]).when(
+def test_stopping_a_stopped_agent_is_rejected_as_already_stopped() -> None:
+    given(AGENT_DECIDER, *LIFECYCLES["stopped"]).when(
         StopAgent(agent_id=AID, at=at())
     ).then_rejected("agent_already_stopped", kind="conflict")
+
+
+def test_stopping_an_agent_that_never_started_is_rejected_as_not_running() -> None:
+    given(AGENT_DECIDER, *LIFECYCLES["registered"]).when(
+        StopAgent(agent_id=AID, at=at())
+    ).then_rejected("agent_not_running", kind="conflict")
 
 
 # --- restarting ----------------------------------------------------------------------

@@ -378,6 +378,19 @@ def test_an_unstarted_assignment_is_requeued_when_its_lease_expires() -> None:
     ]
 
 
+def test_every_planned_command_expects_the_version_it_was_decided_on() -> None:
+    # A requeue decided before the agent's StartTask is applied must then be refused
+    # (412), not take the started task away: the command carries the version it saw.
+    swarm = Swarm().agent("a").task("t1", lease=30).assign("t1", "a", at=10)
+    task_version = swarm.view.tasks["t1"].version
+
+    planned = swarm.plan(100)
+
+    assert [(type(p.command).__name__, p.expected_version) for p in planned] == [
+        ("RequeueTask", task_version)
+    ]
+
+
 def test_a_started_task_has_no_lease() -> None:
     swarm = Swarm().agent("a").task("t1", lease=30, run=600).assign("t1", "a", at=10)
     swarm.start("t1", "a", at=11)
