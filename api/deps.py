@@ -30,42 +30,42 @@ from infra.topics import Topics
 from projections import queries
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     """The app's Settings."""
     return request.app.state.settings  # type: ignore[no-any-return]
 
 
-def get_clock(request: Request) -> Clock:
+async def get_clock(request: Request) -> Clock:
     """The clock that stamps commands."""
     return request.app.state.clock  # type: ignore[no-any-return]
 
 
-def get_pool(request: Request) -> asyncpg.Pool:
+async def get_pool(request: Request) -> asyncpg.Pool:
     """The asyncpg pool of the read models."""
     return request.app.state.pool
 
 
-def get_redis(request: Request) -> aioredis.Redis:
+async def get_redis(request: Request) -> aioredis.Redis:
     """The Redis client."""
     return request.app.state.redis  # type: ignore[no-any-return]
 
 
-def get_topics(request: Request) -> Topics:
+async def get_topics(request: Request) -> Topics:
     """The deployment's topics."""
     return request.app.state.topics  # type: ignore[no-any-return]
 
 
-def get_command_client(request: Request) -> CommandClient:
+async def get_command_client(request: Request) -> CommandClient:
     """The CommandClient (started, following outcomes)."""
     return request.app.state.command_client  # type: ignore[no-any-return]
 
 
-def get_metrics(request: Request) -> Metrics:
+async def get_metrics(request: Request) -> Metrics:
     """The app's Prometheus collectors."""
     return request.app.state.metrics  # type: ignore[no-any-return]
 
 
-def get_hub(request: Request) -> StreamHub:
+async def get_hub(request: Request) -> StreamHub:
     """The registry of open SSE streams."""
     return request.app.state.hub  # type: ignore[no-any-return]
 
@@ -119,7 +119,7 @@ class CommandMeta:
     idempotency_key: str | None
 
 
-def command_meta(
+async def command_meta(
     idempotency_key: Annotated[
         str | None,
         Header(

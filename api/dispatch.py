@@ -224,7 +224,7 @@ class Dispatcher:
         return results
 
 
-def get_dispatcher(
+async def get_dispatcher(
     client: CommandClientDep,
     settings: SettingsDep,
     clock: ClockDep,

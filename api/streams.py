@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import anyio
 import orjson
@@ -33,6 +34,16 @@ from infra import kafka
 from infra.codec import DecodeError, StoredEvent, decode_event
 
 Filter = Callable[[StoredEvent], bool]
+#: A cheap first filter on a record's ``ce_type`` and ``ce_subject`` headers, before any
+#: decoding: most records of a filtered stream are dropped without being parsed.
+HeaderFilter = Callable[[str, str], bool]
+
+
+def _header(record: Any, name: str) -> str:
+    for key, value in record.headers or ():
+        if key == name:
+            return value.decode("utf-8", "replace")
+    return ""
 
 
 class EventStream:
@@ -44,10 +55,12 @@ class EventStream:
         bootstrap_servers: str,
         layout: Layout,
         keep: Filter,
+        pre: HeaderFilter | None = None,
     ) -> None:
         self.hub = hub
         self.layout = layout
         self.keep = keep
+        self.pre = pre
         self.offsets: dict[TopicPartition, int] = {}
         self._consumer: AIOKafkaConsumer = kafka.consumer(bootstrap_servers)
         self._closed = False
@@ -88,6 +101,10 @@ class EventStream:
                 for tp, records in batch.items():
                     for record in records:
                         self.offsets[tp] = record.offset + 1
+                        if self.pre is not None and not self.pre(
+                            _header(record, "ce_type"), _header(record, "ce_subject")
+                        ):
+                            continue
                         try:
                             stored = decode_event(record)
                         except DecodeError:
@@ -123,7 +140,7 @@ class StreamHub:
     retry_after_s: int = 5
     open_streams: set[EventStream] = field(default_factory=set)
 
-    def stream(self, layout: Layout, keep: Filter) -> EventStream:
+    def stream(self, layout: Layout, keep: Filter, pre: HeaderFilter | None = None) -> EventStream:
         """A new stream, holding one client slot; 503 problem with Retry-After when full."""
         if len(self.open_streams) >= self.max_clients:
             raise Problem(
@@ -132,7 +149,7 @@ class StreamHub:
                 f"this API process serves at most {self.max_clients} streams; retry later",
                 headers={"Retry-After": str(self.retry_after_s)},
             )
-        s = EventStream(self, self.bootstrap_servers, layout, keep)
+        s = EventStream(self, self.bootstrap_servers, layout, keep, pre)
         self.open_streams.add(s)
         self.metrics.sse_clients.set(len(self.open_streams))
         return s
@@ -153,6 +170,7 @@ async def sse_response(
     layout: Layout,
     keep: Filter,
     *,
+    pre: HeaderFilter | None = None,
     last_event_id: str | None,
     from_beginning: bool,
     send_timeout_s: float,
@@ -166,7 +184,7 @@ async def sse_response(
             start = layout.decode(last_event_id)
         except ValueError as exc:
             raise Problem(400, "bad_position", str(exc), field="Last-Event-ID") from None
-    stream = hub.stream(layout, keep)
+    stream = hub.stream(layout, keep, pre)
     try:
         await stream.open(start, from_beginning)
     except BaseException:

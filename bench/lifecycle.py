@@ -18,6 +18,7 @@ Run: ``eval "$(swarmlog up)"; python -m bench.lifecycle --tasks 2000 --agents 8`
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import sys
 import time
@@ -27,6 +28,7 @@ from typing import Annotated, Any
 
 import asyncpg
 import httpx
+import structlog
 import typer
 from rich.console import Console
 
@@ -73,7 +75,9 @@ async def _ack_phase(http: httpx.AsyncClient, rate: float, seconds: float, run: 
     return latencies
 
 
-async def bench(tasks: int, agents: int, rate: float, ack_seconds: float, state_dir: Path) -> dict[str, Any]:
+async def bench(
+    tasks: int, agents: int, rate: float, ack_seconds: float, state_dir: Path, api_workers: int = 1
+) -> dict[str, Any]:
     """Run both phases and return the figures (milliseconds and per-second rates)."""
     info = stack.up(state_dir, console=Console(stderr=True))
     run = f"bench{uuid.uuid4().hex[:8]}"
@@ -88,6 +92,7 @@ async def bench(tasks: int, agents: int, rate: float, ack_seconds: float, state_
         "SWARMLOG_REDIS_PREFIX": run,
         "SWARMLOG_API_PORT": str(port),
         "SWARMLOG_SCHEDULER_TICK_S": "0.02",
+        "SWARMLOG_API_WORKERS": str(api_workers),
     }
     log_dir = state_dir / "bench" / run
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -174,14 +179,18 @@ def main(
     rate: Annotated[float, typer.Option(min=1, help="Commands/s in phase 1.")] = 100.0,
     ack_seconds: Annotated[float, typer.Option(min=1, help="Length of phase 1, seconds.")] = 10.0,
     state_dir: Annotated[Path, typer.Option(help="Local stack state directory.")] = Path(".swarmlog"),
+    api_workers: Annotated[int, typer.Option(min=1, help="API processes (uvicorn workers).")] = 1,
 ) -> None:
     """Run the lifecycle benchmark and print its figures."""
-    f = asyncio.run(bench(tasks, agents, rate, ack_seconds, state_dir))
+    # The agents' per-task info logs would cost this process more than the agents' work.
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+    f = asyncio.run(bench(tasks, agents, rate, ack_seconds, state_dir, api_workers))
     console.rule("bench/lifecycle")
     console.print(f"acknowledgement latency at {rate:.0f} commands/s: p50 {f['ack_ms']['p50']:.1f} ms,"
                   f" p99 {f['ack_ms']['p99']:.1f} ms ({f['ack_ms']['n']} commands)")
     console.print(f"sustained: {f['completed']} lifecycles in {f['elapsed_s']:.1f} s ="
-                  f" {f['lifecycles_per_s']:.0f} lifecycles/s with {agents} agents")
+                  f" {f['lifecycles_per_s']:.0f} lifecycles/s with {agents} agents and"
+                  f" {api_workers} API process(es)")
     console.print(f"submit->assigned p50 {f['submit_to_assigned_ms']['p50']:.0f} ms,"
                   f" p99 {f['submit_to_assigned_ms']['p99']:.0f} ms; submit->completed p50"
                   f" {f['submit_to_completed_ms']['p50']:.0f} ms, p99"

@@ -160,11 +160,17 @@ class TaskQueued(TaskEvent):
 
 
 class TaskAssigned(TaskEvent):
-    """The task was assigned to ``agent_id`` as attempt number ``attempt`` (1-based)."""
+    """The task was assigned to ``agent_id`` as attempt number ``attempt`` (1-based).
+
+    It carries the task's ``type`` and ``payload``, so that an agent following its
+    assignment stream has all it needs to start, with no read of a read model.
+    """
 
     event_type: ClassVar[str] = "assigned"
     agent_id: str
     attempt: int
+    type: str | None = None
+    payload: dict[str, Any] | None = None
 
 
 class TaskStarted(TaskEvent):
@@ -243,6 +249,7 @@ class TaskState(Message):
 
     task_id: str
     type: str
+    payload: dict[str, Any] = Field(default_factory=dict)
     required_capabilities: tuple[str, ...]
     priority: Priority
     max_cost: int | None
@@ -328,7 +335,15 @@ def decide(command: TaskCommand, state: TaskState | None) -> list[TaskEvent] | R
                     "retry_not_due",
                     f"task {tid} may not be retried before {state.not_before.isoformat()}",
                 )
-            return [TaskAssigned(task_id=tid, agent_id=command.agent_id, attempt=state.attempts + 1)]
+            return [
+                TaskAssigned(
+                    task_id=tid,
+                    agent_id=command.agent_id,
+                    attempt=state.attempts + 1,
+                    type=state.type,
+                    payload=state.payload,
+                )
+            ]
         case AssignTask(), TaskState():
             return rejected("conflict", "task_not_queued", f"task {tid} is {state.status}")
         case StartTask(), TaskState(status="assigned"):
@@ -397,6 +412,7 @@ def evolve(state: TaskState | None, event: TaskEvent) -> TaskState | None:
         return TaskState(
             task_id=event.task_id,
             type=event.type,
+            payload=event.payload,
             required_capabilities=event.required_capabilities,
             priority=event.priority,
             max_cost=event.max_cost,

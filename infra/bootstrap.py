@@ -110,20 +110,34 @@ def run_projector(settings: Settings) -> None:
 
 
 def run_api(settings: Settings) -> None:
-    """Serve the HTTP API with uvicorn until SIGTERM."""
+    """Serve the HTTP API with uvicorn until SIGTERM, in ``settings.api_workers``
+    processes (uvicorn's workers share the port; each has its own Kafka clients)."""
+    import os
+
     import uvicorn
 
     from api.app import create_app
 
-    async def main() -> None:
-        await _ready_topics(settings)
-        config = uvicorn.Config(
-            create_app(settings),
+    asyncio.run(_ready_topics(settings))
+    if settings.api_workers > 1:
+        # Workers build the app from the environment: hand the settings down through it.
+        kafka_url, database_url, redis_url = settings.require_services()
+        os.environ.update(
+            KAFKA_BOOTSTRAP_SERVERS=kafka_url, DATABASE_URL=database_url, REDIS_URL=redis_url
+        )
+        uvicorn.run(
+            "api.app:create_app",
+            factory=True,
             host=settings.api_host,
             port=settings.api_port,
+            workers=settings.api_workers,
             log_level="warning",
-            lifespan="on",
         )
-        await uvicorn.Server(config).serve()  # uvicorn handles SIGTERM itself
-
-    asyncio.run(main())
+        return
+    uvicorn.run(
+        create_app(settings),
+        host=settings.api_host,
+        port=settings.api_port,
+        log_level="warning",
+        lifespan="on",
+    )  # uvicorn handles SIGTERM itself

@@ -219,11 +219,18 @@ def api(
     state_dir: StateDir,
     host: Annotated[str | None, typer.Option(help="Address to listen on (default 127.0.0.1).")] = None,
     port: Annotated[int | None, typer.Option(help="Port to listen on (default 8000).")] = None,
+    workers: Annotated[
+        int | None, typer.Option(min=1, help="API processes sharing the port (default 1).")
+    ] = None,
 ) -> None:
     """Serve the HTTP API (commands, queries, SSE); OpenAPI at /docs."""
     bootstrap.configure_logging()
     settings = _settings(state_dir)
-    updates = {k: v for k, v in (("api_host", host), ("api_port", port)) if v is not None}
+    updates = {
+        k: v
+        for k, v in (("api_host", host), ("api_port", port), ("api_workers", workers))
+        if v is not None
+    }
     bootstrap.run_api(settings.model_copy(update=updates))
 
 

@@ -42,6 +42,8 @@ class Settings(BaseSettings):
 
     api_host: str = "127.0.0.1"
     api_port: int = 8000
+    #: API processes sharing the port (uvicorn workers); 1 serves from the CLI's process.
+    api_workers: int = 1
     #: How long a command route waits for the decider's outcome before answering 202.
     command_wait_s: float = 5.0
     #: Most SSE clients one API process serves before answering 503.

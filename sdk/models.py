@@ -145,7 +145,8 @@ def parse_assignment(
     """The :class:`Assignment` in one SSE message of the assignment stream.
 
     ``event_type`` is the SSE ``event:`` name, ``data`` the CloudEvent JSON (structured
-    mode: ``{"type", "subject", "data": {"task_id", "agent_id", "attempt"}, ...}``) and
+    mode: ``{"type", "subject", "data": {"task_id", "agent_id", "attempt", "type",
+    "payload"}, ...}``; with a payload, ``Assignment.task`` holds it) and
     ``event_id`` the SSE id (the stream position). Returns None for any other kind of
     message (keep-alives, other event types); ValueError for a malformed assignment.
     """
@@ -176,11 +177,20 @@ def parse_assignment(
         raise ValueError(f"assignment {event_id}: no task_id")
     if not isinstance(agent_id, str) or not agent_id:
         raise ValueError(f"assignment {event_id}: no agent_id")
+    attempt = _attempt(body.get("attempt"))
+    # The assignment carries the task's type and payload: the worker needs no GET.
+    task = (
+        {"task_id": task_id, "agent_id": agent_id, "type": body.get("type"),
+         "payload": body["payload"], "attempts": attempt}
+        if isinstance(body.get("payload"), dict)
+        else None
+    )
     return Assignment(
         task_id=task_id,
         agent_id=agent_id,
-        attempt=_attempt(body.get("attempt")),
+        attempt=attempt,
         position=event_id or None,
+        task=task,
     )
 
 

@@ -26,7 +26,7 @@ from api.schemas import AgentCreate, AgentPublic, AgentUpdate, CommandResult, Pa
 from api.streams import sse_response
 from domain import agent as ag
 from domain import task as tk
-from infra.codec import StoredEvent
+from infra.codec import StoredEvent, event_ce_type
 from projections import queries
 
 router = APIRouter(prefix="/agents", tags=["agents"])
@@ -167,10 +167,13 @@ async def follow_assignments(
     def keep(stored: StoredEvent) -> bool:
         return isinstance(stored.event, tk.TaskAssigned) and stored.event.agent_id == agent_id
 
+    assigned = event_ce_type(tk.TASK, tk.TaskAssigned.event_type)
+
     return await sse_response(
         hub,
         Layout.of([topics.events(tk.TASK)], topics.partitions),
         keep,
+        pre=lambda ce_type, _: ce_type == assigned,
         last_event_id=last_event_id or last_event_id_header,
         from_beginning=from_ == "beginning",
         send_timeout_s=settings.sse_send_timeout_s,

@@ -47,15 +47,19 @@ async def follow_events(
     """
     globs = tuple(type or ())
 
-    def keep(stored: StoredEvent) -> bool:
-        if subject is not None and stored.aggregate_id != subject:
+    def pre(ce_type: str, ce_subject: str) -> bool:
+        if subject is not None and ce_subject != subject:
             return False
-        return not globs or any(fnmatchcase(stored.type, g) for g in globs)
+        return not globs or any(fnmatchcase(ce_type, g) for g in globs)
+
+    def keep(stored: StoredEvent) -> bool:
+        return pre(stored.type, stored.aggregate_id)
 
     return await sse_response(
         hub,
         Layout.of(topics.event_topics.values(), topics.partitions),
         keep,
+        pre=pre,
         last_event_id=last_event_id or last_event_id_header,
         from_beginning=from_ == "beginning",
         send_timeout_s=settings.sse_send_timeout_s,

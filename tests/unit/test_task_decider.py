@@ -67,7 +67,14 @@ queued = TaskQueued(task_id=TID, reason="submitted")
 
 
 def assigned(attempt: int = 1, agent: str = AGENT) -> TaskAssigned:
-    return TaskAssigned(task_id=TID, agent_id=agent, attempt=attempt)
+    """The assignment, carrying the task's type and payload for the agent."""
+    return TaskAssigned(
+        task_id=TID,
+        agent_id=agent,
+        attempt=attempt,
+        type="summarise",
+        payload={"url": "https://example.org"},
+    )
 
 
 def retry(attempt: int, not_before: datetime) -> TaskRetryScheduled:
