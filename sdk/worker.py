@@ -200,6 +200,7 @@ class Worker:
         self._shared_client = client
         self._client: SwarmClient | None = client
         self._tracker = AssignmentTracker()
+        self._orphans_checked = False
         self._slots = asyncio.Semaphore(max_concurrent_tasks)
         self._runners: set[asyncio.Task[None]] = set()
         self._background: set[asyncio.Task[None]] = set()
@@ -422,9 +423,28 @@ class Worker:
         task.add_done_callback(self._background.discard)
 
     async def _poll_assigned(self, client: SwarmClient) -> None:
-        """Offer every task the read model lists as assigned to this agent."""
+        """Offer every task the read model lists as assigned to this agent; and, once,
+        hand back the tasks it lists as *running* on this agent that this process is not
+        running: a previous process of this agent died with them, and nobody else will
+        give them up before their run timeout. They are failed as retryable, so they
+        are retried (an agent id is one worker process at a time)."""
         found = 0
         try:
+            if not self._orphans_checked:
+                self._orphans_checked = True
+                mine = {task_id for task_id, _ in self._tracker.active}
+                async for item in client.iter_tasks(agent_id=self.agent_id, status="running"):
+                    task_id = item.get("task_id")
+                    if isinstance(task_id, str) and task_id not in mine:
+                        self._log.warning("task.orphan_returned", task_id=task_id)
+                        try:
+                            await client.fail_task(
+                                task_id, self.agent_id,
+                                "the agent restarted while running it", retryable=True,
+                            )
+                        except SwarmError as exc:
+                            self._log.info("task.orphan_not_returned", task_id=task_id,
+                                           code=exc.code)
             async for item in client.iter_tasks(agent_id=self.agent_id, status="assigned"):
                 assignment = assignment_from_task(item)
                 if assignment is not None:
