@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import OrderedDict
+from typing import Any
 
 import structlog
 
@@ -38,7 +39,7 @@ class CommandClient:
         self.follow_outcomes = follow_outcomes
         self.producer = kafka.producer(bootstrap_servers)
         self._waiters: dict[str, list[asyncio.Future[Outcome]]] = {}
-        self._recent: OrderedDict[str, Outcome] = OrderedDict()
+        self._recent: OrderedDict[str, Outcome | Any] = OrderedDict()  # Outcome or record
         self._remember = remember
         self._task: asyncio.Task[None] | None = None
         self._consumer = kafka.consumer(bootstrap_servers) if follow_outcomes else None
@@ -71,16 +72,23 @@ class CommandClient:
             batch = await self._consumer.getmany(timeout_ms=500, max_records=1000)
             for records in batch.values():
                 for record in records:
-                    try:
-                        outcome = decode_outcome(record)
-                    except DecodeError:
+                    # The subject is the command id: decode only what someone waits for
+                    # now, and keep the rest as records until they are looked up.
+                    command_id = next(
+                        (v.decode() for k, v in record.headers or () if k == "ce_subject"), None
+                    )
+                    if command_id is None:
                         continue
-                    self._recent[outcome.command_id] = outcome
-                    self._recent.move_to_end(outcome.command_id)
+                    self._recent[command_id] = record
+                    self._recent.move_to_end(command_id)
                     if len(self._recent) > self._remember:
                         self._recent.popitem(last=False)
-                    for fut in self._waiters.pop(outcome.command_id, []):
-                        if not fut.done():
+                    waiters = self._waiters.pop(command_id, None)
+                    if not waiters:
+                        continue
+                    outcome = self.recent(command_id)
+                    for fut in waiters:
+                        if outcome is not None and not fut.done():
                             fut.set_result(outcome)
 
     def follower_problem(self) -> str | None:
@@ -96,8 +104,17 @@ class CommandClient:
         return f"outcome follower failed: {type(exc).__name__}: {exc}"
 
     def recent(self, command_id: str) -> Outcome | None:
-        """The outcome of ``command_id`` if this client saw it, else None."""
-        return self._recent.get(command_id)
+        """The outcome of ``command_id`` if this client saw it (and it decodes), else None."""
+        seen = self._recent.get(command_id)
+        if seen is None or isinstance(seen, Outcome):
+            return seen
+        try:
+            outcome = decode_outcome(seen)
+        except DecodeError:
+            del self._recent[command_id]
+            return None
+        self._recent[command_id] = outcome
+        return outcome
 
     async def send_many(self, envelopes: list[CommandEnvelope]) -> None:
         """Put several commands on the command topic, acked together."""
