@@ -77,6 +77,7 @@ class PayReward(AccountCommand):
     to: str = Field(min_length=1, max_length=128)
     amount: int = Field(gt=0, le=MAX_AMOUNT)
     task_id: str = Field(min_length=1, max_length=128)
+    cause: str | None = None
 
 
 class TransferTokens(AccountCommand):
@@ -137,6 +138,7 @@ class SlashStake(AccountCommand):
     rate_bp: int = Field(gt=0, le=BP)
     task_id: str | None = None
     reason: str = Field(default="task_lost", max_length=500)
+    cause: str | None = None
 
 
 class AccountEvent(Event):
@@ -169,6 +171,7 @@ class TransferSent(AccountEvent):
     kind: TransferKind
     task_id: str | None = None
     memo: str = ""
+    cause: str | None = None
 
 
 class TransferReceived(AccountEvent):
@@ -223,6 +226,7 @@ class StakeSlashed(AccountEvent):
     to: str = TREASURY
     task_id: str | None = None
     reason: str = "task_lost"
+    cause: str | None = None
 
 
 class TierChanged(AccountEvent):
@@ -356,6 +360,7 @@ def decide(command: AccountCommand, state: AccountState | None) -> list[AccountE
                     kind="grant" if is_grant else "reward",
                     task_id=None if is_grant else command.task_id,  # type: ignore[union-attr]
                     memo=command.reason if is_grant else "",  # type: ignore[union-attr]
+                    cause=None if is_grant else command.cause,  # type: ignore[union-attr]
                 ),
             ]
         case ReceiveTransfer(), _:
@@ -427,7 +432,7 @@ def decide(command: AccountCommand, state: AccountState | None) -> list[AccountE
             return [
                 StakeSlashed(
                     account_id=aid, amount=amount, rate_bp=command.rate_bp,
-                    task_id=command.task_id, reason=command.reason,
+                    task_id=command.task_id, reason=command.reason, cause=command.cause,
                 ),
                 *_tier_events(state, state.staked - amount),
             ]
