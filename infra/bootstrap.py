@@ -68,14 +68,16 @@ def run_processor(settings: Settings) -> None:
 
 
 def run_streams(settings: Settings) -> None:
-    """Run the process managers (the scheduler) until SIGTERM."""
+    """Run the process managers (the scheduler and the economy) until SIGTERM."""
+    from streams.economy_runner import EconomyRunner
     from streams.runner import SchedulerRunner
     from streams.scheduler import Policy
 
     async def main() -> None:
         topics = await _ready_topics(settings)
-        runner = SchedulerRunner(
-            settings.require_services()[0],
+        kafka_url = settings.require_services()[0]
+        scheduler = SchedulerRunner(
+            kafka_url,
             topics,
             policy=Policy(
                 heartbeat_timeout_s=settings.heartbeat_timeout_s,
@@ -83,7 +85,12 @@ def run_streams(settings: Settings) -> None:
             ),
             tick_s=settings.scheduler_tick_s,
         )
-        await _until_signalled(runner.run)
+        economy = EconomyRunner(kafka_url, topics, tick_s=settings.scheduler_tick_s)
+
+        async def both(stop: asyncio.Event) -> None:
+            await asyncio.gather(scheduler.run(stop), economy.run(stop))
+
+        await _until_signalled(both)
 
     asyncio.run(main())
 

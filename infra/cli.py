@@ -196,7 +196,8 @@ def processor(state_dir: StateDir) -> None:
 
 @app.command()
 def streams(state_dir: StateDir) -> None:
-    """Run the process managers: the scheduler (assignment, leases, heartbeats).
+    """Run the process managers: the scheduler (assignment, leases, heartbeats) and the
+    economy (rewards, slashing, ledger credits, governance deadlines).
 
     Copies elect one leader; the others stand by. Stops cleanly on SIGTERM.
     """
