@@ -235,6 +235,35 @@ def api(
     bootstrap.run_api(settings.model_copy(update=updates))
 
 
+audit_app = typer.Typer(help="Audits of the read models against the log.", no_args_is_help=True)
+app.add_typer(audit_app, name="audit")
+
+
+@audit_app.command("ledger")
+def audit_ledger(state_dir: StateDir) -> None:
+    """Check the ledger invariant (supply = balances + staked + unstaking + in flight) on
+    the read models and on a fold of the log, and that the two agree; exit 1 on any
+    difference."""
+    import asyncio
+
+    from infra.audit import audit_ledger as run_audit
+    from infra.topics import Topics
+
+    settings = _settings(state_dir)
+    kafka_url, database_url, _ = settings.require_services()
+    result = asyncio.run(run_audit(kafka_url, Topics.of(settings), database_url, settings.db_schema))
+    table = Table(title="swarmlog ledger audit", title_justify="left", box=box.SIMPLE_HEAD)
+    table.add_column("check")
+    table.add_column("result", no_wrap=True)
+    table.add_column("detail", overflow="fold")
+    for check in result.checks:
+        table.add_row(check.name, "[green]ok[/]" if check.ok else "[red]DIFFERS[/]",
+                      escape(check.detail))
+    _err.print(table)
+    if not result.ok:
+        raise typer.Exit(1)
+
+
 @app.command()
 def demo(
     state_dir: StateDir,

@@ -27,6 +27,8 @@ from infra import kafka
 from infra.clock import Clock, SystemClock
 from infra.codec import DecodeError, StoredEvent, decode_event, encode_dead_letter, event_ce_type
 from infra.topics import Topics
+from domain import proposal as pr
+from domain.economy import EconomyParameters
 from projections import views
 from projections.schema import checked_schema, migrate
 
@@ -45,7 +47,16 @@ TASK_COLUMNS = (
     "not_before", "submitted_at", "queued_at", "assigned_at", "started_at", "finished_at",
     "version", "updated_at",
 )
-JSON_COLUMNS = {"capabilities", "payload", "required_capabilities", "result"}
+ACCOUNT_COLUMNS = (
+    "account_id", "holder", "balance", "staked", "unstaking", "pending", "supply", "tier",
+    "earned", "slashed", "opened_at", "version", "updated_at",
+)
+PROPOSAL_COLUMNS = (
+    "proposal_id", "title", "proposer", "change", "opened_at", "closes_at", "quorum_bp",
+    "threshold_bp", "total_power", "status", "votes_for", "votes_against", "votes_abstain",
+    "voters", "version", "updated_at",
+)
+JSON_COLUMNS = {"capabilities", "payload", "required_capabilities", "result", "pending", "change"}
 
 # Sets the hash only when ARGV[1] is higher than its stored version: KEYS[1], ARGV = version,
 # field, value, field, value...
@@ -114,6 +125,17 @@ class Projector:
         s = self.schema
         self._upsert_agent = _upsert_sql(s, "agent_rows", AGENT_COLUMNS, "agent_id")
         self._upsert_task = _upsert_sql(s, "tasks", TASK_COLUMNS, "task_id")
+        self._upsert_account = _upsert_sql(s, "accounts", ACCOUNT_COLUMNS, "account_id")
+        self._upsert_proposal = _upsert_sql(s, "proposals", PROPOSAL_COLUMNS, "proposal_id")
+        self._insert_leg = (
+            f"INSERT INTO {s}.ledger_entries (event_id, leg, account_id, bucket, amount, kind,"
+            " counterparty, task_id, proposal_id, command_id, time)"
+            " VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11) ON CONFLICT DO NOTHING"
+        )
+        self._insert_vote = (
+            f"INSERT INTO {s}.proposal_votes (proposal_id, voter, choice, power, time)"
+            " VALUES ($1,$2,$3,$4,$5) ON CONFLICT DO NOTHING"
+        )
         self._insert_event = (
             f'INSERT INTO {s}.events (topic, partition, "offset", event_id, aggregate_type,'
             " aggregate_id, version, type, time, correlation_id, causation_id, schema_version,"
@@ -125,6 +147,16 @@ class Projector:
             " updated_at) VALUES ($1, $2, $3, $4, now()) ON CONFLICT (projection, topic,"
             " partition) DO UPDATE SET next_offset = EXCLUDED.next_offset, updated_at = now()"
         )
+
+    @property
+    def leaderboard_key(self) -> str:
+        """The Redis sorted set of accounts by rewards earned (micro-tokens)."""
+        return f"{self.redis_prefix}:leaderboard:earnings"
+
+    @property
+    def stake_by_tier_key(self) -> str:
+        """The Redis hash of micro-tokens staked per tier."""
+        return f"{self.redis_prefix}:economy:stake_by_tier"
 
     def agent_key(self, agent_id: str) -> str:
         """The Redis hash of one agent: lifecycle, status, load and version."""
@@ -162,6 +194,7 @@ class Projector:
                 await migrate(conn, self.schema)
             self._hset = r.register_script(_GUARDED_HSET)
             await self._sync_redis(pool, r, None)
+            await self._sync_economy_redis(pool, r, None)
             await dead_letters.start()
             consumer.subscribe(list(self.topics.event_topics.values()), listener=Seek())
             await consumer.start()
@@ -231,6 +264,7 @@ class Projector:
                         log.warning("event dead-lettered", topic=record.topic,
                                     offset=record.offset, reason=str(exc))
             touched_agents, holders = await self._apply(conn, events)
+            touched_accounts = await self._apply_economy(conn, events)
             offsets = {tp: records[-1].offset + 1 for tp, records in batch.items() if records}
             for tp, position in positions.items():
                 offsets[tp] = max(position, offsets.get(tp, 0))
@@ -245,6 +279,8 @@ class Projector:
         self.projected += len(events)
         if touched_agents or holders:
             await self._sync_redis(pool, r, touched_agents | holders)
+        if touched_accounts:
+            await self._sync_economy_redis(pool, r, touched_accounts)
 
     async def _apply(
         self, conn: asyncpg.Connection, events: list[StoredEvent]
@@ -377,4 +413,135 @@ class Projector:
                           "load", row["load"]],
                     client=pipe,
                 )
+            await pipe.execute()
+
+    async def _apply_economy(self, conn: asyncpg.Connection, events: list[StoredEvent]) -> set[str]:
+        """Apply the account and proposal ``events`` in the open transaction of ``conn``:
+        accounts, ledger legs, proposals with tallies and votes, economy parameters.
+
+        Returns the accounts whose row changed (for the Redis views). The event archive
+        rows of these events are written here too.
+        """
+        s = self.schema
+        account_ids = sorted({e.aggregate_id for e in events if e.aggregate_type == "account"})
+        proposal_ids = sorted({e.aggregate_id for e in events if e.aggregate_type == "proposal"})
+        if not account_ids and not proposal_ids:
+            return set()
+        accounts = {
+            rec["account_id"]: _row(rec)
+            for rec in await conn.fetch(
+                f"SELECT * FROM {s}.accounts WHERE account_id = ANY($1::text[])"
+                " ORDER BY account_id FOR UPDATE",
+                account_ids,
+            )
+        }
+        proposals = {
+            rec["proposal_id"]: _row(rec)
+            for rec in await conn.fetch(
+                f"SELECT * FROM {s}.proposals WHERE proposal_id = ANY($1::text[])"
+                " ORDER BY proposal_id FOR UPDATE",
+                proposal_ids,
+            )
+        }
+        fresh: list[StoredEvent] = []
+        legs: list[tuple[Any, ...]] = []
+        votes: list[tuple[Any, ...]] = []
+        changes: list[tuple[StoredEvent, Any]] = []
+        touched_accounts: set[str] = set()
+        touched_proposals: set[str] = set()
+        for e in events:
+            if e.aggregate_type == "account":
+                before = accounts.get(e.aggregate_id)
+                after = views.evolve_account(before, e)
+                if after is None or after is before:
+                    continue
+                accounts[e.aggregate_id] = after
+                touched_accounts.add(e.aggregate_id)
+                fresh.append(e)
+                for i, leg in enumerate(views.ledger_legs(e)):
+                    legs.append((e.id, i, leg["account_id"], leg["bucket"], leg["amount"],
+                                 leg["kind"], leg["counterparty"], leg["task_id"], None,
+                                 e.causation_id, e.time))
+            elif e.aggregate_type == "proposal":
+                before = proposals.get(e.aggregate_id)
+                after = views.evolve_proposal(before, e)
+                if after is None or after is before:
+                    continue
+                proposals[e.aggregate_id] = after
+                touched_proposals.add(e.aggregate_id)
+                fresh.append(e)
+                ev = e.event
+                if isinstance(ev, pr.VoteCast):
+                    votes.append((ev.proposal_id, ev.voter, ev.choice, ev.power, e.time))
+                elif isinstance(ev, pr.ProposalExecuted):
+                    changes.append((e, ev.change))
+        if fresh:
+            await conn.executemany(
+                self._insert_event,
+                [
+                    (
+                        e.position.topic, e.position.partition, e.position.offset, e.id,  # type: ignore[union-attr]
+                        e.aggregate_type, e.aggregate_id, e.version,
+                        event_ce_type(e.aggregate_type, e.event.event_type), e.time,
+                        e.correlation_id, e.causation_id, e.event.schema_version,
+                        e.event.model_dump_json(),
+                    )
+                    for e in fresh
+                ],
+            )
+        if touched_accounts:
+            await conn.executemany(
+                self._upsert_account,
+                [_params(accounts[a], ACCOUNT_COLUMNS) for a in sorted(touched_accounts)],
+            )
+        if legs:
+            await conn.executemany(self._insert_leg, legs)
+        if touched_proposals:
+            await conn.executemany(
+                self._upsert_proposal,
+                [_params(proposals[p], PROPOSAL_COLUMNS) for p in sorted(touched_proposals)],
+            )
+        if votes:
+            await conn.executemany(self._insert_vote, votes)
+        for e, change in changes:
+            current = await conn.fetchval(
+                f"SELECT params FROM {s}.economy_parameters WHERE id = 1 FOR UPDATE"
+            )
+            params = EconomyParameters.model_validate(
+                json.loads(current) if isinstance(current, str) else (current or {})
+            )
+            await conn.execute(
+                f"INSERT INTO {s}.economy_parameters (id, params, proposal_id, changed_at)"
+                " VALUES (1, $1::jsonb, $2, $3) ON CONFLICT (id) DO UPDATE SET"
+                " params = EXCLUDED.params, proposal_id = EXCLUDED.proposal_id,"
+                " changed_at = EXCLUDED.changed_at",
+                change.applied_to(params).model_dump_json(),
+                e.aggregate_id,
+                e.time,
+            )
+        return touched_accounts
+
+    async def _sync_economy_redis(
+        self, pool: asyncpg.Pool, r: aioredis.Redis, account_ids: set[str] | None
+    ) -> None:
+        """Copy earnings to the leaderboard (absolute totals, so a repeat is harmless) and
+        recompute stake by tier (all accounts when ``account_ids`` is None)."""
+        s = self.schema
+        where = "" if account_ids is None else "AND account_id = ANY($1::text[])"
+        args: list[Any] = [] if account_ids is None else [sorted(account_ids)]
+        rows = await pool.fetch(
+            f"SELECT account_id, earned FROM {s}.accounts WHERE holder <> 'treasury' {where}",
+            *args,
+        )
+        tiers = await pool.fetch(
+            f"SELECT tier, sum(staked)::bigint AS staked FROM {s}.accounts GROUP BY tier"
+        )
+        async with r.pipeline(transaction=True) as pipe:
+            earned = {row["account_id"]: row["earned"] for row in rows if row["earned"] > 0}
+            if earned:
+                pipe.zadd(self.leaderboard_key, earned)
+            pipe.delete(self.stake_by_tier_key)
+            by_tier = {row["tier"]: row["staked"] for row in tiers}
+            if by_tier:
+                pipe.hset(self.stake_by_tier_key, mapping=by_tier)
             await pipe.execute()

@@ -109,6 +109,80 @@ CREATE TABLE IF NOT EXISTS {s}.tasks (
 CREATE INDEX IF NOT EXISTS tasks_by_status ON {s}.tasks (status, priority_rank DESC, submitted_at);
 CREATE INDEX IF NOT EXISTS tasks_by_agent ON {s}.tasks (agent_id, status);
 CREATE INDEX IF NOT EXISTS tasks_by_type ON {s}.tasks (type, status);
+
+-- The economy: accounts (micro-tokens), the double-entry ledger, parameters, proposals.
+CREATE TABLE IF NOT EXISTS {s}.accounts (
+    account_id   text PRIMARY KEY,
+    holder       text        NOT NULL,
+    balance      bigint      NOT NULL,
+    staked       bigint      NOT NULL,
+    unstaking    bigint      NOT NULL,
+    pending      jsonb       NOT NULL,
+    supply       bigint      NOT NULL,
+    tier         text        NOT NULL,
+    earned       bigint      NOT NULL,
+    slashed      bigint      NOT NULL,
+    opened_at    timestamptz NOT NULL,
+    version      integer     NOT NULL,
+    updated_at   timestamptz NOT NULL
+);
+CREATE INDEX IF NOT EXISTS accounts_by_tier ON {s}.accounts (tier);
+
+-- Every movement, as legs that sum to zero per event: an account's bucket (balance,
+-- staked, unstaking) or one of the two accounts outside the holders: "in_flight"
+-- (debits not yet credited) and "mint" (minus everything the treasury minted).
+CREATE TABLE IF NOT EXISTS {s}.ledger_entries (
+    seq           bigserial   NOT NULL,
+    event_id      text        NOT NULL,
+    leg           integer     NOT NULL,
+    account_id    text        NOT NULL,
+    bucket        text        NOT NULL,
+    amount        bigint      NOT NULL,
+    kind          text        NOT NULL,
+    counterparty  text,
+    task_id       text,
+    proposal_id   text,
+    command_id    text        NOT NULL,
+    time          timestamptz NOT NULL,
+    PRIMARY KEY (event_id, leg)
+);
+CREATE INDEX IF NOT EXISTS ledger_by_account ON {s}.ledger_entries (account_id, seq);
+CREATE INDEX IF NOT EXISTS ledger_by_kind_time ON {s}.ledger_entries (kind, time);
+
+-- The economy parameters in force (one row), changed by executed proposals.
+CREATE TABLE IF NOT EXISTS {s}.economy_parameters (
+    id           integer PRIMARY KEY CHECK (id = 1),
+    params       jsonb       NOT NULL,
+    proposal_id  text,
+    changed_at   timestamptz
+);
+
+CREATE TABLE IF NOT EXISTS {s}.proposals (
+    proposal_id    text PRIMARY KEY,
+    title          text        NOT NULL,
+    proposer       text        NOT NULL,
+    change         jsonb       NOT NULL,
+    opened_at      timestamptz NOT NULL,
+    closes_at      timestamptz NOT NULL,
+    quorum_bp      integer     NOT NULL,
+    threshold_bp   integer     NOT NULL,
+    total_power    bigint      NOT NULL,
+    status         text        NOT NULL,
+    votes_for      bigint      NOT NULL,
+    votes_against  bigint      NOT NULL,
+    votes_abstain  bigint      NOT NULL,
+    voters         integer     NOT NULL,
+    version        integer     NOT NULL,
+    updated_at     timestamptz NOT NULL
+);
+CREATE TABLE IF NOT EXISTS {s}.proposal_votes (
+    proposal_id  text        NOT NULL,
+    voter        text        NOT NULL,
+    choice       text        NOT NULL,
+    power        bigint      NOT NULL,
+    time         timestamptz NOT NULL,
+    PRIMARY KEY (proposal_id, voter)
+);
 """
 
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from domain import account as ac
 from domain import agent as ag
+from domain import proposal as pr
 from domain import task as tk
 from infra.codec import StoredEvent
 
@@ -140,4 +142,110 @@ def evolve_task(row: Row | None, stored: StoredEvent) -> Row | None:
             row.update(status="cancelled", error=e.reason, finished_at=stored.time)
         case tk.TaskDeadLettered():
             row.update(status="dead_lettered", error=e.reason, finished_at=stored.time)
+    return row
+
+
+# the economy ------------------------------------------------------------------------
+
+
+def evolve_account(row: Row | None, stored: StoredEvent) -> Row | None:
+    """The accounts row after ``stored`` (an account event), folded with the Account
+    decider's own ``evolve`` so the read model cannot drift from the write model."""
+    e = stored.event
+    if row is not None and stored.version <= row["version"]:
+        return row
+    state: ac.AccountState | None = None
+    if row is not None:
+        state = ac.AccountState(
+            account_id=row["account_id"], holder=row["holder"], balance=row["balance"],
+            staked=row["staked"], unstaking=tuple(ac.PendingUnstake(**p) for p in row["pending"]),
+            supply=row["supply"], tier=row["tier"], earned=row["earned"], slashed=row["slashed"],
+        )
+    after = ac.evolve(state, e)  # type: ignore[arg-type]
+    if after is None:
+        return row
+    return {
+        "account_id": after.account_id,
+        "holder": after.holder,
+        "balance": after.balance,
+        "staked": after.staked,
+        "unstaking": after.unstaking_total,
+        "pending": [p.model_dump(mode="json") for p in after.unstaking],
+        "supply": after.supply,
+        "tier": after.tier,
+        "earned": after.earned,
+        "slashed": after.slashed,
+        "opened_at": row["opened_at"] if row is not None else stored.time,
+        "version": stored.version,
+        "updated_at": stored.time,
+    }
+
+
+IN_FLIGHT = "in_flight"
+MINT = "mint"
+
+
+def ledger_legs(stored: StoredEvent) -> list[Row]:
+    """The double-entry legs of an account event (they sum to zero), with their cause.
+
+    Each leg: account_id, bucket (balance | staked | unstaking, or the pseudo accounts
+    ``in_flight`` and ``mint``), signed amount (micro-tokens), kind, counterparty,
+    task_id. An event that moves nothing has no legs.
+    """
+    e = stored.event
+    a = stored.aggregate_id
+
+    def leg(account: str, bucket: str, amount: int, kind: str, other: str | None = None,
+            task_id: str | None = None) -> Row:
+        return {"account_id": account, "bucket": bucket, "amount": amount, "kind": kind,
+                "counterparty": other, "task_id": task_id}
+
+    match e:
+        case ac.TokensMinted():
+            return [leg(a, "balance", e.amount, "mint", MINT), leg(MINT, MINT, -e.amount, "mint", a)]
+        case ac.TransferSent():
+            return [leg(a, "balance", -e.amount, e.kind, e.to, e.task_id),
+                    leg(IN_FLIGHT, IN_FLIGHT, e.amount, e.kind, a, e.task_id)]
+        case ac.TransferReceived() | ac.RewardAccrued():
+            kind = "reward" if isinstance(e, ac.RewardAccrued) else e.kind
+            return [leg(IN_FLIGHT, IN_FLIGHT, -e.amount, kind, a, e.task_id),
+                    leg(a, "balance", e.amount, kind, e.from_account, e.task_id)]
+        case ac.TokensStaked():
+            return [leg(a, "balance", -e.amount, "stake"), leg(a, "staked", e.amount, "stake")]
+        case ac.UnstakeRequested():
+            return [leg(a, "staked", -e.amount, "unstake"), leg(a, "unstaking", e.amount, "unstake")]
+        case ac.TokensUnstaked():
+            return [leg(a, "unstaking", -e.amount, "withdraw"), leg(a, "balance", e.amount, "withdraw")]
+        case ac.StakeSlashed():
+            return [leg(a, "staked", -e.amount, "slash", e.to, e.task_id),
+                    leg(IN_FLIGHT, IN_FLIGHT, e.amount, "slash", a, e.task_id)]
+    return []
+
+
+def evolve_proposal(row: Row | None, stored: StoredEvent) -> Row | None:
+    """The proposals row (with its tallies) after ``stored`` (a proposal event)."""
+    e = stored.event
+    if isinstance(e, pr.ProposalCreated):
+        if row is not None:
+            return row
+        return {
+            "proposal_id": e.proposal_id, "title": e.title, "proposer": e.proposer,
+            "change": e.change.model_dump(mode="json", exclude_none=True),
+            "opened_at": e.opened_at, "closes_at": e.closes_at, "quorum_bp": e.quorum_bp,
+            "threshold_bp": e.threshold_bp, "total_power": e.total_power, "status": "open",
+            "votes_for": 0, "votes_against": 0, "votes_abstain": 0, "voters": 0,
+            "version": stored.version, "updated_at": stored.time,
+        }
+    if row is None or stored.version <= row["version"]:
+        return row
+    row = {**row, "version": stored.version, "updated_at": stored.time}
+    match e:
+        case pr.VoteCast():
+            column = {"for": "votes_for", "against": "votes_against", "abstain": "votes_abstain"}
+            row[column[e.choice]] += e.power
+            row["voters"] += 1
+        case pr.ProposalClosed():
+            row["status"] = e.outcome
+        case pr.ProposalExecuted():
+            row["status"] = "executed"
     return row
