@@ -19,7 +19,17 @@ from fastapi import FastAPI
 
 from api import problems
 from api.metrics import Metrics, MetricsMiddleware
-from api.routes import agents, audit, commands, events, health, tasks
+from api.routes import (
+    accounts,
+    agents,
+    audit,
+    commands,
+    economy,
+    events,
+    health,
+    proposals,
+    tasks,
+)
 from api.streams import StreamHub
 from commands.client import CommandClient
 from infra.clock import Clock, SystemClock
@@ -98,6 +108,6 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None) 
     )
     problems.install(app)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
-    for module in (agents, tasks, commands, events, audit, health):
+    for module in (agents, tasks, accounts, proposals, economy, commands, events, audit, health):
         app.include_router(module.router)
     return app

@@ -33,7 +33,9 @@ BoundedJson = Annotated[dict[str, Any], AfterValidator(_bounded_json)]
 
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,127}$"
 MAX_TOKENS = Decimal(10**9)  # 10**15 micro-tokens, the domain's bound
-MONEY_FIELDS = frozenset({"cost_per_task", "max_cost"})
+MONEY_FIELDS = frozenset(
+    {"cost_per_task", "max_cost", "balance", "staked", "supply", "earned", "slashed", "amount"}
+)
 
 Id = Annotated[str, Field(min_length=1, max_length=128, pattern=ID_PATTERN)]
 
@@ -389,3 +391,230 @@ class Readiness(BaseModel):
     status: Literal["ready", "unavailable"]
     checks: dict[str, str]
     failed: list[str]
+
+
+# the economy ------------------------------------------------------------------------
+
+
+def _positive_tokens(value: str) -> str:
+    if Decimal(value) <= 0:
+        raise ValueError("must be more than 0")
+    return value
+
+
+PositiveTokens = Annotated[
+    str,
+    AfterValidator(_check_tokens),
+    AfterValidator(_positive_tokens),
+    Field(description="tokens as a decimal string, more than 0, at most 6 decimals",
+          examples=["12.5"]),
+]
+
+
+class AccountCreate(In):
+    """Open an account for a holder."""
+
+    account_id: Id
+
+
+class Grant(In):
+    """A grant from the treasury (an admin act)."""
+
+    amount: PositiveTokens
+    reason: str = Field(default="grant", max_length=500)
+
+
+class Transfer(In):
+    """Send tokens of the account's balance to another account."""
+
+    to: Id
+    amount: PositiveTokens
+    memo: str = Field(default="", max_length=500)
+
+
+class AmountIn(In):
+    """An amount of tokens (stake, unstake)."""
+
+    amount: PositiveTokens
+
+
+class PendingUnstakePublic(BaseModel):
+    """An unstake waiting for its cooldown."""
+
+    amount: str
+    available_at: datetime
+
+
+class AccountPublic(BaseModel):
+    """An account, money in tokens."""
+
+    account_id: str
+    holder: str
+    balance: str
+    staked: str
+    unstaking: str
+    pending_unstakes: list[PendingUnstakePublic]
+    tier: str
+    earned: str
+    slashed: str
+    supply: str
+    opened_at: datetime
+    version: int
+    updated_at: datetime
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> AccountPublic:
+        return cls(
+            **{k: row[k] for k in ("account_id", "holder", "tier", "opened_at", "version",
+                                   "updated_at")},
+            **{k: format_tokens(row[k]) for k in ("balance", "staked", "unstaking", "earned",
+                                                  "slashed", "supply")},
+            pending_unstakes=[
+                PendingUnstakePublic(amount=format_tokens(p["amount"]) or "0",
+                                     available_at=p["available_at"])
+                for p in row["pending"]
+            ],
+        )
+
+
+class LedgerEntryPublic(BaseModel):
+    """One leg of a movement: the account's bucket and signed amount, and its cause."""
+
+    seq: int
+    event_id: str
+    bucket: str
+    amount: str
+    kind: str
+    counterparty: str | None
+    task_id: str | None
+    proposal_id: str | None
+    command_id: str
+    time: datetime
+
+
+class LeaderboardEntry(BaseModel):
+    """An account's rank by rewards earned."""
+
+    rank: int
+    account_id: str
+    earned: str
+
+
+class TierSummary(BaseModel):
+    """Accounts and stake in one tier."""
+
+    tier: str
+    accounts: int
+    staked: str
+
+
+class FlowSummary(BaseModel):
+    """Rewards or slashes in one bucket of time."""
+
+    at: datetime
+    kind: str
+    amount: str
+    count: int
+
+
+class EconomySummary(BaseModel):
+    """The economy's totals (tokens): supply = balances + staked + unstaking + in flight."""
+
+    supply: str
+    treasury: str
+    balances: str
+    staked: str
+    unstaking: str
+    in_flight: str
+    accounts: int
+    balanced: bool
+    tiers: list[TierSummary]
+    flows: list[FlowSummary]
+    parameters: dict[str, Any]
+
+
+class MultipliersIn(In):
+    """Reward multipliers per tier, in basis points (10000 = x1.0)."""
+
+    none: int = Field(default=10_000, ge=0, le=100_000)
+    bronze: int = Field(default=10_000, ge=0, le=100_000)
+    silver: int = Field(default=12_000, ge=0, le=100_000)
+    gold: int = Field(default=15_000, ge=0, le=100_000)
+    platinum: int = Field(default=17_500, ge=0, le=100_000)
+    diamond: int = Field(default=20_000, ge=0, le=100_000)
+
+
+class ParameterChangeIn(In):
+    """A change to the economy's parameters (omitted: unchanged)."""
+
+    base_reward: Tokens | None = None
+    multipliers: MultipliersIn | None = None
+    slash_rate_bp: int | None = Field(default=None, ge=0, le=10_000)
+    unstake_cooldown_s: int | None = Field(default=None, ge=0, le=365 * 86_400)
+
+
+class ProposalCreate(In):
+    """Propose a parameter change; voting power is each account's stake now."""
+
+    proposal_id: Id | None = None
+    title: str = Field(min_length=1, max_length=200)
+    proposer: Id
+    change: ParameterChangeIn
+    window_s: int = Field(gt=0, le=90 * 86_400)
+    quorum_bp: int = Field(default=2_000, ge=0, le=10_000)
+    threshold_bp: int = Field(default=5_000, ge=0, lt=10_000)
+
+
+class VoteIn(In):
+    """A vote: for, against or abstain."""
+
+    voter: Id
+    choice: Literal["for", "against", "abstain"]
+
+
+class VotePublic(BaseModel):
+    """A vote cast, with the voter's power (tokens staked at the proposal's creation)."""
+
+    voter: str
+    choice: str
+    power: str
+    time: datetime
+
+
+class ProposalPublic(BaseModel):
+    """A proposal with its tallies (tokens of stake)."""
+
+    proposal_id: str
+    title: str
+    proposer: str
+    change: dict[str, Any]
+    opened_at: datetime
+    closes_at: datetime
+    quorum_bp: int
+    threshold_bp: int
+    total_power: str
+    status: str
+    votes_for: str
+    votes_against: str
+    votes_abstain: str
+    voters: int
+    version: int
+    votes: list[VotePublic] | None = None
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> ProposalPublic:
+        change = dict(row["change"])
+        if change.get("base_reward") is not None:
+            change["base_reward"] = format_tokens(change["base_reward"])
+        return cls(
+            **{k: row[k] for k in ("proposal_id", "title", "proposer", "opened_at", "closes_at",
+                                   "quorum_bp", "threshold_bp", "status", "voters", "version")},
+            change=change,
+            **{k: format_tokens(row[k]) for k in ("total_power", "votes_for", "votes_against",
+                                                  "votes_abstain")},
+            votes=None if row.get("votes") is None else [
+                VotePublic(voter=v["voter"], choice=v["choice"], power=format_tokens(v["power"]) or "0",
+                           time=v["time"])
+                for v in row["votes"]
+            ],
+        )

@@ -191,3 +191,129 @@ async def unreached(db: Conn, schema: str, positions: Sequence[Position]) -> lis
     """The positions the read models have not projected yet (next_offset <= offset)."""
     reached = await projected_offsets(db, schema, ((p.topic, p.partition) for p in positions))
     return [p for p in positions if reached.get((p.topic, p.partition), -1) <= p.offset]
+
+
+# the economy ------------------------------------------------------------------------
+
+
+async def get_account(db: Conn, schema: str, account_id: str) -> Row | None:
+    """One account row (micro-tokens; ``pending`` the unstakes waiting), or None."""
+    s = checked_schema(schema)
+    record = await db.fetchrow(f"SELECT * FROM {s}.accounts WHERE account_id = $1", account_id)
+    if record is None:
+        return None
+    row = dict(record)
+    if isinstance(row.get("pending"), str):
+        row["pending"] = json.loads(row["pending"])
+    return row
+
+
+async def account_ledger(
+    db: Conn, schema: str, account_id: str, *, after: int | None = None, limit: int = 50
+) -> list[Row]:
+    """The ledger legs of ``account_id`` in log order (by ``seq``), after ``after``."""
+    s = checked_schema(schema)
+    records = await db.fetch(
+        f"SELECT seq, event_id, leg, account_id, bucket, amount, kind, counterparty, task_id,"
+        f" proposal_id, command_id, time FROM {s}.ledger_entries"
+        " WHERE account_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+        account_id,
+        after or 0,
+        limit,
+    )
+    return [dict(r) for r in records]
+
+
+async def stakes(db: Conn, schema: str) -> list[Row]:
+    """Every account with a stake: (account_id, staked), by account id."""
+    s = checked_schema(schema)
+    records = await db.fetch(
+        f"SELECT account_id, staked FROM {s}.accounts WHERE staked > 0 ORDER BY account_id"
+    )
+    return [dict(r) for r in records]
+
+
+async def economy_parameters(db: Conn, schema: str) -> Row | None:
+    """The parameters row (``params`` as a dict) set by the last executed proposal, or None."""
+    s = checked_schema(schema)
+    record = await db.fetchrow(f"SELECT * FROM {s}.economy_parameters WHERE id = 1")
+    if record is None:
+        return None
+    row = dict(record)
+    if isinstance(row["params"], str):
+        row["params"] = json.loads(row["params"])
+    return row
+
+
+async def economy_summary(db: Conn, schema: str, *, bucket: str = "hour") -> Row:
+    """Totals (micro-tokens): supply, treasury, balances, staked, unstaking, in flight;
+    staked and accounts by tier; rewards and slashes per ``bucket`` of time."""
+    s = checked_schema(schema)
+    if bucket not in {"minute", "hour", "day"}:
+        raise ValueError(bucket)
+    totals = await db.fetchrow(
+        f"SELECT coalesce(sum(supply), 0)::bigint AS supply,"
+        f" coalesce(sum(balance) FILTER (WHERE account_id = 'treasury'), 0)::bigint AS treasury,"
+        f" coalesce(sum(balance), 0)::bigint AS balances,"
+        f" coalesce(sum(staked), 0)::bigint AS staked,"
+        f" coalesce(sum(unstaking), 0)::bigint AS unstaking,"
+        f" count(*)::integer AS accounts FROM {s}.accounts"
+    )
+    in_flight = await db.fetchval(
+        f"SELECT coalesce(sum(amount), 0)::bigint FROM {s}.ledger_entries WHERE bucket = 'in_flight'"
+    )
+    tiers = await db.fetch(
+        f"SELECT tier, count(*)::integer AS accounts, sum(staked)::bigint AS staked"
+        f" FROM {s}.accounts WHERE holder <> 'treasury' GROUP BY tier ORDER BY tier"
+    )
+    flows = await db.fetch(
+        f"SELECT date_trunc('{bucket}', time) AS at, kind, sum(amount)::bigint AS amount,"
+        f" count(*)::integer AS count FROM {s}.ledger_entries"
+        " WHERE kind IN ('reward', 'slash') AND bucket IN ('balance', 'staked')"
+        " AND (kind = 'reward' AND amount > 0 OR kind = 'slash' AND amount < 0)"
+        " GROUP BY 1, 2 ORDER BY 1, 2"
+    )
+    return {
+        **dict(totals),  # type: ignore[arg-type]
+        "in_flight": in_flight,
+        "tiers": [dict(r) for r in tiers],
+        "flows": [dict(r) for r in flows],
+    }
+
+
+async def list_proposals(
+    db: Conn, schema: str, *, status: str | None = None, after: str | None = None, limit: int = 50
+) -> list[Row]:
+    """Proposals by id after ``after``, optionally of one ``status``."""
+    s = checked_schema(schema)
+    records = await db.fetch(
+        f"SELECT * FROM {s}.proposals WHERE ($1::text IS NULL OR status = $1)"
+        " AND ($2::text IS NULL OR proposal_id > $2) ORDER BY proposal_id LIMIT $3",
+        status,
+        after,
+        limit,
+    )
+    return [_proposal(r) for r in records]
+
+
+def _proposal(record: asyncpg.Record) -> Row:
+    row = dict(record)
+    if isinstance(row["change"], str):
+        row["change"] = json.loads(row["change"])
+    return row
+
+
+async def get_proposal(db: Conn, schema: str, proposal_id: str) -> Row | None:
+    """One proposal with its tallies and ``votes`` (voter, choice, power, time), or None."""
+    s = checked_schema(schema)
+    record = await db.fetchrow(f"SELECT * FROM {s}.proposals WHERE proposal_id = $1", proposal_id)
+    if record is None:
+        return None
+    row = _proposal(record)
+    votes = await db.fetch(
+        f"SELECT voter, choice, power, time FROM {s}.proposal_votes WHERE proposal_id = $1"
+        " ORDER BY time, voter",
+        proposal_id,
+    )
+    row["votes"] = [dict(v) for v in votes]
+    return row
