@@ -9,6 +9,9 @@ it over HTTP only (httpx, httpx-sse), as a client would.
 Override settings for one test with indirect parametrization::
 
     @pytest.mark.parametrize("swarm", [{"sse_max_clients": 1}], indirect=True)
+
+``{"manual_clock": True}`` runs the API and the process managers on one ManualClock
+(``swarm.clock``), for deadlines a test moves past with ``swarm.clock.advance``.
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ from infra.settings import Settings
 from infra.stack import StackInfo
 from infra.topics import Topics, ensure_topics
 from projections.projector import Projector
+from infra.clock import Clock, ManualClock, SystemClock
+from streams.economy_runner import EconomyRunner
 from streams.runner import SchedulerRunner
 from streams.scheduler import Policy
 
@@ -55,6 +60,8 @@ class Swarm:
     processor: CommandProcessor
     scheduler: SchedulerRunner
     projector: Projector
+    economy: EconomyRunner
+    clock: Clock
     roles: dict[str, tuple[asyncio.Event, asyncio.Task[None]]] = field(default_factory=dict)
 
     @property
@@ -127,7 +134,8 @@ def _free_socket() -> socket.socket:
 @pytest.fixture
 async def swarm(services: StackInfo, request: pytest.FixtureRequest) -> AsyncIterator[Swarm]:
     """A fresh deployment for one test (see the module docstring)."""
-    overrides: dict[str, Any] = getattr(request, "param", None) or {}
+    overrides: dict[str, Any] = dict(getattr(request, "param", None) or {})
+    clock: Clock = ManualClock(start=SystemClock().now()) if overrides.pop("manual_clock", False) else SystemClock()
     prefix = f"t{uuid.uuid4().hex[:10]}"
     settings = Settings.model_validate(
         {
@@ -153,8 +161,10 @@ async def swarm(services: StackInfo, request: pytest.FixtureRequest) -> AsyncIte
         bootstrap,
         topics,
         policy=Policy(heartbeat_timeout_s=settings.heartbeat_timeout_s),
+        clock=clock,
         tick_s=0.1,
     )
+    economy = EconomyRunner(bootstrap, topics, clock=clock, tick_s=0.1, resend_s=2.0)
     projector = Projector(
         bootstrap_servers=bootstrap,
         topics=topics,
@@ -168,7 +178,7 @@ async def swarm(services: StackInfo, request: pytest.FixtureRequest) -> AsyncIte
     base_url = f"http://127.0.0.1:{port}"
     server = uvicorn.Server(
         uvicorn.Config(
-            create_app(settings),
+            create_app(settings, clock=clock),
             lifespan="on",
             log_level="warning",
             timeout_graceful_shutdown=3,
@@ -183,8 +193,11 @@ async def swarm(services: StackInfo, request: pytest.FixtureRequest) -> AsyncIte
         processor=processor,
         scheduler=scheduler,
         projector=projector,
+        economy=economy,
+        clock=clock,
     )
     s._start("processor", processor.run)
+    s._start("economy", economy.run)
     s._start("scheduler", scheduler.run)
     s._start("projector", projector.run)
     serving = asyncio.create_task(server.serve(sockets=[sock]), name="api")
@@ -197,6 +210,7 @@ async def swarm(services: StackInfo, request: pytest.FixtureRequest) -> AsyncIte
                 server.started
                 and len(s.processor.partitions) == settings.partitions
                 and scheduler.caught_up.is_set()
+                and economy.caught_up.is_set()
             )
 
         await s.eventually(up, timeout_s=STARTUP_TIMEOUT_S, what="the swarm to start")
