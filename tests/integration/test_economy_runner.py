@@ -1,14 +1,17 @@
 """The economy runner against real Kafka with the real command processor: rewards are
-paid once (also when a new runner refolds and replays the whole log, and when the
-causing command is replayed), lost tasks slash, credits land, and governance closes
-and executes on an injected ManualClock.
+paid once (also when a new runner refolds and replays the whole log, when the causing
+command is replayed, and when the streams worker is killed with SIGKILL mid-stream),
+lost tasks slash, credits land, and governance closes and executes on an injected
+ManualClock.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -27,11 +30,13 @@ from infra.topics import Topics
 from streams.economy_runner import EconomyRunner
 from tests.integration.helpers import (
     EventFollower,
+    RoleProcess,
     Running,
     envelope,
     fresh_topics,
     now,
     read_events,
+    role_env,
     wait_until,
 )
 
@@ -215,3 +220,46 @@ async def test_governance_passed_rejected_and_quorum_missed_on_a_manual_clock(wo
         assert accrued.event.amount == 16 * MICRO  # 20 x 1.0 x 0.8
     finally:
         await running.stop()
+
+
+async def test_kill_9_of_the_streams_worker_mid_stream_leaves_the_ledger_exact(
+    world: World, services: StackInfo, tmp_path: Path
+) -> None:
+    agents = [f"ag-{i}" for i in range(4)]
+    env = role_env(services, world.topics.prefix)
+    worker = RoleProcess("streams", env, tmp_path / "streams-1.log")
+    try:
+        t = world.clock.now()
+        # Registered, never started: the scheduler in the worker leaves their tasks alone.
+        await world.do(*(ag.RegisterAgent(agent_id=a, name=a, at=t) for a in agents))
+        await world.log.wait_for(ac.AccountOpened, count=len(agents), timeout=60)
+        n = 40
+        for i in range(n):
+            agent = agents[i % len(agents)]
+            tid = f"job-{i}"
+            await world.do(
+                tk.SubmitTask(task_id=tid, type="job", at=t),
+                tk.AssignTask(task_id=tid, agent_id=agent, at=t),
+                tk.StartTask(task_id=tid, agent_id=agent, at=t),
+                tk.CompleteTask(task_id=tid, agent_id=agent, quality=0.5, at=t),
+            )
+            if i == n // 2:
+                await world.log.wait_for(ac.RewardAccrued, count=1, timeout=60)
+                assert worker.alive(), worker.output()
+                worker.kill9()
+                worker = RoleProcess("streams", env, tmp_path / "streams-2.log")
+        await world.log.wait_for(ac.RewardAccrued, count=n, timeout=90)
+        await asyncio.sleep(3.0)  # anything paid twice would show by now
+    finally:
+        worker.terminate()
+    events = await read_events(world.bootstrap, world.topics)
+    paid = Counter(
+        e.event.task_id for e in events
+        if isinstance(e.event, ac.TransferSent) and e.event.kind == "reward"
+    )
+    assert len(paid) == 40 and set(paid.values()) == {1}, paid
+    accrued = [e for e in events if isinstance(e.event, ac.RewardAccrued)]
+    assert len(accrued) == 40 and {e.event.amount for e in accrued} == {5 * MICRO}
+    totals = ledger_of(events)
+    assert totals.balanced and totals.in_flight == 0
+    assert totals.balances == 40 * 5 * MICRO
