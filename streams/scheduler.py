@@ -10,7 +10,8 @@ needs now:
    out running tasks past their run timeout;
 3. mark offline the running agents whose heartbeats stopped;
 4. assign queued tasks to eligible agents, highest (aged) priority first, best score
-   first (domain/scoring.py).
+   first (domain/scoring.py; an agent's staking tier, folded from its account's
+   ``TierChanged`` events, raises its standing).
 
 Every command id is derived from the aggregate version it acts on (uuid5), so planning
 again before the outcome arrives, or after a restart, sends the same id, and the
@@ -24,6 +25,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 
+from domain import account as ac
 from domain import agent as ag
 from domain import task as tk
 from domain.messages import Command
@@ -76,6 +78,7 @@ class SchedulerView:
     tasks: dict[str, TaskView] = field(default_factory=dict)
     completed: dict[str, int] = field(default_factory=dict)
     failed: dict[str, int] = field(default_factory=dict)
+    tiers: dict[str, str] = field(default_factory=dict)  # account (= agent) id -> tier
 
     def load(self) -> dict[str, int]:
         """Agent id -> number of tasks assigned to or running on it."""
@@ -119,6 +122,8 @@ def apply(view: SchedulerView, stored: StoredEvent) -> None:
         _apply_agent(view, stored, e)
     elif isinstance(e, tk.TaskEvent):
         _apply_task(view, stored, e)
+    elif isinstance(e, ac.TierChanged):
+        view.tiers[e.account_id] = e.tier
 
 
 def _apply_agent(view: SchedulerView, stored: StoredEvent, e: ag.AgentEvent) -> None:
@@ -301,6 +306,7 @@ def _assignments(
                 cost_per_task=a.cost_per_task,
                 completed=view.completed.get(a.agent_id, 0),
                 failed=view.failed.get(a.agent_id, 0),
+                tier=view.tiers.get(a.agent_id, "none"),
             )
             if not eligible(c, t.required, t.max_cost):
                 continue

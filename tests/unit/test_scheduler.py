@@ -12,6 +12,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime, timedelta
 
+from domain import account as ac
 from domain import agent as ag
 from domain import task as tk
 from domain.messages import Event
@@ -349,6 +350,31 @@ def test_the_agent_with_the_higher_skill_wins() -> None:
     )
 
     assert assignments(swarm.plan(1)) == {"t1": "b-strong"}
+
+
+def test_a_higher_staking_tier_raises_an_agent_s_standing() -> None:
+    def swarm_with(tier: str | None) -> Swarm:
+        swarm = Swarm().agent("a-staker").agent("b-plain")
+        if tier is not None:
+            swarm._emit("account", "a-staker", 0,
+                        ac.TierChanged(account_id="a-staker", previous="none", tier=tier))
+        return swarm.task("t1")
+
+    # Equal fits: the tie goes to the higher id, unless a tier lifts the other.
+    assert assignments(swarm_with(None).plan(1)) == {"t1": "b-plain"}
+    assert assignments(swarm_with("bronze").plan(1)) == {"t1": "a-staker"}
+
+
+def test_standing_does_not_outweigh_a_much_better_skill() -> None:
+    swarm = (
+        Swarm()
+        .agent("a-diamond", skills={"python": 0.2})
+        .agent("b-skilled", skills={"python": 0.9})
+    )
+    swarm._emit("account", "a-diamond", 0,
+                ac.TierChanged(account_id="a-diamond", previous="none", tier="diamond"))
+    swarm.task("t1", required=("python",))
+    assert assignments(swarm.plan(1)) == {"t1": "b-skilled"}
 
 
 def test_work_is_spread_to_the_agent_with_more_headroom() -> None:
