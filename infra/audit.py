@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import asyncpg
+
 from domain.account import (
     ACCOUNT,
     ACCOUNT_DECIDER,
@@ -80,8 +81,11 @@ def _fold(records: list[Any], limit: dict[tuple[str, int], int] | None) -> tuple
             stored = decode_event(r)
         except DecodeError:
             continue
-        states[stored.aggregate_id] = ACCOUNT_DECIDER.evolve(states.get(stored.aggregate_id), stored.event)
-        events.append(stored.event)  # type: ignore[arg-type]
+        event = stored.event
+        if not isinstance(event, AccountEvent):
+            continue
+        states[stored.aggregate_id] = ACCOUNT_DECIDER.evolve(states.get(stored.aggregate_id), event)
+        events.append(event)
     return {k: v for k, v in states.items() if v is not None}, events
 
 

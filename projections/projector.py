@@ -23,12 +23,12 @@ import redis.asyncio as aioredis
 import structlog
 from aiokafka import ConsumerRebalanceListener, TopicPartition
 
+from domain import proposal as pr
+from domain.economy import EconomyParameters
 from infra import kafka
 from infra.clock import Clock, SystemClock
 from infra.codec import DecodeError, StoredEvent, decode_event, encode_dead_letter, event_ce_type
 from infra.topics import Topics
-from domain import proposal as pr
-from domain.economy import EconomyParameters
 from projections import views
 from projections.schema import checked_schema, migrate
 

@@ -3,8 +3,9 @@ account and its ledger. Money in tokens as decimal strings."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Path, Response
 from typing import Annotated
+
+from fastapi import APIRouter, Path, Response
 
 from api.deps import Cursor, FreshDep, Limit, PoolDep, SettingsDep
 from api.dispatch import COMMAND_RESPONSES, DispatchDep

@@ -34,11 +34,11 @@ from aiokafka.admin import AIOKafkaAdminClient
 from api.app import create_app
 from commands.processor import CommandProcessor
 from infra import kafka
+from infra.clock import Clock, ManualClock, SystemClock
 from infra.settings import Settings
 from infra.stack import StackInfo
 from infra.topics import Topics, ensure_topics
 from projections.projector import Projector
-from infra.clock import Clock, ManualClock, SystemClock
 from streams.economy_runner import EconomyRunner
 from streams.runner import SchedulerRunner
 from streams.scheduler import Policy
