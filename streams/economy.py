@@ -35,6 +35,7 @@ arrives (then both are forgotten).
 
 from __future__ import annotations
 
+from collections.abc import Container
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -185,10 +186,14 @@ def apply(view: EconomyView, stored: StoredEvent) -> None:
                 view.params = e.change.applied_to(view.params)
 
 
-def plan(view: EconomyView, now: datetime) -> list[Planned]:
-    """Every command the economy owes at ``now`` (see the module docstring)."""
+def plan(view: EconomyView, now: datetime, skip: Container[str] = ()) -> list[Planned]:
+    """Every command the economy owes at ``now`` (see the module docstring), except those
+    whose command id is in ``skip`` (sent already and not yet due again: the runner
+    passes its in-flight ids, so a long backlog is not rebuilt on every tick)."""
     out: list[Planned] = []
     for agent_id in sorted(view.accounts_due):
+        if derived_id("open-account", agent_id) in skip:
+            continue
         out.append(
             Planned(
                 derived_id("open-account", agent_id),
@@ -196,6 +201,8 @@ def plan(view: EconomyView, now: datetime) -> list[Planned]:
             )
         )
     for cause, r in view.rewards.items():
+        if derived_id("reward", cause) in skip:
+            continue
         out.append(
             Planned(
                 derived_id("reward", cause),
@@ -208,6 +215,8 @@ def plan(view: EconomyView, now: datetime) -> list[Planned]:
     for cause, s in view.slashes.items():
         if slash_amount(view.staked.get(s.agent_id, 0), s.rate_bp) == 0:
             continue  # unstaked since: the decider would refuse it
+        if derived_id("slash", cause) in skip:
+            continue
         out.append(
             Planned(
                 derived_id("slash", cause),
@@ -218,6 +227,8 @@ def plan(view: EconomyView, now: datetime) -> list[Planned]:
             )
         )
     for debit_id, d in view.debits.items():
+        if derived_id("credit", debit_id) in skip:
+            continue
         credit_cls = ac.AccrueReward if d.kind == "reward" else ac.ReceiveTransfer
         out.append(
             Planned(

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from datetime import datetime
 
 import structlog
 from aiokafka import ConsumerRebalanceListener, TopicPartition
@@ -39,7 +38,7 @@ class EconomyRunner:
         *,
         clock: Clock | None = None,
         tick_s: float = 0.2,
-        resend_s: float = 3.0,
+        resend_s: float = 10.0,
         source: str = "/swarmlog/economy",
     ) -> None:
         self.bootstrap = bootstrap_servers
@@ -53,7 +52,7 @@ class EconomyRunner:
         self.leader = asyncio.Event()
         self.caught_up = asyncio.Event()
         self.sent = 0
-        self._inflight: dict[str, datetime] = {}
+        self._inflight: dict[str, float] = {}  # command id -> monotonic time sent
         self._planned_at = 0.0
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -129,26 +128,27 @@ class EconomyRunner:
     async def _tick(self, client: CommandClient) -> None:
         """Plan, and send what is new (or was sent more than ``resend_s`` ago)."""
         now = self.clock.now()
-        planned = plan(self.view, now)
-        wanted = {p.command_id for p in planned}
+        # Resends go by the machine's monotonic time, not the (maybe manual) domain clock.
+        mono = time.monotonic()
         for cid, sent_at in list(self._inflight.items()):
-            if cid not in wanted or (now - sent_at).total_seconds() > self.resend_s:
+            if mono - sent_at > self.resend_s:
                 del self._inflight[cid]
-        fresh = [p for p in planned if p.command_id not in self._inflight]
+        fresh = plan(self.view, now, skip=self._inflight)
         if not fresh:
             return
-        await client.send_many(
-            [
-                CommandEnvelope(
-                    command_id=p.command_id,
-                    command=p.command,
-                    correlation_id=p.command_id,
-                    expected_version=p.expected_version,
-                    source=self.source,
-                )
-                for p in fresh
-            ]
-        )
+        for start in range(0, len(fresh), 5000):
+            await client.send_many(
+                [
+                    CommandEnvelope(
+                        command_id=p.command_id,
+                        command=p.command,
+                        correlation_id=p.command_id,
+                        expected_version=p.expected_version,
+                        source=self.source,
+                    )
+                    for p in fresh[start:start + 5000]
+                ]
+            )
         for p in fresh:
-            self._inflight[p.command_id] = now
+            self._inflight[p.command_id] = mono
         self.sent += len(fresh)
