@@ -34,7 +34,8 @@ BoundedJson = Annotated[dict[str, Any], AfterValidator(_bounded_json)]
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,127}$"
 MAX_TOKENS = Decimal(10**9)  # 10**15 micro-tokens, the domain's bound
 MONEY_FIELDS = frozenset(
-    {"cost_per_task", "max_cost", "balance", "staked", "supply", "earned", "slashed", "amount"}
+    {"cost_per_task", "max_cost", "balance", "staked", "supply", "earned", "slashed", "amount",
+     "total_power"}
 )
 
 Id = Annotated[str, Field(min_length=1, max_length=128, pattern=ID_PATTERN)]
@@ -79,13 +80,19 @@ def format_tokens(micro: int | None) -> str | None:
 
 
 def public_state(state: dict[str, Any] | None) -> dict[str, Any] | None:
-    """An aggregate state with its money fields as token strings."""
+    """An aggregate state with its money fields as token strings (nested ones too, such
+    as an account's pending unstakes)."""
     if state is None:
         return None
-    return {
-        k: format_tokens(v) if k in MONEY_FIELDS and isinstance(v, int) else v
-        for k, v in state.items()
-    }
+    return {k: _public_value(k, v) for k, v in state.items()}
+
+
+def _public_value(key: str, value: Any) -> Any:
+    if key in MONEY_FIELDS and isinstance(value, int) and not isinstance(value, bool):
+        return format_tokens(value)
+    if isinstance(value, list):
+        return [public_state(v) if isinstance(v, dict) else v for v in value]
+    return value
 
 
 class In(BaseModel):

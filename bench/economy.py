@@ -32,7 +32,7 @@ from rich.console import Console
 
 from commands.client import CommandClient
 from demo.swarm import Children
-from domain.account import PayReward
+from domain.account import MintTokens, PayReward
 from domain.economy import TREASURY
 from infra import stack
 from infra.audit import audit_ledger
@@ -64,12 +64,21 @@ async def bench(accruals: int, accounts: int, state_dir: Path, chunk: int = 2000
     log_dir.mkdir(parents=True, exist_ok=True)
     children = Children(log_dir=log_dir)
     figures: dict[str, Any] = {"run": run, "accruals": accruals, "accounts": accounts}
-    client = CommandClient(info.kafka_bootstrap_servers, topics, follow_outcomes=False)
+    client = CommandClient(info.kafka_bootstrap_servers, topics)
     try:
         for role in ("processor", "streams", "projector"):
             children.start(role, [sys.executable, "-m", "infra.cli", role], env)
         await client.start()
         await asyncio.sleep(5.0)  # roles join their groups and rebuild their views
+        # Set-up, not timed: the treasury mints the whole budget once, so no reward mints.
+        [minted] = await client.execute_many([
+            CommandEnvelope(command_id=f"{run}-mint", correlation_id=f"{run}-mint",
+                            command=MintTokens(account_id=TREASURY, amount=accruals * 2_000_000,
+                                               at=datetime.now(UTC)),
+                            source="/bench/economy")
+        ], 30.0)
+        if minted is None or minted.status != "accepted":
+            raise RuntimeError(f"the treasury could not mint the budget: {minted}")
         conn = await asyncpg.connect(info.database_url)
         try:
             t0 = time.perf_counter()

@@ -65,6 +65,7 @@ async def test_grant_transfer_stake_unstake_and_the_ledger(swarm) -> None:
 
     r = await c.post("/accounts/alice/unstake", json={"amount": "101"})
     assert r.status_code == 200, r.text
+    assert r.json()["state"]["unstaking"][0]["amount"] == "101.000000"
     alice = await account_where(swarm, "alice", unstaking="101.000000")
     assert alice["tier"] == "bronze"
     assert len(alice["pending_unstakes"]) == 1

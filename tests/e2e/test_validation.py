@@ -164,6 +164,18 @@ BAD_REQUESTS: list[tuple[str, str, Any, dict[str, str], str]] = [
     ),
     ("POST", "/tasks/bad-t/cancel", {"reason": "x" * 2001}, {}, "reason"),
     ("POST", "/tasks/bad-t/cancel", None, {"If-Match": "v1"}, "If-Match"),
+    # the economy: negative, more than 6 decimals, overflow, zero, unknown fields
+    ("POST", "/accounts/bad-a/stake", {"amount": "-1"}, {}, "amount"),
+    ("POST", "/accounts/bad-a/transfer", {"to": "bad-b", "amount": "1.0000001"}, {}, "amount"),
+    ("POST", "/accounts/bad-a/grant", {"amount": "1000000001"}, {}, "amount"),
+    ("POST", "/accounts/bad-a/unstake", {"amount": "0"}, {}, "amount"),
+    ("POST", "/accounts/bad-a/withdraw", None, {"If-Match": "x"}, "If-Match"),
+    ("POST", "/accounts/bad-a/transfer", {"to": "bad b", "amount": "1"}, {}, "to"),
+    ("POST", "/proposals", {"title": "t", "proposer": "p", "change": {}, "window_s": 0},
+     {}, "window_s"),
+    ("POST", "/proposals", {"title": "t", "proposer": "p", "window_s": 60,
+                            "change": {"base_reward": "-2"}}, {}, "change.base_reward"),
+    ("POST", "/proposals/bad-p/votes", {"voter": "v", "choice": "maybe"}, {}, "choice"),
 ]
 
 
