@@ -43,7 +43,9 @@ app = typer.Typer(add_completion=False)
 console = Console()
 
 
-async def bench(accruals: int, accounts: int, state_dir: Path, chunk: int = 2000) -> dict[str, Any]:
+async def bench(
+    accruals: int, accounts: int, state_dir: Path, processors: int = 1, chunk: int = 2000
+) -> dict[str, Any]:
     """Run the benchmark and return its figures."""
     info = stack.up(state_dir, console=Console(stderr=True))
     run = f"econ{uuid.uuid4().hex[:8]}"
@@ -66,10 +68,12 @@ async def bench(accruals: int, accounts: int, state_dir: Path, chunk: int = 2000
     figures: dict[str, Any] = {"run": run, "accruals": accruals, "accounts": accounts}
     client = CommandClient(info.kafka_bootstrap_servers, topics)
     try:
-        for role in ("processor", "streams", "projector"):
+        for i in range(processors):  # copies share the command partitions (one core each)
+            children.start(f"processor-{i}", [sys.executable, "-m", "infra.cli", "processor"], env)
+        for role in ("streams", "projector"):
             children.start(role, [sys.executable, "-m", "infra.cli", role], env)
         await client.start()
-        await asyncio.sleep(5.0)  # roles join their groups and rebuild their views
+        await asyncio.sleep(8.0)  # roles join their groups and rebuild their views
         # Set-up, not timed: the treasury mints the whole budget once, so no reward mints.
         [minted] = await client.execute_many([
             CommandEnvelope(command_id=f"{run}-mint", correlation_id=f"{run}-mint",
@@ -125,13 +129,14 @@ def main(
     accruals: Annotated[int, typer.Option(min=1, help="Reward accruals to run.")] = 100_000,
     accounts: Annotated[int, typer.Option(min=1, help="Accounts they go to.")] = 1_000,
     state_dir: Annotated[Path, typer.Option(help="Local stack state directory.")] = Path(".swarmlog"),
+    processors: Annotated[int, typer.Option(min=1, help="Command processor copies.")] = 1,
 ) -> None:
     """Run the economy benchmark and print its figures."""
-    f = asyncio.run(bench(accruals, accounts, state_dir))
+    f = asyncio.run(bench(accruals, accounts, state_dir, processors))
     console.rule("bench/economy")
     console.print(f"{f['accrued']} of {f['accruals']} accruals across {accounts} accounts in"
                   f" {f['elapsed_s']:.1f} s = {f['accruals_per_s']:.0f} accruals/s end to end"
-                  f" (commands sent in {f['sent_s']:.1f} s)")
+                  f" (commands sent in {f['sent_s']:.1f} s; {processors} processor copies)")
     console.print(f"ledger audit: {'ok' if f['audit_ok'] else 'DIFFERS'} in {f['audit_s']:.2f} s")
 
 

@@ -13,8 +13,10 @@ from typing import Any
 
 import asyncpg
 import pytest
+from httpx_sse import aconnect_sse
 
 from tests.e2e.support import assert_problem, register
+from tests.e2e.test_live import cloudevent, take
 
 pytestmark = pytest.mark.e2e
 
@@ -92,6 +94,15 @@ async def test_grant_transfer_stake_unstake_and_the_ledger(swarm) -> None:
         ("unstake", "unstaking", "101.000000"),
     ]
     assert entries[1]["counterparty"] == "bob" and entries[1]["command_id"]
+
+    # The economy's events are on the SSE feed, as CloudEvents.
+    async with aconnect_sse(c, "GET", "/events", params={
+            "from": "beginning", "subject": "alice", "type": "io.swarmlog.account.*"}) as es:
+        got = await take(es.aiter_sse(), 3)
+    assert [s.event for s in got] == ["io.swarmlog.account.opened",
+                                      "io.swarmlog.account.transfer_received",
+                                      "io.swarmlog.account.transfer_sent"]
+    assert cloudevent(got[1])["data"]["amount"] == 1_000_000_000
 
     summary = (await c.get("/economy/summary")).json()
     assert summary["supply"] == "1000.000000" and summary["balanced"] is True
