@@ -6,7 +6,13 @@ submit one ``analyse-module`` task per module of the chosen packages; part-way t
 SIGKILL the agent holding the most work, so its tasks are requeued (after its heartbeat
 timeout) and finished by others; wait for every task to finish and the read models to
 catch up; print a summary read back from the read models and the log, never from the
-demo's own memory. Each run has its own topics, schema and Redis prefix (``demo<stamp>``),
+demo's own memory.
+
+The demo earns: before work starts each agent gets a grant from the treasury and stakes
+a different amount (Bronze to Diamond), so rewards differ by tier; the killed agent is
+slashed for the work it had started; half-way through, the stakers vote a proposal that
+doubles the base reward, which the rewards pay from its execution on. The summary shows
+balances, tiers, the earnings leaderboard, the proposal and whether the ledger balances. Each run has its own topics, schema and Redis prefix (``demo<stamp>``),
 so its figures are its own.
 """
 
@@ -44,6 +50,70 @@ AGENTS: tuple[tuple[str, dict[str, float], int, str], ...] = (
     ("linus", {"python": 0.7, "large-modules": 0.8}, 2, "0.3"),
     ("margaret", {"python": 0.9}, 1, "0.1"),
 )
+
+
+#: Each agent's grant and stake (tokens): Diamond, Gold, Silver, Bronze.
+STAKES: dict[str, int] = {"ada": 12_000, "grace": 1_500, "linus": 600, "margaret": 150}
+
+
+async def _until(probe: Any, what: str, timeout_s: float = 30.0) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = await probe()
+        if value:
+            return value
+        await asyncio.sleep(0.1)
+    raise RuntimeError(f"timed out waiting for {what}")
+
+
+async def fund_agents(http: httpx.AsyncClient) -> None:
+    """Grant each agent its stake (plus 50 tokens) from the treasury and stake it."""
+    for name, stake in STAKES.items():
+        r = await http.post(f"/accounts/{name}/grant", json={"amount": str(stake + 50),
+                                                             "reason": "demo grant"})
+        if r.status_code != 200:
+            raise RuntimeError(f"grant to {name} failed: {r.status_code} {r.text}")
+
+    async def credited(name: str) -> bool:
+        r = await http.get(f"/accounts/{name}")
+        return r.status_code == 200 and r.json()["balance"] != "0.000000"
+
+    for name, stake in STAKES.items():
+        await _until(lambda n=name: credited(n), f"the grant to {name}")
+        r = await http.post(f"/accounts/{name}/stake", json={"amount": str(stake)})
+        if r.status_code != 200:
+            raise RuntimeError(f"stake of {name} failed: {r.status_code} {r.text}")
+
+
+async def propose_double_reward(http: httpx.AsyncClient, proposal_id: str) -> None:
+    """Propose doubling the base reward (2 s window) and have every staker vote for it."""
+    r = await http.post("/proposals", json={
+        "proposal_id": proposal_id, "title": "double the base reward", "proposer": "ada",
+        "change": {"base_reward": "20"}, "window_s": 2, "quorum_bp": 5000,
+        "threshold_bp": 5000})
+    if r.status_code != 201:
+        raise RuntimeError(f"proposal failed: {r.status_code} {r.text}")
+    for name in STAKES:
+        await http.post(f"/proposals/{proposal_id}/votes", json={"voter": name, "choice": "for"})
+
+
+async def economy_summary(http: httpx.AsyncClient, proposal_id: str | None) -> dict[str, Any]:
+    """Accounts, leaderboard, totals and the proposal, read back over the API."""
+    accounts = []
+    for name in STAKES:
+        r = await http.get(f"/accounts/{name}")
+        if r.status_code == 200:
+            accounts.append(r.json())
+    proposal = None
+    if proposal_id is not None:
+        r = await http.get(f"/proposals/{proposal_id}")
+        proposal = r.json() if r.status_code == 200 else None
+    return {
+        "accounts": accounts,
+        "leaderboard": (await http.get("/leaderboard")).json(),
+        "totals": (await http.get("/economy/summary")).json(),
+        "proposal": proposal,
+    }
 
 
 @dataclass
@@ -252,6 +322,28 @@ def render(console: Console, summary: dict[str, Any], extra: dict[str, Any]) -> 
     for row in summary["findings"]:
         f.add_row(str(row["complexity"]), row["function"], row["module"], str(row["line"]))
     console.print(f)
+    economy = extra.get("economy")
+    if economy:
+        e = Table(title="Economy: accounts (tokens)", title_justify="left")
+        for col in ("account", "tier", "balance", "staked", "earned", "slashed"):
+            e.add_column(col, justify="left" if col in ("account", "tier") else "right")
+        for a in economy["accounts"]:
+            e.add_row(a["account_id"], a["tier"], a["balance"], a["staked"], a["earned"],
+                      a["slashed"])
+        console.print(e)
+        board = ", ".join(f"{x['rank']}. {x['account_id']} {x['earned']}"
+                          for x in economy["leaderboard"])
+        t = economy["totals"]
+        p = economy["proposal"]
+        console.print(
+            f"Leaderboard: {board or '(empty)'}.\n"
+            f"Supply {t['supply']} = balances {t['balances']} + staked {t['staked']} +"
+            f" unstaking {t['unstaking']} + in flight {t['in_flight']}:"
+            f" {'balanced' if t['balanced'] else 'NOT BALANCED'}."
+            + (f"\nGovernance: '{p['title']}' {p['status']} ({p['votes_for']} for,"
+               f" {p['votes_against']} against of {p['total_power']} staked); base reward now"
+               f" {t['parameters']['base_reward']}." if p else "")
+        )
 
 
 async def run_demo(
@@ -304,12 +396,16 @@ async def run_demo(
     base_url = f"http://127.0.0.1:{port}"
     cli = [sys.executable, "-m", "infra.cli"]
     killed: str | None = None
+    proposal_id: str | None = None
+    economy: dict[str, Any] | None = None
     try:
         console.print(f"[bold]Run {run_id}[/]: {len(modules)} modules of {', '.join(packages)};"
                       f" logs in {log_dir}")
         for role in ("processor", "streams", "projector", "api"):
             children.start(role, [*cli, role], env)
         await _wait_ready(base_url, children)
+        async with httpx.AsyncClient(base_url=base_url, timeout=30.0) as http:
+            await fund_agents(http)
         for name, caps, slots, cost in AGENTS:
             argv = [sys.executable, "-m", "demo.agent", "--api", base_url, "--name", name,
                     "--max-concurrent", str(slots), "--cost", cost, "--pace-ms", str(pace_ms)]
@@ -356,14 +452,23 @@ async def run_demo(
                                 f"[red]killed agent {killed} (SIGKILL) with work in hand;"
                                 " its tasks go back to the queue when its heartbeats stop[/]"
                             )
+                    if proposal_id is None and finished >= 0.5 * len(tasks):
+                        proposal_id = f"{run_id}-double-reward"
+                        async with httpx.AsyncClient(base_url=base_url, timeout=30.0) as http:
+                            await propose_double_reward(http, proposal_id)
+                        progress.console.print("[cyan]the stakers vote to double the base"
+                                               " reward (voting closes in 2 s)[/]")
                     if finished >= len(tasks):
                         break
                     await asyncio.sleep(0.25)
                 else:
                     raise RuntimeError("the demo's tasks did not finish in 10 minutes")
             children.stop_all("agent-")  # their last events (stopped) belong in the count
+            await asyncio.sleep(3.0)  # the economy settles its last credits (and the vote)
             on_log, projected = await _caught_up(settings, conn)
             summary = await summarise(conn, run_id)
+            async with httpx.AsyncClient(base_url=base_url, timeout=30.0) as http:
+                economy = await economy_summary(http, proposal_id)
         finally:
             await conn.close()
     finally:
@@ -377,6 +482,7 @@ async def run_demo(
         wall_s=time.monotonic() - started_at,
         packages=list(packages),
         run_id=run_id,
+        economy=economy,
     )
     render(console, summary, summary)
     return summary

@@ -13,7 +13,7 @@ import pytest
 from rich.console import Console
 
 from demo.analysis import analyse_module, discover_modules
-from demo.swarm import run_demo
+from demo.swarm import STAKES, run_demo
 from infra.stack import StackInfo
 
 pytestmark = pytest.mark.e2e
@@ -80,3 +80,20 @@ async def test_demo_swarm_finishes_every_module_despite_a_killed_agent(
     assert summary["findings"][0]["complexity"] == best["complexity"]
     text = console.export_text()
     assert "Findings" in text and summary["findings"][0]["function"] in text
+
+    # The demo earns: every agent staked into its tier, the work paid rewards, the
+    # stakers' proposal passed and doubled the base reward, and the ledger balances.
+    economy = summary["economy"]
+    expected = {"ada": "diamond", "grace": "gold", "linus": "silver", "margaret": "bronze"}
+    assert {a["account_id"] for a in economy["accounts"]} == set(STAKES)
+    for a in economy["accounts"]:
+        # Staked is what was staked less any slash; an agent never slashed keeps its tier.
+        assert float(a["staked"]) + float(a["slashed"]) == STAKES[a["account_id"]]
+        if a["slashed"] == "0.000000":
+            assert a["tier"] == expected[a["account_id"]], a
+    earned = sum(float(a["earned"]) for a in economy["accounts"])
+    assert earned > 0 and economy["leaderboard"]
+    assert economy["proposal"]["status"] == "executed"
+    assert economy["totals"]["parameters"]["base_reward"] == "20.000000"
+    assert economy["totals"]["balanced"] is True
+    assert "Leaderboard" in text and "balanced" in text
