@@ -13,6 +13,7 @@ from typing import Any
 
 import asyncpg
 import pytest
+import redis.asyncio as aioredis
 from httpx_sse import aconnect_sse
 
 from tests.e2e.support import assert_problem, register
@@ -108,6 +109,20 @@ async def test_grant_transfer_stake_unstake_and_the_ledger(swarm) -> None:
     assert summary["supply"] == "1000.000000" and summary["balanced"] is True
     assert summary["in_flight"] == "0.000000"
     assert {t["tier"]: t["staked"] for t in summary["tiers"]}["bronze"] == "499.000000"
+
+    # Redis keeps stake by tier (micro-tokens), written by the projector.
+    # (after the commit of the rows, so it may be a moment behind them).
+    r = aioredis.from_url(swarm.settings.require_services()[2])
+    key = f"{swarm.settings.redis_prefix}:economy:stake_by_tier"
+    try:
+        async def bronze() -> bytes | None:
+            value: bytes | None = await r.hget(key, "bronze")
+            return value if value == b"499000000" else None
+
+        await swarm.eventually(bronze, what="stake by tier in Redis")
+        assert await r.hget(key, "silver") in (None, b"0")
+    finally:
+        await r.aclose()
 
 
 async def test_work_earns_rewards_by_tier_and_fills_the_leaderboard(swarm) -> None:
