@@ -1,22 +1,23 @@
-"""Live SSE streams of CloudEvents read straight from the event topics.
+"""Live SSE streams of CloudEvents read from the event topics.
 
-Each SSE client gets its own Kafka consumer (no consumer group: ``assign`` + ``seek``,
-read_committed). DESIGN.md describes one shared consumer per API process fanning out to
-bounded per-client queues; we knowingly trade that for exact resume: a client's stream
-is then simply "these partitions from these offsets", so a position vector (see
-api/positions.py) resumes it with no gap and no duplicate however many partitions there
-are. The cost is one consumer (a few connections, a fetch loop) per client, bounded by
-``Settings.sse_max_clients``.
+One shared consumer per layout and API process (a ``Tap``) reads the topics from the
+moment the first client came, keeps a window of the latest records, and fans them out:
+each client walks the window at its own pace with its own filter, so a client that stops
+reading holds nothing up; one that falls out of the window is dropped (it reconnects with
+its Last-Event-ID). A client resuming from a position the window no longer covers, or
+asking for ``from=beginning``, gets a consumer of its own (``assign`` + ``seek``) instead.
 
 A message's SSE id is the vector of next offsets *after* it, over every partition of the
-stream; records skipped by the filter or undecodable still advance their partition, so
-an id always says exactly what the client has been offered.
+stream (api/positions.py); records skipped by the filter or undecodable still advance
+their partition, so an id always says exactly what the client has been offered, and
+resuming from it gives no gap and no duplicate whichever path serves the client.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,6 +45,158 @@ def _header(record: Any, name: str) -> str:
         if key == name:
             return value.decode("utf-8", "replace")
     return ""
+
+
+@dataclass
+class _Entry:
+    """One record in a tap's window; decoded at most once, on first demand."""
+
+    seq: int
+    tp: TopicPartition
+    offset: int
+    record: Any
+    decoded: StoredEvent | None = None
+    undecodable: bool = False
+
+    def event(self) -> StoredEvent | None:
+        if self.decoded is None and not self.undecodable:
+            try:
+                self.decoded = decode_event(self.record)
+            except DecodeError:
+                self.undecodable = True  # the projector dead-letters it; streams skip it
+        return self.decoded
+
+
+class Tap:
+    """The shared consumer of one layout: reads from the end of the log as of its start,
+    keeps the last ``window`` records, and wakes the clients walking it."""
+
+    def __init__(self, bootstrap_servers: str, layout: Layout, window: int = 20_000) -> None:
+        self.layout = layout
+        self.window = window
+        self.entries: deque[_Entry] = deque()
+        self.next_seq = 0
+        #: Per partition, the lowest offset the window still answers for.
+        self.floor: dict[TopicPartition, int] = {}
+        #: Per partition, the next offset after the last record taken in.
+        self.position: dict[TopicPartition, int] = {}
+        self._consumer: AIOKafkaConsumer = kafka.consumer(bootstrap_servers)
+        self._changed = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Assign every partition at its end and start reading."""
+        c = self._consumer
+        await c.start()
+        tps = list(self.layout.partitions)
+        c.assign(tps)
+        await c.seek_to_end(*tps)
+        for tp in tps:
+            self.position[tp] = self.floor[tp] = await c.position(tp)
+        self._task = asyncio.create_task(self._read(), name=f"sse-tap-{len(tps)}")
+
+    async def _read(self) -> None:
+        while True:
+            batch = await self._consumer.getmany(timeout_ms=1000, max_records=1000)
+            if not batch:
+                continue
+            for tp, records in batch.items():
+                for record in records:
+                    self.entries.append(_Entry(self.next_seq, tp, record.offset, record))
+                    self.next_seq += 1
+                    self.position[tp] = record.offset + 1
+            while len(self.entries) > self.window:
+                gone = self.entries.popleft()
+                self.floor[gone.tp] = gone.offset + 1
+            self._changed.set()
+            self._changed = asyncio.Event()
+
+    def covers(self, start: dict[TopicPartition, int]) -> bool:
+        """True when every record at or after ``start`` is still in (or yet to come to)
+        the window."""
+        return all(start[tp] >= self.floor[tp] for tp in self.layout.partitions)
+
+    def since(self, seq: int) -> list[_Entry] | None:
+        """The entries from ``seq`` on; None when ``seq`` has left the window."""
+        if not self.entries:
+            return [] if seq >= self.next_seq else None
+        first = self.entries[0].seq
+        if seq < first:
+            return None
+        return list(self.entries)[seq - first :] if seq < self.next_seq else []
+
+    async def wait(self, seq: int) -> None:
+        """Until an entry with ``seq`` (or later) exists."""
+        while self.next_seq <= seq:
+            await self._changed.wait()
+
+    async def close(self) -> None:
+        """Stop reading."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+        with contextlib.suppress(Exception):
+            await self._consumer.stop()
+
+
+class TapStream:
+    """One client served from a shared Tap: its own offsets vector and filter."""
+
+    def __init__(
+        self,
+        hub: StreamHub,
+        tap: Tap,
+        keep: Filter,
+        pre: HeaderFilter | None,
+        start: dict[TopicPartition, int] | None,
+    ) -> None:
+        self.hub = hub
+        self.tap = tap
+        self.keep = keep
+        self.pre = pre
+        # Live: from the tap's position now; resumed: from the client's vector, walking
+        # the whole window (entries below the vector are skipped by offset).
+        self.offsets = dict(start) if start is not None else dict(tap.position)
+        self.cursor = tap.entries[0].seq if start is not None and tap.entries else tap.next_seq
+        self._closed = False
+
+    async def events(self) -> AsyncIterator[ServerSentEvent]:
+        """The stream's messages until the client goes or falls out of the window."""
+        layout = self.tap.layout
+        try:
+            while True:
+                entries = self.tap.since(self.cursor)
+                if entries is None:
+                    return  # fell behind the window: dropped; it resumes from its last id
+                if not entries:
+                    await self.tap.wait(self.cursor)
+                    continue
+                self.cursor = entries[-1].seq + 1
+                for e in entries:
+                    if e.offset < self.offsets[e.tp]:
+                        continue  # already offered before the client resumed
+                    self.offsets[e.tp] = e.offset + 1
+                    if self.pre is not None and not self.pre(
+                        _header(e.record, "ce_type"), _header(e.record, "ce_subject")
+                    ):
+                        continue
+                    stored = e.event()
+                    if stored is None or not self.keep(stored):
+                        continue
+                    yield ServerSentEvent(
+                        id=layout.encode(self.offsets),
+                        event=stored.type,
+                        data=orjson.dumps(stored.to_json()).decode(),
+                    )
+        finally:
+            await self.close()
+
+    async def close(self) -> None:
+        """Free the client's slot (idempotent)."""
+        if not self._closed:
+            self._closed = True
+            self.hub.release(self)
 
 
 class EventStream:
@@ -74,16 +227,7 @@ class EventStream:
         tps = list(self.layout.partitions)
         c.assign(tps)
         if start is not None:
-            ends = await c.end_offsets(tps)
-            beyond = [tp for tp in tps if start[tp] > ends[tp]]
-            if beyond:
-                raise Problem(
-                    400,
-                    "bad_position",
-                    "Last-Event-ID is past the end of "
-                    + ", ".join(f"{tp.topic}/{tp.partition}" for tp in beyond),
-                    field="Last-Event-ID",
-                )
+            await _refuse_past_end(c, start)
             for tp in tps:
                 c.seek(tp, start[tp])
         elif from_beginning:
@@ -132,16 +276,39 @@ class EventStream:
 
 @dataclass
 class StreamHub:
-    """Counts and tracks the open streams of one API process; caps them at ``max_clients``."""
+    """The SSE side of one API process: the shared taps, and the open streams, capped at
+    ``max_clients``."""
 
     bootstrap_servers: str
     max_clients: int
     metrics: Metrics
     retry_after_s: int = 5
-    open_streams: set[EventStream] = field(default_factory=set)
+    window: int = 20_000
+    open_streams: set[EventStream | TapStream] = field(default_factory=set)
+    taps: dict[Layout, Tap] = field(default_factory=dict)
+    _tap_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
-    def stream(self, layout: Layout, keep: Filter, pre: HeaderFilter | None = None) -> EventStream:
-        """A new stream, holding one client slot; 503 problem with Retry-After when full."""
+    async def tap(self, layout: Layout) -> Tap:
+        """The shared tap of ``layout``, started on first use."""
+        async with self._tap_lock:
+            tap = self.taps.get(layout)
+            if tap is None:
+                tap = Tap(self.bootstrap_servers, layout, self.window)
+                await tap.start()
+                self.taps[layout] = tap
+            return tap
+
+    async def open(
+        self,
+        layout: Layout,
+        keep: Filter,
+        pre: HeaderFilter | None,
+        start: dict[TopicPartition, int] | None,
+        from_beginning: bool,
+    ) -> EventStream | TapStream:
+        """A stream holding one client slot (503 problem with Retry-After when full):
+        from the shared tap when it can serve ``start``, else with a consumer of its own.
+        A ``start`` past the end of a partition is a 400 problem."""
         if len(self.open_streams) >= self.max_clients:
             raise Problem(
                 503,
@@ -149,20 +316,62 @@ class StreamHub:
                 f"this API process serves at most {self.max_clients} streams; retry later",
                 headers={"Retry-After": str(self.retry_after_s)},
             )
-        s = EventStream(self, self.bootstrap_servers, layout, keep, pre)
+        stream: EventStream | TapStream
+        if not from_beginning:
+            tap = await self.tap(layout)
+            if start is None or tap.covers(start):
+                if start is not None:
+                    await _refuse_past_end(tap._consumer, start, tap.position)
+                stream = TapStream(self, tap, keep, pre, start)
+                self._add(stream)
+                return stream
+        stream = EventStream(self, self.bootstrap_servers, layout, keep, pre)
+        self._add(stream)
+        try:
+            await stream.open(start, from_beginning)
+        except BaseException:
+            await stream.close()
+            raise
+        return stream
+
+    def _add(self, s: EventStream | TapStream) -> None:
         self.open_streams.add(s)
         self.metrics.sse_clients.set(len(self.open_streams))
-        return s
 
-    def release(self, s: EventStream) -> None:
+    def release(self, s: EventStream | TapStream) -> None:
         """Give back the slot of ``s``."""
         self.open_streams.discard(s)
         self.metrics.sse_clients.set(len(self.open_streams))
 
     async def close_all(self) -> None:
-        """Close every open stream (app shutdown)."""
-        streams: Iterable[EventStream] = list(self.open_streams)
+        """Close every open stream and tap (app shutdown)."""
+        streams: Iterable[EventStream | TapStream] = list(self.open_streams)
         await asyncio.gather(*(s.close() for s in streams), return_exceptions=True)
+        await asyncio.gather(*(t.close() for t in self.taps.values()), return_exceptions=True)
+        self.taps.clear()
+
+
+async def _refuse_past_end(
+    consumer: AIOKafkaConsumer,
+    start: dict[TopicPartition, int],
+    known: dict[TopicPartition, int] | None = None,
+) -> None:
+    """400 problem when ``start`` is past the end of a partition: the consumer would
+    otherwise reset to the earliest offset and send duplicates. ``known`` positions
+    (already read, so certainly not past the end) spare the round trip."""
+    suspect = [tp for tp in start if known is None or start[tp] > known.get(tp, -1)]
+    if not suspect:
+        return
+    ends = await consumer.end_offsets(suspect)
+    beyond = [tp for tp in suspect if start[tp] > ends[tp]]
+    if beyond:
+        raise Problem(
+            400,
+            "bad_position",
+            "Last-Event-ID is past the end of "
+            + ", ".join(f"{tp.topic}/{tp.partition}" for tp in beyond),
+            field="Last-Event-ID",
+        )
 
 
 async def sse_response(
@@ -184,12 +393,7 @@ async def sse_response(
             start = layout.decode(last_event_id)
         except ValueError as exc:
             raise Problem(400, "bad_position", str(exc), field="Last-Event-ID") from None
-    stream = hub.stream(layout, keep, pre)
-    try:
-        await stream.open(start, from_beginning)
-    except BaseException:
-        await stream.close()
-        raise
+    stream = await hub.open(layout, keep, pre, start, from_beginning)
     return EventSourceResponse(
         stream.events(),
         ping=ping_s,

@@ -316,8 +316,8 @@ def render(console: Console, summary: dict[str, Any], extra: dict[str, Any]) -> 
         title_justify="left",
     )
     f.add_column("cyclomatic complexity", justify="right")
-    f.add_column("function")
-    f.add_column("module")
+    f.add_column("function", overflow="fold")
+    f.add_column("module", overflow="fold")
     f.add_column("line", justify="right")
     for row in summary["findings"]:
         f.add_row(str(row["complexity"]), row["function"], row["module"], str(row["line"]))

@@ -4,7 +4,7 @@ The score is a weighted mean of five terms, each in [0, 1]:
 
 - skill: the mean of the agent's levels in the task's required capabilities
   (1.0 when the task requires none);
-- reliability: the agent's recent success rate with Laplace smoothing,
+- reliability: the agent's success rate over its history, with Laplace smoothing,
   ``(completed + 1) / (completed + failed + 2)`` (rule of succession), so a new
   agent starts at 0.5 rather than 0 or 1;
 - headroom: ``1 - load / max_concurrent_tasks``, spreading work;

@@ -48,6 +48,7 @@ class Position:
     offset: int
 
     def as_dict(self) -> dict[str, Any]:
+        """``{"topic", "partition", "offset"}``."""
         return {"topic": self.topic, "partition": self.partition, "offset": self.offset}
 
 

@@ -235,12 +235,17 @@ class Projector:
             # The stored offsets, locked: records below them were projected already (by
             # this copy before a rebalance, or by another copy); they are skipped, so a
             # record is applied once whatever the consumer hands out.
+            tps = sorted(set(batch) | set(positions))
             stored = {
                 (rec["topic"], rec["partition"]): rec["next_offset"]
                 for rec in await conn.fetch(
-                    f"SELECT topic, partition, next_offset FROM {s}.projection_offsets"
-                    " WHERE projection = $1 ORDER BY topic, partition FOR UPDATE",
+                    f"SELECT o.topic, o.partition, o.next_offset FROM {s}.projection_offsets o"
+                    " JOIN unnest($2::text[], $3::int[]) AS b(topic, partition)"
+                    " USING (topic, partition) WHERE o.projection = $1"
+                    " ORDER BY o.topic, o.partition FOR UPDATE OF o",
                     PROJECTION,
+                    [tp.topic for tp in tps],
+                    [tp.partition for tp in tps],
                 )
             }
             events: list[StoredEvent] = []

@@ -130,6 +130,7 @@ class SchedulerRunner:
                             apply(self.view, decode_event(record))
                         except DecodeError:
                             continue  # the projector dead-letters it; we only skip it
+                await election.getmany(timeout_ms=0)  # stay in the group while catching up
                 if not self.caught_up.is_set():
                     if all([await consumer.position(tp) >= ends[tp] for tp in tps]):
                         self.caught_up.set()
@@ -141,7 +142,6 @@ class SchedulerRunner:
                 if changed or now - self._planned_at >= self.idle_plan_s:
                     self._planned_at = now
                     await self._tick(client)
-                await election.getmany(timeout_ms=0)
         finally:
             await consumer.stop()
 

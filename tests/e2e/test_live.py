@@ -201,3 +201,39 @@ async def test_streams_past_the_limit_get_a_503_with_retry_after(swarm) -> None:
     assert await swarm.eventually(slot_free, timeout_s=10, what="the closed stream's slot")
     metrics = (await c.get("/metrics")).text
     assert "swarmlog_sse_clients" in metrics
+
+
+async def test_a_live_stream_resumes_from_the_shared_window_with_no_gap_and_no_duplicate(
+    swarm,
+) -> None:
+    # Live streams share one consumer per API process; a client that drops and comes back
+    # with its Last-Event-ID is served from that consumer's window of recent records.
+    c = swarm.client
+    async with aconnect_sse(c, "GET", "/events", params={"type": "io.swarmlog.agent.*"}) as es:
+        assert es.response.status_code == 200
+        events = es.aiter_sse()
+        await asyncio.sleep(0.5)  # the stream is open and following from now
+        writes = await register(c, "win-a")
+        (first,) = await take(events, 1)
+    assert cloudevent(first)["subject"] == "win-a"
+    for a in ("win-b", "win-c"):
+        writes += await register(c, a)
+    r = await c.post("/agents/win-a/start")
+    writes.append(r.json())
+
+    async with aconnect_sse(
+        c, "GET", "/events", params={"type": "io.swarmlog.agent.*"},
+        headers={"Last-Event-ID": first.id},
+    ) as es:
+        events = es.aiter_sse()
+        rest = await take(events, 3)
+        await nothing_more(events)
+
+    got = [cloudevent(s)["id"] for s in rest]
+    logged = [
+        e["id"]
+        for a in ("win-a", "win-b", "win-c")
+        for e in await history(c, "agent", a, after=positions(*writes))
+    ]
+    assert cloudevent(first)["id"] in logged
+    assert sorted(got) == sorted(set(logged) - {cloudevent(first)["id"]})

@@ -112,19 +112,31 @@ async def test_redis_answers_ping(services: StackInfo) -> None:
 
 
 def test_second_up_reuses_the_running_services(
-    services: StackInfo, stack_state_dir: Path | None
+    services: StackInfo,
+    stack_state_dir: Path | None,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    if stack_state_dir is None or not services.started:
-        pytest.skip("the environment names the services; this session started no stack")
-    before = status(stack_state_dir)
+    own_stack = stack_state_dir is None  # the environment names services: start our own
+    state_dir = tmp_path / "own" if own_stack else stack_state_dir
+    assert state_dir is not None
+    if own_stack:
+        for name in ("KAFKA_BOOTSTRAP_SERVERS", "DATABASE_URL", "REDIS_URL"):
+            monkeypatch.delenv(name, raising=False)
+    try:
+        first = up(state_dir, console=Console(stderr=True)) if own_stack else services
+        before = status(state_dir)
 
-    again = up(stack_state_dir, console=Console(stderr=True))
+        again = up(state_dir, console=Console(stderr=True))
 
-    after = status(stack_state_dir)
-    assert again == services
-    assert all(service["running"] for service in after)
-    assert [s["pid"] for s in after] == [s["pid"] for s in before]
-    assert all(isinstance(s["pid"], int) for s in after)
+        after = status(state_dir)
+        assert again == first
+        assert all(service["running"] for service in after)
+        assert [s["pid"] for s in after] == [s["pid"] for s in before]
+        assert all(isinstance(s["pid"], int) for s in after)
+    finally:
+        if own_stack:
+            down(state_dir, purge=True)
 
 
 def test_up_starts_nothing_when_the_environment_names_services(
