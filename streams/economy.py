@@ -35,6 +35,7 @@ arrives (then both are forgotten).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Container
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -46,6 +47,10 @@ from domain import task as tk
 from domain.economy import TREASURY, EconomyParameters, Tier, reward_amount, slash_amount
 from domain.messages import Command
 from infra.codec import StoredEvent, derived_id
+
+# A pending reward or credit is planned again on every tick until its event arrives, and
+# uuid5 is most of a tick's cost under load: remember the ids (one string per cause).
+_id = functools.lru_cache(maxsize=1 << 20)(derived_id)
 
 
 @dataclass
@@ -192,20 +197,20 @@ def plan(view: EconomyView, now: datetime, skip: Container[str] = ()) -> list[Pl
     passes its in-flight ids, so a long backlog is not rebuilt on every tick)."""
     out: list[Planned] = []
     for agent_id in sorted(view.accounts_due):
-        if derived_id("open-account", agent_id) in skip:
+        if _id("open-account", agent_id) in skip:
             continue
         out.append(
             Planned(
-                derived_id("open-account", agent_id),
+                _id("open-account", agent_id),
                 ac.OpenAccount(account_id=agent_id, holder="agent", at=now),
             )
         )
     for cause, r in view.rewards.items():
-        if derived_id("reward", cause) in skip:
+        if _id("reward", cause) in skip:
             continue
         out.append(
             Planned(
-                derived_id("reward", cause),
+                _id("reward", cause),
                 ac.PayReward(
                     account_id=TREASURY, to=r.agent_id, amount=r.amount, task_id=r.task_id,
                     cause=cause, at=now,
@@ -215,11 +220,11 @@ def plan(view: EconomyView, now: datetime, skip: Container[str] = ()) -> list[Pl
     for cause, s in view.slashes.items():
         if slash_amount(view.staked.get(s.agent_id, 0), s.rate_bp) == 0:
             continue  # unstaked since: the decider would refuse it
-        if derived_id("slash", cause) in skip:
+        if _id("slash", cause) in skip:
             continue
         out.append(
             Planned(
-                derived_id("slash", cause),
+                _id("slash", cause),
                 ac.SlashStake(
                     account_id=s.agent_id, rate_bp=s.rate_bp, task_id=s.task_id, cause=cause,
                     at=now,
@@ -227,12 +232,12 @@ def plan(view: EconomyView, now: datetime, skip: Container[str] = ()) -> list[Pl
             )
         )
     for debit_id, d in view.debits.items():
-        if derived_id("credit", debit_id) in skip:
+        if _id("credit", debit_id) in skip:
             continue
         credit_cls = ac.AccrueReward if d.kind == "reward" else ac.ReceiveTransfer
         out.append(
             Planned(
-                derived_id("credit", debit_id),
+                _id("credit", debit_id),
                 credit_cls(
                     account_id=d.to, transfer_id=debit_id, from_account=d.source,
                     amount=d.amount, kind=d.kind, task_id=d.task_id, at=now,
@@ -243,7 +248,7 @@ def plan(view: EconomyView, now: datetime, skip: Container[str] = ()) -> list[Pl
         if p.status == "open" and now >= p.closes_at:
             out.append(
                 Planned(
-                    derived_id("close", pid, p.version),
+                    _id("close", pid, p.version),
                     pr.CloseProposal(proposal_id=pid, at=now),
                     p.version,
                 )
@@ -251,7 +256,7 @@ def plan(view: EconomyView, now: datetime, skip: Container[str] = ()) -> list[Pl
         elif p.status == "passed":
             out.append(
                 Planned(
-                    derived_id("execute", pid, p.version),
+                    _id("execute", pid, p.version),
                     pr.ExecuteProposal(proposal_id=pid, at=now),
                     p.version,
                 )
