@@ -1,36 +1,23 @@
-"""The thin Kafka runner of the process managers (streams/scheduler.py owns the decisions).
+"""The thin Kafka runner of the scheduler (streams/scheduler.py owns the decisions).
 
-Why aiokafka here and not a faust-streaming agent (DESIGN.md says Faust): the scheduler
-needs one view of *all* agents and *all* unfinished tasks, across every partition of two
-topics. A Faust agent in a consumer group sees only its share of the partitions, and a
-global table is where Faust's recovery hangs live (faust-streaming #74, #651). So the
-runner reads every partition itself (no group, read_committed), and copies elect one
-leader through a consumer group on the one-partition coordination topic: the copy that
-is assigned that partition schedules; the others stand by and take over on rebalance.
-
-Delivery is at-least-once: commands carry ids derived from the aggregate version they
-act on, so a resend (after a restart, or while an outcome is slow) is dropped by the
-decider.
+Election, rebuilding the view and when to plan are streams/leader.py's; this runner
+folds the event topics and remembers what it sent: a command not answered by an
+event within ``resend_s`` is planned (and sent, same id) again, and an assignment in
+flight holds a slot of its agent until the task's next event arrives.
 """
 
 from __future__ import annotations
 
-import asyncio
-import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 
-import structlog
-from aiokafka import ConsumerRebalanceListener, TopicPartition
-
 from commands.client import CommandClient
-from infra import kafka
-from infra.clock import Clock, SystemClock
-from infra.codec import CommandEnvelope, DecodeError, decode_event
+from infra.clock import Clock
+from infra.codec import StoredEvent
 from infra.topics import Topics
+from streams.leader import ElectedRunner
 from streams.scheduler import Planned, Policy, SchedulerView, apply, plan
-
-log = structlog.get_logger("swarmlog.streams")
 
 
 @dataclass
@@ -40,12 +27,14 @@ class _Inflight:
     task_version: int | None
 
 
-class SchedulerRunner:
-    """Runs the scheduler: elect, rebuild the view from the log, then tick.
+class SchedulerRunner(ElectedRunner):
+    """Runs the scheduler: elect, rebuild the view from the log, then plan.
 
-    ``tick_s`` is how often it plans (seconds); a command not answered by an event
+    ``tick_s`` is the longest a read waits (seconds); a command not answered by an event
     within ``resend_s`` seconds is planned (and sent, same id) again.
     """
+
+    name = "scheduler"
 
     def __init__(
         self,
@@ -58,94 +47,30 @@ class SchedulerRunner:
         resend_s: float = 3.0,
         source: str = "/swarmlog/scheduler",
     ) -> None:
-        self.bootstrap = bootstrap_servers
-        self.topics = topics
+        super().__init__(bootstrap_servers, topics, clock=clock, tick_s=tick_s, source=source)
         self.policy = policy or Policy()
-        self.clock = clock or SystemClock()
-        self.tick_s = tick_s
         self.resend_s = resend_s
-        self.source = source
-        self.idle_plan_s = min(0.5, max(tick_s, 0.05))
-        self._planned_at = 0.0
         self.view = SchedulerView()
-        self.leader = asyncio.Event()
-        self.caught_up = asyncio.Event()
-        self.sent = 0
         self._inflight: dict[str, _Inflight] = {}
 
-    async def run(self, stop: asyncio.Event) -> None:
-        """Stand by until elected, then schedule until ``stop`` is set or leadership is lost."""
-        runner = self
+    def read_topics(self) -> Iterable[str]:
+        """Every event topic: agents and tasks, and accounts for the agents' tiers."""
+        return self.topics.event_topics.values()
 
-        class Election(ConsumerRebalanceListener):
-            async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
-                if revoked:
-                    runner.leader.clear()
-
-            async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
-                if assigned:
-                    runner.leader.set()
-
-        election = kafka.consumer(
-            self.bootstrap,
-            group_id=f"{self.topics.prefix}-scheduler",
-            session_timeout_ms=10_000,
-            heartbeat_interval_ms=1_000,
-        )
-        election.subscribe([self.topics.coordination], listener=Election())
-        await election.start()
-        client = CommandClient(self.bootstrap, self.topics, follow_outcomes=False)
-        await client.start()
-        try:
-            while not stop.is_set():
-                await election.getmany(timeout_ms=100)
-                if not self.leader.is_set():
-                    continue
-                log.info("elected scheduler leader")
-                await self._lead(stop, election, client)
-        finally:
-            await client.stop()
-            await election.stop()
-
-    async def _lead(self, stop: asyncio.Event, election, client: CommandClient) -> None:  # type: ignore[no-untyped-def]
+    def reset(self) -> None:
+        """A fresh view; nothing in flight."""
         self.view = SchedulerView()
         self._inflight.clear()
-        self.caught_up.clear()
-        tps: list[TopicPartition] = []
-        for topic in self.topics.event_topics.values():
-            tps += await kafka.partitions_of(self.bootstrap, topic)
-        consumer = kafka.consumer(self.bootstrap)
-        await consumer.start()
-        try:
-            consumer.assign(tps)
-            for tp in tps:
-                await consumer.seek_to_beginning(tp)
-            ends = await consumer.end_offsets(tps)
-            while not stop.is_set() and self.leader.is_set():
-                batch = await consumer.getmany(timeout_ms=int(self.tick_s * 1000), max_records=5000)
-                changed = bool(batch)
-                for records in batch.values():
-                    for record in records:
-                        try:
-                            apply(self.view, decode_event(record))
-                        except DecodeError:
-                            continue  # the projector dead-letters it; we only skip it
-                await election.getmany(timeout_ms=0)  # stay in the group while catching up
-                if not self.caught_up.is_set():
-                    if all([await consumer.position(tp) >= ends[tp] for tp in tps]):
-                        self.caught_up.set()
-                        log.info("scheduler view rebuilt", agents=len(self.view.agents),
-                                 tasks=len(self.view.tasks))
-                    continue
-                # Plan when the view changed, and at least every `idle_plan_s` for timers.
-                now = time.monotonic()
-                if changed or now - self._planned_at >= self.idle_plan_s:
-                    self._planned_at = now
-                    await self._tick(client)
-        finally:
-            await consumer.stop()
 
-    async def _tick(self, client: CommandClient) -> None:
+    def apply(self, stored: StoredEvent) -> None:
+        """Fold one agent or task event into the view."""
+        apply(self.view, stored)
+
+    def describe(self) -> dict[str, int]:
+        """Agents and unfinished tasks in the view."""
+        return {"agents": len(self.view.agents), "tasks": len(self.view.tasks)}
+
+    async def tick(self, client: CommandClient) -> None:
         """Plan, and send what is new."""
         now = self.clock.now()
         for cid, inf in list(self._inflight.items()):
@@ -164,20 +89,8 @@ class SchedulerRunner:
         ]
         if not fresh:
             return
-        await client.send_many(
-            [
-                CommandEnvelope(
-                    command_id=p.command_id,
-                    command=p.command,
-                    correlation_id=p.command_id,
-                    expected_version=p.expected_version,
-                    source=self.source,
-                )
-                for p in fresh
-            ]
-        )
+        await self.send(client, [(p.command_id, p.command, p.expected_version) for p in fresh])
         for p in fresh:
             task = self.view.tasks.get(p.task_id or "")
             self._inflight[p.command_id] = _Inflight(now, p, task.version if task else None)
-        self.sent += len(fresh)
 
