@@ -287,6 +287,24 @@ class Projector:
         if touched_accounts:
             await self._sync_economy_redis(pool, r, touched_accounts)
 
+    async def _archive(self, conn: asyncpg.Connection, fresh: list[StoredEvent]) -> None:
+        """Insert ``fresh`` events into the event archive, in one executemany."""
+        if not fresh:
+            return
+        await conn.executemany(
+            self._insert_event,
+            [
+                (
+                    e.position.topic, e.position.partition, e.position.offset, e.id,  # type: ignore[union-attr]
+                    e.aggregate_type, e.aggregate_id, e.version,
+                    event_ce_type(e.aggregate_type, e.event.event_type), e.time,
+                    e.correlation_id, e.causation_id, e.event.schema_version,
+                    e.event.model_dump_json(),
+                )
+                for e in fresh
+            ],
+        )
+
     async def _apply(
         self, conn: asyncpg.Connection, events: list[StoredEvent]
     ) -> tuple[set[str], set[str]]:
@@ -339,20 +357,7 @@ class Projector:
         touched_tasks = {e.aggregate_id for e in fresh if e.aggregate_type == "task"}
         holders |= {t["agent_id"] for t in tasks.values() if t.get("agent_id")}
         holders |= {a for a, _ in counters}
-        if fresh:
-            await conn.executemany(
-                self._insert_event,
-                [
-                    (
-                        e.position.topic, e.position.partition, e.position.offset, e.id,  # type: ignore[union-attr]
-                        e.aggregate_type, e.aggregate_id, e.version,
-                        event_ce_type(e.aggregate_type, e.event.event_type), e.time,
-                        e.correlation_id, e.causation_id, e.event.schema_version,
-                        e.event.model_dump_json(),
-                    )
-                    for e in fresh
-                ],
-            )
+        await self._archive(conn, fresh)
         if touched_agents:
             await conn.executemany(
                 self._upsert_agent,
@@ -480,20 +485,7 @@ class Projector:
                     votes.append((ev.proposal_id, ev.voter, ev.choice, ev.power, e.time))
                 elif isinstance(ev, pr.ProposalExecuted):
                     changes.append((e, ev.change))
-        if fresh:
-            await conn.executemany(
-                self._insert_event,
-                [
-                    (
-                        e.position.topic, e.position.partition, e.position.offset, e.id,  # type: ignore[union-attr]
-                        e.aggregate_type, e.aggregate_id, e.version,
-                        event_ce_type(e.aggregate_type, e.event.event_type), e.time,
-                        e.correlation_id, e.causation_id, e.event.schema_version,
-                        e.event.model_dump_json(),
-                    )
-                    for e in fresh
-                ],
-            )
+        await self._archive(conn, fresh)
         if touched_accounts:
             await conn.executemany(
                 self._upsert_account,

@@ -17,10 +17,10 @@ import sys
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol, Self
+from typing import TYPE_CHECKING, Any, Protocol, Self
 
 from aiokafka import TopicPartition
 
@@ -36,6 +36,9 @@ from infra.codec import (
 )
 from infra.stack import StackInfo
 from infra.topics import Topics, ensure_topics
+
+if TYPE_CHECKING:
+    from commands.client import CommandClient
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -317,3 +320,33 @@ class EventFollower:
             what=f"{count} x {cls.__name__} {fields or ''}",
         )
         return self.of(cls, **fields)
+
+
+@contextlib.asynccontextmanager
+async def processor_with_client(
+    bootstrap: str,
+) -> AsyncIterator[tuple[Topics, CommandClient, EventFollower]]:
+    """Fresh topics, an in-process command processor that owns every partition, a started
+    CommandClient and an EventFollower: what the process-manager tests stand on. On exit
+    the processor must not have crashed (``Running.check``)."""
+    from commands.client import CommandClient
+    from commands.processor import CommandProcessor
+
+    topics = await fresh_topics(bootstrap)
+    client = CommandClient(bootstrap, topics)
+    await client.start()
+    processor = CommandProcessor(bootstrap, topics)
+    r = Running(processor, "processor")
+    try:
+        await wait_until(
+            lambda: r.check() or len(processor.partitions) == topics.partitions,
+            30,
+            what="the processor to own every partition",
+        )
+        async with EventFollower(bootstrap, topics) as log:
+            yield topics, client, log
+        r.check()
+    finally:
+        if not r.task.done():
+            await r.stop()
+        await client.stop()

@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 
 from commands.client import CommandClient
-from commands.processor import CommandProcessor
 from domain import account as ac
 from domain import agent as ag
 from domain import proposal as pr
@@ -33,8 +32,8 @@ from tests.integration.helpers import (
     RoleProcess,
     Running,
     envelope,
-    fresh_topics,
     now,
+    processor_with_client,
     read_events,
     role_env,
     wait_until,
@@ -87,21 +86,8 @@ class World:
 @pytest.fixture
 async def world(services: StackInfo) -> AsyncIterator[World]:
     bootstrap = services.kafka_bootstrap_servers
-    topics = await fresh_topics(bootstrap)
-    client = CommandClient(bootstrap, topics)
-    await client.start()
-    processor = CommandProcessor(bootstrap, topics)
-    r = Running(processor, "processor")
-    try:
-        await wait_until(lambda: r.check() or len(processor.partitions) == 3, 30,
-                         what="the processor to own every partition")
-        async with EventFollower(bootstrap, topics) as log:
-            yield World(bootstrap, topics, client, log, ManualClock(start=now()))
-        r.check()
-    finally:
-        if not r.task.done():
-            await r.stop()
-        await client.stop()
+    async with processor_with_client(bootstrap) as (topics, client, log):
+        yield World(bootstrap, topics, client, log, ManualClock(start=now()))
 
 
 async def leading(runner: EconomyRunner, running: Running) -> None:

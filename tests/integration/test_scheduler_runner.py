@@ -18,7 +18,6 @@ from datetime import datetime, timedelta
 import pytest
 
 from commands.client import CommandClient
-from commands.processor import CommandProcessor
 from domain import agent as ag
 from domain import task as tk
 from infra.clock import Clock, ManualClock
@@ -30,8 +29,8 @@ from tests.integration.helpers import (
     EventFollower,
     Running,
     envelope,
-    fresh_topics,
     now,
+    processor_with_client,
     wait_until,
 )
 
@@ -96,24 +95,8 @@ class Swarm:
 @pytest.fixture
 async def swarm(services: StackInfo) -> AsyncIterator[Swarm]:
     bootstrap = services.kafka_bootstrap_servers
-    topics = await fresh_topics(bootstrap)
-    client = CommandClient(bootstrap, topics)
-    await client.start()
-    processor = CommandProcessor(bootstrap, topics)
-    r = Running(processor, "processor")
-    try:
-        await wait_until(
-            lambda: r.check() or len(processor.partitions) == 3,
-            30,
-            what="the processor to own every partition",
-        )
-        async with EventFollower(bootstrap, topics) as log:
-            yield Swarm(bootstrap, topics, client, log, ManualClock(start=now()))
-        r.check()
-    finally:
-        if not r.task.done():
-            await r.stop()
-        await client.stop()
+    async with processor_with_client(bootstrap) as (topics, client, log):
+        yield Swarm(bootstrap, topics, client, log, ManualClock(start=now()))
 
 
 async def leading(runner: Running, timeout: float = 30.0) -> None:
