@@ -1,5 +1,5 @@
-"""domain/ stays pure (STYLE.md rule 1): it imports only the standard library, pydantic
-and itself, and never reads a clock or makes an id on its own."""
+"""domain/ stays pure (STYLE.md rule 1): it imports only the standard library, pydantic,
+jmespath and itself, and never reads a clock or makes an id on its own."""
 
 from __future__ import annotations
 
@@ -10,7 +10,10 @@ from pathlib import Path
 import pytest
 
 DOMAIN = Path(__file__).resolve().parents[2] / "domain"
-ALLOWED_THIRD_PARTY = {"pydantic", "pydantic_core", "annotated_types", "typing_extensions"}
+# jmespath is a pure expression evaluator (no IO, no clock): workflow conditions use it.
+ALLOWED_THIRD_PARTY = {
+    "pydantic", "pydantic_core", "annotated_types", "typing_extensions", "jmespath"
+}
 # Standard library, but IO, clocks or randomness: the domain gets these handed in instead.
 FORBIDDEN_STDLIB = {
     "asyncio",

@@ -1,0 +1,681 @@
+"""The WorkflowRun aggregate: one execution of a workflow definition, step by step.
+
+The run's decider owns the DAG's logic: it is handed what happened to a step's task
+(``RecordStepTaskOutcome``, sent by the workflow process manager when the task ends)
+and decides, in one atomic list of events, what follows: the attempt's success or
+failure (a gate is checked here), a retry after backoff, the step's completion (a map
+step's once every item is done, its result the items' results in order), the steps that
+became ready (or are skipped: ``when`` false, or a dependency skipped), compensation,
+and the run's completion or failure. The process manager (streams/workflow.py) only
+carries out what the events say: it submits each ``StepTaskScheduled`` task once
+``not_before`` has passed, reports task outcomes back, and cancels the tasks a finished
+step or run left behind.
+
+Every unit of work is a *task* of a step: a plain step has one (index 0), a map step one
+per item. Attempt ``n`` of unit ``i`` of step ``s`` of run ``r`` is the task
+``wf-<uuid5(r/s/i/n)>``: deterministic, so the engine's submissions are idempotent and a
+replayed event never submits twice. A step's task is tried at most its retry policy's
+``max_attempts`` times (the task itself is submitted with ``max_attempts=1``, so the
+task aggregate never retries on its own: the workflow's policy is the only one).
+
+Step lifecycle::
+
+    pending -> running -> completed | failed           (when false / upstream skipped:
+    pending -> skipped                                  skipped; run ended: cancelled)
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime, timedelta
+from typing import Any, ClassVar, Literal
+
+from pydantic import Field
+
+from domain.backoff import backoff_seconds
+from domain.messages import Command, Decider, Event, Message, Rejection, rejected
+from domain.task import Priority
+from domain.workflow import ExpressionError, StepSpec, WorkflowSpec, evaluate, truthy
+
+RUN = "workflow_run"
+
+TASK_NAMESPACE = uuid.UUID("5b0c6e0e-3f7e-4f0b-9c44-9a1f6f7c2d10")
+"""The uuid5 namespace of workflow task ids."""
+
+TASK_PREFIX = "wf-"
+"""Every workflow task id starts with this (the engine tells them from other tasks)."""
+
+RunStatus = Literal["running", "compensating", "completed", "failed", "cancelled"]
+StepStatus = Literal["pending", "running", "completed", "failed", "skipped", "cancelled"]
+UnitStatus = Literal["scheduled", "succeeded", "failed"]
+RUN_TERMINAL: frozenset[str] = frozenset({"completed", "failed", "cancelled"})
+STEP_FINISHED: frozenset[str] = frozenset({"completed", "failed", "skipped", "cancelled"})
+
+
+def step_task_id(run_id: str, step_id: str, index: int, attempt: int) -> str:
+    """The task id of attempt ``attempt`` (1-based) of unit ``index`` of a step."""
+    return TASK_PREFIX + str(uuid.uuid5(TASK_NAMESPACE, f"{run_id}/{step_id}/{index}/{attempt}"))
+
+
+# ---------------------------------------------------------------------------------------
+# Commands
+
+
+class RunCommand(Command):
+    """A command addressed to one run, keyed by ``run_id``."""
+
+    aggregate_type: ClassVar[str] = RUN
+    id_field: ClassVar[str] = "run_id"
+    run_id: str = Field(min_length=1, max_length=128)
+
+
+class StartWorkflowRun(RunCommand):
+    """Start a run of ``workflow_id`` at ``version`` (``spec`` is that version, whole)."""
+
+    workflow_id: str
+    version: int
+    spec: WorkflowSpec
+    inputs: dict[str, Any] = Field(default_factory=dict)
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class RecordStepTaskOutcome(RunCommand):
+    """A step's task ended: ``succeeded`` with ``result``, or not, with ``error``."""
+
+    step_id: str
+    index: int = Field(ge=0)
+    attempt: int = Field(ge=1)
+    task_id: str
+    succeeded: bool
+    result: Any = None
+    error: str | None = None
+
+
+class CancelWorkflowRun(RunCommand):
+    """Cancel the run: no further step starts; the engine cancels its unfinished tasks."""
+
+    reason: str = Field(default="cancelled by user", max_length=2000)
+
+
+# ---------------------------------------------------------------------------------------
+# Events
+
+
+class RunEvent(Event):
+    """An event of one run."""
+
+    aggregate_type: ClassVar[str] = RUN
+    run_id: str
+
+
+class WorkflowRunStarted(RunEvent):
+    """The run started, on ``spec`` (version ``version`` of ``workflow_id``)."""
+
+    event_type: ClassVar[str] = "started"
+    workflow_id: str
+    version: int
+    spec: WorkflowSpec
+    inputs: dict[str, Any]
+    params: dict[str, Any]
+
+
+class StepStarted(RunEvent):
+    """The step became ready and started; ``items`` is a map step's list of items (the
+    value of its ``map.items`` expression; None for a plain step or when that was not a
+    list).
+
+    ``compensating_for`` names the failed step a compensation step runs for."""
+
+    event_type: ClassVar[str] = "step_started"
+    step_id: str
+    items: list[Any] | None = None
+    compensating_for: str | None = None
+
+
+class StepTaskScheduled(RunEvent):
+    """Attempt ``attempt`` of unit ``index`` is to run as task ``task_id``, not before
+    ``not_before`` (None: now). The engine submits it with these fields."""
+
+    event_type: ClassVar[str] = "step_task_scheduled"
+    step_id: str
+    index: int
+    attempt: int
+    task_id: str
+    task_type: str
+    payload: dict[str, Any]
+    required_capabilities: tuple[str, ...]
+    priority: Priority
+    run_timeout_s: float
+    not_before: datetime | None = None
+
+
+class StepTaskSucceeded(RunEvent):
+    """The unit's task succeeded with ``result`` (and passed the gate, for a plain step)."""
+
+    event_type: ClassVar[str] = "step_task_succeeded"
+    step_id: str
+    index: int
+    attempt: int
+    task_id: str
+    result: Any
+
+
+class StepTaskFailed(RunEvent):
+    """The unit's task failed (or its result failed the gate); retried at ``retry_at``
+    when set, else the unit has used every attempt."""
+
+    event_type: ClassVar[str] = "step_task_failed"
+    step_id: str
+    index: int
+    attempt: int
+    task_id: str
+    error: str
+    retry_at: datetime | None = None
+
+
+class StepCompleted(RunEvent):
+    """The step completed with ``result`` (a map step's: the list of its items' results)."""
+
+    event_type: ClassVar[str] = "step_completed"
+    step_id: str
+    result: Any
+
+
+class StepFailed(RunEvent):
+    """The step failed for good (``error``); its ``on_failure`` policy applies next."""
+
+    event_type: ClassVar[str] = "step_failed"
+    step_id: str
+    error: str
+
+
+class StepSkipped(RunEvent):
+    """The step will not run (its condition was false, or an upstream step was skipped)."""
+
+    event_type: ClassVar[str] = "step_skipped"
+    step_id: str
+    reason: str
+
+
+class WorkflowRunCompleted(RunEvent):
+    """Every step finished; ``result`` maps each final step (no dependents) to its result."""
+
+    event_type: ClassVar[str] = "completed"
+    result: dict[str, Any]
+
+
+class WorkflowRunFailed(RunEvent):
+    """The run failed because ``step_id`` failed; ``compensated`` if its compensation ran
+    successfully."""
+
+    event_type: ClassVar[str] = "failed"
+    step_id: str
+    error: str
+    compensated: bool = False
+
+
+class WorkflowRunCancelled(RunEvent):
+    """The run was cancelled."""
+
+    event_type: ClassVar[str] = "cancelled"
+    reason: str
+
+
+# ---------------------------------------------------------------------------------------
+# State
+
+
+class UnitState(Message):
+    """One unit of a step (the step's single task, or one map item): its current attempt."""
+
+    attempt: int
+    task_id: str
+    status: UnitStatus
+    result: Any = None
+    error: str | None = None
+
+
+class StepState(Message):
+    """One step of a run. ``items`` is a map step's item list (evaluated at start)."""
+
+    status: StepStatus = "pending"
+    units: dict[int, UnitState] = Field(default_factory=dict)
+    items: list[Any] | None = None
+    succeeded: int = 0
+    result: Any = None
+    error: str | None = None
+    compensating_for: str | None = None
+
+
+class RunState(Message):
+    """The write-side state of one run."""
+
+    run_id: str
+    workflow_id: str
+    version: int
+    spec: WorkflowSpec
+    inputs: dict[str, Any]
+    params: dict[str, Any]
+    status: RunStatus = "running"
+    steps: dict[str, StepState]
+    failed_step: str | None = None
+    failed_error: str | None = None
+
+
+def evolve(state: RunState | None, event: RunEvent) -> RunState | None:
+    """Apply a run event; never raises, never checks rules."""
+    if isinstance(event, WorkflowRunStarted):
+        return RunState(
+            run_id=event.run_id,
+            workflow_id=event.workflow_id,
+            version=event.version,
+            spec=event.spec,
+            inputs=event.inputs,
+            params=event.params,
+            steps={s.id: StepState() for s in event.spec.steps + event.spec.compensations},
+        )
+    if state is None:
+        return None
+
+    def step(sid: str, **update: Any) -> RunState:
+        current = state.steps.get(sid, StepState())
+        return state.model_copy(
+            update={"steps": {**state.steps, sid: current.model_copy(update=update)}}
+        )
+
+    def unit(sid: str, index: int, **update: Any) -> RunState:
+        current = state.steps.get(sid, StepState())
+        units = dict(current.units)
+        units[index] = units[index].model_copy(update=update)
+        extra = {"succeeded": current.succeeded + 1} if update.get("status") == "succeeded" else {}
+        return step(sid, units=units, **extra)
+
+    match event:
+        case StepStarted():
+            new = step(
+                event.step_id,
+                status="running",
+                items=event.items,
+                compensating_for=event.compensating_for,
+            )
+            if event.compensating_for is not None:
+                new = new.model_copy(update={"status": "compensating"})
+            return new
+        case StepTaskScheduled():
+            units = dict(state.steps[event.step_id].units)
+            units[event.index] = UnitState(
+                attempt=event.attempt, task_id=event.task_id, status="scheduled"
+            )
+            return step(event.step_id, units=units)
+        case StepTaskSucceeded():
+            return unit(event.step_id, event.index, status="succeeded", result=event.result)
+        case StepTaskFailed():
+            return unit(event.step_id, event.index, status="failed", error=event.error)
+        case StepCompleted():
+            return step(event.step_id, status="completed", result=event.result)
+        case StepFailed():
+            new = step(event.step_id, status="failed", error=event.error)
+            if state.steps[event.step_id].compensating_for is None:
+                new = new.model_copy(
+                    update={"failed_step": event.step_id, "failed_error": event.error}
+                )
+            return new
+        case StepSkipped():
+            return step(event.step_id, status="skipped")
+        case WorkflowRunCompleted():
+            return state.model_copy(update={"status": "completed"})
+        case WorkflowRunFailed():
+            return _close(state, "failed")
+        case WorkflowRunCancelled():
+            return _close(state, "cancelled")
+    return state
+
+
+def _close(state: RunState, status: RunStatus) -> RunState:
+    """The run ended: steps still pending or running are cancelled."""
+    steps = {
+        sid: s if s.status in STEP_FINISHED else s.model_copy(update={"status": "cancelled"})
+        for sid, s in state.steps.items()
+    }
+    return state.model_copy(update={"status": status, "steps": steps})
+
+
+# ---------------------------------------------------------------------------------------
+# Deciding
+
+
+class _Decision:
+    """Events decided so far, each folded into ``state`` as it is emitted."""
+
+    def __init__(self, state: RunState, at: datetime) -> None:
+        self.state = state
+        self.at = at
+        self.events: list[RunEvent] = []
+
+    def emit(self, event: RunEvent) -> None:
+        self.events.append(event)
+        self.state = evolve(self.state, event)  # type: ignore[assignment]
+
+    # -- context ------------------------------------------------------------------
+
+    def context(self, **extra: Any) -> dict[str, Any]:
+        steps = {
+            sid: {"status": s.status, "result": s.result, "error": s.error}
+            for sid, s in self.state.steps.items()
+            if s.status in ("completed", "failed", "skipped")
+        }
+        return {
+            "inputs": self.state.inputs,
+            "params": self.state.params,
+            "steps": steps,
+            **extra,
+        }
+
+    # -- scheduling ---------------------------------------------------------------
+
+    def schedule(
+        self, spec: StepSpec, index: int, attempt: int, not_before: datetime | None
+    ) -> bool:
+        """Emit the unit's task; False (and the step failed) if its payload cannot be built."""
+        extra: dict[str, Any] = {}
+        if spec.map is not None:
+            items = self.state.steps[spec.id].items or []
+            extra = {"item": items[index], "index": index}
+        payload = dict(spec.payload)
+        if spec.map is not None:
+            payload.setdefault("item", extra["item"])
+            payload.setdefault("index", index)
+        try:
+            ctx = self.context(**extra)
+            for key, expr in spec.payload_from.items():
+                payload[key] = evaluate(expr, ctx)
+        except ExpressionError as exc:
+            self.fail_step(spec, f"payload_from: {exc}")
+            return False
+        self.emit(
+            StepTaskScheduled(
+                run_id=self.state.run_id,
+                step_id=spec.id,
+                index=index,
+                attempt=attempt,
+                task_id=step_task_id(self.state.run_id, spec.id, index, attempt),
+                task_type=spec.task_type,
+                payload=payload,
+                required_capabilities=spec.required_capabilities,
+                priority=spec.priority,
+                run_timeout_s=spec.timeout_s,
+                not_before=not_before,
+            )
+        )
+        return True
+
+    def start(self, spec: StepSpec, compensating_for: str | None = None) -> None:
+        """Start a step whose dependencies are done and whose condition holds."""
+        rid = self.state.run_id
+        if spec.map is None:
+            self.emit(StepStarted(run_id=rid, step_id=spec.id, compensating_for=compensating_for))
+            self.schedule(spec, 0, 1, None)
+            return
+        try:
+            items = evaluate(spec.map.items, self.context())
+        except ExpressionError as exc:
+            self.emit(StepStarted(run_id=rid, step_id=spec.id))
+            self.fail_step(spec, f"map.items: {exc}")
+            return
+        listed = isinstance(items, list) and len(items) <= spec.map.max_items
+        self.emit(StepStarted(run_id=rid, step_id=spec.id, items=items if listed else None))
+        if not isinstance(items, list):
+            self.fail_step(spec, f"map.items gave {type(items).__name__}, not a list")
+            return
+        if len(items) > spec.map.max_items:
+            self.fail_step(
+                spec, f"map.items gave {len(items)} items, over max_items {spec.map.max_items}"
+            )
+            return
+        if not items:
+            self.finish(spec, [])
+            return
+        for index in range(min(len(items), spec.map.max_parallelism)):
+            if not self.schedule(spec, index, 1, None):
+                return
+
+    def finish(self, spec: StepSpec, result: Any) -> None:
+        """The step's work succeeded: check its gate, then complete or fail it."""
+        if spec.gate is not None and spec.map is not None:
+            try:
+                passed = truthy(evaluate(spec.gate, self.context(result=result)))
+            except ExpressionError as exc:
+                self.fail_step(spec, f"gate: {exc}")
+                return
+            if not passed:
+                self.fail_step(spec, f"gate failed: {spec.gate}")
+                return
+        self.emit(StepCompleted(run_id=self.state.run_id, step_id=spec.id, result=result))
+        self.after_step(spec)
+
+    def fail_step(self, spec: StepSpec, error: str) -> None:
+        """The step failed for good: apply its ``on_failure`` policy."""
+        rid = self.state.run_id
+        self.emit(StepFailed(run_id=rid, step_id=spec.id, error=error))
+        compensating_for = self.state.steps[spec.id].compensating_for
+        if compensating_for is not None:
+            self.emit(
+                WorkflowRunFailed(
+                    run_id=rid,
+                    step_id=compensating_for,
+                    error=self.state.failed_error or error,
+                    compensated=False,
+                )
+            )
+        elif spec.on_failure == "fail":
+            self.emit(WorkflowRunFailed(run_id=rid, step_id=spec.id, error=error))
+        elif spec.on_failure == "compensate" and spec.compensation is not None:
+            self.start(self.state.spec.step(spec.compensation), compensating_for=spec.id)
+        else:
+            self.after_step(spec)
+
+    def after_step(self, spec: StepSpec) -> None:
+        """A step finished: end a compensation, or start what became ready."""
+        compensating_for = self.state.steps[spec.id].compensating_for
+        if compensating_for is not None:
+            self.emit(
+                WorkflowRunFailed(
+                    run_id=self.state.run_id,
+                    step_id=compensating_for,
+                    error=self.state.failed_error or "failed",
+                    compensated=True,
+                )
+            )
+            return
+        self.advance()
+
+    def advance(self) -> None:
+        """Start or skip every pending step whose dependencies have all finished, until
+        nothing changes; complete the run when every step has finished."""
+        changed = True
+        while changed and self.state.status == "running":
+            changed = False
+            for spec in self.state.spec.steps:
+                if self.state.status != "running":
+                    return
+                if self.state.steps[spec.id].status != "pending":
+                    continue
+                deps = [self.state.steps[d] for d in spec.depends_on]
+                if any(d.status not in STEP_FINISHED for d in deps):
+                    continue
+                changed = True
+                skipped = [d for d in spec.depends_on if self.state.steps[d].status == "skipped"]
+                if skipped:
+                    self.skip(spec, f"upstream step {skipped[0]} was skipped")
+                    continue
+                if spec.when is not None:
+                    try:
+                        go = truthy(evaluate(spec.when, self.context()))
+                    except ExpressionError as exc:
+                        self.emit(StepStarted(run_id=self.state.run_id, step_id=spec.id))
+                        self.fail_step(spec, f"when: {exc}")
+                        continue
+                    if not go:
+                        self.skip(spec, f"condition is false: {spec.when}")
+                        continue
+                self.start(spec)
+        if self.state.status == "running" and all(
+            self.state.steps[s.id].status in STEP_FINISHED for s in self.state.spec.steps
+        ):
+            needed = {d for s in self.state.spec.steps for d in s.depends_on}
+            self.emit(
+                WorkflowRunCompleted(
+                    run_id=self.state.run_id,
+                    result={
+                        s.id: self.state.steps[s.id].result
+                        for s in self.state.spec.steps
+                        if s.id not in needed
+                    },
+                )
+            )
+
+    def skip(self, spec: StepSpec, reason: str) -> None:
+        self.emit(StepSkipped(run_id=self.state.run_id, step_id=spec.id, reason=reason))
+
+    # -- outcomes -----------------------------------------------------------------
+
+    def outcome(self, command: RecordStepTaskOutcome) -> None:
+        """Record a unit's outcome and decide what follows."""
+        spec = self.state.spec.step(command.step_id)
+        rid = self.state.run_id
+        ok = command.succeeded
+        error = command.error or "failed"
+        if ok and spec.map is None and spec.gate is not None:
+            try:
+                ok = truthy(evaluate(spec.gate, self.context(result=command.result)))
+                error = f"gate failed: {spec.gate}"
+            except ExpressionError as exc:
+                ok, error = False, f"gate: {exc}"
+        common = {
+            "run_id": rid,
+            "step_id": spec.id,
+            "index": command.index,
+            "attempt": command.attempt,
+            "task_id": command.task_id,
+        }
+        if ok:
+            self.emit(StepTaskSucceeded(**common, result=command.result))
+            if spec.map is None:
+                self.finish(spec, command.result)
+                return
+            step = self.state.steps[spec.id]
+            items = step.items or []
+            if step.succeeded == len(items):
+                self.finish(spec, [step.units[i].result for i in range(len(items))])
+                return
+            next_index = len(step.units)
+            if next_index < len(items):
+                self.schedule(spec, next_index, 1, None)
+            return
+        if command.attempt < spec.retry.max_attempts:
+            delay = backoff_seconds(
+                command.task_id,
+                command.attempt,
+                base_s=spec.retry.backoff_base_s,
+                cap_s=spec.retry.backoff_max_s,
+            )
+            retry_at = self.at + timedelta(seconds=delay)
+            self.emit(StepTaskFailed(**common, error=error, retry_at=retry_at))
+            self.schedule(spec, command.index, command.attempt + 1, retry_at)
+            return
+        self.emit(StepTaskFailed(**common, error=error))
+        where = f"item {command.index}: " if spec.map is not None else ""
+        self.fail_step(
+            spec, f"{where}{error} (after {command.attempt} of {spec.retry.max_attempts} attempts)"
+        )
+
+
+def decide(command: RunCommand, state: RunState | None) -> list[RunEvent] | Rejection:
+    """Decide a run command.
+
+    Rejections: ``run_exists`` (conflict), ``run_not_found`` (not_found),
+    ``run_finished`` (conflict: the run is completed, failed or cancelled),
+    ``unknown_step`` (invalid), ``stale_task_outcome`` (conflict: the task is not the
+    unit's current attempt, or its outcome is already recorded, or the step is over).
+    """
+    rid = command.run_id
+    match command, state:
+        case StartWorkflowRun(), None:
+            decision = _Decision(
+                RunState(
+                    run_id=rid,
+                    workflow_id=command.workflow_id,
+                    version=command.version,
+                    spec=command.spec,
+                    inputs=command.inputs,
+                    params=command.params,
+                    steps={},
+                ),
+                command.at,
+            )
+            decision.emit(
+                WorkflowRunStarted(
+                    run_id=rid,
+                    workflow_id=command.workflow_id,
+                    version=command.version,
+                    spec=command.spec,
+                    inputs=command.inputs,
+                    params=command.params,
+                )
+            )
+            decision.advance()
+            return decision.events
+        case StartWorkflowRun(), RunState():
+            return rejected("conflict", "run_exists", f"run {rid} exists")
+        case _, None:
+            return rejected("not_found", "run_not_found", f"no run {rid}")
+        case _, RunState(status="completed" | "failed" | "cancelled"):
+            return rejected("conflict", "run_finished", f"run {rid} is {state.status}")
+        case CancelWorkflowRun(), RunState():
+            return [WorkflowRunCancelled(run_id=rid, reason=command.reason)]
+        case RecordStepTaskOutcome(), RunState():
+            step = state.steps.get(command.step_id)
+            if step is None:
+                return rejected(
+                    "invalid", "unknown_step", f"run {rid} has no step {command.step_id}",
+                    field="step_id",
+                )
+            unit = step.units.get(command.index)
+            if (
+                step.status != "running"
+                or unit is None
+                or unit.task_id != command.task_id
+                or unit.status != "scheduled"
+            ):
+                return rejected(
+                    "conflict",
+                    "stale_task_outcome",
+                    f"task {command.task_id} is not the running attempt of step "
+                    f"{command.step_id}[{command.index}]",
+                    field="task_id",
+                )
+            decision = _Decision(state, command.at)
+            decision.outcome(command)
+            return decision.events
+    return rejected("invalid", "unknown_command", f"not a run command: {command!r}")
+
+
+RUN_DECIDER: Decider[RunCommand, RunState, RunEvent] = Decider(
+    aggregate_type=RUN,
+    command_types=(StartWorkflowRun, RecordStepTaskOutcome, CancelWorkflowRun),
+    event_types=(
+        WorkflowRunStarted,
+        StepStarted,
+        StepTaskScheduled,
+        StepTaskSucceeded,
+        StepTaskFailed,
+        StepCompleted,
+        StepFailed,
+        StepSkipped,
+        WorkflowRunCompleted,
+        WorkflowRunFailed,
+        WorkflowRunCancelled,
+    ),
+    decide=decide,
+    evolve=evolve,
+)
