@@ -391,7 +391,9 @@ def bind_parameters(
     for name in given:
         if name not in declared:
             return rejected(
-                "invalid", "unknown_parameter", f"the template has no parameter {name!r}",
+                "invalid",
+                "unknown_parameter",
+                f"the template has no parameter {name!r}",
                 field=f"params.{name}",
             )
     bound: dict[str, Any] = {}
@@ -400,7 +402,9 @@ def bind_parameters(
             bound[name] = given[name]
         elif spec.required and spec.default is None:
             return rejected(
-                "invalid", "missing_parameter", f"parameter {name!r} is required",
+                "invalid",
+                "missing_parameter",
+                f"parameter {name!r} is required",
                 field=f"params.{name}",
             )
         else:
@@ -695,4 +699,3 @@ TEMPLATE_DECIDER: Decider[TemplateCommand, TemplateState, TemplateEvent] = Decid
     decide=decide_template,
     evolve=evolve_template,
 )
-

@@ -637,7 +637,9 @@ def decide(command: RunCommand, state: RunState | None) -> list[RunEvent] | Reje
             step = state.steps.get(command.step_id)
             if step is None:
                 return rejected(
-                    "invalid", "unknown_step", f"run {rid} has no step {command.step_id}",
+                    "invalid",
+                    "unknown_step",
+                    f"run {rid} has no step {command.step_id}",
                     field="step_id",
                 )
             unit = step.units.get(command.index)
