@@ -3,8 +3,8 @@ an order that respects its dependencies; any back edge is rejected naming the cy
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 import itertools
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
