@@ -1,4 +1,5 @@
-"""One demo agent process: an SDK worker whose handler analyses a Python module.
+"""One demo agent process: an SDK worker that does the demo workflow's tasks
+(discover a package's modules, analyse one module, rank the findings: demo/workflow.py).
 
 Run by ``swarmlog demo`` (one process per agent, so that one can be killed with
 SIGKILL mid-run); usable alone::
@@ -14,7 +15,7 @@ from typing import Annotated, Any
 
 import typer
 
-from demo.analysis import analyse_module
+from demo.workflow import handle as do_task
 from sdk import TaskContext, Worker
 
 app = typer.Typer(add_completion=False)
@@ -51,8 +52,8 @@ def main(
     caps = _capabilities(capability)
 
     async def handle(ctx: TaskContext) -> tuple[dict[str, Any], float]:
-        await ctx.progress(0.1, "parsing")
-        result = await asyncio.to_thread(analyse_module, ctx.payload["path"], ctx.payload["module"])
+        await ctx.progress(0.1, ctx.type)
+        result = await asyncio.to_thread(do_task, ctx.type, ctx.payload)
         if pace_ms:
             await asyncio.sleep(pace_ms / 1000)
         await ctx.progress(0.9, "reporting")

@@ -2,10 +2,14 @@
 
 Steps: start (or reuse) Kafka, PostgreSQL and Redis; start the swarmlog processes
 (processor, streams, projector, API) as child processes; start one process per agent;
-submit one ``analyse-module`` task per module of the chosen packages; part-way through,
-SIGKILL the agent holding the most work, so its tasks are requeued (after its heartbeat
-timeout) and finished by others; wait for every task to finish and the read models to
-catch up; print a summary read back from the read models and the log, never from the
+publish the shipped ``package-analysis`` workflow template (demo/templates/), instantiate
+it for the chosen packages and execute it: one task discovers the modules, the map step
+fans out one ``analyse-module`` task per module (8 at a time), and a report step ranks
+the findings, gated on every module having been analysed. Part-way through, SIGKILL
+the agent holding the most work: when its heartbeats stop, its tasks are lost and the
+workflow's retry policy runs those units again on other agents. Wait for the run to
+finish and the read models to catch up; print a summary (the run's steps and timings,
+agents, findings, economy) read back from the read models and the log, never from the
 demo's own memory.
 
 The demo earns: before work starts each agent gets a grant from the treasury and stakes
@@ -25,6 +29,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -36,12 +41,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from demo.analysis import discover_modules
+from demo.workflow import load_template
 from infra import kafka, stack
 from infra.settings import Settings
 from infra.topics import Topics
 
 DEFAULT_PACKAGES = ("asyncio", "email", "json")
-LARGE_MODULE_LINES = 1000
 
 #: The swarm: name, capabilities, tasks at once, cost per task (tokens).
 AGENTS: tuple[tuple[str, dict[str, float], int, str], ...] = (
@@ -180,6 +185,52 @@ async def _wait_ready(base_url: str, children: Children, timeout_s: float = 90.0
     raise RuntimeError(f"the API at {base_url} was not ready in {timeout_s:.0f} s")
 
 
+async def start_workflow(http: httpx.AsyncClient, run_id: str, packages: tuple[str, ...]) -> str:
+    """Publish the shipped ``package-analysis`` template, instantiate it for ``packages``
+    as the workflow ``run_id`` and execute it; return the workflow run's id.
+
+    Raises RuntimeError (with the API's problem detail) when a step is refused."""
+    template = load_template()
+    r = await http.post("/workflow-templates", json=template)
+    if r.status_code != 201:
+        raise RuntimeError(f"publishing the template failed: {r.status_code} {r.text}")
+    version = r.json().get("version")
+
+    async def instantiated() -> bool:
+        r = await http.post(
+            f"/workflow-templates/{template['name']}/instantiate",
+            json={"workflow_id": run_id, "name": f"analyse {', '.join(packages)}",
+                  "params": {"packages": list(packages), "top": 10}, "version": version},
+            headers={"Idempotency-Key": f"{run_id}-instantiate"},
+        )
+        if r.status_code == 404:  # the template's version is not in the read model yet
+            return False
+        if r.status_code != 201:
+            raise RuntimeError(f"instantiating the template failed: {r.status_code} {r.text}")
+        return True
+
+    await _until(instantiated, "the template in the read model")
+    r = await http.post(f"/workflows/{run_id}/execute", json={"inputs": {}},
+                        headers={"Idempotency-Key": f"{run_id}-execute"})
+    if r.status_code != 202:
+        raise RuntimeError(f"executing the workflow failed: {r.status_code} {r.text}")
+    return str(r.json()["run_id"])
+
+
+async def _run(http: httpx.AsyncClient, run_id: str) -> dict[str, Any] | None:
+    """The workflow run as ``GET /workflow-runs/{id}`` shows it (None until projected)."""
+    r = await http.get(f"/workflow-runs/{run_id}")
+    return r.json() if r.status_code == 200 else None
+
+
+async def _analysed(conn: asyncpg.Connection, schema: str) -> int:
+    """Modules analysed so far (completed ``analyse-module`` tasks in the read model)."""
+    return int(await conn.fetchval(
+        f"SELECT count(*) FROM {schema}.tasks WHERE type = 'analyse-module'"
+        " AND status = 'completed'"
+    ))
+
+
 async def _counts(conn: asyncpg.Connection, schema: str) -> dict[str, int]:
     rows = await conn.fetch(f"SELECT status, count(*) AS n FROM {schema}.tasks GROUP BY status")
     return {r["status"]: r["n"] for r in rows}
@@ -287,6 +338,42 @@ async def summarise(conn: asyncpg.Connection, schema: str) -> dict[str, Any]:
     }
 
 
+def _seconds(start: str | None, end: str | None) -> str:
+    """``end - start`` of two ISO-8601 times, as "1.23 s" (or "" if either is missing)."""
+    if not start or not end:
+        return ""
+    delta = datetime.fromisoformat(end) - datetime.fromisoformat(start)
+    return f"{delta.total_seconds():.2f} s"
+
+
+def render_workflow(console: Console, run: dict[str, Any] | None) -> None:
+    """Print the workflow run's steps: status, attempts, tasks, timings."""
+    if not run:
+        console.print("[red]The workflow run is not in the read model.[/]")
+        return
+    w = Table(
+        title=f"Workflow run {run.get('run_id')} of {run.get('workflow_id')}: {run.get('status')}"
+        f" ({_seconds(run.get('started_at'), run.get('finished_at'))})",
+        title_justify="left",
+    )
+    for col in ("step", "status", "tasks done", "attempts (max)", "tasks submitted", "took"):
+        w.add_column(col, justify="left" if col in ("step", "status") else "right")
+    for step in run.get("steps", []):
+        total = step.get("items_total")
+        done = step.get("items_done")
+        w.add_row(
+            step.get("step_id", "?"),
+            step.get("status", "?"),
+            f"{done}/{total}" if total is not None else str(done if done is not None else ""),
+            str(step.get("attempts", "")),
+            str(len(step.get("task_ids") or [])),
+            _seconds(step.get("started_at"), step.get("finished_at")),
+        )
+    console.print(w)
+    if run.get("error"):
+        console.print(f"[red]The run failed at {run.get('failed_step')}: {run['error']}[/]")
+
+
 def render(console: Console, summary: dict[str, Any], extra: dict[str, Any]) -> None:
     """Print the summary as tables a person can read."""
     console.rule("[bold]swarmlog demo: summary (read back from the read models and the log)")
@@ -309,6 +396,7 @@ def render(console: Console, summary: dict[str, Any], extra: dict[str, Any]) -> 
         f"Events on the log: {extra['events_on_log']} (projected into the archive:"
         f" {extra['events_projected']}). Wall time {extra['wall_s']:.1f} s."
     )
+    render_workflow(console, summary.get("workflow"))
     code = summary["code"]
     f = Table(
         title=f"Findings: the most complex functions of {', '.join(extra['packages'])}"
@@ -412,63 +500,50 @@ async def run_demo(
             for cap, level in caps.items():
                 argv += ["--capability", f"{cap}={level}"]
             children.start(f"agent-{name}", argv, env)
-        tasks = [
-            {
-                "task_id": f"{run_id}-{m.name}",
-                "type": "analyse-module",
-                "payload": {"module": m.name, "path": str(m.path), "lines": m.lines},
-                "required_capabilities": ["python"]
-                + (["large-modules"] if m.lines >= LARGE_MODULE_LINES else []),
-                "priority": "high" if m.name.endswith("__init__") or "." not in m.name else "normal",
-                "lease_timeout_s": 10,
-                "run_timeout_s": 60,
-            }
-            for m in modules
-        ]
         async with httpx.AsyncClient(base_url=base_url, timeout=30.0) as http:
-            response = await http.post("/tasks:batch", json={"tasks": tasks},
-                                       headers={"Idempotency-Key": f"{run_id}-batch"})
-            if response.status_code >= 300:
-                raise RuntimeError(f"submitting tasks failed: {response.status_code} {response.text}")
+            workflow_run = await start_workflow(http, run_id, packages)
         conn = await asyncpg.connect(info.database_url)
         try:
             with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                           TimeElapsedColumn(), console=console, transient=False) as progress:
-                bar = progress.add_task("analysing modules", total=len(tasks))
+                bar = progress.add_task("workflow: discovering modules", total=len(modules))
                 deadline = time.monotonic() + 600
-                while time.monotonic() < deadline:
-                    counts = await _counts(conn, run_id)
-                    finished = sum(counts.get(s, 0) for s in
-                                   ("completed", "failed", "cancelled", "dead_lettered"))
-                    progress.update(bar, completed=finished,
-                                    description=f"analysing modules ({counts.get('running', 0)}"
-                                    f" running, {counts.get('queued', 0)} queued)")
-                    if kill_at and killed is None and finished >= kill_at * len(tasks):
-                        alive = {n for n, *_ in AGENTS if f"agent-{n}" in children.procs}
-                        killed = await _busiest_agent(conn, run_id, alive)
-                        if killed:
-                            children.kill(f"agent-{killed}")
-                            progress.console.print(
-                                f"[red]killed agent {killed} (SIGKILL) with work in hand;"
-                                " its tasks go back to the queue when its heartbeats stop[/]"
-                            )
-                    if proposal_id is None and finished >= 0.5 * len(tasks):
-                        proposal_id = f"{run_id}-double-reward"
-                        async with httpx.AsyncClient(base_url=base_url, timeout=30.0) as http:
+                async with httpx.AsyncClient(base_url=base_url, timeout=30.0) as http:
+                    while time.monotonic() < deadline:
+                        run = await _run(http, workflow_run)
+                        analysed = await _analysed(conn, run_id)
+                        steps = {s["step_id"]: s for s in (run or {}).get("steps", [])}
+                        now = ", ".join(f"{sid} {s['status']}" for sid, s in steps.items())
+                        progress.update(bar, completed=analysed,
+                                        description=f"workflow: {now or 'starting'}")
+                        if kill_at and killed is None and analysed >= kill_at * len(modules):
+                            alive = {n for n, *_ in AGENTS if f"agent-{n}" in children.procs}
+                            killed = await _busiest_agent(conn, run_id, alive)
+                            if killed:
+                                children.kill(f"agent-{killed}")
+                                progress.console.print(
+                                    f"[red]killed agent {killed} (SIGKILL) with work in hand;"
+                                    " when its heartbeats stop its tasks are lost, and the"
+                                    " workflow retries those steps on other agents[/]"
+                                )
+                        if proposal_id is None and analysed >= 0.5 * len(modules):
+                            proposal_id = f"{run_id}-double-reward"
                             await propose_double_reward(http, proposal_id)
-                        progress.console.print("[cyan]the stakers vote to double the base"
-                                               " reward (voting closes in 2 s)[/]")
-                    if finished >= len(tasks):
-                        break
-                    await asyncio.sleep(0.25)
-                else:
-                    raise RuntimeError("the demo's tasks did not finish in 10 minutes")
+                            progress.console.print("[cyan]the stakers vote to double the base"
+                                                   " reward (voting closes in 2 s)[/]")
+                        if run is not None and run["status"] in ("completed", "failed",
+                                                                  "cancelled"):
+                            break
+                        await asyncio.sleep(0.25)
+                    else:
+                        raise RuntimeError("the demo's workflow did not finish in 10 minutes")
             children.stop_all("agent-")  # their last events (stopped) belong in the count
             await asyncio.sleep(3.0)  # the economy settles its last credits (and the vote)
             on_log, projected = await _caught_up(settings, conn)
             summary = await summarise(conn, run_id)
             async with httpx.AsyncClient(base_url=base_url, timeout=30.0) as http:
                 economy = await economy_summary(http, proposal_id)
+                summary["workflow"] = await _run(http, workflow_run)
         finally:
             await conn.close()
     finally:
