@@ -40,8 +40,9 @@ class EconomyRunner(ElectedRunner):
         self._inflight: dict[str, float] = {}  # command id -> monotonic time sent
 
     def read_topics(self) -> Iterable[str]:
-        """Every event topic."""
-        return self.topics.event_topics.values()
+        """The agent, task, account and proposal topics (what rewards, slashes, credits and
+        governance timers follow)."""
+        return [self.topics.events(a) for a in ("agent", "task", "account", "proposal")]
 
     def reset(self) -> None:
         """A fresh view; nothing in flight."""

@@ -54,8 +54,8 @@ class SchedulerRunner(ElectedRunner):
         self._inflight: dict[str, _Inflight] = {}
 
     def read_topics(self) -> Iterable[str]:
-        """Every event topic: agents and tasks, and accounts for the agents' tiers."""
-        return self.topics.event_topics.values()
+        """The agent and task topics, and the account topic for the agents' tiers."""
+        return [self.topics.events(a) for a in ("agent", "task", "account")]
 
     def reset(self) -> None:
         """A fresh view; nothing in flight."""
