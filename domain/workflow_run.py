@@ -458,6 +458,8 @@ class _Decision:
         rid = self.state.run_id
         self.emit(StepFailed(run_id=rid, step_id=spec.id, error=error))
         compensating_for = self.state.steps[spec.id].compensating_for
+        if compensating_for is None and self.state.status == "compensating":
+            return  # another step is being compensated for: the run ends when that does
         if compensating_for is not None:
             self.emit(
                 WorkflowRunFailed(
@@ -572,7 +574,10 @@ class _Decision:
             if next_index < len(items):
                 self.schedule(spec, next_index, 1, None)
             return
-        if command.attempt < spec.retry.max_attempts:
+        compensating = self.state.status == "compensating"
+        if command.attempt < spec.retry.max_attempts and (
+            not compensating or self.state.steps[spec.id].compensating_for is not None
+        ):
             delay = backoff_seconds(
                 command.task_id,
                 command.attempt,

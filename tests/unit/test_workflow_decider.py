@@ -494,3 +494,33 @@ def test_replaying_the_events_gives_the_same_state() -> None:
         history += out
         state = RUN_DECIDER.fold(out, state)
     assert RUN_DECIDER.fold(history) == state
+
+
+def test_while_compensating_other_steps_neither_retry_nor_end_the_run() -> None:
+    spec = WorkflowSpec(
+        steps=(
+            step("a", on_failure="compensate", compensation="undo"),
+            step("b", retry=RetryPolicy(max_attempts=3)),
+        ),
+        compensations=(step("undo"),),
+    )
+    history = start(spec)
+    failed = RUN_DECIDER.decide(outcome("a", ok=False), RUN_DECIDER.fold(history))
+    assert isinstance(failed, list)
+    history += failed
+    then = given(RUN_DECIDER, *history).when(outcome("b", ok=False, error="late"))
+    state = then.then(
+        StepTaskFailed(
+            run_id=R,
+            step_id="b",
+            index=0,
+            attempt=1,
+            task_id=step_task_id(R, "b", 0, 1),
+            error="late",
+        ),
+        StepFailed(run_id=R, step_id="b", error="late (after 1 of 3 attempts)"),
+    ).and_state(status="compensating")
+    out = RUN_DECIDER.decide(outcome("undo", result="ok"), state)
+    assert isinstance(out, list) and out[-1] == WorkflowRunFailed(
+        run_id=R, step_id="a", error="boom (after 1 of 1 attempts)", compensated=True
+    )
