@@ -258,8 +258,6 @@ class RunState(Message):
     params: dict[str, Any]
     status: RunStatus = "running"
     steps: dict[str, StepState]
-    failed_step: str | None = None
-    failed_error: str | None = None
 
 
 def evolve(state: RunState | None, event: RunEvent) -> RunState | None:
@@ -314,12 +312,7 @@ def evolve(state: RunState | None, event: RunEvent) -> RunState | None:
         case StepCompleted():
             return step(event.step_id, status="completed", result=event.result)
         case StepFailed():
-            new = step(event.step_id, status="failed", error=event.error)
-            if state.steps[event.step_id].compensating_for is None:
-                new = new.model_copy(
-                    update={"failed_step": event.step_id, "failed_error": event.error}
-                )
-            return new
+            return step(event.step_id, status="failed", error=event.error)
         case StepSkipped():
             return step(event.step_id, status="skipped")
         case WorkflowRunCompleted():
@@ -465,7 +458,7 @@ class _Decision:
                 WorkflowRunFailed(
                     run_id=rid,
                     step_id=compensating_for,
-                    error=self.state.failed_error or error,
+                    error=self.state.steps[compensating_for].error or error,
                     compensated=False,
                 )
             )
@@ -484,7 +477,7 @@ class _Decision:
                 WorkflowRunFailed(
                     run_id=self.state.run_id,
                     step_id=compensating_for,
-                    error=self.state.failed_error or "failed",
+                    error=self.state.steps[compensating_for].error or "failed",
                     compensated=True,
                 )
             )
