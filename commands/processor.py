@@ -281,7 +281,7 @@ class CommandProcessor:
                     status="rejected",
                     version=version,
                     rejection=result,
-                    state=_dump(state),
+                    state=decider.summary(state),
                 ),
                 [],
             )
@@ -308,11 +308,11 @@ class CommandProcessor:
         staged[key] = (state, version)
         return (
             Outcome(
-                **base, status="accepted", version=version, events=described, state=_dump(state)
+                **base,
+                status="accepted",
+                version=version,
+                events=described,
+                state=decider.summary(state),
             ),
             futures,
         )
-
-
-def _dump(state: Any) -> dict[str, Any] | None:
-    return None if state is None else state.model_dump(mode="json")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import ClassVar, Generic, Literal, TypeVar
+from typing import Any, ClassVar, Generic, Literal, TypeVar
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict
 
@@ -92,6 +92,18 @@ class Decider(Generic[C, S, E]):
     decide: Callable[[C, S | None], list[E] | Rejection]
     evolve: Callable[[S | None, E], S | None]
     initial_state: S | None = None
+    describe: Callable[[S], dict[str, Any]] | None = None
+
+    def summary(self, state: S | None) -> dict[str, Any] | None:
+        """The state as a command outcome shows it: ``describe(state)`` where the decider
+        has one (a state too large to repeat in every outcome), else the whole state as
+        JSON-ready data; None for an aggregate that does not exist."""
+        if state is None:
+            return None
+        if self.describe is not None:
+            return self.describe(state)
+        dumped: dict[str, Any] = state.model_dump(mode="json")  # type: ignore[attr-defined]
+        return dumped
 
     def fold(self, events: Iterable[E], state: S | None = None) -> S | None:
         """Fold events over ``state`` (default: the initial state)."""
@@ -115,9 +127,6 @@ class Decider(Generic[C, S, E]):
         raise KeyError(name)
 
 
-def rejected(
-    kind: RejectionKind, code: str, detail: str, field: str | None = None
-) -> Rejection:
+def rejected(kind: RejectionKind, code: str, detail: str, field: str | None = None) -> Rejection:
     """Build a Rejection (shorthand used by the deciders)."""
     return Rejection(kind=kind, code=code, detail=detail, field=field)
-

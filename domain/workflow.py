@@ -327,11 +327,16 @@ def check_spec(spec: WorkflowSpec) -> SpecProblem | None:
                         field=f"{where}.compensation",
                     )
     for i, step in enumerate(spec.compensations):
-        if step.depends_on or step.map is not None or step.compensation is not None:
+        if (
+            step.depends_on
+            or step.map is not None
+            or step.compensation is not None
+            or step.when is not None
+        ):
             return SpecProblem(
                 code="compensation_dependency",
-                detail=f"compensation step {step.id!r} may not have depends_on, map or "
-                "its own compensation",
+                detail=f"compensation step {step.id!r} may not have depends_on, when, map "
+                "or its own compensation",
                 field=f"compensations[{i}]",
             )
     if cycle is not None:

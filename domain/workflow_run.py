@@ -26,6 +26,7 @@ Step lifecycle::
 
 from __future__ import annotations
 
+import json
 import uuid
 from datetime import datetime, timedelta
 from typing import Any, ClassVar, Literal
@@ -50,6 +51,17 @@ StepStatus = Literal["pending", "running", "completed", "failed", "skipped", "ca
 UnitStatus = Literal["scheduled", "succeeded", "failed"]
 RUN_TERMINAL: frozenset[str] = frozenset({"completed", "failed", "cancelled"})
 STEP_FINISHED: frozenset[str] = frozenset({"completed", "failed", "skipped", "cancelled"})
+
+
+MAX_VALUE_BYTES = 512 * 1024
+"""The most a map's item list, a task payload or a step's result may take as JSON: every
+event is one Kafka record, and a broker refuses records over 1 MiB by default. A step
+whose value is larger fails, naming the size, instead of wedging its command partition."""
+
+
+def json_size(value: Any) -> int:
+    """The size in bytes of ``value`` as compact JSON (non-JSON values as their str)."""
+    return len(json.dumps(value, separators=(",", ":"), default=str).encode())
 
 
 def step_task_id(run_id: str, step_id: str, index: int, attempt: int) -> str:
@@ -284,6 +296,8 @@ def evolve(state: RunState | None, event: RunEvent) -> RunState | None:
     def unit(sid: str, index: int, **update: Any) -> RunState:
         current = state.steps.get(sid, StepState())
         units = dict(current.units)
+        if index not in units:
+            return state
         units[index] = units[index].model_copy(update=update)
         extra = {"succeeded": current.succeeded + 1} if update.get("status") == "succeeded" else {}
         return step(sid, units=units, **extra)
@@ -300,7 +314,7 @@ def evolve(state: RunState | None, event: RunEvent) -> RunState | None:
                 new = new.model_copy(update={"status": "compensating"})
             return new
         case StepTaskScheduled():
-            units = dict(state.steps[event.step_id].units)
+            units = dict(state.steps.get(event.step_id, StepState()).units)
             units[event.index] = UnitState(
                 attempt=event.attempt, task_id=event.task_id, status="scheduled"
             )
@@ -385,6 +399,9 @@ class _Decision:
         except ExpressionError as exc:
             self.fail_step(spec, f"payload_from: {exc}")
             return False
+        if spec.payload_from and (size := json_size(payload)) > MAX_VALUE_BYTES:
+            self.fail_step(spec, f"payload of {size} bytes is over {MAX_VALUE_BYTES}")
+            return False
         self.emit(
             StepTaskScheduled(
                 run_id=self.state.run_id,
@@ -415,6 +432,11 @@ class _Decision:
             self.emit(StepStarted(run_id=rid, step_id=spec.id))
             self.fail_step(spec, f"map.items: {exc}")
             return
+        size = json_size(items)
+        if size > MAX_VALUE_BYTES:
+            self.emit(StepStarted(run_id=rid, step_id=spec.id))
+            self.fail_step(spec, f"map.items of {size} bytes is over {MAX_VALUE_BYTES}")
+            return
         listed = isinstance(items, list) and len(items) <= spec.map.max_items
         self.emit(StepStarted(run_id=rid, step_id=spec.id, items=items if listed else None))
         if not isinstance(items, list):
@@ -433,7 +455,10 @@ class _Decision:
                 return
 
     def finish(self, spec: StepSpec, result: Any) -> None:
-        """The step's work succeeded: check its gate, then complete or fail it."""
+        """The step's work succeeded: check its size and gate, then complete or fail it."""
+        if spec.map is not None and (size := json_size(result)) > MAX_VALUE_BYTES:
+            self.fail_step(spec, f"the items' results, {size} bytes, are over {MAX_VALUE_BYTES}")
+            return
         if spec.gate is not None and spec.map is not None:
             try:
                 passed = truthy(evaluate(spec.gate, self.context(result=result)))
@@ -543,7 +568,7 @@ class _Decision:
         if ok and spec.map is None and spec.gate is not None:
             try:
                 ok = truthy(evaluate(spec.gate, self.context(result=command.result)))
-                error = f"gate failed: {spec.gate}"
+                error = error if ok else f"gate failed: {spec.gate}"
             except ExpressionError as exc:
                 ok, error = False, f"gate: {exc}"
         common = {
@@ -660,6 +685,22 @@ def decide(command: RunCommand, state: RunState | None) -> list[RunEvent] | Reje
     return rejected("invalid", "unknown_command", f"not a run command: {command!r}")
 
 
+def describe(state: RunState) -> dict[str, Any]:
+    """What a command outcome shows of a run: its status and each step's status and unit
+    counts (not the spec nor the results, which a 1,000-item map would repeat in each of
+    its 2,000 outcomes)."""
+    return {
+        "run_id": state.run_id,
+        "workflow_id": state.workflow_id,
+        "version": state.version,
+        "status": state.status,
+        "steps": {
+            sid: {"status": s.status, "units": len(s.units), "succeeded": s.succeeded}
+            for sid, s in state.steps.items()
+        },
+    }
+
+
 RUN_DECIDER: Decider[RunCommand, RunState, RunEvent] = Decider(
     aggregate_type=RUN,
     command_types=(StartWorkflowRun, RecordStepTaskOutcome, CancelWorkflowRun),
@@ -678,4 +719,5 @@ RUN_DECIDER: Decider[RunCommand, RunState, RunEvent] = Decider(
     ),
     decide=decide,
     evolve=evolve,
+    describe=describe,
 )

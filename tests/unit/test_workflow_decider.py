@@ -524,3 +524,23 @@ def test_while_compensating_other_steps_neither_retry_nor_end_the_run() -> None:
     assert isinstance(out, list) and out[-1] == WorkflowRunFailed(
         run_id=R, step_id="a", error="boom (after 1 of 1 attempts)", compensated=True
     )
+
+
+def test_a_value_too_large_for_one_record_fails_the_step() -> None:
+    spec = WorkflowSpec(steps=(step("a", map=MapSpec(items="inputs.xs")),))
+    events = start(spec, {"xs": ["x" * 1000] * 600})
+    assert isinstance(events[-2], StepFailed)
+    assert "map.items of" in events[-2].error and "bytes" in events[-2].error
+
+
+def test_an_outcome_shows_a_summary_of_the_run_not_its_results() -> None:
+    spec = WorkflowSpec(steps=(step("a", map=MapSpec(items="inputs.xs")),))
+    state = RUN_DECIDER.fold(start(spec, {"xs": [1, 2]}))
+    assert RUN_DECIDER.summary(state) == {
+        "run_id": R,
+        "workflow_id": W,
+        "version": 1,
+        "status": "running",
+        "steps": {"a": {"status": "running", "units": 2, "succeeded": 0}},
+    }
+    assert WORKFLOW_DECIDER.summary(None) is None

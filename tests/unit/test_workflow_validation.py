@@ -259,3 +259,11 @@ def test_any_back_edge_is_rejected_naming_a_real_cycle(
     for before, after in itertools.pairwise(cycle):
         assert before in graph[after], f"{after} does not depend on {before}"
     assert find_cycle(graph) is not None
+
+
+def test_a_compensation_step_may_not_have_a_condition() -> None:
+    code, field, _ = problem(
+        step("a", on_failure="compensate", compensation="undo"),
+        compensations=(step("undo", when="inputs.x"),),
+    )
+    assert (code, field) == ("compensation_dependency", "compensations[0]")
