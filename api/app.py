@@ -29,6 +29,7 @@ from api.routes import (
     health,
     proposals,
     tasks,
+    workflows,
 )
 from api.streams import StreamHub
 from commands.client import CommandClient
@@ -108,6 +109,10 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None) 
     )
     problems.install(app)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
-    for module in (agents, tasks, accounts, proposals, economy, commands, events, audit, health):
+    for module in (
+        agents, tasks, accounts, proposals, economy, workflows, commands, events, audit, health
+    ):
         app.include_router(module.router)
+    app.include_router(workflows.runs_router)
+    app.include_router(workflows.templates_router)
     return app

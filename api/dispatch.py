@@ -147,17 +147,44 @@ class Dispatcher:
         )
         self.metrics.commands.labels(type(command).__name__, label).inc()
 
-    async def execute(self, command: Command, *, created_at: str | None = None) -> JSONResponse:
+    async def execute(
+        self,
+        command: Command,
+        *,
+        created_at: str | None = None,
+        expected_version: int | None = None,
+    ) -> JSONResponse:
         """Send ``command`` and answer its outcome; ``created_at`` is the Location of the
-        aggregate a creation command makes (the answer is then 201)."""
+        aggregate a creation command makes (the answer is then 201).
+        ``expected_version`` applies when the request has no If-Match."""
+        envelope, outcome = await self.send(command, expected_version=expected_version)
+        return self.respond(envelope, outcome, created_at=created_at)
+
+    async def send(
+        self, command: Command, *, expected_version: int | None = None
+    ) -> tuple[CommandEnvelope, Outcome | None]:
+        """Send ``command`` and wait (bounded) for its outcome: (envelope, outcome or None).
+
+        The request's If-Match wins over ``expected_version``.
+        """
         envelope = CommandEnvelope(
             command_id=self.command_id(command),
             command=command,
             correlation_id=self.meta.correlation_id,
-            expected_version=self.meta.expected_version,
+            expected_version=(
+                self.meta.expected_version
+                if self.meta.expected_version is not None
+                else expected_version
+            ),
         )
         outcome = await self.client.execute(envelope, self.settings.command_wait_s)
         self._count(command, outcome)
+        return envelope, outcome
+
+    def respond(
+        self, envelope: CommandEnvelope, outcome: Outcome | None, *, created_at: str | None = None
+    ) -> JSONResponse:
+        """The answer to a sent command (see the module docstring)."""
         if outcome is None:
             location = f"/commands/{envelope.command_id}"
             return JSONResponse(

@@ -16,6 +16,7 @@ import orjson
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from domain.messages import MICRO
+from domain.workflow import MAX_STEPS, TEMPLATE_NAME, ParameterSpec, StepSpec
 
 #: Most bytes a task's payload or result may take as JSON: events carry them, and a Kafka
 #: record is at most 1 MiB by default (message.max.bytes), with headers and escaping.
@@ -625,3 +626,233 @@ class ProposalPublic(BaseModel):
                 for v in row["votes"]
             ],
         )
+
+
+# workflows --------------------------------------------------------------------------
+
+#: Most bytes a workflow's steps (with their payloads) may take as JSON: the definition
+#: travels whole in its events, and in every run's start event.
+MAX_SPEC_BYTES = 256 * 1024
+
+TemplateName = Annotated[
+    str, Field(pattern=TEMPLATE_NAME, description="lower-case letters, digits, . _ -")
+]
+ParameterName = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")]
+Steps = Annotated[
+    list[StepSpec],
+    Field(min_length=1, max_length=MAX_STEPS,
+          description="the steps, a DAG through depends_on (domain/workflow.py StepSpec)"),
+]
+Compensations = Annotated[
+    list[StepSpec],
+    Field(max_length=MAX_STEPS,
+          description="steps run when a step with on_failure 'compensate' names them"),
+]
+
+
+class WorkflowCreate(In):
+    """Create a workflow definition; ``id`` defaults to a fresh uuid4."""
+
+    id: Id | None = None
+    name: str = Field(min_length=1, max_length=200)
+    description: str = Field(default="", max_length=10_000)
+    steps: Steps
+    compensations: Compensations = Field(default_factory=list)
+
+
+class WorkflowUpdate(In):
+    """Replace a definition's steps (with its compensations: none if omitted), name
+    and/or description (omitted: unchanged); the definition's version goes up by one."""
+
+    name: str | None = Field(default=None, min_length=1, max_length=200)
+    description: str | None = Field(default=None, max_length=10_000)
+    steps: Steps | None = None
+    compensations: Compensations | None = None
+
+
+class WorkflowExecute(In):
+    """Run the definition's current version on ``inputs``; ``run_id`` defaults to a
+    fresh uuid4 (derived from the Idempotency-Key when there is one)."""
+
+    run_id: Id | None = None
+    inputs: BoundedJson = Field(default_factory=dict)
+
+
+class RunCancel(In):
+    """Cancel a run that has not finished."""
+
+    reason: str = Field(default="cancelled by user", max_length=2000)
+
+
+class TemplatePublish(In):
+    """Publish a new version of the template ``name`` (version 1 if it is new)."""
+
+    name: TemplateName
+    description: str = Field(default="", max_length=10_000)
+    parameters: dict[ParameterName, ParameterSpec] = Field(default_factory=dict, max_length=100)
+    steps: Steps
+    compensations: Compensations = Field(default_factory=list)
+
+
+class TemplateInstantiate(In):
+    """Make a workflow definition from a template version (the latest when ``version``
+    is omitted), its expressions seeing the bound parameters as ``params``."""
+
+    params: BoundedJson = Field(default_factory=dict)
+    version: int | None = Field(default=None, ge=1)
+    workflow_id: Id | None = None
+    name: str | None = Field(default=None, min_length=1, max_length=200)
+    description: str | None = Field(default=None, max_length=10_000)
+
+
+class WorkflowPublic(BaseModel):
+    """A workflow definition as the read model has it. ``version`` is the definition's
+    version; ``aggregate_version`` (also the ``ETag``) is what If-Match compares, and
+    executions raise it too."""
+
+    id: str
+    name: str
+    description: str
+    version: int
+    status: str
+    steps: list[dict[str, Any]]
+    compensations: list[dict[str, Any]]
+    params: dict[str, Any]
+    template: str | None
+    runs: int
+    created_at: datetime
+    updated_at: datetime
+    aggregate_version: int
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> WorkflowPublic:
+        """From a row of ``projections.queries.get_workflow``/``list_workflows``."""
+        spec = row["spec"]
+        return cls.model_validate(
+            {**row, "steps": spec["steps"], "compensations": spec.get("compensations", [])}
+        )
+
+
+class TemplatePublic(BaseModel):
+    """One version of a workflow template."""
+
+    name: str
+    version: int
+    description: str
+    parameters: dict[str, dict[str, Any]]
+    steps: list[dict[str, Any]]
+    compensations: list[dict[str, Any]]
+    published_at: datetime
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> TemplatePublic:
+        """From a row of ``projections.queries.get_template``/``list_templates``."""
+        spec = row["spec"]
+        return cls.model_validate(
+            {**row, "steps": spec["steps"], "compensations": spec.get("compensations", [])}
+        )
+
+
+class StepPublic(BaseModel):
+    """One step of a run: its state, tries, tasks, result and timings.
+
+    ``items_total``/``items_done``: a map step's items and how many succeeded (1 for a
+    plain step); ``attempts`` the highest attempt of any of its tasks; ``task_ids`` every
+    task scheduled for it; ``error`` why it failed or was skipped; ``duration_s`` from
+    start to finish (seconds).
+    """
+
+    step_id: str
+    kind: Literal["step", "compensation"]
+    task_type: str
+    status: str
+    items_total: int | None
+    items_done: int
+    attempts: int
+    task_ids: list[str]
+    result: Any = None
+    error: str | None
+    started_at: datetime | None
+    finished_at: datetime | None
+    duration_s: float | None
+    compensating_for: str | None
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> StepPublic:
+        """From a step of ``projections.queries.get_run``."""
+        start, end = row["started_at"], row["finished_at"]
+        duration = (end - start).total_seconds() if start and end else None
+        return cls.model_validate({**row, "duration_s": duration})
+
+
+class Progress(BaseModel):
+    """How many of the run's steps (not counting compensations) have finished."""
+
+    done: int
+    total: int
+
+
+def run_links(run_id: str, workflow_id: str) -> dict[str, str]:
+    """Where to read a run, follow its events, cancel it, and read its workflow."""
+    return {
+        "self": f"/workflow-runs/{run_id}",
+        "events": f"/events?run_id={run_id}&from=beginning",
+        "cancel": f"/workflow-runs/{run_id}/cancel",
+        "workflow": f"/workflows/{workflow_id}",
+    }
+
+
+class RunPublic(BaseModel):
+    """A workflow run as the read model has it; ``steps`` only on ``GET /workflow-runs/{id}``.
+
+    ``status`` is pending (requested, not started yet), running, compensating,
+    completed, failed or cancelled; ``version`` the definition version it runs.
+    """
+
+    run_id: str
+    workflow_id: str
+    version: int
+    status: str
+    inputs: dict[str, Any]
+    result: dict[str, Any] | None
+    error: str | None
+    failed_step: str | None
+    compensated: bool
+    progress: Progress
+    requested_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    updated_at: datetime
+    aggregate_version: int
+    steps: list[StepPublic] | None = None
+    links: dict[str, str]
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> RunPublic:
+        """From a row of ``projections.queries.get_run``/``list_runs``."""
+        steps = row.get("steps")
+        return cls.model_validate(
+            {
+                **row,
+                "progress": {"done": row["steps_done"], "total": row["steps_total"]},
+                "steps": None if steps is None else [StepPublic.from_row(s) for s in steps],
+                "links": run_links(row["run_id"], row["workflow_id"]),
+            }
+        )
+
+
+class RunAccepted(BaseModel):
+    """An execution request on the log: the run to follow (``links.self``).
+
+    ``status`` is the read model's when it already has the run, else ``pending``;
+    ``version`` the definition version the run gets (None if the outcome did not come
+    in time).
+    """
+
+    run_id: str
+    workflow_id: str
+    status: str
+    version: int | None = None
+    command_id: str
+    events: list[EventRef] = []
+    links: dict[str, str]

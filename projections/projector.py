@@ -24,17 +24,20 @@ import structlog
 from aiokafka import ConsumerRebalanceListener, TopicPartition
 
 from domain import proposal as pr
+from domain import workflow as wf
+from domain import workflow_run as wr
 from domain.economy import EconomyParameters
 from infra import kafka
 from infra.clock import Clock, SystemClock
 from infra.codec import DecodeError, StoredEvent, decode_event, encode_dead_letter, event_ce_type
 from infra.topics import Topics
 from projections import views
+from projections.views import Row
 from projections.schema import checked_schema, migrate
 
 log = structlog.get_logger("swarmlog.projector")
 
-PROJECTION = "core"  # agents, tasks and the event archive, projected together
+PROJECTION = "core"  # every read model and the event archive, projected together
 
 AGENT_COLUMNS = (
     "agent_id", "name", "capabilities", "max_concurrent_tasks", "cost_per_task", "lifecycle",
@@ -56,7 +59,21 @@ PROPOSAL_COLUMNS = (
     "threshold_bp", "total_power", "status", "votes_for", "votes_against", "votes_abstain",
     "voters", "version", "updated_at",
 )
-JSON_COLUMNS = {"capabilities", "payload", "required_capabilities", "result", "pending", "change"}
+WORKFLOW_COLUMNS = (
+    "id", "name", "description", "version", "status", "spec", "params", "template", "runs",
+    "created_at", "updated_at", "aggregate_version",
+)
+TEMPLATE_COLUMNS = ("name", "version", "description", "parameters", "spec", "published_at")
+RUN_COLUMNS = (
+    "run_id", "workflow_id", "version", "status", "inputs", "result", "error", "failed_step",
+    "compensated", "steps_total", "steps_done", "requested_at", "started_at", "finished_at",
+    "updated_at", "aggregate_version",
+)
+STEP_COLUMNS = ("run_id", "step_id", "position", "kind", "task_type", "status", "items_total")
+JSON_COLUMNS = {
+    "capabilities", "payload", "required_capabilities", "result", "pending", "change", "spec",
+    "params", "inputs", "parameters",
+}
 
 # Sets the hash only when ARGV[1] is higher than its stored version: KEYS[1], ARGV = version,
 # field, value, field, value...
@@ -96,7 +113,8 @@ def _row(record: asyncpg.Record) -> dict[str, Any]:
 
 class Projector:
     """Consumes every event topic in the consumer group ``<prefix>-projector`` and keeps
-    the agents, tasks and events tables of ``schema`` (and Redis) in step with the log.
+    the read models of ``schema`` (agents, tasks, the economy, workflows and their runs,
+    the event archive) and Redis in step with the log.
 
     Several copies share the partitions. ``batch_size`` bounds the records per transaction.
     """
@@ -127,6 +145,44 @@ class Projector:
         self._upsert_task = _upsert_sql(s, "tasks", TASK_COLUMNS, "task_id")
         self._upsert_account = _upsert_sql(s, "accounts", ACCOUNT_COLUMNS, "account_id")
         self._upsert_proposal = _upsert_sql(s, "proposals", PROPOSAL_COLUMNS, "proposal_id")
+        self._upsert_workflow = _upsert_sql(s, "workflows", WORKFLOW_COLUMNS, "id")
+        self._insert_template = (
+            f"INSERT INTO {s}.workflow_templates ({', '.join(TEMPLATE_COLUMNS)}) VALUES"
+            " ($1, $2, $3, $4::jsonb, $5::jsonb, $6) ON CONFLICT DO NOTHING"
+        )
+        # steps_done is counted from the steps rows (below), never written from memory; a
+        # row never goes back to an older aggregate version (a copy projecting the
+        # workflow topic may insert the pending row after another has started the run).
+        self._upsert_run = (
+            _upsert_sql(s, "workflow_runs", RUN_COLUMNS, "run_id").replace(
+                ", steps_done = EXCLUDED.steps_done", ""
+            )
+            + f" WHERE {s}.workflow_runs.aggregate_version <= EXCLUDED.aggregate_version"
+        )
+        self._insert_step = (
+            f"INSERT INTO {s}.workflow_steps ({', '.join(STEP_COLUMNS)}) VALUES"
+            " ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING"
+        )
+        self._change_step = (
+            f"UPDATE {s}.workflow_steps SET status = coalesce($3, status),"
+            " items_total = coalesce($4, items_total), items_done = items_done + $5,"
+            " attempts = greatest(attempts, $6), task_ids = task_ids || $7::text[],"
+            " result = CASE WHEN $8 THEN $9::jsonb ELSE result END,"
+            " error = coalesce($10, error), started_at = coalesce($11, started_at),"
+            " finished_at = coalesce($12, finished_at),"
+            " compensating_for = coalesce($13, compensating_for)"
+            " WHERE run_id = $1 AND step_id = $2"
+        )
+        self._close_steps = (
+            f"UPDATE {s}.workflow_steps SET status = 'cancelled', finished_at = $2"
+            " WHERE run_id = $1 AND status IN ('pending', 'running')"
+        )
+        self._count_steps_done = (
+            f"UPDATE {s}.workflow_runs r SET steps_done = (SELECT count(*) FROM"
+            f" {s}.workflow_steps st WHERE st.run_id = r.run_id AND st.kind = 'step'"
+            " AND st.status IN ('completed', 'failed', 'skipped', 'cancelled'))"
+            " WHERE r.run_id = ANY($1::text[])"
+        )
         self._insert_leg = (
             f"INSERT INTO {s}.ledger_entries (event_id, leg, account_id, bucket, amount, kind,"
             " counterparty, task_id, proposal_id, command_id, time)"
@@ -270,6 +326,7 @@ class Projector:
                                     offset=record.offset, reason=str(exc))
             touched_agents, holders = await self._apply(conn, events)
             touched_accounts = await self._apply_economy(conn, events)
+            await self._apply_workflows(conn, events)
             offsets = {tp: records[-1].offset + 1 for tp, records in batch.items() if records}
             for tp, position in positions.items():
                 offsets[tp] = max(position, offsets.get(tp, 0))
@@ -542,3 +599,119 @@ class Projector:
             if by_tier:
                 pipe.hset(self.stake_by_tier_key, mapping=by_tier)
             await pipe.execute()
+
+    async def _apply_workflows(self, conn: asyncpg.Connection, events: list[StoredEvent]) -> None:
+        """Apply the workflow, template and run ``events`` in the open transaction of
+        ``conn``: definitions, template versions, runs and their steps.
+
+        Steps are written as changes merged over the batch (views.StepChange), one
+        UPDATE per touched step, so a map step's per-item events cost one row update
+        per batch. The event archive rows of these events are written here too.
+        """
+        s = self.schema
+        workflow_ids = {e.aggregate_id for e in events if e.aggregate_type == wf.WORKFLOW}
+        run_ids = {e.aggregate_id for e in events if e.aggregate_type == wr.RUN}
+        run_ids |= {
+            e.event.run_id for e in events if isinstance(e.event, wf.WorkflowExecutionRequested)
+        }
+        if not workflow_ids and not run_ids and not any(
+            e.aggregate_type == wf.TEMPLATE for e in events
+        ):
+            return
+        # Lock order (definitions, then runs, then steps, by id), as in _apply.
+        workflows = {
+            rec["id"]: _row(rec)
+            for rec in await conn.fetch(
+                f"SELECT * FROM {s}.workflows WHERE id = ANY($1::text[]) ORDER BY id FOR UPDATE",
+                sorted(workflow_ids),
+            )
+        }
+        runs = {
+            rec["run_id"]: _row(rec)
+            for rec in await conn.fetch(
+                f"SELECT * FROM {s}.workflow_runs WHERE run_id = ANY($1::text[])"
+                " ORDER BY run_id FOR UPDATE",
+                sorted(run_ids),
+            )
+        }
+        fresh: list[StoredEvent] = []
+        templates: list[Row] = []
+        new_steps: list[Row] = []
+        changes: dict[tuple[str, str], views.StepChange] = {}
+        closes: list[tuple[str, Any]] = []
+        touched_workflows: set[str] = set()
+        touched_runs: set[str] = set()
+        recount: set[str] = set()
+        for e in events:
+            if e.aggregate_type == wf.WORKFLOW:
+                before = workflows.get(e.aggregate_id)
+                after = views.evolve_workflow(before, e)
+                if after is None or after is before:
+                    continue
+                workflows[e.aggregate_id] = after
+                touched_workflows.add(e.aggregate_id)
+                fresh.append(e)
+                pending = views.requested_run(e)
+                if pending is not None and pending["run_id"] not in runs:
+                    runs[pending["run_id"]] = pending
+                    touched_runs.add(pending["run_id"])
+            elif e.aggregate_type == wf.TEMPLATE:
+                row = views.template_row(e)
+                if row is not None:
+                    templates.append(row)
+                    fresh.append(e)
+            elif e.aggregate_type == wr.RUN:
+                before = runs.get(e.aggregate_id)
+                after = views.evolve_run(before, e)
+                if after is None or after is before:
+                    continue
+                runs[e.aggregate_id] = after
+                touched_runs.add(e.aggregate_id)
+                fresh.append(e)
+                new_steps += views.step_rows(e)
+                found = views.step_change(e)
+                if found is not None:
+                    key = (e.aggregate_id, found[0])
+                    if key in changes:
+                        changes[key].absorb(found[1])
+                    else:
+                        changes[key] = found[1]
+                    if found[1].status is not None:
+                        recount.add(e.aggregate_id)
+                if views.closes_run(e):
+                    closes.append((e.aggregate_id, e.time))
+                    recount.add(e.aggregate_id)
+        await self._archive(conn, fresh)
+        if touched_workflows:
+            await conn.executemany(
+                self._upsert_workflow,
+                [_params(workflows[w], WORKFLOW_COLUMNS) for w in sorted(touched_workflows)],
+            )
+        if templates:
+            await conn.executemany(
+                self._insert_template, [_params(t, TEMPLATE_COLUMNS) for t in templates]
+            )
+        if touched_runs:
+            await conn.executemany(
+                self._upsert_run, [_params(runs[r], RUN_COLUMNS) for r in sorted(touched_runs)]
+            )
+        if new_steps:
+            await conn.executemany(
+                self._insert_step, [tuple(r[c] for c in STEP_COLUMNS) for r in new_steps]
+            )
+        if changes:
+            await conn.executemany(
+                self._change_step,
+                [
+                    (
+                        run_id, step_id, c.status, c.items_total, c.items_done, c.attempts,
+                        c.task_ids, c.has_result, json.dumps(c.result) if c.has_result else None,
+                        c.error, c.started_at, c.finished_at, c.compensating_for,
+                    )
+                    for (run_id, step_id), c in sorted(changes.items())
+                ],
+            )
+        if closes:
+            await conn.executemany(self._close_steps, closes)
+        if recount:
+            await conn.execute(self._count_steps_done, sorted(recount))

@@ -22,7 +22,10 @@ from projections.schema import checked_schema
 Conn: TypeAlias = asyncpg.Pool | asyncpg.Connection
 Row = dict[str, Any]
 
-_JSON_COLUMNS = ("capabilities", "payload", "required_capabilities", "result", "data")
+_JSON_COLUMNS = (
+    "capabilities", "payload", "required_capabilities", "result", "data", "spec", "params",
+    "inputs", "parameters",
+)
 
 #: The operational status of an agent, derived from its lifecycle and its load (the
 #: number of its tasks that are assigned or running).
@@ -317,3 +320,117 @@ async def get_proposal(db: Conn, schema: str, proposal_id: str) -> Row | None:
     )
     row["votes"] = [dict(v) for v in votes]
     return row
+
+
+# workflows --------------------------------------------------------------------------
+
+
+async def get_workflow(db: Conn, schema: str, workflow_id: str) -> Row | None:
+    """One workflow definition (``spec`` and ``params`` decoded), or None."""
+    s = checked_schema(schema)
+    record = await db.fetchrow(f"SELECT * FROM {s}.workflows WHERE id = $1", workflow_id)
+    return None if record is None else _row(record)
+
+
+async def list_workflows(
+    db: Conn,
+    schema: str,
+    *,
+    status: str | None = None,
+    after: tuple[datetime, str] | None = None,
+    limit: int = 50,
+) -> list[Row]:
+    """Definitions newest first (``created_at``, then id, both descending), after the
+    ``(created_at, id)`` key ``after``, optionally of one ``status``."""
+    s = checked_schema(schema)
+    after_at, after_id = after if after is not None else (None, None)
+    records = await db.fetch(
+        f"""
+        SELECT * FROM {s}.workflows w
+         WHERE ($1::text IS NULL OR w.status = $1)
+           AND ($2::timestamptz IS NULL OR (w.created_at, w.id) < ($2, $3::text))
+         ORDER BY w.created_at DESC, w.id DESC
+         LIMIT $4
+        """,
+        status,
+        after_at,
+        after_id,
+        limit,
+    )
+    return [_row(r) for r in records]
+
+
+async def get_template(
+    db: Conn, schema: str, name: str, version: int | None = None
+) -> Row | None:
+    """Version ``version`` of template ``name`` (its latest when None), or None."""
+    s = checked_schema(schema)
+    record = await db.fetchrow(
+        f"SELECT * FROM {s}.workflow_templates WHERE name = $1"
+        " AND ($2::integer IS NULL OR version = $2) ORDER BY version DESC LIMIT 1",
+        name,
+        version,
+    )
+    return None if record is None else _row(record)
+
+
+async def list_templates(
+    db: Conn, schema: str, *, after: str | None = None, limit: int = 50
+) -> list[Row]:
+    """The latest version of each template, by name, after the name ``after``."""
+    s = checked_schema(schema)
+    records = await db.fetch(
+        f"SELECT DISTINCT ON (name) * FROM {s}.workflow_templates"
+        " WHERE ($1::text IS NULL OR name > $1) ORDER BY name, version DESC LIMIT $2",
+        after,
+        limit,
+    )
+    return [_row(r) for r in records]
+
+
+async def get_run(db: Conn, schema: str, run_id: str, *, steps: bool = True) -> Row | None:
+    """One workflow run, or None; with ``steps`` (its steps rows in declaration order,
+    the compensation steps last) unless ``steps`` is False."""
+    s = checked_schema(schema)
+    record = await db.fetchrow(f"SELECT * FROM {s}.workflow_runs WHERE run_id = $1", run_id)
+    if record is None:
+        return None
+    row = _row(record)
+    if not steps:
+        return row
+    records = await db.fetch(
+        f"SELECT * FROM {s}.workflow_steps WHERE run_id = $1 ORDER BY position", run_id
+    )
+    row["steps"] = [_row(r) for r in records]
+    return row
+
+
+async def list_runs(
+    db: Conn,
+    schema: str,
+    *,
+    workflow_id: str | None = None,
+    status: str | None = None,
+    after: tuple[datetime, str] | None = None,
+    limit: int = 50,
+) -> list[Row]:
+    """Runs newest first (``requested_at``, then run id, both descending), after the
+    ``(requested_at, run_id)`` key ``after``, filtered by workflow and/or status."""
+    s = checked_schema(schema)
+    after_at, after_id = after if after is not None else (None, None)
+    records = await db.fetch(
+        f"""
+        SELECT * FROM {s}.workflow_runs r
+         WHERE ($1::text IS NULL OR r.workflow_id = $1)
+           AND ($2::text IS NULL OR r.status = $2)
+           AND ($3::timestamptz IS NULL OR (r.requested_at, r.run_id) < ($3, $4::text))
+         ORDER BY r.requested_at DESC, r.run_id DESC
+         LIMIT $5
+        """,
+        workflow_id,
+        status,
+        after_at,
+        after_id,
+        limit,
+    )
+    return [_row(r) for r in records]

@@ -183,6 +183,83 @@ CREATE TABLE IF NOT EXISTS {s}.proposal_votes (
     time         timestamptz NOT NULL,
     PRIMARY KEY (proposal_id, voter)
 );
+
+-- Workflows: definitions, template versions, runs and their steps.
+-- ``version`` is the definition's version (bumped by each update); ``aggregate_version``
+-- the aggregate's event sequence, which If-Match compares (executions bump it too).
+CREATE TABLE IF NOT EXISTS {s}.workflows (
+    id                 text PRIMARY KEY,
+    name               text        NOT NULL,
+    description        text        NOT NULL,
+    version            integer     NOT NULL,
+    status             text        NOT NULL,
+    spec               jsonb       NOT NULL,
+    params             jsonb       NOT NULL,
+    template           text,
+    runs               integer     NOT NULL,
+    created_at         timestamptz NOT NULL,
+    updated_at         timestamptz NOT NULL,
+    aggregate_version  integer     NOT NULL
+);
+CREATE INDEX IF NOT EXISTS workflows_by_created ON {s}.workflows (created_at DESC, id DESC);
+
+-- Every published version of every template (a version never changes).
+CREATE TABLE IF NOT EXISTS {s}.workflow_templates (
+    name          text        NOT NULL,
+    version       integer     NOT NULL,
+    description   text        NOT NULL,
+    parameters    jsonb       NOT NULL,
+    spec          jsonb       NOT NULL,
+    published_at  timestamptz NOT NULL,
+    PRIMARY KEY (name, version)
+);
+
+-- A run is "pending" from its execution request until the run aggregate has started;
+-- ``aggregate_version`` is the run aggregate's event sequence (0 while pending).
+CREATE TABLE IF NOT EXISTS {s}.workflow_runs (
+    run_id             text PRIMARY KEY,
+    workflow_id        text        NOT NULL,
+    version            integer     NOT NULL,
+    status             text        NOT NULL,
+    inputs             jsonb       NOT NULL,
+    result             jsonb,
+    error              text,
+    failed_step        text,
+    compensated        boolean     NOT NULL DEFAULT false,
+    steps_total        integer     NOT NULL,
+    steps_done         integer     NOT NULL DEFAULT 0,
+    requested_at       timestamptz NOT NULL,
+    started_at         timestamptz,
+    finished_at        timestamptz,
+    updated_at         timestamptz NOT NULL,
+    aggregate_version  integer     NOT NULL
+);
+CREATE INDEX IF NOT EXISTS workflow_runs_by_requested
+    ON {s}.workflow_runs (requested_at DESC, run_id DESC);
+CREATE INDEX IF NOT EXISTS workflow_runs_by_workflow
+    ON {s}.workflow_runs (workflow_id, requested_at DESC, run_id DESC);
+
+-- One row per step (and compensation step) of a run, in declaration order
+-- (``position``). Updated per projector batch with counters and array appends, so a
+-- map step of many items costs one row update per batch, not one per item.
+CREATE TABLE IF NOT EXISTS {s}.workflow_steps (
+    run_id            text        NOT NULL,
+    step_id           text        NOT NULL,
+    position          integer     NOT NULL,
+    kind              text        NOT NULL,
+    task_type         text        NOT NULL,
+    status            text        NOT NULL,
+    items_total       integer,
+    items_done        integer     NOT NULL DEFAULT 0,
+    attempts          integer     NOT NULL DEFAULT 0,
+    task_ids          text[]      NOT NULL DEFAULT '{{}}',
+    result            jsonb,
+    error             text,
+    started_at        timestamptz,
+    finished_at       timestamptz,
+    compensating_for  text,
+    PRIMARY KEY (run_id, step_id)
+);
 """
 
 

@@ -7,12 +7,16 @@ applying an event twice is harmless.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from domain import account as ac
 from domain import agent as ag
 from domain import proposal as pr
 from domain import task as tk
+from domain import workflow as wf
+from domain import workflow_run as wr
 from infra.codec import StoredEvent
 
 Row = dict[str, Any]
@@ -249,3 +253,252 @@ def evolve_proposal(row: Row | None, stored: StoredEvent) -> Row | None:
         case pr.ProposalExecuted():
             row["status"] = "executed"
     return row
+
+
+# workflows --------------------------------------------------------------------------
+
+
+def evolve_workflow(row: Row | None, stored: StoredEvent) -> Row | None:
+    """The workflows row after ``stored`` (a workflow definition event).
+
+    ``version`` is the definition's version; ``aggregate_version`` the event sequence
+    (what If-Match compares), which an execution request bumps too.
+    """
+    e = stored.event
+    if isinstance(e, wf.WorkflowCreated):
+        if row is not None:
+            return row
+        return {
+            "id": e.workflow_id,
+            "name": e.name,
+            "description": e.description,
+            "version": 1,
+            "status": "active",
+            "spec": e.spec.model_dump(mode="json"),
+            "params": e.params,
+            "template": e.template,
+            "runs": 0,
+            "created_at": stored.time,
+            "updated_at": stored.time,
+            "aggregate_version": stored.version,
+        }
+    if row is None or stored.version <= row["aggregate_version"]:
+        return row
+    row = {**row, "aggregate_version": stored.version, "updated_at": stored.time}
+    match e:
+        case wf.WorkflowUpdated():
+            row.update(version=e.version, name=e.name, description=e.description,
+                       spec=e.spec.model_dump(mode="json"))
+        case wf.WorkflowArchived():
+            row["status"] = "archived"
+        case wf.WorkflowExecutionRequested():
+            row["runs"] += 1
+    return row
+
+
+def template_row(stored: StoredEvent) -> Row | None:
+    """The workflow_templates row a ``TemplatePublished`` event adds (None for others)."""
+    e = stored.event
+    if not isinstance(e, wf.TemplatePublished):
+        return None
+    return {
+        "name": e.name,
+        "version": e.version,
+        "description": e.description,
+        "parameters": {k: p.model_dump(mode="json") for k, p in e.parameters.items()},
+        "spec": e.spec.model_dump(mode="json"),
+        "published_at": stored.time,
+    }
+
+
+def requested_run(stored: StoredEvent) -> Row | None:
+    """The ``pending`` workflow_runs row an execution request stands for until the run
+    aggregate starts (None for other events). Its ``aggregate_version`` is 0."""
+    e = stored.event
+    if not isinstance(e, wf.WorkflowExecutionRequested):
+        return None
+    return {
+        "run_id": e.run_id,
+        "workflow_id": e.workflow_id,
+        "version": e.version,
+        "status": "pending",
+        "inputs": e.inputs,
+        "result": None,
+        "error": None,
+        "failed_step": None,
+        "compensated": False,
+        "steps_total": len(e.spec.steps),
+        "steps_done": 0,
+        "requested_at": stored.time,
+        "started_at": None,
+        "finished_at": None,
+        "updated_at": stored.time,
+        "aggregate_version": 0,
+    }
+
+
+def evolve_run(row: Row | None, stored: StoredEvent) -> Row | None:
+    """The workflow_runs row after ``stored`` (a run event).
+
+    ``steps_done`` is not kept here: the projector counts it from the steps rows.
+    """
+    e = stored.event
+    if isinstance(e, wr.WorkflowRunStarted):
+        if row is not None and row["aggregate_version"] >= stored.version:
+            return row
+        return {
+            "run_id": e.run_id,
+            "workflow_id": e.workflow_id,
+            "version": e.version,
+            "status": "running",
+            "inputs": e.inputs,
+            "result": None,
+            "error": None,
+            "failed_step": None,
+            "compensated": False,
+            "steps_total": len(e.spec.steps),
+            "steps_done": 0 if row is None else row["steps_done"],
+            "requested_at": stored.time if row is None else row["requested_at"],
+            "started_at": stored.time,
+            "finished_at": None,
+            "updated_at": stored.time,
+            "aggregate_version": stored.version,
+        }
+    if row is None or stored.version <= row["aggregate_version"]:
+        return row
+    row = {**row, "aggregate_version": stored.version, "updated_at": stored.time}
+    match e:
+        case wr.StepStarted(compensating_for=str()):
+            row["status"] = "compensating"
+        case wr.WorkflowRunCompleted():
+            row.update(status="completed", result=e.result, finished_at=stored.time)
+        case wr.WorkflowRunFailed():
+            row.update(status="failed", failed_step=e.step_id, error=e.error,
+                       compensated=e.compensated, finished_at=stored.time)
+        case wr.WorkflowRunCancelled():
+            row.update(status="cancelled", error=e.reason, finished_at=stored.time)
+    return row
+
+
+def step_rows(stored: StoredEvent) -> list[Row]:
+    """The workflow_steps rows a ``WorkflowRunStarted`` event creates, all ``pending``:
+    the steps, then the compensation steps, in declaration order (``position``)."""
+    e = stored.event
+    if not isinstance(e, wr.WorkflowRunStarted):
+        return []
+    specs = [("step", s) for s in e.spec.steps]
+    specs += [("compensation", s) for s in e.spec.compensations]
+    return [
+        {
+            "run_id": e.run_id,
+            "step_id": spec.id,
+            "position": i,
+            "kind": kind,
+            "task_type": spec.task_type,
+            "status": "pending",
+            # A map step's item count is known when it starts.
+            "items_total": 1 if spec.map is None else None,
+        }
+        for i, (kind, spec) in enumerate(specs)
+    ]
+
+
+@dataclass
+class StepChange:
+    """What one or more run events change in one workflow_steps row.
+
+    Merged over a batch (``absorb``) so that a map step's many task events cost one
+    row update: ``items_done`` is added, ``attempts`` raised to the highest, ``task_ids``
+    appended; every other field, when set, replaces the row's. The projector writes it
+    with one UPDATE; ``applied_to`` is the same rule on a row dict.
+    """
+
+    status: str | None = None
+    items_total: int | None = None
+    items_done: int = 0
+    attempts: int = 0
+    task_ids: list[str] = field(default_factory=list)
+    has_result: bool = False
+    result: Any = None
+    error: str | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    compensating_for: str | None = None
+
+    def absorb(self, later: StepChange) -> None:
+        """Fold ``later`` (the change of a later event of the same step) into this one."""
+        self.status = later.status or self.status
+        self.items_total = later.items_total if later.items_total is not None else self.items_total
+        self.items_done += later.items_done
+        self.attempts = max(self.attempts, later.attempts)
+        self.task_ids.extend(later.task_ids)
+        if later.has_result:
+            self.has_result, self.result = True, later.result
+        self.error = later.error if later.error is not None else self.error
+        self.started_at = later.started_at or self.started_at
+        self.finished_at = later.finished_at or self.finished_at
+        self.compensating_for = later.compensating_for or self.compensating_for
+
+    def applied_to(self, row: Row) -> Row:
+        """``row`` (a workflow_steps row) with this change applied."""
+        out = {
+            **row,
+            "items_done": row.get("items_done", 0) + self.items_done,
+            "attempts": max(row.get("attempts", 0), self.attempts),
+            "task_ids": [*row.get("task_ids", []), *self.task_ids],
+        }
+        for name in ("status", "items_total", "error", "started_at", "finished_at",
+                     "compensating_for"):
+            if getattr(self, name) is not None:
+                out[name] = getattr(self, name)
+        if self.has_result:
+            out["result"] = self.result
+        return out
+
+
+def step_change(stored: StoredEvent) -> tuple[str, StepChange] | None:
+    """(step id, its change) for a run event about one step; None for the others."""
+    e = stored.event
+    t = stored.time
+    match e:
+        case wr.StepStarted():
+            return e.step_id, StepChange(
+                status="running",
+                items_total=None if e.items is None else len(e.items),
+                started_at=t,
+                compensating_for=e.compensating_for,
+            )
+        case wr.StepTaskScheduled():
+            return e.step_id, StepChange(attempts=e.attempt, task_ids=[e.task_id])
+        case wr.StepTaskSucceeded():
+            return e.step_id, StepChange(items_done=1)
+        case wr.StepCompleted():
+            return e.step_id, StepChange(status="completed", has_result=True, result=e.result,
+                                         finished_at=t)
+        case wr.StepFailed():
+            return e.step_id, StepChange(status="failed", error=e.error, finished_at=t)
+        case wr.StepSkipped():
+            # ``error`` says why a step did not complete: its failure, or why it was skipped.
+            return e.step_id, StepChange(status="skipped", error=e.reason, finished_at=t)
+    return None
+
+
+def closes_run(stored: StoredEvent) -> bool:
+    """True for the run events after which unfinished steps count as ``cancelled``
+    (the run failed or was cancelled), as the run decider's own ``evolve`` has it."""
+    return isinstance(stored.event, wr.WorkflowRunFailed | wr.WorkflowRunCancelled)
+
+
+def close_steps(steps: dict[str, Row], at: datetime) -> dict[str, Row]:
+    """Steps rows after their run closed at ``at``: pending and running ones cancelled."""
+    return {
+        sid: r
+        if r["status"] in wr.STEP_FINISHED
+        else {**r, "status": "cancelled", "finished_at": at}
+        for sid, r in steps.items()
+    }
+
+
+def steps_done(steps: dict[str, Row]) -> int:
+    """The run's progress: how many of its main steps (not compensations) have finished."""
+    return sum(1 for r in steps.values() if r["kind"] == "step" and r["status"] in wr.STEP_FINISHED)

@@ -11,7 +11,8 @@ from sse_starlette import EventSourceResponse
 from api.deps import HubDep, SettingsDep, TopicsDep
 from api.positions import Layout
 from api.streams import sse_response
-from infra.codec import StoredEvent
+from domain.workflow_run import RUN
+from infra.codec import StoredEvent, event_ce_type
 
 router = APIRouter(prefix="/events", tags=["live"])
 
@@ -34,21 +35,31 @@ async def follow_events(
         Query(description="CloudEvent type glob, e.g. io.swarmlog.task.*; repeatable (any)"),
     ] = None,
     subject: Annotated[str | None, Query(description="only this aggregate id")] = None,
+    run_id: Annotated[
+        str | None,
+        Query(min_length=1, max_length=128,
+              description="only the events of this workflow run (io.swarmlog.workflow_run.*)"),
+    ] = None,
     last_event_id_header: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
     last_event_id: Annotated[str | None, Query(description="resume after this SSE id")] = None,
     from_: Annotated[Literal["beginning", "end"], Query(alias="from")] = "end",
 ) -> EventSourceResponse:
     """Every event of every aggregate as a CloudEvent (JSON structured form), SSE ``event``
-    = its type, live from now unless ``?from=beginning``.
+    = its type, live from now unless ``?from=beginning``; filtered by ``type`` globs,
+    ``subject`` (aggregate id) and/or ``run_id`` (a workflow run's events: its steps,
+    their tasks' scheduling and outcomes, its end).
 
     Each SSE id is a position vector (``v1:<offset>.<offset>...``: the next offset of
     each partition of the event topics, topics sorted by name); send it back as
     ``Last-Event-ID`` (or ``?last_event_id=``) to resume with no gap and no duplicate.
     """
     globs = tuple(type or ())
+    run_prefix = event_ce_type(RUN, "")
 
     def pre(ce_type: str, ce_subject: str) -> bool:
         if subject is not None and ce_subject != subject:
+            return False
+        if run_id is not None and not (ce_subject == run_id and ce_type.startswith(run_prefix)):
             return False
         return not globs or any(fnmatchcase(ce_type, g) for g in globs)
 
