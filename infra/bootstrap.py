@@ -68,10 +68,12 @@ def run_processor(settings: Settings) -> None:
 
 
 def run_streams(settings: Settings) -> None:
-    """Run the process managers (the scheduler and the economy) until SIGTERM."""
+    """Run the process managers (the scheduler, the economy and the workflow engine)
+    until SIGTERM."""
     from streams.economy_runner import EconomyRunner
     from streams.runner import SchedulerRunner
     from streams.scheduler import Policy
+    from streams.workflow_runner import WorkflowRunner
 
     async def main() -> None:
         topics = await _ready_topics(settings)
@@ -86,11 +88,12 @@ def run_streams(settings: Settings) -> None:
             tick_s=settings.scheduler_tick_s,
         )
         economy = EconomyRunner(kafka_url, topics, tick_s=settings.scheduler_tick_s)
+        workflow = WorkflowRunner(kafka_url, topics, tick_s=settings.scheduler_tick_s)
 
-        async def both(stop: asyncio.Event) -> None:
-            await asyncio.gather(scheduler.run(stop), economy.run(stop))
+        async def every(stop: asyncio.Event) -> None:
+            await asyncio.gather(scheduler.run(stop), economy.run(stop), workflow.run(stop))
 
-        await _until_signalled(both)
+        await _until_signalled(every)
 
     asyncio.run(main())
 

@@ -15,6 +15,7 @@ import pytest
 from httpx_sse import aconnect_sse
 
 from sdk import TaskContext, Worker
+from streams.workflow_runner import WorkflowRunner
 from tests.e2e.support import assert_problem, positions
 from tests.e2e.test_live import cloudevent, take
 
@@ -51,8 +52,6 @@ async def engine(swarm):  # type: ignore[no-untyped-def]
     """The swarm with the workflow process manager running (started here unless the
     swarm already runs it as its ``workflow`` role)."""
     if "workflow" not in swarm.roles:
-        from streams.workflow_runner import WorkflowRunner
-
         runner = WorkflowRunner(swarm.bootstrap, swarm.topics, clock=swarm.clock, tick_s=0.1)
         swarm._start("workflow", runner.run)
 
