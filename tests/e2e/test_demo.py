@@ -1,4 +1,5 @@
-"""The main job, small: the demo swarm on the json package, with an agent killed mid-run.
+"""The main job, small: the demo workflow on the json and email packages, with an agent
+killed mid-run.
 
 Checks the printed summary against the read models and the log, and the findings
 against an independent analysis of the same files.
@@ -38,10 +39,25 @@ async def test_demo_swarm_finishes_every_module_despite_a_killed_agent(
     )
     modules = discover_modules("json") + discover_modules("email")
 
-    # Every module was analysed, none failed, and an agent was killed with work in hand.
-    assert summary["tasks"] == {"completed": len(modules)}
+    # The workflow ran to completion: discover, one analysis per module, the report.
+    # An agent was killed with work in hand; its lost tasks were dead-lettered and the
+    # map step's retry policy ran those modules again, so every module was analysed.
+    run = summary["workflow"]
+    assert run["status"] == "completed"
+    steps = {s["step_id"]: s for s in run["steps"]}
+    assert list(steps) == ["discover", "analyse", "report"]
+    assert all(s["status"] == "completed" for s in steps.values())
+    assert (steps["analyse"]["items_done"], steps["analyse"]["items_total"]) == (
+        len(modules),
+        len(modules),
+    )
     assert summary["killed"] is not None
-    assert summary["requeues"] >= 1
+    lost = summary["tasks"].get("dead_lettered", 0)
+    assert lost >= 1
+    assert summary["tasks"] == {"completed": len(modules) + 2, "dead_lettered": lost}
+    assert len(steps["analyse"]["task_ids"]) == len(modules) + lost
+    assert steps["analyse"]["attempts"] == 2
+    assert run["progress"] == {"done": 3, "total": 3}
 
     schema = summary["run_id"]
     conn = await asyncpg.connect(service_env.database_url)
@@ -65,7 +81,7 @@ async def test_demo_swarm_finishes_every_module_despite_a_killed_agent(
 
     # The summary's per-agent counts are the read model's, and add up to the modules.
     assert {a["agent_id"]: a["tasks_completed"] for a in summary["agents"] if a["tasks_completed"]} == per_agent
-    assert sum(per_agent.values()) == len(modules)
+    assert sum(per_agent.values()) == len(modules) + 2
     # The killed agent lost its work to the others and was marked offline.
     assert lost_by_killed >= 1
     assert offline == "offline"
@@ -80,6 +96,7 @@ async def test_demo_swarm_finishes_every_module_despite_a_killed_agent(
     assert summary["findings"][0]["complexity"] == best["complexity"]
     text = console.export_text()
     assert "Findings" in text and summary["findings"][0]["function"] in text
+    assert f"Workflow run {run['run_id']}" in text
 
     # The demo earns: every agent staked into its tier, the work paid rewards, the
     # stakers' proposal passed and doubled the base reward, and the ledger balances.
