@@ -103,6 +103,28 @@ class RecordStepTaskOutcome(RunCommand):
     error: str | None = None
 
 
+class StepTaskOutcome(Message):
+    """One step task's end, as ``RecordStepTaskOutcomes`` carries it (the fields of
+    ``RecordStepTaskOutcome`` without the run)."""
+
+    step_id: str
+    index: int = Field(ge=0)
+    attempt: int = Field(ge=1)
+    task_id: str
+    succeeded: bool
+    result: Any = None
+    error: str | None = None
+
+
+class RecordStepTaskOutcomes(RunCommand):
+    """Several step tasks of one run ended: each is recorded as ``RecordStepTaskOutcome``
+    would be, in order, in one decision (the engine batches the outcomes it has read in
+    one tick, so a 1,000-item map costs tens of commands, not 1,000). Outcomes that are
+    no longer current are passed over; if none is current the command is rejected."""
+
+    outcomes: tuple[StepTaskOutcome, ...] = Field(min_length=1, max_length=1000)
+
+
 class CancelWorkflowRun(RunCommand):
     """Cancel the run: no further step starts; the engine cancels its unfinished tasks."""
 
@@ -559,7 +581,7 @@ class _Decision:
 
     # -- outcomes -----------------------------------------------------------------
 
-    def outcome(self, command: RecordStepTaskOutcome) -> None:
+    def outcome(self, command: RecordStepTaskOutcome | StepTaskOutcome) -> None:
         """Record a unit's outcome and decide what follows."""
         spec = self.state.spec.step(command.step_id)
         rid = self.state.run_id
@@ -571,7 +593,7 @@ class _Decision:
                 error = error if ok else f"gate failed: {spec.gate}"
             except ExpressionError as exc:
                 ok, error = False, f"gate: {exc}"
-        common = {
+        common: dict[str, Any] = {
             "run_id": rid,
             "step_id": spec.id,
             "index": command.index,
@@ -611,6 +633,25 @@ class _Decision:
         self.fail_step(
             spec, f"{where}{error} (after {command.attempt} of {spec.retry.max_attempts} attempts)"
         )
+
+
+def _current(state: RunState, outcome: RecordStepTaskOutcome | StepTaskOutcome) -> bool:
+    """Whether ``outcome`` is for the attempt its unit is waiting on."""
+    step = state.steps.get(outcome.step_id)
+    if step is None or step.status != "running":
+        return False
+    unit = step.units.get(outcome.index)
+    return unit is not None and unit.task_id == outcome.task_id and unit.status == "scheduled"
+
+
+def _stale(outcome: RecordStepTaskOutcome | StepTaskOutcome) -> Rejection:
+    return rejected(
+        "conflict",
+        "stale_task_outcome",
+        f"task {outcome.task_id} is not the running attempt of step "
+        f"{outcome.step_id}[{outcome.index}]",
+        field="task_id",
+    )
 
 
 def decide(command: RunCommand, state: RunState | None) -> list[RunEvent] | Rejection:
@@ -657,30 +698,27 @@ def decide(command: RunCommand, state: RunState | None) -> list[RunEvent] | Reje
         case CancelWorkflowRun(), RunState():
             return [WorkflowRunCancelled(run_id=rid, reason=command.reason)]
         case RecordStepTaskOutcome(), RunState():
-            step = state.steps.get(command.step_id)
-            if step is None:
+            if command.step_id not in state.steps:
                 return rejected(
                     "invalid",
                     "unknown_step",
                     f"run {rid} has no step {command.step_id}",
                     field="step_id",
                 )
-            unit = step.units.get(command.index)
-            if (
-                step.status != "running"
-                or unit is None
-                or unit.task_id != command.task_id
-                or unit.status != "scheduled"
-            ):
-                return rejected(
-                    "conflict",
-                    "stale_task_outcome",
-                    f"task {command.task_id} is not the running attempt of step "
-                    f"{command.step_id}[{command.index}]",
-                    field="task_id",
-                )
+            if not _current(state, command):
+                return _stale(command)
             decision = _Decision(state, command.at)
             decision.outcome(command)
+            return decision.events
+        case RecordStepTaskOutcomes(), RunState():
+            decision = _Decision(state, command.at)
+            for item in command.outcomes:
+                if decision.state.status in RUN_TERMINAL:
+                    break
+                if _current(decision.state, item):
+                    decision.outcome(item)
+            if not decision.events:
+                return _stale(command.outcomes[0])
             return decision.events
     return rejected("invalid", "unknown_command", f"not a run command: {command!r}")
 
@@ -703,7 +741,12 @@ def describe(state: RunState) -> dict[str, Any]:
 
 RUN_DECIDER: Decider[RunCommand, RunState, RunEvent] = Decider(
     aggregate_type=RUN,
-    command_types=(StartWorkflowRun, RecordStepTaskOutcome, CancelWorkflowRun),
+    command_types=(
+        StartWorkflowRun,
+        RecordStepTaskOutcome,
+        RecordStepTaskOutcomes,
+        CancelWorkflowRun,
+    ),
     event_types=(
         WorkflowRunStarted,
         StepStarted,

@@ -147,6 +147,9 @@ class Planned:
     command_id: str
     command: Command
     expected_version: int | None = None
+    covers: tuple[str, ...] = ()
+    """For a batch: the command ids of the single commands it stands for (the runner
+    marks them in flight too, so the next tick does not plan them again)."""
 
 
 def _refresh(view: WorkflowView, t: TaskEntry) -> None:
@@ -325,8 +328,13 @@ def plan(view: WorkflowView, now: datetime, skip: Container[str] = ()) -> list[P
             Planned(
                 cid,
                 wr.StartWorkflowRun(
-                    run_id=run_id, workflow_id=r.workflow_id, version=r.version, spec=r.spec,
-                    inputs=r.inputs, params=r.params, at=now,
+                    run_id=run_id,
+                    workflow_id=r.workflow_id,
+                    version=r.version,
+                    spec=r.spec,
+                    inputs=r.inputs,
+                    params=r.params,
+                    at=now,
                 ),
             )
         )
@@ -339,12 +347,18 @@ def plan(view: WorkflowView, now: datetime, skip: Container[str] = ()) -> list[P
             Planned(
                 submit_id(tid),
                 tk.SubmitTask(
-                    task_id=tid, type=s.task_type, payload=s.payload,
-                    required_capabilities=s.required_capabilities, priority=s.priority,
-                    run_timeout_s=s.run_timeout_s, max_attempts=1, at=now,
+                    task_id=tid,
+                    type=s.task_type,
+                    payload=s.payload,
+                    required_capabilities=s.required_capabilities,
+                    priority=s.priority,
+                    run_timeout_s=s.run_timeout_s,
+                    max_attempts=1,
+                    at=now,
                 ),
             )
         )
+    by_run: dict[str, list[tuple[str, wr.StepTaskOutcome]]] = {}
     for tid in view.outcomes:
         t = view.tasks[tid]
         s, end = t.scheduled, t.ending
@@ -352,21 +366,74 @@ def plan(view: WorkflowView, now: datetime, skip: Container[str] = ()) -> list[P
         cid = outcome_id(end.event_id)
         if cid in skip:
             continue
-        out.append(
-            Planned(
+        by_run.setdefault(s.run_id, []).append(
+            (
                 cid,
-                wr.RecordStepTaskOutcome(
-                    run_id=s.run_id, step_id=s.step_id, index=s.index, attempt=s.attempt,
-                    task_id=tid, succeeded=end.succeeded, result=end.result, error=end.error,
-                    at=now,
+                wr.StepTaskOutcome(
+                    step_id=s.step_id,
+                    index=s.index,
+                    attempt=s.attempt,
+                    task_id=tid,
+                    succeeded=end.succeeded,
+                    result=end.result,
+                    error=end.error,
                 ),
             )
         )
+    for run_id, items in by_run.items():
+        out += _outcome_commands(run_id, sorted(items, key=lambda item: item[0]), now)
     for tid in view.cancels:
         if cancel_id(tid) in skip:
             continue
         out.append(
-            Planned(cancel_id(tid), tk.CancelTask(task_id=tid, reason=view.tasks[tid].cancel_reason,
-                                                  at=now))
+            Planned(
+                cancel_id(tid),
+                tk.CancelTask(task_id=tid, reason=view.tasks[tid].cancel_reason, at=now),
+            )
         )
+    return out
+
+
+BATCH_OUTCOMES = 200
+"""Most outcomes one ``RecordStepTaskOutcomes`` carries."""
+BATCH_BYTES = 256 * 1024
+"""Most bytes of results one batch carries (a record must stay under Kafka's 1 MiB)."""
+
+
+def _outcome_commands(
+    run_id: str, items: list[tuple[str, wr.StepTaskOutcome]], now: datetime
+) -> list[Planned]:
+    """The outcomes of one run owed now, as commands: one ``RecordStepTaskOutcome`` for a
+    lone outcome (its id from the ending event), else ``RecordStepTaskOutcomes`` batches
+    of at most ``BATCH_OUTCOMES`` outcomes and about ``BATCH_BYTES`` of results, each with
+    an id derived from the single ids it covers (a replay that batches differently makes
+    different ids, which is safe: the run passes over outcomes it has already recorded).
+    """
+    if len(items) == 1:
+        cid, o = items[0]
+        return [Planned(cid, wr.RecordStepTaskOutcome(run_id=run_id, **o.model_dump(), at=now))]
+    out: list[Planned] = []
+    batch: list[tuple[str, wr.StepTaskOutcome]] = []
+    size = 0
+
+    def flush() -> None:
+        covers = tuple(cid for cid, _ in batch)
+        out.append(
+            Planned(
+                derived_id("workflow", "step-outcomes", *covers),
+                wr.RecordStepTaskOutcomes(
+                    run_id=run_id, outcomes=tuple(o for _, o in batch), at=now
+                ),
+                covers=covers,
+            )
+        )
+
+    for cid, o in items:
+        weight = wr.json_size(o.result) if o.result is not None else 0
+        if batch and (len(batch) >= BATCH_OUTCOMES or size + weight > BATCH_BYTES):
+            flush()
+            batch, size = [], 0
+        batch.append((cid, o))
+        size += weight
+    flush()
     return out

@@ -90,3 +90,5 @@ class WorkflowRunner(ElectedRunner):
         await self.send(client, [(p.command_id, p.command, p.expected_version) for p in fresh])
         for p in fresh:
             self._inflight[p.command_id] = mono
+            for covered in p.covers:
+                self._inflight[covered] = mono

@@ -31,6 +31,7 @@ from domain.workflow_run import (
     RUN_DECIDER,
     CancelWorkflowRun,
     RecordStepTaskOutcome,
+    RecordStepTaskOutcomes,
     RunEvent,
     RunState,
     StartWorkflowRun,
@@ -39,6 +40,7 @@ from domain.workflow_run import (
     StepSkipped,
     StepStarted,
     StepTaskFailed,
+    StepTaskOutcome,
     StepTaskScheduled,
     StepTaskSucceeded,
     WorkflowRunCancelled,
@@ -544,3 +546,34 @@ def test_an_outcome_shows_a_summary_of_the_run_not_its_results() -> None:
         "steps": {"a": {"status": "running", "units": 2, "succeeded": 0}},
     }
     assert WORKFLOW_DECIDER.summary(None) is None
+
+
+def test_a_batch_of_outcomes_is_recorded_in_order_passing_over_stale_ones() -> None:
+    spec = WorkflowSpec(steps=(step("a", map=MapSpec(items="inputs.xs", max_parallelism=2)),))
+    events = start(spec, {"xs": [1, 2, 3]})
+
+    def item(index: int, attempt: int = 1) -> StepTaskOutcome:
+        return StepTaskOutcome(
+            step_id="a",
+            index=index,
+            attempt=attempt,
+            task_id=step_task_id(R, "a", index, attempt),
+            succeeded=True,
+            result=index,
+        )
+
+    then = given(RUN_DECIDER, *events).when(
+        RecordStepTaskOutcomes(run_id=R, outcomes=(item(0), item(0, 2), item(1)), at=AT)
+    )
+    state = then.then(
+        succeeded("a", 0, index=0),
+        scheduled("a", 2, payload={"item": 3, "index": 2}),
+        succeeded("a", 1, index=1),
+    ).state
+    # a batch with nothing current is rejected, so the engine's resend ends
+    given(RUN_DECIDER, *events, *then.outcome).when(  # type: ignore[misc]
+        RecordStepTaskOutcomes(run_id=R, outcomes=(item(0), item(1)), at=AT)
+    ).then_rejected("stale_task_outcome")
+    out = RUN_DECIDER.decide(RecordStepTaskOutcomes(run_id=R, outcomes=(item(2),), at=AT), state)
+    assert isinstance(out, list) and isinstance(out[-1], WorkflowRunCompleted)
+    assert out[-1].result == {"a": [0, 1, 2]}
