@@ -20,7 +20,9 @@ What it sends:
    the ending event's id): ``TaskCompleted`` succeeded with its result;
    ``TaskDeadLettered`` failed with the last failure seen (``TaskFailed``'s error, a
    time-out or a lost agent) and the dead-letter reason; ``TaskFailed`` not retryable
-   failed with its error; ``TaskCancelled`` failed with ``cancelled: <reason>``. Settled
+   failed with its error; ``TaskCancelled`` failed with ``cancelled: <reason>``. The
+   outcomes of one run owed in one tick go as one ``RecordStepTaskOutcomes`` batch (id
+   from the single ids it covers), so a burst of map items costs a few commands. Settled
    by the run's ``StepTaskSucceeded``/``StepTaskFailed`` for that task, or by the unit
    no longer being current (the run would reject it as stale).
 4. A step that finished (``StepCompleted``/``StepFailed``) or a run that ended
