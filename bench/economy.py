@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
+import subprocess
 import sys
 import time
 import uuid
@@ -43,10 +45,30 @@ app = typer.Typer(add_completion=False)
 console = Console()
 
 
+def _cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) process ``pid`` has used so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _machine_busy_s() -> float:
+    """CPU seconds all cores of the machine have spent busy so far (Linux /proc/stat)."""
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (
+        int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]
+    )
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
 async def bench(
-    accruals: int, accounts: int, state_dir: Path, processors: int = 1, chunk: int = 2000
+    accruals: int, accounts: int, state_dir: Path, processors: int = 1, chunk: int = 2000,
+    profile_dir: Path | None = None,
 ) -> dict[str, Any]:
-    """Run the benchmark and return its figures."""
+    """Run the benchmark and return its figures.
+
+    ``cpu_ms_per_accrual`` gives each child role's CPU (user + system, milliseconds) per
+    accrual over the timed phase. With ``profile_dir``, py-spy records each role during
+    the timed phase into ``<profile_dir>/<role>.txt`` (collapsed stacks).
+    """
     info = stack.up(state_dir, console=Console(stderr=True))
     run = f"econ{uuid.uuid4().hex[:8]}"
     env = {
@@ -84,7 +106,21 @@ async def bench(
         if minted is None or minted.status != "accepted":
             raise RuntimeError(f"the treasury could not mint the budget: {minted}")
         conn = await asyncpg.connect(info.database_url)
+        spies: list[subprocess.Popen[bytes]] = []
         try:
+            cpu0 = {name: _cpu_s(p.pid) for name, p in children.procs.items()}
+            busy0 = _machine_busy_s()
+            if profile_dir is not None:
+                profile_dir.mkdir(parents=True, exist_ok=True)
+                spies = [
+                    subprocess.Popen(
+                        [str(Path(sys.executable).with_name("py-spy")), "record", "--pid",
+                         str(p.pid), "--format", "raw", "--rate", "200", "--nonblocking",
+                         "-o", str(profile_dir / f"{name}.txt")],
+                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                    )
+                    for name, p in children.procs.items()
+                ]
             t0 = time.perf_counter()
             at = datetime.now(UTC)
             for start in range(0, accruals, chunk):
@@ -109,7 +145,13 @@ async def bench(
                     break
                 await asyncio.sleep(0.2)
             elapsed = time.perf_counter() - t0
+            cpu = {name: _cpu_s(p.pid) - cpu0[name] for name, p in children.procs.items()}
+            busy = _machine_busy_s() - busy0
         finally:
+            for spy in spies:  # py-spy writes its profile on SIGINT
+                spy.send_signal(signal.SIGINT)
+            for spy in spies:
+                spy.wait(60)
             await conn.close()
         a0 = time.perf_counter()
         audit = await audit_ledger(info.kafka_bootstrap_servers, topics, info.database_url, run)
@@ -117,6 +159,9 @@ async def bench(
             sent_s=sent_s, accrued=done, elapsed_s=elapsed,
             accruals_per_s=done / elapsed if elapsed else 0.0,
             audit_s=time.perf_counter() - a0, audit_ok=audit.ok,
+            cpu_ms_per_accrual={n: 1000 * c / max(done, 1) for n, c in cpu.items()},
+            machine_ms_per_accrual=1000 * busy / max(done, 1),
+            machine_busy_cores=busy / elapsed if elapsed else 0.0,
         )
     finally:
         await client.stop()
@@ -130,13 +175,20 @@ def main(
     accounts: Annotated[int, typer.Option(min=1, help="Accounts they go to.")] = 1_000,
     state_dir: Annotated[Path, typer.Option(help="Local stack state directory.")] = Path(".swarmlog"),
     processors: Annotated[int, typer.Option(min=1, help="Command processor copies.")] = 1,
+    profile_dir: Annotated[
+        Path | None, typer.Option(help="Record each role with py-spy into this directory.")
+    ] = None,
 ) -> None:
     """Run the economy benchmark and print its figures."""
-    f = asyncio.run(bench(accruals, accounts, state_dir, processors))
+    f = asyncio.run(bench(accruals, accounts, state_dir, processors, profile_dir=profile_dir))
     console.rule("bench/economy")
     console.print(f"{f['accrued']} of {f['accruals']} accruals across {accounts} accounts in"
                   f" {f['elapsed_s']:.1f} s = {f['accruals_per_s']:.0f} accruals/s end to end"
                   f" (commands sent in {f['sent_s']:.1f} s; {processors} processor copies)")
+    console.print("CPU per accrual (ms): " + ", ".join(
+        f"{n} {ms:.2f}" for n, ms in f["cpu_ms_per_accrual"].items())
+        + f"; whole machine {f['machine_ms_per_accrual']:.2f}"
+          f" ({f['machine_busy_cores']:.2f} of {os.cpu_count()} cores busy)")
     console.print(f"ledger audit: {'ok' if f['audit_ok'] else 'DIFFERS'} in {f['audit_s']:.2f} s")
 
 
