@@ -13,13 +13,21 @@ from infra.codec import Record
 
 
 def producer(bootstrap_servers: str, *, transactional_id: str | None = None) -> AIOKafkaProducer:
-    """An idempotent producer (acks=all); transactional when ``transactional_id`` is given."""
+    """An idempotent producer (acks=all); transactional when ``transactional_id`` is given.
+
+    ``max_batch_size`` is 512 KiB, not aiokafka's 16 KiB: aiokafka sends one batch per
+    partition per request and makes ``send`` wait while a partition's batch is full, so
+    with 16 KiB a command processor batch of 500 events (about 40 per 16 KiB) waited on
+    a dozen broker round trips in a row. It stays under the broker's default
+    ``message.max.bytes`` (1 MiB).
+    """
     return AIOKafkaProducer(
         bootstrap_servers=bootstrap_servers,
         enable_idempotence=True,
         acks="all",
         transactional_id=transactional_id,
         linger_ms=2,
+        max_batch_size=512 * 1024,
         request_timeout_ms=30_000,
     )
 
