@@ -21,6 +21,7 @@ import asyncio
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
+from typing import Any
 
 import structlog
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
@@ -87,10 +88,12 @@ class ElectedRunner(ABC):
 
     async def send(
         self, client: CommandClient, planned: list[tuple[str, Command, int | None]]
-    ) -> None:
-        """Send (command id, command, expected version) triples, in chunks."""
+    ) -> list[Any]:
+        """Send (command id, command, expected version) triples, in chunks; returns each
+        command's RecordMetadata (partition and offset on the command topic), in order."""
+        written: list[Any] = []
         for start in range(0, len(planned), 5000):
-            await client.send_many(
+            written += await client.send_many(
                 [
                     CommandEnvelope(
                         command_id=command_id,
@@ -103,6 +106,7 @@ class ElectedRunner(ABC):
                 ]
             )
         self.sent += len(planned)
+        return written
 
     async def run(self, stop: asyncio.Event) -> None:
         """Stand by until elected, then lead until ``stop`` is set or leadership is lost."""
