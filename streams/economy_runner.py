@@ -18,12 +18,17 @@ from aiokafka.admin import AIOKafkaAdminClient
 
 from commands.client import CommandClient
 from infra.clock import Clock
-from infra.codec import StoredEvent
+from domain import agent as ag
+from infra.codec import StoredEvent, event_ce_type
 from infra.topics import Topics
 from streams.economy import EconomyView, apply, plan
 from streams.leader import ElectedRunner
 
 log = structlog.get_logger("swarmlog.streams")
+
+
+_AGENT_EVENTS = event_ce_type(ag.AGENT, "")
+_AGENT_REGISTERED = event_ce_type(ag.AGENT, ag.AgentRegistered.event_type)
 
 
 @dataclass(frozen=True)
@@ -61,6 +66,10 @@ class EconomyRunner(ElectedRunner):
     def read_topics(self) -> Iterable[str]:
         """Every event topic."""
         return self.topics.event_topics.values()
+
+    def wants(self, ce_type: str) -> bool:
+        """Every event but the agents' own (heartbeats, starts ...), except registrations."""
+        return not ce_type.startswith(_AGENT_EVENTS) or ce_type == _AGENT_REGISTERED
 
     def reset(self) -> None:
         """A fresh view; nothing in flight."""
