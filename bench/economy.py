@@ -143,7 +143,7 @@ async def bench(
             if profile_dir is not None:
                 profile_dir.mkdir(parents=True, exist_ok=True)
                 spies = [
-                    subprocess.Popen(
+                    subprocess.Popen(  # noqa: ASYNC220 - started once, before the timing
                         [str(Path(sys.executable).with_name("py-spy")), "record", "--pid",
                          str(p.pid), "--format", "raw", "--rate", "200", "--nonblocking",
                          "-o", str(profile_dir / f"{name}.txt")],

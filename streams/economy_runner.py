@@ -17,8 +17,8 @@ from aiokafka import TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
 from commands.client import CommandClient
-from infra.clock import Clock
 from domain import agent as ag
+from infra.clock import Clock
 from infra.codec import StoredEvent, event_ce_type
 from infra.topics import Topics
 from streams.economy import EconomyView, apply, plan
@@ -129,7 +129,7 @@ class EconomyRunner(ElectedRunner):
         try:
             await admin.start()
             committed = await admin.list_consumer_group_offsets(f"{self.topics.prefix}-processor")
-        except Exception as exc:  # any failure: fall back on the time alone
+        except Exception as exc:  # noqa: BLE001 - any failure: fall back on the time alone
             log.warning("processor offsets unreadable; resending by time", error=str(exc))
             return None
         finally:

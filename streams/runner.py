@@ -13,15 +13,14 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from commands.client import CommandClient
-from infra.clock import Clock
 from domain import account as ac
 from domain.agent import AGENT
 from domain.task import TASK
+from infra.clock import Clock
 from infra.codec import StoredEvent, event_ce_type
 from infra.topics import Topics
 from streams.leader import ElectedRunner
 from streams.scheduler import Planned, Policy, SchedulerView, apply, plan
-
 
 _AGENT_EVENTS = event_ce_type(AGENT, "")
 _TASK_EVENTS = event_ce_type(TASK, "")
