@@ -116,13 +116,14 @@ class CommandClient:
         self._recent[command_id] = outcome
         return outcome
 
-    async def send_many(self, envelopes: list[CommandEnvelope]) -> None:
-        """Put several commands on the command topic, acked together."""
+    async def send_many(self, envelopes: list[CommandEnvelope]) -> list[Any]:
+        """Put several commands on the command topic, acked together; returns each one's
+        RecordMetadata (its partition and offset), in order."""
         futures = [
             await kafka.send(self.producer, encode_command(self.topics.commands, e))
             for e in envelopes
         ]
-        await asyncio.gather(*futures)
+        return list(await asyncio.gather(*futures))
 
     async def execute_many(
         self, envelopes: list[CommandEnvelope], wait_s: float

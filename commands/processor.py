@@ -209,11 +209,14 @@ class CommandProcessor:
                     outcome, futures = await self._decide(ps, env, staged_aggregates)
                     staged_outcomes[env.command_id] = outcome
                     pending.append((outcome, futures))
+                # One wait for every event of the batch (not one gather per command):
+                # the outcomes name the events' offsets, so they go after.
+                await asyncio.gather(*(f for _, futures in pending for f in futures))
                 for outcome, futures in pending:
                     if isinstance(outcome, str):  # its first outcome is complete by now
                         outcome = staged_outcomes[outcome].model_copy(update={"duplicate": True})
                     elif futures:
-                        metas = await asyncio.gather(*futures)
+                        metas = [f.result() for f in futures]
                         events = [
                             {**e, "partition": m.partition, "offset": m.offset}
                             for e, m in zip(outcome.events, metas, strict=True)

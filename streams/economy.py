@@ -39,6 +39,7 @@ import functools
 from collections.abc import Container
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any, TypeVar
 
 from domain import account as ac
 from domain import agent as ag
@@ -52,6 +53,8 @@ from infra.codec import StoredEvent, derived_id
 # uuid5 is most of a tick's cost under load: remember the ids (one string per cause).
 _id = functools.lru_cache(maxsize=1 << 20)(derived_id)
 
+T = TypeVar("T")
+
 
 @dataclass
 class Debit:
@@ -62,6 +65,7 @@ class Debit:
     amount: int
     kind: ac.TransferKind
     task_id: str | None
+    seq: int = 0
 
 
 @dataclass
@@ -71,6 +75,7 @@ class RewardDue:
     agent_id: str
     task_id: str
     amount: int
+    seq: int = 0
 
 
 @dataclass
@@ -80,6 +85,7 @@ class SlashDue:
     agent_id: str
     task_id: str
     rate_bp: int
+    seq: int = 0
 
 
 @dataclass
@@ -108,6 +114,7 @@ class EconomyView:
     credits_settled: set[str] = field(default_factory=set)
     accounts_due: set[str] = field(default_factory=set)
     proposals: dict[str, ProposalView] = field(default_factory=dict)
+    seq: int = 0  # how many rewards, slashes and debits have come due (see ``plan``'s since)
 
 
 @dataclass(frozen=True)
@@ -119,10 +126,17 @@ class Planned:
     expected_version: int | None = None
 
 
-def _due(due: dict[str, object], settled: set[str], key: str, value: object) -> None:
+def _due(
+    view: EconomyView, due: dict[str, Any], settled: set[str], key: str, value: Any
+) -> None:
     if key in settled:
         settled.discard(key)
     else:
+        # Numbered, and at the end of ``due`` (which is therefore in ``seq`` order), so
+        # that ``plan(since=...)`` reads only what came due since.
+        view.seq += 1
+        value.seq = view.seq
+        due.pop(key, None)
         due[key] = value
 
 
@@ -146,13 +160,13 @@ def apply(view: EconomyView, stored: StoredEvent) -> None:
             view.started.pop(e.task_id, None)
             amount = reward_amount(view.params, view.tiers.get(e.agent_id, "none"), e.quality)
             if amount > 0:
-                _due(view.rewards, view.rewards_settled, stored.id,  # type: ignore[arg-type]
+                _due(view, view.rewards, view.rewards_settled, stored.id,
                      RewardDue(e.agent_id, e.task_id, amount))
         case tk.TaskRequeued() | tk.TaskTimedOut():
             rate = view.params.slash_rate_bp
             staked = view.staked.get(e.agent_id, 0)
             if view.started.pop(e.task_id, None) == e.agent_id and slash_amount(staked, rate) > 0:
-                _due(view.slashes, view.slashes_settled, stored.id,  # type: ignore[arg-type]
+                _due(view, view.slashes, view.slashes_settled, stored.id,
                      SlashDue(e.agent_id, e.task_id, rate))
         case tk.TaskQueued() | tk.TaskFailed() | tk.TaskCancelled() | tk.TaskDeadLettered():
             view.started.pop(e.task_id, None)
@@ -166,13 +180,13 @@ def apply(view: EconomyView, stored: StoredEvent) -> None:
         case ac.TierChanged():
             view.tiers[e.account_id] = e.tier
         case ac.TransferSent():
-            _due(view.debits, view.credits_settled, stored.id,  # type: ignore[arg-type]
+            _due(view, view.debits, view.credits_settled, stored.id,
                  Debit(e.account_id, e.to, e.amount, e.kind, e.task_id))
             if e.kind == "reward":
                 _settle(view.rewards, view.rewards_settled, e.cause)  # type: ignore[arg-type]
         case ac.StakeSlashed():
             view.staked[e.account_id] = view.staked.get(e.account_id, 0) - e.amount
-            _due(view.debits, view.credits_settled, stored.id,  # type: ignore[arg-type]
+            _due(view, view.debits, view.credits_settled, stored.id,
                  Debit(e.account_id, e.to, e.amount, "slash", e.task_id))
             _settle(view.slashes, view.slashes_settled, e.cause)  # type: ignore[arg-type]
         case ac.TransferReceived() | ac.RewardAccrued():
@@ -191,10 +205,33 @@ def apply(view: EconomyView, stored: StoredEvent) -> None:
                 view.params = e.change.applied_to(view.params)
 
 
-def plan(view: EconomyView, now: datetime, skip: Container[str] = ()) -> list[Planned]:
+def _since(due: dict[str, T], since: int) -> list[tuple[str, T]]:
+    """The items of ``due`` (in ``seq`` order, see ``_due``) numbered above ``since``."""
+    if not since:
+        return list(due.items())
+    newer: list[tuple[str, T]] = []
+    for key in reversed(due):
+        item = due[key]
+        if item.seq <= since:  # type: ignore[attr-defined]
+            break
+        newer.append((key, item))
+    newer.reverse()
+    return newer
+
+
+def plan(
+    view: EconomyView, now: datetime, skip: Container[str] = (), since: int = 0
+) -> list[Planned]:
     """Every command the economy owes at ``now`` (see the module docstring), except those
     whose command id is in ``skip`` (sent already and not yet due again: the runner
-    passes its in-flight ids, so a long backlog is not rebuilt on every tick)."""
+    passes its in-flight ids, so a long backlog is not rebuilt on every tick).
+
+    With ``since`` (a ``view.seq`` the caller planned at before), only the rewards,
+    slashes and credits that came due after it are planned (account openings and
+    proposal timers are always planned in full): a runner with a backlog of thousands
+    of credits in flight reads only the new ones on each tick, and plans in full (since
+    0) when it may need to send something again.
+    """
     out: list[Planned] = []
     for agent_id in sorted(view.accounts_due):
         if _id("open-account", agent_id) in skip:
@@ -205,7 +242,7 @@ def plan(view: EconomyView, now: datetime, skip: Container[str] = ()) -> list[Pl
                 ac.OpenAccount(account_id=agent_id, holder="agent", at=now),
             )
         )
-    for cause, r in view.rewards.items():
+    for cause, r in _since(view.rewards, since):
         if _id("reward", cause) in skip:
             continue
         out.append(
@@ -217,7 +254,7 @@ def plan(view: EconomyView, now: datetime, skip: Container[str] = ()) -> list[Pl
                 ),
             )
         )
-    for cause, s in view.slashes.items():
+    for cause, s in _since(view.slashes, since):
         if slash_amount(view.staked.get(s.agent_id, 0), s.rate_bp) == 0:
             continue  # unstaked since: the decider would refuse it
         if _id("slash", cause) in skip:
@@ -231,7 +268,7 @@ def plan(view: EconomyView, now: datetime, skip: Container[str] = ()) -> list[Pl
                 ),
             )
         )
-    for debit_id, d in view.debits.items():
+    for debit_id, d in _since(view.debits, since):
         if _id("credit", debit_id) in skip:
             continue
         credit_cls = ac.AccrueReward if d.kind == "reward" else ac.ReceiveTransfer

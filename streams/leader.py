@@ -21,6 +21,7 @@ import asyncio
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
+from typing import Any
 
 import structlog
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
@@ -64,6 +65,7 @@ class ElectedRunner(ABC):
         self.caught_up = asyncio.Event()
         self.sent = 0
         self._planned_at = 0.0
+        self._wants_cache: dict[bytes, bool] = {}
 
     @abstractmethod
     def read_topics(self) -> Iterable[str]:
@@ -81,16 +83,23 @@ class ElectedRunner(ABC):
     async def tick(self, client: CommandClient) -> None:
         """Plan from the view and send what is new (see ``send``)."""
 
+    def wants(self, ce_type: str) -> bool:
+        """Whether the view folds events of this CloudEvent type: records of other types
+        are skipped before they are decoded (all are folded unless a runner says)."""
+        return True
+
     def describe(self) -> dict[str, int]:
         """Figures logged when the view has been rebuilt."""
         return {}
 
     async def send(
         self, client: CommandClient, planned: list[tuple[str, Command, int | None]]
-    ) -> None:
-        """Send (command id, command, expected version) triples, in chunks."""
+    ) -> list[Any]:
+        """Send (command id, command, expected version) triples, in chunks; returns each
+        command's RecordMetadata (partition and offset on the command topic), in order."""
+        written: list[Any] = []
         for start in range(0, len(planned), 5000):
-            await client.send_many(
+            written += await client.send_many(
                 [
                     CommandEnvelope(
                         command_id=command_id,
@@ -103,6 +112,7 @@ class ElectedRunner(ABC):
                 ]
             )
         self.sent += len(planned)
+        return written
 
     async def run(self, stop: asyncio.Event) -> None:
         """Stand by until elected, then lead until ``stop`` is set or leadership is lost."""
@@ -138,6 +148,21 @@ class ElectedRunner(ABC):
             await client.stop()
             await election.stop()
 
+    def _wanted(self, record: Any) -> bool:
+        # Read from the raw header (one dict lookup per record): decoding a record costs
+        # as much as the rest of what a runner does with it.
+        ce_type = next((v for k, v in record.headers or () if k == "ce_type"), None)
+        if ce_type is None:
+            return True  # decode_event says what is wrong with it
+        wanted = self._wants_cache.get(ce_type)
+        if wanted is None:
+            try:
+                wanted = self.wants(ce_type.decode("utf-8"))
+            except UnicodeDecodeError:
+                wanted = True
+            self._wants_cache[ce_type] = wanted
+        return wanted
+
     async def _lead(
         self, stop: asyncio.Event, election: AIOKafkaConsumer, client: CommandClient
     ) -> None:
@@ -159,6 +184,8 @@ class ElectedRunner(ABC):
                 )
                 for records in batch.values():
                     for record in records:
+                        if not self._wanted(record):
+                            continue
                         try:
                             self.apply(decode_event(record))
                         except DecodeError:

@@ -13,11 +13,18 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from commands.client import CommandClient
+from domain import account as ac
+from domain.agent import AGENT
+from domain.task import TASK
 from infra.clock import Clock
-from infra.codec import StoredEvent
+from infra.codec import StoredEvent, event_ce_type
 from infra.topics import Topics
 from streams.leader import ElectedRunner
 from streams.scheduler import Planned, Policy, SchedulerView, apply, plan
+
+_AGENT_EVENTS = event_ce_type(AGENT, "")
+_TASK_EVENTS = event_ce_type(TASK, "")
+_TIER_CHANGED = event_ce_type(ac.ACCOUNT, ac.TierChanged.event_type)
 
 
 @dataclass
@@ -56,6 +63,10 @@ class SchedulerRunner(ElectedRunner):
     def read_topics(self) -> Iterable[str]:
         """The agent and task topics, and the account topic for the agents' tiers."""
         return [self.topics.events(a) for a in ("agent", "task", "account")]
+
+    def wants(self, ce_type: str) -> bool:
+        """Agent and task events, and the accounts' tier changes (the tiers it scores by)."""
+        return ce_type.startswith((_AGENT_EVENTS, _TASK_EVENTS)) or ce_type == _TIER_CHANGED
 
     def reset(self) -> None:
         """A fresh view; nothing in flight."""

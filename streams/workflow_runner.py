@@ -16,11 +16,26 @@ import time
 from collections.abc import Iterable
 
 from commands.client import CommandClient
+from domain import task as tk
 from infra.clock import Clock
-from infra.codec import StoredEvent
+from infra.codec import StoredEvent, event_ce_type
 from infra.topics import Topics
 from streams.leader import ElectedRunner
 from streams.workflow import WorkflowView, apply, expire, plan
+
+_TASK_EVENTS = event_ce_type(tk.TASK, "")
+_TASK_FOLDED = frozenset(
+    event_ce_type(tk.TASK, cls.event_type)
+    for cls in (
+        tk.TaskSubmitted,
+        tk.TaskCompleted,
+        tk.TaskFailed,
+        tk.TaskTimedOut,
+        tk.TaskRequeued,
+        tk.TaskDeadLettered,
+        tk.TaskCancelled,
+    )
+)
 
 
 class WorkflowRunner(ElectedRunner):
@@ -53,6 +68,11 @@ class WorkflowRunner(ElectedRunner):
     def read_topics(self) -> Iterable[str]:
         """The workflow, workflow_run and task event topics."""
         return [self.topics.events(t) for t in ("workflow", "workflow_run", "task")]
+
+    def wants(self, ce_type: str) -> bool:
+        """Every workflow and run event; of the tasks', only those that submit or end one
+        (assignments, starts, progress and queueing are skipped before decoding)."""
+        return not ce_type.startswith(_TASK_EVENTS) or ce_type in _TASK_FOLDED
 
     def reset(self) -> None:
         """A fresh view; nothing in flight."""

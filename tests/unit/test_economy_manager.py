@@ -247,3 +247,18 @@ def test_governance_rejected_and_quorum_missed_change_nothing() -> None:
         w.settle(t(61))
         assert w.states[("proposal", "p1")].status == outcome
         assert w.view.params == EconomyParameters()
+
+
+def test_planning_since_a_position_plans_only_what_came_due_after_it() -> None:
+    w = World()
+    for i in range(3):
+        w.send(ac.GrantTokens(account_id=TREASURY, to=f"h{i}", amount=MICRO, at=t(0)))
+    first = w.view.seq
+    w.send(ac.GrantTokens(account_id=TREASURY, to="h3", amount=MICRO, at=t(0)))
+    everything = plan(w.view, t(1))
+    assert [p.command.account_id for p in everything] == ["h0", "h1", "h2", "h3"]
+    assert plan(w.view, t(1), since=first) == everything[3:]
+    assert plan(w.view, t(1), since=w.view.seq) == []
+    # A settled credit leaves the queue; the rest keep their order and their numbers.
+    w.send(everything[1].command, everything[1].command_id)
+    assert plan(w.view, t(1), since=first - 2) == [everything[2], everything[3]]
