@@ -280,9 +280,11 @@ async def _settled(bootstrap: str, topics: list[str], quiet_s: float = 2.0) -> N
 
 
 async def bench(items: int, agents: int, slots: int, parallelism: int, state_dir: Path,
-                rounds: int = 3, timeout_s: float = 600.0) -> dict[str, Any]:
+                rounds: int = 3, timeout_s: float = 600.0,
+                split: bool = False) -> dict[str, Any]:
     """Run the warm-up and ``rounds`` rounds of both phases; return the figures (seconds
-    per round, and CPU seconds and records of the last round)."""
+    per round, and CPU seconds and records of the last round). ``split`` runs the
+    workflow engine in a process of its own (``swarmlog streams --only workflow``)."""
     info = stack.up(state_dir, console=Console(stderr=True))
     run = f"wfb{uuid.uuid4().hex[:8]}"
     env = {
@@ -308,8 +310,14 @@ async def bench(items: int, agents: int, slots: int, parallelism: int, state_dir
                                "parallelism": parallelism}
     swarm: Swarm | None = None
     try:
-        for role in ("processor", "streams"):
-            children.start(role, [sys.executable, "-m", "infra.cli", role], env)
+        cli = [sys.executable, "-m", "infra.cli"]
+        children.start("processor", [*cli, "processor"], env)
+        if split:
+            children.start("streams", [*cli, "streams", "--only", "scheduler",
+                                       "--only", "economy"], env)
+            children.start("workflow", [*cli, "streams", "--only", "workflow"], env)
+        else:
+            children.start("streams", [*cli, "streams"], env)
         await client.start()
         agent_ids = [f"{run}-agent-{i}" for i in range(agents)]
         swarm = Swarm(bootstrap, topics, client, agent_ids)
@@ -366,9 +374,12 @@ def main(
     parallelism: Annotated[int, typer.Option(min=1, help="The map's max_parallelism.")] = 1000,
     state_dir: Annotated[Path, typer.Option(help="Local stack state directory.")] = Path(".swarmlog"),
     rounds: Annotated[int, typer.Option(min=1, help="Rounds of both phases (medians).")] = 3,
+    split: Annotated[bool, typer.Option(
+        help="Run the workflow engine in its own process, apart from the scheduler and"
+        " the economy.")] = False,
 ) -> None:
     """Run the workflow benchmark and print its figures."""
-    f = asyncio.run(bench(items, agents, slots, parallelism, state_dir, rounds))
+    f = asyncio.run(bench(items, agents, slots, parallelism, state_dir, rounds, split=split))
     wf_s, direct_s = statistics.median(f["workflow_s"]), statistics.median(f["direct_s"])
     over = wf_s - direct_s
     tasks = items + 2

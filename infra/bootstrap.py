@@ -67,9 +67,19 @@ def run_processor(settings: Settings) -> None:
     asyncio.run(main())
 
 
-def run_streams(settings: Settings) -> None:
-    """Run the process managers (the scheduler, the economy and the workflow engine)
-    until SIGTERM."""
+PROCESS_MANAGERS = ("scheduler", "economy", "workflow")
+"""The process managers ``swarmlog streams`` runs, by name."""
+
+
+def run_streams(settings: Settings, only: tuple[str, ...] = PROCESS_MANAGERS) -> None:
+    """Run the process managers named in ``only`` (default: the scheduler, the economy and
+    the workflow engine) until SIGTERM. Raises ValueError for a name not in
+    ``PROCESS_MANAGERS``."""
+    unknown = sorted(set(only) - set(PROCESS_MANAGERS))
+    if unknown or not only:
+        raise ValueError(
+            f"unknown process manager(s) {unknown}; choose from {', '.join(PROCESS_MANAGERS)}"
+        )
     from streams.economy_runner import EconomyRunner
     from streams.runner import SchedulerRunner
     from streams.scheduler import Policy
@@ -90,8 +100,10 @@ def run_streams(settings: Settings) -> None:
         economy = EconomyRunner(kafka_url, topics, tick_s=settings.scheduler_tick_s)
         workflow = WorkflowRunner(kafka_url, topics, tick_s=settings.scheduler_tick_s)
 
+        runners = {"scheduler": scheduler, "economy": economy, "workflow": workflow}
+
         async def every(stop: asyncio.Event) -> None:
-            await asyncio.gather(scheduler.run(stop), economy.run(stop), workflow.run(stop))
+            await asyncio.gather(*(runners[name].run(stop) for name in only))
 
         await _until_signalled(every)
 

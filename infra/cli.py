@@ -195,14 +195,34 @@ def processor(state_dir: StateDir) -> None:
 
 
 @app.command()
-def streams(state_dir: StateDir) -> None:
-    """Run the process managers: the scheduler (assignment, leases, heartbeats) and the
-    economy (rewards, slashing, ledger credits, governance deadlines).
+def streams(
+    state_dir: StateDir,
+    only: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--only",
+            help="Run only this process manager (scheduler, economy or workflow); repeat "
+            "for several. Default: all three in this process.",
+        ),
+    ] = None,
+) -> None:
+    """Run the process managers: the scheduler (assignment, leases, heartbeats), the
+    economy (rewards, slashing, ledger credits, governance deadlines) and the workflow
+    engine (runs, step tasks, outcomes, cancellation).
 
-    Copies elect one leader; the others stand by. Stops cleanly on SIGTERM.
+    Copies of each elect one leader; the others stand by. On a machine with cores to
+    spare, one process per manager (``--only workflow`` ...) lets them run in parallel.
+    Stops cleanly on SIGTERM.
     """
+    chosen = tuple(only) if only else bootstrap.PROCESS_MANAGERS
+    unknown = sorted(set(chosen) - set(bootstrap.PROCESS_MANAGERS))
+    if unknown:
+        raise typer.BadParameter(
+            f"{', '.join(unknown)}: choose from {', '.join(bootstrap.PROCESS_MANAGERS)}",
+            param_hint="--only",
+        )
     bootstrap.configure_logging()
-    bootstrap.run_streams(_settings(state_dir))
+    bootstrap.run_streams(_settings(state_dir), chosen)
 
 
 @app.command()

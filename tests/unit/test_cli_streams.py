@@ -1,0 +1,22 @@
+"""``swarmlog streams --only``: a process manager name that does not exist is refused
+with a message naming the option, before anything starts."""
+
+from __future__ import annotations
+
+import pytest
+from typer.testing import CliRunner
+
+from infra import bootstrap
+from infra.cli import app
+from infra.settings import Settings
+
+
+def test_an_unknown_process_manager_is_refused_naming_the_option() -> None:
+    result = CliRunner().invoke(app, ["streams", "--only", "sheduler"])
+    assert result.exit_code == 2
+    assert "--only" in result.output and "sheduler" in result.output
+
+
+def test_run_streams_refuses_unknown_names() -> None:
+    with pytest.raises(ValueError, match="nope"):
+        bootstrap.run_streams(Settings(), ("workflow", "nope"))
