@@ -3,44 +3,13 @@ event at or below a row's version changes nothing (so replaying a batch is harml
 
 from __future__ import annotations
 
-from collections import defaultdict
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from domain import agent as ag
 from domain import task as tk
-from domain.messages import Event
 from infra.codec import StoredEvent
 from projections.views import Row, agent_counts, evolve_agent, evolve_task
-
-BASE = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
-
-
-def t(seconds: float) -> datetime:
-    return BASE + timedelta(seconds=seconds)
-
-
-class Log:
-    """Stored events with per-aggregate versions, as the processor writes them."""
-
-    def __init__(self) -> None:
-        self.versions: dict[str, int] = defaultdict(int)
-        self.events: list[StoredEvent] = []
-
-    def add(self, aggregate_id: str, at: float, event: Event) -> StoredEvent:
-        self.versions[aggregate_id] += 1
-        stored = StoredEvent(
-            id=f"{aggregate_id}/{self.versions[aggregate_id]}",
-            aggregate_type=event.aggregate_type,
-            aggregate_id=aggregate_id,
-            version=self.versions[aggregate_id],
-            time=t(at),
-            correlation_id="corr",
-            causation_id="cause",
-            event=event,
-        )
-        self.events.append(stored)
-        return stored
+from tests.unit.logs import Log, t
 
 
 def fold_agent(events: list[StoredEvent], row: Row | None = None) -> Row | None:

@@ -3,45 +3,14 @@ over a batch, checked against the run decider's own state for the same events.""
 
 from __future__ import annotations
 
-from collections import defaultdict
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from domain import workflow as wf
 from domain import workflow_run as wr
-from domain.messages import Event
 from infra.codec import StoredEvent
 from projections import views
 from projections.views import Row, StepChange
-
-BASE = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
-
-
-def t(seconds: float) -> datetime:
-    return BASE + timedelta(seconds=seconds)
-
-
-class Log:
-    """Stored events with per-aggregate versions, as the processor writes them."""
-
-    def __init__(self) -> None:
-        self.versions: dict[str, int] = defaultdict(int)
-        self.events: list[StoredEvent] = []
-
-    def add(self, aggregate_id: str, at: float, event: Event) -> StoredEvent:
-        self.versions[aggregate_id] += 1
-        stored = StoredEvent(
-            id=f"{aggregate_id}/{self.versions[aggregate_id]}",
-            aggregate_type=event.aggregate_type,
-            aggregate_id=aggregate_id,
-            version=self.versions[aggregate_id],
-            time=t(at),
-            correlation_id="corr",
-            causation_id="cause",
-            event=event,
-        )
-        self.events.append(stored)
-        return stored
+from tests.unit.logs import Log, t
 
 
 def step(sid: str, **fields: Any) -> wf.StepSpec:
