@@ -642,8 +642,13 @@ class _KafkaLaunch:
 
 
 def _cluster_id() -> str:
-    # Kafka's Uuid.toString: the 16 bytes in URL-safe base64, no padding.
-    return base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+    """A KRaft cluster id as Kafka's ``Uuid.randomUuid`` makes one: 16 random bytes in
+    URL-safe base64 without padding, drawn again while it starts with ``-`` (which a
+    command line would read as an option)."""
+    while True:
+        cid = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+        if not cid.startswith("-"):
+            return cid
 
 
 def _write_kafka_config(layout: _Layout, port: int, controller_port: int) -> None:
@@ -713,8 +718,7 @@ def _launch_kafka(
             log4j,
             "kafka.tools.StorageTool",
             "format",
-            "-t",
-            cluster_id,
+            f"--cluster-id={cluster_id}",  # one argument even for an id from an older run
             "-c",
             str(layout.kafka_properties),
             "--ignore-formatted",
@@ -1032,7 +1036,7 @@ def _ensure_postgres(layout: _Layout, state: dict[str, Any], console: Console) -
         try:
             _run_async(lambda: _ensure_database(port))
             break
-        except Exception as error:  # noqa: BLE001 - retried until the deadline
+        except Exception as error:
             if time.monotonic() > deadline:
                 raise _failure(
                     "PostgreSQL", f"no answer on {_HOST}:{port} ({error})", log
