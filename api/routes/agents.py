@@ -154,15 +154,30 @@ async def follow_assignments(
     settings: SettingsDep,
     topics: TopicsDep,
     hub: HubDep,
+    pool: PoolDep,
     last_event_id_header: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
     last_event_id: Annotated[str | None, Query(description="resume after this SSE id")] = None,
     from_: Annotated[Literal["beginning", "end"], Query(alias="from")] = "end",
 ) -> EventSourceResponse:
-    """The agent's ``io.swarmlog.task.assigned`` events, live (from now, by default).
+    """The agent's ``io.swarmlog.task.assigned`` events, live (by default).
 
     Each SSE id is a position vector over the task topic's partitions; send it back as
     ``Last-Event-ID`` (or ``?last_event_id=``) to resume with no gap and no duplicate.
+
+    Without one, the stream starts where the read models are (the projected offsets of
+    the task topic), not at the log's end: an assignment already on the log but not yet
+    projected is streamed, so a client that connects and then lists its assigned tasks
+    (as the SDK worker does) misses none. It may see one both ways; task ids tell.
     """
+    layout = Layout.of([topics.events(tk.TASK)], topics.partitions)
+    resume = last_event_id or last_event_id_header
+    if resume is None and from_ == "end":
+        projected = await queries.projected_offsets(
+            pool, settings.db_schema, ((tp.topic, tp.partition) for tp in layout.partitions)
+        )
+        resume = layout.encode(
+            {tp: projected.get((tp.topic, tp.partition), 0) for tp in layout.partitions}
+        )
 
     def keep(stored: StoredEvent) -> bool:
         return isinstance(stored.event, tk.TaskAssigned) and stored.event.agent_id == agent_id
@@ -171,10 +186,10 @@ async def follow_assignments(
 
     return await sse_response(
         hub,
-        Layout.of([topics.events(tk.TASK)], topics.partitions),
+        layout,
         keep,
         pre=lambda ce_type, _: ce_type == assigned,
-        last_event_id=last_event_id or last_event_id_header,
+        last_event_id=resume,
         from_beginning=from_ == "beginning",
         send_timeout_s=settings.sse_send_timeout_s,
     )

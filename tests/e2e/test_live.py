@@ -185,6 +185,31 @@ async def test_an_agent_follows_its_assignments(swarm) -> None:
     assert r.status_code == 200, r.text
 
 
+async def test_an_assignment_on_the_log_but_not_yet_projected_is_streamed(swarm) -> None:
+    """The SDK worker connects and then lists its assigned tasks from the read model: an
+    assignment written before the connection but projected after the list must come by
+    the stream, or the worker never sees it."""
+    c = swarm.client
+    await register(c, "late", capabilities={"zig": 0.8}, start=True)
+    await swarm.stop_role("projector")
+    r = await c.post(
+        "/tasks", json={"task_id": "unseen", "type": "x", "required_capabilities": ["zig"]}
+    )
+    assert r.status_code == 201, r.text
+
+    # the assignment is on the log (the feed reads the log, not the read model) ...
+    async with aconnect_sse(
+        c, "GET", "/events", params={"from": "beginning", "type": "io.swarmlog.task.assigned"}
+    ) as feed:
+        [on_log] = await take(feed.aiter_sse(), 1, timeout_s=30)
+        assert cloudevent(on_log)["data"]["task_id"] == "unseen"
+    # ... and not in the read model, when the agent connects
+    async with aconnect_sse(c, "GET", "/agents/late/assignments") as es:
+        assert es.response.status_code == 200
+        [sse] = await take(es.aiter_sse(), 1, timeout_s=30)
+        assert cloudevent(sse)["data"]["task_id"] == "unseen"
+
+
 @pytest.mark.parametrize("swarm", [{"sse_max_clients": 1}], indirect=True)
 async def test_streams_past_the_limit_get_a_503_with_retry_after(swarm) -> None:
     c = swarm.client
