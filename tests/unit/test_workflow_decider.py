@@ -41,8 +41,12 @@ from domain.workflow_run import (
     StepStarted,
     StepTaskFailed,
     StepTaskOutcome,
+    ScheduledTask,
     StepTaskScheduled,
+    StepTasksScheduled,
+    StepTasksSucceeded,
     StepTaskSucceeded,
+    SucceededTask,
     WorkflowRunCancelled,
     WorkflowRunCompleted,
     WorkflowRunFailed,
@@ -159,22 +163,32 @@ def test_an_invalid_template_is_rejected() -> None:
 # -- runs -------------------------------------------------------------------------------
 
 
-def scheduled(sid: str, index: int = 0, attempt: int = 1, **extra: Any) -> StepTaskScheduled:
-    fields: dict[str, Any] = {
-        "run_id": R,
-        "step_id": sid,
+def scheduled(sid: str, index: int = 0, attempt: int = 1, **extra: Any) -> StepTasksScheduled:
+    """The ``StepTasksScheduled`` of one unit (``extra``: its payload, not_before...)."""
+    unit: dict[str, Any] = {
         "index": index,
         "attempt": attempt,
         "task_id": step_task_id(R, sid, index, attempt),
+        "payload": extra.pop("payload", {}),
+        "not_before": extra.pop("not_before", None),
+    }
+    fields: dict[str, Any] = {
+        "run_id": R,
+        "step_id": sid,
         "task_type": f"do_{sid}",
-        "payload": {},
         "required_capabilities": (),
         "priority": "normal",
         "run_timeout_s": 600.0,
-        "not_before": None,
+        "tasks": (ScheduledTask(**unit),),
     }
     fields.update(extra)
-    return StepTaskScheduled(**fields)
+    return StepTasksScheduled(**fields)
+
+
+def merged(*events: StepTasksScheduled | StepTasksSucceeded) -> RunEvent:
+    """One event listing the units of ``events`` (of one kind and step), in order."""
+    tasks = tuple(u for e in events for u in e.tasks)
+    return events[0].model_copy(update={"tasks": tasks})
 
 
 def start(spec: WorkflowSpec, inputs: dict[str, Any] | None = None) -> list[RunEvent]:
@@ -203,14 +217,19 @@ def outcome(
     )
 
 
-def succeeded(sid: str, result: Any, index: int = 0, attempt: int = 1) -> StepTaskSucceeded:
-    return StepTaskSucceeded(
+def succeeded(sid: str, result: Any, index: int = 0, attempt: int = 1) -> StepTasksSucceeded:
+    """The ``StepTasksSucceeded`` of one unit."""
+    return StepTasksSucceeded(
         run_id=R,
         step_id=sid,
-        index=index,
-        attempt=attempt,
-        task_id=step_task_id(R, sid, index, attempt),
-        result=result,
+        tasks=(
+            SucceededTask(
+                index=index,
+                attempt=attempt,
+                task_id=step_task_id(R, sid, index, attempt),
+                result=result,
+            ),
+        ),
     )
 
 
@@ -276,9 +295,11 @@ def test_a_map_step_keeps_to_its_parallelism_and_fans_in_in_item_order() -> None
         )
     )
     events = start(spec, {"xs": ["p", "q", "r"]})
-    assert [e for e in events if isinstance(e, StepTaskScheduled)] == [
-        scheduled("a", 0, payload={"item": "p", "index": 0}),
-        scheduled("a", 1, payload={"item": "q", "index": 1}),
+    assert [e for e in events if isinstance(e, StepTasksScheduled)] == [
+        merged(
+            scheduled("a", 0, payload={"item": "p", "index": 0}),
+            scheduled("a", 1, payload={"item": "q", "index": 1}),
+        )
     ]
     state = RUN_DECIDER.fold(events)
     # item 1 finishes first: item 2 takes its place
@@ -295,8 +316,8 @@ def test_a_map_step_keeps_to_its_parallelism_and_fans_in_in_item_order() -> None
     assert state.steps["a"].status == "completed"
     assert state.steps["a"].result == ["P", "Q", "R"]
     assert state.steps["b"].units[0].status == "scheduled"
-    b_task = [e for e in out if isinstance(e, StepTaskScheduled) and e.step_id == "b"]
-    assert b_task[0].payload == {"all": ["P", "Q", "R"]}
+    b_task = [e for e in out if isinstance(e, StepTasksScheduled) and e.step_id == "b"]
+    assert b_task[0].tasks[0].payload == {"all": ["P", "Q", "R"]}
 
 
 def test_an_empty_map_completes_at_once() -> None:
@@ -402,7 +423,7 @@ def test_on_failure_continue_lets_dependents_run_and_see_the_failure() -> None:
         "StepTaskFailed",
         "StepFailed",
         "StepStarted",
-        "StepTaskScheduled",
+        "StepTasksScheduled",
     ]
 
 
@@ -565,10 +586,10 @@ def test_a_batch_of_outcomes_is_recorded_in_order_passing_over_stale_ones() -> N
     then = given(RUN_DECIDER, *events).when(
         RecordStepTaskOutcomes(run_id=R, outcomes=(item(0), item(0, 2), item(1)), at=AT)
     )
+    # one event per kind and step: both successes, then the item that took a place
     state = then.then(
-        succeeded("a", 0, index=0),
+        merged(succeeded("a", 0, index=0), succeeded("a", 1, index=1)),
         scheduled("a", 2, payload={"item": 3, "index": 2}),
-        succeeded("a", 1, index=1),
     ).state
     # a batch with nothing current is rejected, so the engine's resend ends
     given(RUN_DECIDER, *events, *then.outcome).when(  # type: ignore[misc]

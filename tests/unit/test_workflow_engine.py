@@ -271,7 +271,11 @@ def test_a_retry_is_submitted_only_once_the_clock_reaches_not_before() -> None:
     retry = w.unit("a")
     assert retry.attempt == 2
     [scheduled] = [
-        e.event for e in w.log if isinstance(e.event, wr.StepTaskScheduled) and e.event.attempt == 2
+        u
+        for e in w.log
+        if isinstance(e.event, wr.StepTasksScheduled)
+        for u in e.event.tasks
+        if u.attempt == 2
     ]
     not_before = scheduled.not_before
     assert not_before is not None and t(3) + timedelta(seconds=5) <= not_before <= t(13)
@@ -348,7 +352,7 @@ def test_each_ending_of_a_task_is_reported_to_its_run(
     )
     w.send(p.command, p.command_id)
     assert w.run().status == ("completed" if succeeded else "failed")
-    assert plan(w.view, t(3)) == []  # settled by StepTaskSucceeded / StepTaskFailed
+    assert plan(w.view, t(3)) == []  # settled by StepTasksSucceeded / StepTaskFailed
     assert empty(w.view)
     assert w.rejections == []
 
