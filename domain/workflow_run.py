@@ -465,7 +465,12 @@ class _Batch:
     """A ``StepTasksScheduled`` or ``StepTasksSucceeded`` a decision is still adding
     units to (it becomes the event when the decision's events are read)."""
 
-    def __init__(self, kind: type[RunEvent], step_id: str, common: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        kind: type[StepTasksScheduled | StepTasksSucceeded],
+        step_id: str,
+        common: dict[str, Any],
+    ) -> None:
         self.kind = kind
         self.step_id = step_id
         self.common = common
@@ -474,7 +479,8 @@ class _Batch:
         self.size = 0
 
     def event(self) -> RunEvent:
-        return self.kind(step_id=self.step_id, tasks=tuple(self.tasks), **self.common)
+        tasks = tuple(self.tasks)
+        return self.kind(step_id=self.step_id, tasks=tasks, **self.common)  # type: ignore[arg-type]
 
 
 class _Decision:
@@ -509,7 +515,7 @@ class _Decision:
 
     def unit(
         self,
-        kind: type[RunEvent],
+        kind: type[StepTasksScheduled | StepTasksSucceeded],
         step_id: str,
         task: ScheduledTask | SucceededTask,
         size: int,

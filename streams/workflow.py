@@ -13,9 +13,10 @@ What it sends:
 
 1. ``WorkflowExecutionRequested`` -> ``StartWorkflowRun`` (id from the request's event
    id), settled by the run's ``WorkflowRunStarted``.
-2. Each task a ``StepTasksScheduled`` lists -> ``SubmitTask`` with ``max_attempts=1`` (id from the task id)
-   once ``now >= not_before`` (the retry backoff, on the injected clock), while the unit
-   is current (its step and run have not finished); settled by ``TaskSubmitted``.
+2. Each task a ``StepTasksScheduled`` lists -> ``SubmitTask`` with ``max_attempts=1``
+   (id from the task id) once ``now >= not_before`` (the retry backoff, on the injected
+   clock), while the unit is current (its step and run have not finished); settled by
+   ``TaskSubmitted``.
 3. A workflow task (id starting ``wf-``) that ended -> ``RecordStepTaskOutcome`` (id from
    the ending event's id): ``TaskCompleted`` succeeded with its result;
    ``TaskDeadLettered`` failed with the last failure seen (``TaskFailed``'s error, a

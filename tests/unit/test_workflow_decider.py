@@ -28,12 +28,14 @@ from domain.workflow import (
     WorkflowUpdated,
 )
 from domain.workflow_run import (
+    BATCH_EVENT_BYTES,
     RUN_DECIDER,
     CancelWorkflowRun,
     RecordStepTaskOutcome,
     RecordStepTaskOutcomes,
     RunEvent,
     RunState,
+    ScheduledTask,
     StartWorkflowRun,
     StepCompleted,
     StepFailed,
@@ -41,7 +43,6 @@ from domain.workflow_run import (
     StepStarted,
     StepTaskFailed,
     StepTaskOutcome,
-    ScheduledTask,
     StepTaskScheduled,
     StepTasksScheduled,
     StepTasksSucceeded,
@@ -51,6 +52,7 @@ from domain.workflow_run import (
     WorkflowRunCompleted,
     WorkflowRunFailed,
     WorkflowRunStarted,
+    json_size,
     step_task_id,
 )
 from tests.unit.gwt import given
@@ -598,3 +600,63 @@ def test_a_batch_of_outcomes_is_recorded_in_order_passing_over_stale_ones() -> N
     out = RUN_DECIDER.decide(RecordStepTaskOutcomes(run_id=R, outcomes=(item(2),), at=AT), state)
     assert isinstance(out, list) and isinstance(out[-1], WorkflowRunCompleted)
     assert out[-1].result == {"a": [0, 1, 2]}
+
+
+def test_a_map_start_is_one_event_per_step_chunked_by_size() -> None:
+    spec = WorkflowSpec(
+        steps=(step("a", map=MapSpec(items="inputs.xs", max_items=1000, max_parallelism=1000)),)
+    )
+    xs = ["x" * 400] * 1000  # ~400 KiB of items, ~560 KiB of units: three events' worth
+    events = start(spec, {"xs": xs})
+    batches = [e for e in events if isinstance(e, StepTasksScheduled)]
+    assert len(batches) == 3
+    assert [u.index for e in batches for u in e.tasks] == list(range(1000))
+    assert all(json_size(e.model_dump(mode="json")) < BATCH_EVENT_BYTES + 1024 for e in batches)
+    assert RUN_DECIDER.fold(events).steps["a"].units.keys() == set(range(1000))
+
+
+def test_a_unit_scheduled_and_succeeded_in_one_decision_is_listed_in_that_order() -> None:
+    spec = WorkflowSpec(steps=(step("a", map=MapSpec(items="inputs.xs", max_parallelism=1)),))
+    events = start(spec, {"xs": [1, 2]})
+
+    def item(index: int) -> StepTaskOutcome:
+        return StepTaskOutcome(step_id="a", index=index, attempt=1,
+                               task_id=step_task_id(R, "a", index, 1), succeeded=True,
+                               result=index)
+
+    when = given(RUN_DECIDER, *events).when(
+        RecordStepTaskOutcomes(run_id=R, outcomes=(item(0), item(1)), at=AT)
+    )
+    then = when.then(
+        succeeded("a", 0, index=0),
+        scheduled("a", 1, payload={"item": 2, "index": 1}),
+        succeeded("a", 1, index=1),
+        StepCompleted(run_id=R, step_id="a", result=[0, 1]),
+        WorkflowRunCompleted(run_id=R, result={"a": [0, 1]}),
+    )
+    assert RUN_DECIDER.fold([*events, *when.outcome]) == then.state  # type: ignore[misc]
+
+
+def test_a_log_of_per_unit_events_still_replays() -> None:
+    """Logs written before the batched events hold one StepTaskScheduled/Succeeded per
+    unit: they fold to the same state."""
+    spec = WorkflowSpec(steps=(step("a", map=MapSpec(items="inputs.xs")),))
+    events = start(spec, {"xs": [1, 2]})
+    legacy: list[RunEvent] = []
+    for e in events:
+        if isinstance(e, StepTasksScheduled):
+            legacy += [
+                StepTaskScheduled(
+                    run_id=R, step_id=e.step_id, task_type=e.task_type,
+                    required_capabilities=e.required_capabilities, priority=e.priority,
+                    run_timeout_s=e.run_timeout_s, **u.model_dump(),
+                )
+                for u in e.tasks
+            ]
+        else:
+            legacy.append(e)
+    legacy.append(StepTaskSucceeded(run_id=R, step_id="a", index=0, attempt=1,
+                                    task_id=step_task_id(R, "a", 0, 1), result="r0"))
+    state = RUN_DECIDER.fold([*events, succeeded("a", "r0", index=0)])
+    assert RUN_DECIDER.fold(legacy) == state
+    assert state.steps["a"].succeeded == 1
