@@ -207,8 +207,9 @@ def _hops(events: list[StoredEvent], run_id: str) -> list[float]:
     submitted (event times: the agents' and the engine's clocks, one machine)."""
     steps: dict[str, str] = {}  # task id -> step id
     for s in events:
-        if isinstance(s.event, wr.StepTaskScheduled) and s.event.run_id == run_id:
-            steps[s.event.task_id] = s.event.step_id
+        if isinstance(s.event, wr.StepTasksScheduled) and s.event.run_id == run_id:
+            for u in s.event.tasks:
+                steps[u.task_id] = s.event.step_id
     done: dict[str, datetime] = {}
     first: dict[str, datetime] = {}
     for s in events:

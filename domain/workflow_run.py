@@ -7,7 +7,7 @@ failure (a gate is checked here), a retry after backoff, the step's completion (
 step's once every item is done, its result the items' results in order), the steps that
 became ready (or are skipped: ``when`` false, or a dependency skipped), compensation,
 and the run's completion or failure. The process manager (streams/workflow.py) only
-carries out what the events say: it submits each ``StepTaskScheduled`` task once
+carries out what the events say: it submits each task ``StepTasksScheduled`` lists once
 ``not_before`` has passed, reports task outcomes back, and cancels the tasks a finished
 step or run left behind.
 
@@ -57,6 +57,14 @@ MAX_VALUE_BYTES = 512 * 1024
 """The most a map's item list, a task payload or a step's result may take as JSON: every
 event is one Kafka record, and a broker refuses records over 1 MiB by default. A step
 whose value is larger fails, naming the size, instead of wedging its command partition."""
+
+
+BATCH_EVENT_BYTES = 256 * 1024
+"""About the most JSON one ``StepTasksScheduled``/``StepTasksSucceeded`` carries: a
+decision starts another event of the same step when the next unit would take it over."""
+
+UNIT_OVERHEAD_BYTES = 160
+"""What one listed unit takes as JSON besides its payload or result (ids, attempt...)."""
 
 
 def json_size(value: Any) -> int:
@@ -166,9 +174,56 @@ class StepStarted(RunEvent):
     compensating_for: str | None = None
 
 
+class ScheduledTask(Message):
+    """One unit's task as ``StepTasksScheduled`` lists it: attempt ``attempt`` of unit
+    ``index`` is to run as task ``task_id``, not before ``not_before`` (None: now)."""
+
+    index: int
+    attempt: int
+    task_id: str
+    payload: dict[str, Any]
+    not_before: datetime | None = None
+
+
+class StepTasksScheduled(RunEvent):
+    """Tasks of a step are to run, one per listed unit. The engine submits each with its
+    unit's fields and the step's ``task_type``, ``required_capabilities``, ``priority``
+    and ``run_timeout_s`` (the same for every unit of a step, so given once).
+
+    One decision emits one such event per step (a 1,000-item map's start: one event,
+    not 1,000), chunked so that no event is much over ``BATCH_EVENT_BYTES`` of JSON."""
+
+    event_type: ClassVar[str] = "step_tasks_scheduled"
+    step_id: str
+    task_type: str
+    required_capabilities: tuple[str, ...]
+    priority: Priority
+    run_timeout_s: float
+    tasks: tuple[ScheduledTask, ...]
+
+
+class SucceededTask(Message):
+    """One unit's success as ``StepTasksSucceeded`` lists it."""
+
+    index: int
+    attempt: int
+    task_id: str
+    result: Any
+
+
+class StepTasksSucceeded(RunEvent):
+    """The listed units' tasks succeeded, each with its ``result`` (and passed the gate,
+    for a plain step). One per step per decision, chunked like ``StepTasksScheduled``."""
+
+    event_type: ClassVar[str] = "step_tasks_succeeded"
+    step_id: str
+    tasks: tuple[SucceededTask, ...]
+
+
 class StepTaskScheduled(RunEvent):
-    """Attempt ``attempt`` of unit ``index`` is to run as task ``task_id``, not before
-    ``not_before`` (None: now). The engine submits it with these fields."""
+    """Legacy (no longer emitted; ``StepTasksScheduled`` replaced it): still decoded and
+    applied so that a log written before it replays. Attempt ``attempt`` of unit
+    ``index`` is to run as task ``task_id``, not before ``not_before`` (None: now)."""
 
     event_type: ClassVar[str] = "step_task_scheduled"
     step_id: str
@@ -184,7 +239,8 @@ class StepTaskScheduled(RunEvent):
 
 
 class StepTaskSucceeded(RunEvent):
-    """The unit's task succeeded with ``result`` (and passed the gate, for a plain step)."""
+    """Legacy (no longer emitted; ``StepTasksSucceeded`` replaced it): still decoded and
+    applied so that a log written before it replays. The unit's task succeeded."""
 
     event_type: ClassVar[str] = "step_task_succeeded"
     step_id: str
@@ -335,14 +391,14 @@ def evolve(state: RunState | None, event: RunEvent) -> RunState | None:
             if event.compensating_for is not None:
                 new = new.model_copy(update={"status": "compensating"})
             return new
+        case StepTasksScheduled():
+            return _scheduled(state, event.step_id, event.tasks)
+        case StepTasksSucceeded():
+            return _succeeded(state, event.step_id, event.tasks)
         case StepTaskScheduled():
-            units = dict(state.steps.get(event.step_id, StepState()).units)
-            units[event.index] = UnitState(
-                attempt=event.attempt, task_id=event.task_id, status="scheduled"
-            )
-            return step(event.step_id, units=units)
+            return _scheduled(state, event.step_id, (event,))
         case StepTaskSucceeded():
-            return unit(event.step_id, event.index, status="succeeded", result=event.result)
+            return _succeeded(state, event.step_id, (event,))
         case StepTaskFailed():
             return unit(event.step_id, event.index, status="failed", error=event.error)
         case StepCompleted():
@@ -360,6 +416,38 @@ def evolve(state: RunState | None, event: RunEvent) -> RunState | None:
     return state
 
 
+def _scheduled(
+    state: RunState, sid: str, tasks: tuple[ScheduledTask | StepTaskScheduled, ...]
+) -> RunState:
+    """``state`` with ``tasks`` of step ``sid`` scheduled (each its unit's current attempt)."""
+    current = state.steps.get(sid, StepState())
+    units = dict(current.units)
+    for t in tasks:
+        units[t.index] = UnitState(attempt=t.attempt, task_id=t.task_id, status="scheduled")
+    return state.model_copy(
+        update={"steps": {**state.steps, sid: current.model_copy(update={"units": units})}}
+    )
+
+
+def _succeeded(
+    state: RunState, sid: str, tasks: tuple[SucceededTask | StepTaskSucceeded, ...]
+) -> RunState:
+    """``state`` with ``tasks`` of step ``sid`` succeeded (units it does not hold ignored)."""
+    current = state.steps.get(sid, StepState())
+    units = dict(current.units)
+    done = 0
+    for t in tasks:
+        u = units.get(t.index)
+        if u is None:
+            continue
+        units[t.index] = u.model_copy(update={"status": "succeeded", "result": t.result})
+        done += 1
+    if not done:
+        return state
+    step = current.model_copy(update={"units": units, "succeeded": current.succeeded + done})
+    return state.model_copy(update={"steps": {**state.steps, sid: step}})
+
+
 def _close(state: RunState, status: RunStatus) -> RunState:
     """The run ended: steps still pending or running are cancelled."""
     steps = {
@@ -373,17 +461,95 @@ def _close(state: RunState, status: RunStatus) -> RunState:
 # Deciding
 
 
+class _Batch:
+    """A ``StepTasksScheduled`` or ``StepTasksSucceeded`` a decision is still adding
+    units to (it becomes the event when the decision's events are read)."""
+
+    def __init__(
+        self,
+        kind: type[StepTasksScheduled | StepTasksSucceeded],
+        step_id: str,
+        common: dict[str, Any],
+    ) -> None:
+        self.kind = kind
+        self.step_id = step_id
+        self.common = common
+        self.tasks: list[ScheduledTask | SucceededTask] = []
+        self.indexes: set[int] = set()
+        self.size = 0
+
+    def event(self) -> RunEvent:
+        tasks = tuple(self.tasks)
+        return self.kind(step_id=self.step_id, tasks=tasks, **self.common)  # type: ignore[arg-type]
+
+
 class _Decision:
-    """Events decided so far, each folded into ``state`` as it is emitted."""
+    """Events decided so far, each folded into ``state`` as it is emitted.
+
+    Unit events are batched: a unit scheduled or succeeded joins the step's open
+    ``StepTasksScheduled``/``StepTasksSucceeded`` of this decision (one of each per step
+    is open at a time), so a decision over many outcomes of a map emits a couple of events,
+    not two per item. Any other event closes every open batch (the events after it start
+    new ones), so the order the log gives is the order they were decided in, except that
+    units of the two kinds of one step may be listed in an earlier batch than they were
+    decided: they are different units (a unit is only scheduled anew after a
+    ``StepTaskFailed``, which closes the batches), and a unit scheduled in this decision
+    never succeeds in a batch listed before it (``unit`` checks).
+    """
 
     def __init__(self, state: RunState, at: datetime) -> None:
         self.state = state
         self.at = at
-        self.events: list[RunEvent] = []
+        self._events: list[RunEvent | _Batch] = []
+        self._open: dict[tuple[type[RunEvent], str], tuple[int, _Batch]] = {}
+
+    @property
+    def events(self) -> list[RunEvent]:
+        """The events decided, in order."""
+        return [e.event() if isinstance(e, _Batch) else e for e in self._events]
 
     def emit(self, event: RunEvent) -> None:
-        self.events.append(event)
+        self._open.clear()
+        self._events.append(event)
         self.state = evolve(self.state, event)  # type: ignore[assignment]
+
+    def unit(
+        self,
+        kind: type[StepTasksScheduled | StepTasksSucceeded],
+        step_id: str,
+        task: ScheduledTask | SucceededTask,
+        size: int,
+        common: dict[str, Any],
+    ) -> None:
+        """Add ``task`` (taking ``size`` bytes of JSON) to the step's open batch of
+        ``kind``, or to a new one; fold it into ``state``."""
+        key = (kind, step_id)
+        opened = self._open.get(key)
+        if opened is not None:
+            position, batch = opened
+            other = next(
+                (
+                    (p, b)
+                    for (k, sid), (p, b) in self._open.items()
+                    if sid == step_id and k is not kind
+                ),
+                None,
+            )
+            if (batch.tasks and batch.size + size > BATCH_EVENT_BYTES) or (
+                other is not None and other[0] > position and task.index in other[1].indexes
+            ):
+                opened = None
+        if opened is None:
+            batch = _Batch(kind, step_id, common)
+            self._open[key] = (len(self._events), batch)
+            self._events.append(batch)
+        batch.tasks.append(task)
+        batch.indexes.add(task.index)
+        batch.size += size
+        if isinstance(task, ScheduledTask):
+            self.state = _scheduled(self.state, step_id, (task,))
+        else:
+            self.state = _succeeded(self.state, step_id, (task,))
 
     # -- context ------------------------------------------------------------------
 
@@ -424,20 +590,24 @@ class _Decision:
         if spec.payload_from and (size := json_size(payload)) > MAX_VALUE_BYTES:
             self.fail_step(spec, f"payload of {size} bytes is over {MAX_VALUE_BYTES}")
             return False
-        self.emit(
-            StepTaskScheduled(
-                run_id=self.state.run_id,
-                step_id=spec.id,
+        self.unit(
+            StepTasksScheduled,
+            spec.id,
+            ScheduledTask(
                 index=index,
                 attempt=attempt,
                 task_id=step_task_id(self.state.run_id, spec.id, index, attempt),
-                task_type=spec.task_type,
                 payload=payload,
-                required_capabilities=spec.required_capabilities,
-                priority=spec.priority,
-                run_timeout_s=spec.timeout_s,
                 not_before=not_before,
-            )
+            ),
+            UNIT_OVERHEAD_BYTES + json_size(payload),
+            {
+                "run_id": self.state.run_id,
+                "task_type": spec.task_type,
+                "required_capabilities": spec.required_capabilities,
+                "priority": spec.priority,
+                "run_timeout_s": spec.timeout_s,
+            },
         )
         return True
 
@@ -601,7 +771,18 @@ class _Decision:
             "task_id": command.task_id,
         }
         if ok:
-            self.emit(StepTaskSucceeded(**common, result=command.result))
+            self.unit(
+                StepTasksSucceeded,
+                spec.id,
+                SucceededTask(
+                    index=command.index,
+                    attempt=command.attempt,
+                    task_id=command.task_id,
+                    result=command.result,
+                ),
+                UNIT_OVERHEAD_BYTES + json_size(command.result),
+                {"run_id": rid},
+            )
             if spec.map is None:
                 self.finish(spec, command.result)
                 return
@@ -750,6 +931,8 @@ RUN_DECIDER: Decider[RunCommand, RunState, RunEvent] = Decider(
     event_types=(
         WorkflowRunStarted,
         StepStarted,
+        StepTasksScheduled,
+        StepTasksSucceeded,
         StepTaskScheduled,
         StepTaskSucceeded,
         StepTaskFailed,

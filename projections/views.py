@@ -468,6 +468,12 @@ def step_change(stored: StoredEvent) -> tuple[str, StepChange] | None:
                 started_at=t,
                 compensating_for=e.compensating_for,
             )
+        case wr.StepTasksScheduled():
+            return e.step_id, StepChange(
+                attempts=max(u.attempt for u in e.tasks), task_ids=[u.task_id for u in e.tasks]
+            )
+        case wr.StepTasksSucceeded():
+            return e.step_id, StepChange(items_done=len(e.tasks))
         case wr.StepTaskScheduled():
             return e.step_id, StepChange(attempts=e.attempt, task_ids=[e.task_id])
         case wr.StepTaskSucceeded():

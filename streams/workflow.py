@@ -13,9 +13,10 @@ What it sends:
 
 1. ``WorkflowExecutionRequested`` -> ``StartWorkflowRun`` (id from the request's event
    id), settled by the run's ``WorkflowRunStarted``.
-2. ``StepTaskScheduled`` -> ``SubmitTask`` with ``max_attempts=1`` (id from the task id)
-   once ``now >= not_before`` (the retry backoff, on the injected clock), while the unit
-   is current (its step and run have not finished); settled by ``TaskSubmitted``.
+2. Each task a ``StepTasksScheduled`` lists -> ``SubmitTask`` with ``max_attempts=1``
+   (id from the task id) once ``now >= not_before`` (the retry backoff, on the injected
+   clock), while the unit is current (its step and run have not finished); settled by
+   ``TaskSubmitted``.
 3. A workflow task (id starting ``wf-``) that ended -> ``RecordStepTaskOutcome`` (id from
    the ending event's id): ``TaskCompleted`` succeeded with its result;
    ``TaskDeadLettered`` failed with the last failure seen (``TaskFailed``'s error, a
@@ -23,7 +24,7 @@ What it sends:
    failed with its error; ``TaskCancelled`` failed with ``cancelled: <reason>``. The
    outcomes of one run owed in one tick go as one ``RecordStepTaskOutcomes`` batch (id
    from the single ids it covers), so a burst of map items costs a few commands. Settled
-   by the run's ``StepTaskSucceeded``/``StepTaskFailed`` for that task, or by the unit
+   by the run's ``StepTasksSucceeded``/``StepTaskFailed`` for that task, or by the unit
    no longer being current (the run would reject it as stale).
 4. A step that finished (``StepCompleted``/``StepFailed``) or a run that ended
    (completed, failed, cancelled) while some of its tasks were submitted and had not
@@ -31,7 +32,7 @@ What it sends:
    scheduled but not submitted by then is never submitted.
 
 Topics are read independently, so a settling event may be read before its cause: a
-task's events before its ``StepTaskScheduled`` (kept as an *unclaimed* task until it
+task's events before its ``StepTasksScheduled`` (kept as an *unclaimed* task until it
 arrives), the run's record of an outcome before the task's end, a run's start before
 the request. Memory is bounded: a task is forgotten once it has ended and its outcome
 is settled, a run once it has finished and its tasks are forgotten. What is kept for
@@ -92,19 +93,51 @@ class Ending:
     error: str | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class Scheduled:
+    """One scheduled task, as a ``StepTasksScheduled`` (or a legacy ``StepTaskScheduled``)
+    gives it: what the engine submits it with."""
+
+    run_id: str
+    step_id: str
+    index: int
+    attempt: int
+    task_id: str
+    task_type: str
+    payload: dict[str, Any]
+    required_capabilities: tuple[str, ...]
+    priority: tk.Priority
+    run_timeout_s: float
+    not_before: datetime | None
+
+
+def scheduled_tasks(e: wr.StepTasksScheduled | wr.StepTaskScheduled) -> list[Scheduled]:
+    """The tasks a scheduling event lists, one ``Scheduled`` each."""
+    if isinstance(e, wr.StepTaskScheduled):
+        return [
+            Scheduled(e.run_id, e.step_id, e.index, e.attempt, e.task_id, e.task_type, e.payload,
+                      e.required_capabilities, e.priority, e.run_timeout_s, e.not_before)
+        ]
+    return [
+        Scheduled(e.run_id, e.step_id, u.index, u.attempt, u.task_id, e.task_type, u.payload,
+                  e.required_capabilities, e.priority, e.run_timeout_s, u.not_before)
+        for u in e.tasks
+    ]
+
+
 @dataclass
 class TaskEntry:
     """One workflow task (one attempt of one unit of a step) as the engine sees it.
 
     ``scheduled`` is None while the task is *unclaimed* (its task events were read before
-    its ``StepTaskScheduled``). ``current`` is false once its step or run has finished;
+    its ``StepTasksScheduled``). ``current`` is false once its step or run has finished;
     ``recorded`` once the run has recorded its outcome. ``cause`` is the last failure
     seen on the task (reported if it is dead-lettered); ``since`` is when ``expire``
     first saw it waiting on something that may never come.
     """
 
     task_id: str
-    scheduled: wr.StepTaskScheduled | None = None
+    scheduled: Scheduled | None = None
     submitted: bool = False
     ending: Ending | None = None
     recorded: bool = False
@@ -160,7 +193,7 @@ def _refresh(view: WorkflowView, t: TaskEntry) -> None:
     for due in (view.submits, view.outcomes, view.cancels, view.limbo):
         due.discard(tid)
     s = t.scheduled
-    if s is None:  # unclaimed: its StepTaskScheduled is still to be read, or never will be
+    if s is None:  # unclaimed: its StepTasksScheduled is still to be read, or never will be
         view.limbo.add(tid)
         return
     if t.ending is not None:
@@ -181,7 +214,7 @@ def _refresh(view: WorkflowView, t: TaskEntry) -> None:
         t.since = None
 
 
-def _forget_task(view: WorkflowView, t: TaskEntry, s: wr.StepTaskScheduled) -> None:
+def _forget_task(view: WorkflowView, t: TaskEntry, s: Scheduled) -> None:
     view.tasks.pop(t.task_id, None)
     run = view.runs.get(s.run_id)
     if run is None:
@@ -243,17 +276,19 @@ def _apply_run(view: WorkflowView, e: wr.RunEvent) -> None:
     if run is None or run.finished:
         return
     match e:
-        case wr.StepTaskScheduled():
-            t = _task(view, e.task_id, create=True)
-            assert t is not None
-            t.scheduled = e
-            run.tasks.setdefault(e.step_id, set()).add(e.task_id)
-            _refresh(view, t)
-        case wr.StepTaskSucceeded() | wr.StepTaskFailed():
-            t = view.tasks.get(e.task_id)
-            if t is not None:
-                t.recorded = True
+        case wr.StepTasksScheduled() | wr.StepTaskScheduled():
+            ids = run.tasks.setdefault(e.step_id, set())
+            for s in scheduled_tasks(e):
+                t = _task(view, s.task_id, create=True)
+                assert t is not None
+                t.scheduled = s
+                ids.add(s.task_id)
                 _refresh(view, t)
+        case wr.StepTasksSucceeded():
+            for u in e.tasks:
+                _recorded(view, u.task_id)
+        case wr.StepTaskSucceeded() | wr.StepTaskFailed():
+            _recorded(view, e.task_id)
         case wr.StepCompleted() | wr.StepFailed():
             what = "completed" if isinstance(e, wr.StepCompleted) else "failed"
             _close(view, run, [e.step_id], f"step {e.step_id} of workflow run {rid} {what}")
@@ -265,6 +300,14 @@ def _apply_run(view: WorkflowView, e: wr.RunEvent) -> None:
                 wr.WorkflowRunCancelled: "cancelled",
             }[type(e)]
             _close(view, run, list(run.tasks), f"workflow run {rid} {what}")
+
+
+def _recorded(view: WorkflowView, task_id: str) -> None:
+    """The run recorded the outcome of ``task_id``."""
+    t = view.tasks.get(task_id)
+    if t is not None:
+        t.recorded = True
+        _refresh(view, t)
 
 
 def _apply_task(view: WorkflowView, stored: StoredEvent, e: tk.TaskEvent) -> None:

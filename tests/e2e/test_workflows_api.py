@@ -319,7 +319,7 @@ async def test_a_run_is_followed_step_by_step_to_completion(engine) -> None:
         got = [cloudevent(e) for e in await take(es.aiter_sse(), 3)]
     assert [e["type"] for e in got] == ["io.swarmlog.workflow_run.started",
                                         "io.swarmlog.workflow_run.step_started",
-                                        "io.swarmlog.workflow_run.step_task_scheduled"]
+                                        "io.swarmlog.workflow_run.step_tasks_scheduled"]
     assert {e["subject"] for e in got} == {"run-1"}
 
 

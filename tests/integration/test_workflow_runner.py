@@ -34,7 +34,7 @@ from infra.stack import StackInfo
 from infra.topics import Topics
 from streams.runner import SchedulerRunner
 from streams.scheduler import Policy
-from streams.workflow import submit_id
+from streams.workflow import Scheduled, scheduled_tasks, submit_id
 from streams.workflow_runner import WorkflowRunner
 from tests.integration.helpers import (
     EventFollower,
@@ -125,6 +125,12 @@ class Agents:
 def completing(assignment: tk.TaskAssigned) -> Action:
     """Complete every task at once, echoing its payload as the result."""
     return ("complete", {"echo": assignment.payload})
+
+
+def scheduled_units(events: list[StoredEvent]) -> list[Scheduled]:
+    """Every task the run events in ``events`` scheduled, one entry per unit attempt."""
+    return [s for e in events if isinstance(e.event, wr.StepTasksScheduled)
+            for s in scheduled_tasks(e.event)]
 
 
 @dataclass
@@ -318,8 +324,7 @@ async def test_a_map_of_100_items_keeps_to_its_parallelism_and_fans_in(flow: Flo
     assert isinstance(end, wr.WorkflowRunCompleted), end
     assert end.result == {"report": {"count": 100}}
     events = await flow.clean_log()
-    fan = {e.event.task_id for e in events if isinstance(e.event, wr.StepTaskScheduled)
-           and e.event.step_id == "fan"}
+    fan = {s.task_id for s in scheduled_units(events) if s.step_id == "fan"}
     assert len(fan) == 100
     assert Counter(e.aggregate_id for e in events if isinstance(e.event, tk.TaskSubmitted)
                    and e.aggregate_id in fan) == Counter(fan)
@@ -345,7 +350,8 @@ async def test_a_retry_waits_for_its_backoff_on_the_engine_clock(flow: Flow) -> 
     assert retry_at is not None
     assert 15 <= (retry_at - clock.now()).total_seconds() <= 30
     second = wr.step_task_id("run-1", "fetch", 0, 2)
-    await flow.log.wait_for(wr.StepTaskScheduled, task_id=second)
+    await wait_until(lambda: second in {s.task_id for s in scheduled_units(flow.log.events)},
+                     20, what="the second attempt scheduled")
     await asyncio.sleep(1.0)  # many ticks of the engine: the backoff is not over
     assert flow.log.of(tk.TaskSubmitted, task_id=second) == []
     clock.advance((retry_at - clock.now()).total_seconds())
@@ -443,7 +449,9 @@ async def test_kill_9_of_the_streams_worker_mid_run_finishes_the_run_submitting_
     n = 40
     try:
         await flow.execute(spec, items=list(range(n)))
-        await flow.log.wait_for(wr.StepTaskSucceeded, count=12, timeout=60)
+        await wait_until(lambda: sum(len(e.event.tasks)  # type: ignore[attr-defined]
+                                     for e in flow.log.of(wr.StepTasksSucceeded)) >= 12,
+                         60, what="12 units succeeded")
         assert worker.alive(), worker.output()
         worker.kill9()
         worker = RoleProcess("streams", env, tmp_path / "streams-2.log")
@@ -457,7 +465,7 @@ async def test_kill_9_of_the_streams_worker_mid_run_finishes_the_run_submitting_
                 and e.event.type == "report"]
     assert report.payload["all"] == [{"item": i} for i in range(n)]
     # Each unit's attempts are the run's task ids, each submitted once, within the policy.
-    scheduled = [e.event for e in events if isinstance(e.event, wr.StepTaskScheduled)]
+    scheduled = scheduled_units(events)
     submitted = Counter(e.aggregate_id for e in events if isinstance(e.event, tk.TaskSubmitted))
     assert set(submitted) == {s.task_id for s in scheduled}
     assert set(submitted.values()) == {1}

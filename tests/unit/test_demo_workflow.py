@@ -18,7 +18,13 @@ from domain.workflow import (
     evaluate,
     truthy,
 )
-from domain.workflow_run import RUN_DECIDER, RecordStepTaskOutcome, RunState, StartWorkflowRun
+from domain.workflow_run import (
+    RUN_DECIDER,
+    RecordStepTaskOutcome,
+    RunState,
+    StartWorkflowRun,
+    StepTasksScheduled,
+)
 
 AT = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -60,12 +66,14 @@ def run_to_the_end(state: RunState, events: list[Any]) -> tuple[RunState, int]:
         ]
         assert pending, "a running run has scheduled work"
         sid, index, unit = pending[0]
-        scheduled = next(
-            e
+        event, scheduled = next(
+            (e, u)
             for e in reversed(events)
-            if getattr(e, "task_id", None) == unit.task_id and hasattr(e, "payload")
+            if isinstance(e, StepTasksScheduled)
+            for u in e.tasks
+            if u.task_id == unit.task_id
         )
-        result = handle(scheduled.task_type, scheduled.payload)
+        result = handle(event.task_type, scheduled.payload)
         tasks += 1
         out = RUN_DECIDER.decide(
             RecordStepTaskOutcome(

@@ -28,12 +28,14 @@ from domain.workflow import (
     WorkflowUpdated,
 )
 from domain.workflow_run import (
+    BATCH_EVENT_BYTES,
     RUN_DECIDER,
     CancelWorkflowRun,
     RecordStepTaskOutcome,
     RecordStepTaskOutcomes,
     RunEvent,
     RunState,
+    ScheduledTask,
     StartWorkflowRun,
     StepCompleted,
     StepFailed,
@@ -42,11 +44,15 @@ from domain.workflow_run import (
     StepTaskFailed,
     StepTaskOutcome,
     StepTaskScheduled,
+    StepTasksScheduled,
+    StepTasksSucceeded,
     StepTaskSucceeded,
+    SucceededTask,
     WorkflowRunCancelled,
     WorkflowRunCompleted,
     WorkflowRunFailed,
     WorkflowRunStarted,
+    json_size,
     step_task_id,
 )
 from tests.unit.gwt import given
@@ -159,22 +165,32 @@ def test_an_invalid_template_is_rejected() -> None:
 # -- runs -------------------------------------------------------------------------------
 
 
-def scheduled(sid: str, index: int = 0, attempt: int = 1, **extra: Any) -> StepTaskScheduled:
-    fields: dict[str, Any] = {
-        "run_id": R,
-        "step_id": sid,
+def scheduled(sid: str, index: int = 0, attempt: int = 1, **extra: Any) -> StepTasksScheduled:
+    """The ``StepTasksScheduled`` of one unit (``extra``: its payload, not_before...)."""
+    unit: dict[str, Any] = {
         "index": index,
         "attempt": attempt,
         "task_id": step_task_id(R, sid, index, attempt),
+        "payload": extra.pop("payload", {}),
+        "not_before": extra.pop("not_before", None),
+    }
+    fields: dict[str, Any] = {
+        "run_id": R,
+        "step_id": sid,
         "task_type": f"do_{sid}",
-        "payload": {},
         "required_capabilities": (),
         "priority": "normal",
         "run_timeout_s": 600.0,
-        "not_before": None,
+        "tasks": (ScheduledTask(**unit),),
     }
     fields.update(extra)
-    return StepTaskScheduled(**fields)
+    return StepTasksScheduled(**fields)
+
+
+def merged(*events: StepTasksScheduled | StepTasksSucceeded) -> RunEvent:
+    """One event listing the units of ``events`` (of one kind and step), in order."""
+    tasks = tuple(u for e in events for u in e.tasks)
+    return events[0].model_copy(update={"tasks": tasks})
 
 
 def start(spec: WorkflowSpec, inputs: dict[str, Any] | None = None) -> list[RunEvent]:
@@ -203,14 +219,19 @@ def outcome(
     )
 
 
-def succeeded(sid: str, result: Any, index: int = 0, attempt: int = 1) -> StepTaskSucceeded:
-    return StepTaskSucceeded(
+def succeeded(sid: str, result: Any, index: int = 0, attempt: int = 1) -> StepTasksSucceeded:
+    """The ``StepTasksSucceeded`` of one unit."""
+    return StepTasksSucceeded(
         run_id=R,
         step_id=sid,
-        index=index,
-        attempt=attempt,
-        task_id=step_task_id(R, sid, index, attempt),
-        result=result,
+        tasks=(
+            SucceededTask(
+                index=index,
+                attempt=attempt,
+                task_id=step_task_id(R, sid, index, attempt),
+                result=result,
+            ),
+        ),
     )
 
 
@@ -276,9 +297,11 @@ def test_a_map_step_keeps_to_its_parallelism_and_fans_in_in_item_order() -> None
         )
     )
     events = start(spec, {"xs": ["p", "q", "r"]})
-    assert [e for e in events if isinstance(e, StepTaskScheduled)] == [
-        scheduled("a", 0, payload={"item": "p", "index": 0}),
-        scheduled("a", 1, payload={"item": "q", "index": 1}),
+    assert [e for e in events if isinstance(e, StepTasksScheduled)] == [
+        merged(
+            scheduled("a", 0, payload={"item": "p", "index": 0}),
+            scheduled("a", 1, payload={"item": "q", "index": 1}),
+        )
     ]
     state = RUN_DECIDER.fold(events)
     # item 1 finishes first: item 2 takes its place
@@ -295,8 +318,8 @@ def test_a_map_step_keeps_to_its_parallelism_and_fans_in_in_item_order() -> None
     assert state.steps["a"].status == "completed"
     assert state.steps["a"].result == ["P", "Q", "R"]
     assert state.steps["b"].units[0].status == "scheduled"
-    b_task = [e for e in out if isinstance(e, StepTaskScheduled) and e.step_id == "b"]
-    assert b_task[0].payload == {"all": ["P", "Q", "R"]}
+    b_task = [e for e in out if isinstance(e, StepTasksScheduled) and e.step_id == "b"]
+    assert b_task[0].tasks[0].payload == {"all": ["P", "Q", "R"]}
 
 
 def test_an_empty_map_completes_at_once() -> None:
@@ -402,7 +425,7 @@ def test_on_failure_continue_lets_dependents_run_and_see_the_failure() -> None:
         "StepTaskFailed",
         "StepFailed",
         "StepStarted",
-        "StepTaskScheduled",
+        "StepTasksScheduled",
     ]
 
 
@@ -565,10 +588,10 @@ def test_a_batch_of_outcomes_is_recorded_in_order_passing_over_stale_ones() -> N
     then = given(RUN_DECIDER, *events).when(
         RecordStepTaskOutcomes(run_id=R, outcomes=(item(0), item(0, 2), item(1)), at=AT)
     )
+    # one event per kind and step: both successes, then the item that took a place
     state = then.then(
-        succeeded("a", 0, index=0),
+        merged(succeeded("a", 0, index=0), succeeded("a", 1, index=1)),
         scheduled("a", 2, payload={"item": 3, "index": 2}),
-        succeeded("a", 1, index=1),
     ).state
     # a batch with nothing current is rejected, so the engine's resend ends
     given(RUN_DECIDER, *events, *then.outcome).when(  # type: ignore[misc]
@@ -577,3 +600,63 @@ def test_a_batch_of_outcomes_is_recorded_in_order_passing_over_stale_ones() -> N
     out = RUN_DECIDER.decide(RecordStepTaskOutcomes(run_id=R, outcomes=(item(2),), at=AT), state)
     assert isinstance(out, list) and isinstance(out[-1], WorkflowRunCompleted)
     assert out[-1].result == {"a": [0, 1, 2]}
+
+
+def test_a_map_start_is_one_event_per_step_chunked_by_size() -> None:
+    spec = WorkflowSpec(
+        steps=(step("a", map=MapSpec(items="inputs.xs", max_items=1000, max_parallelism=1000)),)
+    )
+    xs = ["x" * 400] * 1000  # ~400 KiB of items, ~560 KiB of units: three events' worth
+    events = start(spec, {"xs": xs})
+    batches = [e for e in events if isinstance(e, StepTasksScheduled)]
+    assert len(batches) == 3
+    assert [u.index for e in batches for u in e.tasks] == list(range(1000))
+    assert all(json_size(e.model_dump(mode="json")) < BATCH_EVENT_BYTES + 1024 for e in batches)
+    assert RUN_DECIDER.fold(events).steps["a"].units.keys() == set(range(1000))
+
+
+def test_a_unit_scheduled_and_succeeded_in_one_decision_is_listed_in_that_order() -> None:
+    spec = WorkflowSpec(steps=(step("a", map=MapSpec(items="inputs.xs", max_parallelism=1)),))
+    events = start(spec, {"xs": [1, 2]})
+
+    def item(index: int) -> StepTaskOutcome:
+        return StepTaskOutcome(step_id="a", index=index, attempt=1,
+                               task_id=step_task_id(R, "a", index, 1), succeeded=True,
+                               result=index)
+
+    when = given(RUN_DECIDER, *events).when(
+        RecordStepTaskOutcomes(run_id=R, outcomes=(item(0), item(1)), at=AT)
+    )
+    then = when.then(
+        succeeded("a", 0, index=0),
+        scheduled("a", 1, payload={"item": 2, "index": 1}),
+        succeeded("a", 1, index=1),
+        StepCompleted(run_id=R, step_id="a", result=[0, 1]),
+        WorkflowRunCompleted(run_id=R, result={"a": [0, 1]}),
+    )
+    assert RUN_DECIDER.fold([*events, *when.outcome]) == then.state  # type: ignore[misc]
+
+
+def test_a_log_of_per_unit_events_still_replays() -> None:
+    """Logs written before the batched events hold one StepTaskScheduled/Succeeded per
+    unit: they fold to the same state."""
+    spec = WorkflowSpec(steps=(step("a", map=MapSpec(items="inputs.xs")),))
+    events = start(spec, {"xs": [1, 2]})
+    legacy: list[RunEvent] = []
+    for e in events:
+        if isinstance(e, StepTasksScheduled):
+            legacy += [
+                StepTaskScheduled(
+                    run_id=R, step_id=e.step_id, task_type=e.task_type,
+                    required_capabilities=e.required_capabilities, priority=e.priority,
+                    run_timeout_s=e.run_timeout_s, **u.model_dump(),
+                )
+                for u in e.tasks
+            ]
+        else:
+            legacy.append(e)
+    legacy.append(StepTaskSucceeded(run_id=R, step_id="a", index=0, attempt=1,
+                                    task_id=step_task_id(R, "a", 0, 1), result="r0"))
+    state = RUN_DECIDER.fold([*events, succeeded("a", "r0", index=0)])
+    assert RUN_DECIDER.fold(legacy) == state
+    assert state.steps["a"].succeeded == 1

@@ -271,7 +271,11 @@ def test_a_retry_is_submitted_only_once_the_clock_reaches_not_before() -> None:
     retry = w.unit("a")
     assert retry.attempt == 2
     [scheduled] = [
-        e.event for e in w.log if isinstance(e.event, wr.StepTaskScheduled) and e.event.attempt == 2
+        u
+        for e in w.log
+        if isinstance(e.event, wr.StepTasksScheduled)
+        for u in e.event.tasks
+        if u.attempt == 2
     ]
     not_before = scheduled.not_before
     assert not_before is not None and t(3) + timedelta(seconds=5) <= not_before <= t(13)
@@ -348,7 +352,7 @@ def test_each_ending_of_a_task_is_reported_to_its_run(
     )
     w.send(p.command, p.command_id)
     assert w.run().status == ("completed" if succeeded else "failed")
-    assert plan(w.view, t(3)) == []  # settled by StepTaskSucceeded / StepTaskFailed
+    assert plan(w.view, t(3)) == []  # settled by StepTasksSucceeded / StepTaskFailed
     assert empty(w.view)
     assert w.rejections == []
 
@@ -638,3 +642,26 @@ def test_an_unclaimed_task_is_dropped_after_the_grace_period() -> None:
     expire(view, t(1), grace_s=10)
     expire(view, t(11), grace_s=10)
     assert empty(view)
+
+
+def test_a_per_unit_scheduled_event_of_an_older_log_is_still_submitted() -> None:
+    spec = wf.WorkflowSpec(steps=(step("a"),))
+    view = WorkflowView()
+
+    def stored(version: int, e: wr.RunEvent) -> StoredEvent:
+        return StoredEvent(id=f"r1/{version}", aggregate_type=wr.RUN, aggregate_id="r1",
+                           version=version, time=t(0), correlation_id="c", causation_id="c",
+                           event=e)
+
+    tid = wr.step_task_id("r1", "a", 0, 1)
+    apply(view, stored(1, wr.WorkflowRunStarted(run_id="r1", workflow_id="w1", version=1,
+                                                spec=spec, inputs={}, params={})))
+    apply(view, stored(2, wr.StepTaskScheduled(
+        run_id="r1", step_id="a", index=0, attempt=1, task_id=tid, task_type="job",
+        payload={"k": 1}, required_capabilities=("x",), priority="high", run_timeout_s=60,
+    )))
+    [p] = plan(view, t(1))
+    assert p == Planned(submit_id(tid), tk.SubmitTask(
+        task_id=tid, type="job", payload={"k": 1}, required_capabilities=("x",),
+        priority="high", run_timeout_s=60, max_attempts=1, at=t(1),
+    ))
