@@ -220,36 +220,6 @@ class StepTasksSucceeded(RunEvent):
     tasks: tuple[SucceededTask, ...]
 
 
-class StepTaskScheduled(RunEvent):
-    """Legacy (no longer emitted; ``StepTasksScheduled`` replaced it): still decoded and
-    applied so that a log written before it replays. Attempt ``attempt`` of unit
-    ``index`` is to run as task ``task_id``, not before ``not_before`` (None: now)."""
-
-    event_type: ClassVar[str] = "step_task_scheduled"
-    step_id: str
-    index: int
-    attempt: int
-    task_id: str
-    task_type: str
-    payload: dict[str, Any]
-    required_capabilities: tuple[str, ...]
-    priority: Priority
-    run_timeout_s: float
-    not_before: datetime | None = None
-
-
-class StepTaskSucceeded(RunEvent):
-    """Legacy (no longer emitted; ``StepTasksSucceeded`` replaced it): still decoded and
-    applied so that a log written before it replays. The unit's task succeeded."""
-
-    event_type: ClassVar[str] = "step_task_succeeded"
-    step_id: str
-    index: int
-    attempt: int
-    task_id: str
-    result: Any
-
-
 class StepTaskFailed(RunEvent):
     """The unit's task failed (or its result failed the gate); retried at ``retry_at``
     when set, else the unit has used every attempt."""
@@ -395,10 +365,6 @@ def evolve(state: RunState | None, event: RunEvent) -> RunState | None:
             return _scheduled(state, event.step_id, event.tasks)
         case StepTasksSucceeded():
             return _succeeded(state, event.step_id, event.tasks)
-        case StepTaskScheduled():
-            return _scheduled(state, event.step_id, (event,))
-        case StepTaskSucceeded():
-            return _succeeded(state, event.step_id, (event,))
         case StepTaskFailed():
             return unit(event.step_id, event.index, status="failed", error=event.error)
         case StepCompleted():
@@ -417,7 +383,7 @@ def evolve(state: RunState | None, event: RunEvent) -> RunState | None:
 
 
 def _scheduled(
-    state: RunState, sid: str, tasks: tuple[ScheduledTask | StepTaskScheduled, ...]
+    state: RunState, sid: str, tasks: tuple[ScheduledTask, ...]
 ) -> RunState:
     """``state`` with ``tasks`` of step ``sid`` scheduled (each its unit's current attempt)."""
     current = state.steps.get(sid, StepState())
@@ -430,7 +396,7 @@ def _scheduled(
 
 
 def _succeeded(
-    state: RunState, sid: str, tasks: tuple[SucceededTask | StepTaskSucceeded, ...]
+    state: RunState, sid: str, tasks: tuple[SucceededTask, ...]
 ) -> RunState:
     """``state`` with ``tasks`` of step ``sid`` succeeded (units it does not hold ignored)."""
     current = state.steps.get(sid, StepState())
@@ -933,8 +899,6 @@ RUN_DECIDER: Decider[RunCommand, RunState, RunEvent] = Decider(
         StepStarted,
         StepTasksScheduled,
         StepTasksSucceeded,
-        StepTaskScheduled,
-        StepTaskSucceeded,
         StepTaskFailed,
         StepCompleted,
         StepFailed,

@@ -474,10 +474,6 @@ def step_change(stored: StoredEvent) -> tuple[str, StepChange] | None:
             )
         case wr.StepTasksSucceeded():
             return e.step_id, StepChange(items_done=len(e.tasks))
-        case wr.StepTaskScheduled():
-            return e.step_id, StepChange(attempts=e.attempt, task_ids=[e.task_id])
-        case wr.StepTaskSucceeded():
-            return e.step_id, StepChange(items_done=1)
         case wr.StepCompleted():
             return e.step_id, StepChange(status="completed", has_result=True, result=e.result,
                                          finished_at=t)

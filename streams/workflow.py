@@ -95,8 +95,8 @@ class Ending:
 
 @dataclass(frozen=True, slots=True)
 class Scheduled:
-    """One scheduled task, as a ``StepTasksScheduled`` (or a legacy ``StepTaskScheduled``)
-    gives it: what the engine submits it with."""
+    """One scheduled task, as a ``StepTasksScheduled`` lists it: what the engine submits
+    it with."""
 
     run_id: str
     step_id: str
@@ -111,13 +111,8 @@ class Scheduled:
     not_before: datetime | None
 
 
-def scheduled_tasks(e: wr.StepTasksScheduled | wr.StepTaskScheduled) -> list[Scheduled]:
+def scheduled_tasks(e: wr.StepTasksScheduled) -> list[Scheduled]:
     """The tasks a scheduling event lists, one ``Scheduled`` each."""
-    if isinstance(e, wr.StepTaskScheduled):
-        return [
-            Scheduled(e.run_id, e.step_id, e.index, e.attempt, e.task_id, e.task_type, e.payload,
-                      e.required_capabilities, e.priority, e.run_timeout_s, e.not_before)
-        ]
     return [
         Scheduled(e.run_id, e.step_id, u.index, u.attempt, u.task_id, e.task_type, u.payload,
                   e.required_capabilities, e.priority, e.run_timeout_s, u.not_before)
@@ -276,7 +271,7 @@ def _apply_run(view: WorkflowView, e: wr.RunEvent) -> None:
     if run is None or run.finished:
         return
     match e:
-        case wr.StepTasksScheduled() | wr.StepTaskScheduled():
+        case wr.StepTasksScheduled():
             ids = run.tasks.setdefault(e.step_id, set())
             for s in scheduled_tasks(e):
                 t = _task(view, s.task_id, create=True)
@@ -287,7 +282,7 @@ def _apply_run(view: WorkflowView, e: wr.RunEvent) -> None:
         case wr.StepTasksSucceeded():
             for u in e.tasks:
                 _recorded(view, u.task_id)
-        case wr.StepTaskSucceeded() | wr.StepTaskFailed():
+        case wr.StepTaskFailed():
             _recorded(view, e.task_id)
         case wr.StepCompleted() | wr.StepFailed():
             what = "completed" if isinstance(e, wr.StepCompleted) else "failed"

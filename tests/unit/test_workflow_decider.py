@@ -43,10 +43,8 @@ from domain.workflow_run import (
     StepStarted,
     StepTaskFailed,
     StepTaskOutcome,
-    StepTaskScheduled,
     StepTasksScheduled,
     StepTasksSucceeded,
-    StepTaskSucceeded,
     SucceededTask,
     WorkflowRunCancelled,
     WorkflowRunCompleted,
@@ -635,28 +633,3 @@ def test_a_unit_scheduled_and_succeeded_in_one_decision_is_listed_in_that_order(
         WorkflowRunCompleted(run_id=R, result={"a": [0, 1]}),
     )
     assert RUN_DECIDER.fold([*events, *when.outcome]) == then.state  # type: ignore[misc]
-
-
-def test_a_log_of_per_unit_events_still_replays() -> None:
-    """Logs written before the batched events hold one StepTaskScheduled/Succeeded per
-    unit: they fold to the same state."""
-    spec = WorkflowSpec(steps=(step("a", map=MapSpec(items="inputs.xs")),))
-    events = start(spec, {"xs": [1, 2]})
-    legacy: list[RunEvent] = []
-    for e in events:
-        if isinstance(e, StepTasksScheduled):
-            legacy += [
-                StepTaskScheduled(
-                    run_id=R, step_id=e.step_id, task_type=e.task_type,
-                    required_capabilities=e.required_capabilities, priority=e.priority,
-                    run_timeout_s=e.run_timeout_s, **u.model_dump(),
-                )
-                for u in e.tasks
-            ]
-        else:
-            legacy.append(e)
-    legacy.append(StepTaskSucceeded(run_id=R, step_id="a", index=0, attempt=1,
-                                    task_id=step_task_id(R, "a", 0, 1), result="r0"))
-    state = RUN_DECIDER.fold([*events, succeeded("a", "r0", index=0)])
-    assert RUN_DECIDER.fold(legacy) == state
-    assert state.steps["a"].succeeded == 1

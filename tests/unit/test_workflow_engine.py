@@ -642,26 +642,3 @@ def test_an_unclaimed_task_is_dropped_after_the_grace_period() -> None:
     expire(view, t(1), grace_s=10)
     expire(view, t(11), grace_s=10)
     assert empty(view)
-
-
-def test_a_per_unit_scheduled_event_of_an_older_log_is_still_submitted() -> None:
-    spec = wf.WorkflowSpec(steps=(step("a"),))
-    view = WorkflowView()
-
-    def stored(version: int, e: wr.RunEvent) -> StoredEvent:
-        return StoredEvent(id=f"r1/{version}", aggregate_type=wr.RUN, aggregate_id="r1",
-                           version=version, time=t(0), correlation_id="c", causation_id="c",
-                           event=e)
-
-    tid = wr.step_task_id("r1", "a", 0, 1)
-    apply(view, stored(1, wr.WorkflowRunStarted(run_id="r1", workflow_id="w1", version=1,
-                                                spec=spec, inputs={}, params={})))
-    apply(view, stored(2, wr.StepTaskScheduled(
-        run_id="r1", step_id="a", index=0, attempt=1, task_id=tid, task_type="job",
-        payload={"k": 1}, required_capabilities=("x",), priority="high", run_timeout_s=60,
-    )))
-    [p] = plan(view, t(1))
-    assert p == Planned(submit_id(tid), tk.SubmitTask(
-        task_id=tid, type="job", payload={"k": 1}, required_capabilities=("x",),
-        priority="high", run_timeout_s=60, max_attempts=1, at=t(1),
-    ))
