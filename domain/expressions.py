@@ -9,29 +9,34 @@ An expression is data a client sent, so it must not be able to stop the processo
   at most ``MAX_EXPRESSION_CHARS`` characters, checked before it is parsed; a parse that
   overflows the interpreter's stack is an invalid expression, not a crash; and its parsed
   tree nests at most ``MAX_EXPRESSION_DEPTH`` levels (the tree interpreter recurses once or
-  twice per level, so this bounds the evaluation's stack too). A definition's expressions
-  together are at most ``MAX_SPEC_EXPRESSION_CHARS`` characters, which bounds the time its
-  check takes.
-* **At evaluation** (``evaluate``): a tree interpreter (a subclass of
-  ``jmespath.visitor.TreeInterpreter``) counts every node it visits against
-  ``MAX_EXPRESSION_VISITS`` and weighs every list, object and string it builds (its size as
-  compact JSON, with shared parts counted each time they would be written, so
+  twice per level, so this bounds the evaluation's stack too: ``"@|" * 999 + "@"`` is
+  refused here). A definition's expressions together are at most
+  ``MAX_SPEC_EXPRESSION_CHARS`` characters, which bounds the time its check takes.
+* **At evaluation** (``evaluate``, ``evaluate_sized``, ``holds``): a tree interpreter (a
+  subclass of ``jmespath.visitor.TreeInterpreter``) counts every node it visits against
+  ``MAX_EXPRESSION_VISITS`` and weighs every list, object and string it builds: its size
+  as compact JSON, shared parts counted each time they would be written, so
   ``[@,@]|[@,@]|...``, which doubles its JSON size at each stage while its memory stays
-  small, is weighed by what it would take on the log). No value built may weigh more than
-  ``MAX_EXPRESSION_BYTES``, nor all of them together more than ``MAX_EXPRESSION_WORK_BYTES``;
-  the value an expression gives is held to ``MAX_EXPRESSION_BYTES`` too (``evaluate``) or
-  not (``holds``, a condition's truth only). Any failure (a JMESPath error, a budget run
-  out, a stack overflow, any other error a function raises) is an ``ExpressionError``, so
-  the run's decider fails the step with the reason and never raises.
+  small, is weighed by what it would take on the log. No value built may weigh more than
+  ``MAX_EXPRESSION_BYTES``, nor all of them together more than
+  ``MAX_EXPRESSION_WORK_BYTES``; the value an expression gives is held to
+  ``MAX_EXPRESSION_BYTES`` too (except by ``holds``, which only tests it). Evaluations
+  may share a ``Budget`` (the run's decider makes one per decision), which bounds them
+  together (``MAX_DECISION_VISITS``, ``MAX_DECISION_WORK_BYTES``). Any failure (a JMESPath
+  error, a budget run out, a stack overflow, any other error a function raises) is an
+  ``ExpressionError``, so the run's decider fails the step with the reason and never
+  raises.
 
-With these bounds an evaluation takes at most about a tenth of a second (100,000 node
-visits at under a microsecond each, or walking 512 KiB of JSON), and what it builds takes
-at most ``MAX_EXPRESSION_WORK_BYTES`` of memory; a typical one takes microseconds.
+Measured on one idle core, a node visit takes about a microsecond, so one evaluation
+takes at most some 50 ms and one decision's evaluations some 0.5 s; an expression that
+builds too much is refused within milliseconds (``[@,@]`` piped 22 times: under 1 ms);
+a typical one takes microseconds.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -61,9 +66,19 @@ MAX_EXPRESSION_WORK_BYTES = 4 * MAX_EXPRESSION_BYTES
 """Most bytes the values one evaluation builds may weigh together (a projection building
 its elements and then the list of them counts both): bounds its time and memory."""
 
-MAX_EXPRESSION_VISITS = 100_000
+MAX_EXPRESSION_VISITS = 50_000
 """Most tree nodes one evaluation may visit (a projection visits its sub-expression's
-nodes once per element; a visit takes under a microsecond)."""
+nodes once per element; a visit takes about a microsecond)."""
+
+MAX_DECISION_VISITS = 500_000
+"""Most tree nodes the evaluations sharing one ``Budget`` (those of one decision of the
+run's decider) may visit together: a definition may have thousands of expressions, and a
+decision may evaluate many of them (every step that became ready, every map item
+scheduled), so each being bounded is not enough to bound the decision."""
+
+MAX_DECISION_WORK_BYTES = 32 * 1024 * 1024
+"""Most bytes the evaluations sharing one ``Budget`` may build or weigh afresh together
+(a value already weighed in the decision is not weighed again)."""
 
 _MAX_ERROR_CHARS = 300
 """An error message is cut to this: JMESPath's type errors quote the offending value."""
@@ -71,6 +86,30 @@ _MAX_ERROR_CHARS = 300
 
 class ExpressionError(ValueError):
     """An expression is invalid, or failed or ran over its budget at evaluation."""
+
+
+class Budget:
+    """What evaluations may use together (the run's decider makes one per decision):
+    ``visits`` tree nodes and ``work_bytes`` bytes built or weighed afresh, each counted
+    down; and the weights already found, by identity, so a value (a step's result, say)
+    is weighed once however many expressions of the decision read it."""
+
+    def __init__(
+        self, visits: int = MAX_DECISION_VISITS, work_bytes: int = MAX_DECISION_WORK_BYTES
+    ) -> None:
+        self.visits = visits
+        self.work_bytes = work_bytes
+        # id -> (weight, the object itself: kept alive so that its id is not reused)
+        self.weights: dict[int, tuple[int, Any]] = {}
+
+    def spend_work(self, weight: int) -> None:
+        """Count ``weight`` bytes built or weighed; ExpressionError once they run out."""
+        self.work_bytes -= weight
+        if self.work_bytes < 0:
+            raise ExpressionError(
+                "the expressions evaluated together build or read more than "
+                f"{MAX_DECISION_WORK_BYTES:,} bytes"
+            )
 
 
 def check_expression(source: str) -> tuple[str, str] | None:
@@ -132,36 +171,38 @@ def _depth(tree: dict[str, Any]) -> int:
     return deepest
 
 
-def evaluate(source: str, context: Mapping[str, Any]) -> Any:
+def evaluate(source: str, context: Mapping[str, Any], budget: Budget | None = None) -> Any:
     """The value of expression ``source`` over ``context``, within the budget.
 
     Raises ExpressionError if ``source`` is not a valid expression (``check_expression``),
     if evaluating it fails (e.g. ``length(`1`)``), visits more than
     ``MAX_EXPRESSION_VISITS`` nodes, builds a value over ``MAX_EXPRESSION_BYTES`` or values
-    over ``MAX_EXPRESSION_WORK_BYTES`` in all, or gives a value over
-    ``MAX_EXPRESSION_BYTES``.
+    over ``MAX_EXPRESSION_WORK_BYTES`` in all, gives a value over ``MAX_EXPRESSION_BYTES``,
+    or runs ``budget`` out (shared with other evaluations; a fresh one if None).
     """
-    return evaluate_sized(source, context)[0]
+    return evaluate_sized(source, context, budget)[0]
 
 
-def evaluate_sized(source: str, context: Mapping[str, Any]) -> tuple[Any, int]:
+def evaluate_sized(
+    source: str, context: Mapping[str, Any], budget: Budget | None = None
+) -> tuple[Any, int]:
     """``(value, its size in bytes as compact JSON)`` of ``source`` over ``context``; as
     ``evaluate`` (the size is an estimate: a string counts its characters plus quotes)."""
-    interpreter = _run(source, context)
+    interpreter = _run(source, context, budget)
     value = interpreter.result
     try:
         return value, interpreter.weigh(value, MAX_EXPRESSION_BYTES, "gives a value")
     except ExpressionError:
         raise
-    except Exception as exc:  # e.g. RecursionError weighing a very deep input
+    except Exception as exc:  # e.g. an integer too wide to write out
         raise ExpressionError(_message(exc)) from exc
 
 
-def holds(source: str, context: Mapping[str, Any]) -> bool:
+def holds(source: str, context: Mapping[str, Any], budget: Budget | None = None) -> bool:
     """Whether condition ``source`` is true over ``context`` (JMESPath truthiness, see
     ``truthy``); as ``evaluate``, except that the value it gives is not weighed (it is
     only tested)."""
-    return truthy(_run(source, context).result)
+    return truthy(_run(source, context, budget).result)
 
 
 def truthy(value: Any) -> bool:
@@ -169,12 +210,14 @@ def truthy(value: Any) -> bool:
     return not (value is None or value is False or value == "" or value == [] or value == {})
 
 
-def _run(source: str, context: Mapping[str, Any]) -> _BudgetedInterpreter:
+def _run(
+    source: str, context: Mapping[str, Any], budget: Budget | None
+) -> _BudgetedInterpreter:
     if len(source) > MAX_EXPRESSION_CHARS:
         raise ExpressionError(
             f"expression is {len(source):,} characters; the limit is {MAX_EXPRESSION_CHARS:,}"
         )
-    interpreter = _BudgetedInterpreter()
+    interpreter = _BudgetedInterpreter(context, Budget() if budget is None else budget)
     try:
         compiled, depth = _parsed(source)
         if depth > MAX_EXPRESSION_DEPTH:
@@ -209,6 +252,8 @@ _BUILDING_FUNCTIONS = frozenset(
 """JMESPath functions whose value is a list, object or string they build (the others give
 a number, a boolean, or one of their arguments)."""
 
+_FLAT_SCALARS = frozenset({int, float, bool, type(None)})
+
 
 def _scalar_weight(value: Any) -> int:
     """The size as compact JSON of a value that is not a list or an object (a string
@@ -224,27 +269,51 @@ def _scalar_weight(value: Any) -> int:
     return len(repr(value))
 
 
+def _json_weight(value: Any) -> int:
+    """The size of ``value`` as compact JSON, written out by the C encoder: only for a
+    tree whose size is known to be bounded (a value from one record, or a flat list of
+    numbers), since shared parts are written each time."""
+    return len(
+        json.dumps(value, separators=(",", ":"), ensure_ascii=False, check_circular=False,
+                   default=str)
+    )
+
+
 class _BudgetedInterpreter(TreeInterpreter):  # type: ignore[misc]
     """jmespath's tree interpreter, counting visits and weighing what it builds.
 
-    The weights of lists and objects are remembered by identity for the evaluation (the
-    objects kept alive with them, so an id is never reused), so weighing a new list of
-    values already weighed costs one step per element, and a value built from shared
-    parts (``[@,@]``) is weighed in time proportional to its own length.
+    Weights of lists and objects are remembered by identity for the evaluation (with the
+    objects, so that an id is never reused), and every value built is weighed as it is
+    built, so weighing a new value costs one step per element of its own: one built of
+    shared parts (``[@,@]``) is weighed in time proportional to its own length, however
+    large it would be written out. A list or object that was not built (so is part of the
+    context) is weighed by the C JSON encoder: each is within one record's data, except
+    the context itself and its own objects (``steps`` gathers every step's result), which
+    are weighed element by element, stopping as soon as they are over the limit.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, context: Any, budget: Budget) -> None:
         super().__init__()
         self.result: Any = None
         self._visits = 0
         self._built = 0
-        self._weights: dict[int, tuple[int, Any]] = {}
+        self._budget = budget
+        self._weights = budget.weights
+        self._gathered = {id(context)}
+        if isinstance(context, Mapping):
+            self._gathered |= {id(v) for v in context.values() if isinstance(v, dict)}
 
     def visit(self, node: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
         self._visits += 1
+        self._budget.visits -= 1
         if self._visits > MAX_EXPRESSION_VISITS:
             raise ExpressionError(
                 f"expression takes more than {MAX_EXPRESSION_VISITS:,} steps to evaluate"
+            )
+        if self._budget.visits < 0:
+            raise ExpressionError(
+                "the expressions evaluated together take more than "
+                f"{MAX_DECISION_VISITS:,} steps"
             )
         return super().visit(node, *args, **kwargs)
 
@@ -253,8 +322,9 @@ class _BudgetedInterpreter(TreeInterpreter):  # type: ignore[misc]
     def _built_value(self, value: Any) -> Any:
         """Charge ``value``, just built, to the budget; return it."""
         if isinstance(value, list | dict | str):
-            weight = self.weigh(value, MAX_EXPRESSION_BYTES, "builds a value")
+            weight = self.weigh(value, MAX_EXPRESSION_BYTES, "builds a value", built=True)
             self._built += weight
+            self._budget.spend_work(weight)
             if self._built > MAX_EXPRESSION_WORK_BYTES:
                 raise ExpressionError(
                     f"expression builds more than {MAX_EXPRESSION_WORK_BYTES:,} bytes in all"
@@ -294,58 +364,49 @@ class _BudgetedInterpreter(TreeInterpreter):  # type: ignore[misc]
 
     # -- weighing -------------------------------------------------------------------
 
-    def weigh(self, value: Any, limit: int, what: str) -> int:
-        """``value``'s size as compact JSON; ExpressionError (``expression <what> of more
-        than <limit> bytes``) as soon as it is seen to be over ``limit``.
+    def weigh(self, value: Any, limit: int, what: str, *, built: bool = False) -> int:
+        """``value``'s size in bytes as compact JSON (``built``: it was just built by this
+        evaluation); ExpressionError (``expression <what> of more than <limit> bytes``)
+        if it is over ``limit``."""
+        weight = self._weight(value, limit, built)
+        if weight > limit:
+            raise ExpressionError(f"expression {what} of more than {limit:,} bytes")
+        return weight
 
-        Iterative, stopping early: a value over the limit costs at most about ``limit``
-        bytes' worth of steps to refuse, however large it is."""
+    def _weight(self, value: Any, limit: int, built: bool) -> int:
+        """``value``'s weight, or some number over ``limit`` once it is seen to be over."""
         if not isinstance(value, list | dict):
-            weight = _scalar_weight(value)
-            if weight > limit:
-                raise ExpressionError(f"expression {what} of more than {limit:,} bytes")
-            return weight
+            return _scalar_weight(value)
         known = self._weights.get(id(value))
         if known is not None:
-            if known[0] > limit:
-                raise ExpressionError(f"expression {what} of more than {limit:,} bytes")
             return known[0]
-        weights = self._weights
-        # Frames: [container, iterator over its values, weight so far].
-        stack: list[list[Any]] = [[value, _values(value), _shell_weight(value)]]
-        while stack:
-            frame = stack[-1]
-            for child in frame[1]:
-                if isinstance(child, list | dict):
-                    found = weights.get(id(child))
-                    if found is None:
-                        stack.append([child, _values(child), _shell_weight(child)])
-                        break
-                    frame[2] += found[0]
-                else:
-                    frame[2] += _scalar_weight(child)
-                if frame[2] > limit:
-                    raise ExpressionError(f"expression {what} of more than {limit:,} bytes")
+        if not built and id(value) not in self._gathered:
+            weight = _json_weight(value)  # part of the context: a tree within one record
+            self._budget.spend_work(weight)
+        else:
+            items = value.values() if isinstance(value, dict) else value
+            kinds = set(map(type, items))
+            n = len(value)
+            weight = 2 + max(n - 1, 0)
+            if isinstance(value, dict):
+                weight += sum(map(len, value)) + 3 * n
+            if kinds <= _FLAT_SCALARS:
+                weight += _json_weight(list(items)) - 2 - max(n - 1, 0)
+            elif kinds == {str}:
+                weight += sum(map(len, items)) + 2 * n
             else:
-                stack.pop()
-                weights[id(frame[0])] = (frame[2], frame[0])
-                if not stack:
-                    return int(frame[2])
-                stack[-1][2] += frame[2]
-                if stack[-1][2] > limit:
-                    raise ExpressionError(f"expression {what} of more than {limit:,} bytes")
-        raise AssertionError("unreachable")
+                for child in items:
+                    if isinstance(child, list | dict):
+                        found = self._weights.get(id(child))
+                        weight += (
+                            found[0] if found is not None
+                            else self._weight(child, limit - weight, built=False)
+                        )
+                    else:
+                        weight += _scalar_weight(child)
+                    if weight > limit:
+                        return weight
+        self._weights[id(value)] = (weight, value)
+        return weight
 
 
-def _values(container: list[Any] | dict[str, Any]) -> Any:
-    return iter(container.values() if isinstance(container, dict) else container)
-
-
-def _shell_weight(container: list[Any] | dict[str, Any]) -> int:
-    """What a list or object takes as compact JSON besides its values: brackets, commas,
-    and an object's quoted keys and colons."""
-    n = len(container)
-    shell = 2 + max(n - 1, 0)
-    if isinstance(container, dict):
-        shell += sum(len(str(k)) + 3 for k in container)
-    return shell

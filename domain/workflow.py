@@ -33,13 +33,15 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator
 
-from domain.expressions import MAX_SPEC_EXPRESSION_CHARS, check_expression, parsed_tree
-
-# Re-exported: the run's decider and tests evaluate expressions through this module.
-from domain.expressions import ExpressionError as ExpressionError
-from domain.expressions import evaluate as evaluate
-from domain.expressions import holds as holds
-from domain.expressions import truthy as truthy
+from domain.expressions import (  # noqa: F401 (re-exported: evaluated through this module too)
+    MAX_SPEC_EXPRESSION_CHARS,
+    ExpressionError,
+    check_expression,
+    evaluate,
+    holds,
+    parsed_tree,
+    truthy,
+)
 from domain.messages import Command, Decider, Event, Message, Rejection, rejected
 from domain.task import Priority
 

@@ -34,9 +34,9 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field
 
 from domain.backoff import backoff_seconds
+from domain.expressions import Budget, ExpressionError, evaluate, evaluate_sized, holds
 from domain.messages import Command, Decider, Event, Message, Rejection, rejected
 from domain.task import Priority
-from domain.expressions import ExpressionError, evaluate, evaluate_sized, holds
 from domain.workflow import StepSpec, WorkflowSpec
 
 RUN = "workflow_run"
@@ -483,6 +483,8 @@ class _Decision:
     def __init__(self, state: RunState, at: datetime) -> None:
         self.state = state
         self.at = at
+        # One budget for every expression this decision evaluates (domain/expressions.py).
+        self.budget = Budget()
         self._events: list[RunEvent | _Batch] = []
         self._open: dict[tuple[type[RunEvent], str], tuple[int, _Batch]] = {}
 
@@ -570,7 +572,7 @@ class _Decision:
             ctx = self.context(**extra)
             for key, expr in spec.payload_from.items():
                 try:
-                    payload[key], weight = evaluate_sized(expr, ctx)
+                    payload[key], weight = evaluate_sized(expr, ctx, self.budget)
                 except ExpressionError as exc:
                     self.fail_step(spec, f"payload_from.{key}: {exc}")
                     return False
@@ -615,7 +617,7 @@ class _Decision:
         try:
             # evaluate holds the value to MAX_VALUE_BYTES as estimated (escapes not
             # counted), so measuring it exactly is cheap.
-            items = evaluate(spec.map.items, self.context())
+            items = evaluate(spec.map.items, self.context(), self.budget)
         except ExpressionError as exc:
             self.emit(StepStarted(run_id=rid, step_id=spec.id))
             self.fail_step(spec, f"map.items: {exc}")
@@ -648,7 +650,7 @@ class _Decision:
             return
         if spec.gate is not None and spec.map is not None:
             try:
-                passed = holds(spec.gate, self.context(result=result))
+                passed = holds(spec.gate, self.context(result=result), self.budget)
             except ExpressionError as exc:
                 self.fail_step(spec, f"gate: {exc}")
                 return
@@ -717,7 +719,7 @@ class _Decision:
                     continue
                 if spec.when is not None:
                     try:
-                        go = holds(spec.when, self.context())
+                        go = holds(spec.when, self.context(), self.budget)
                     except ExpressionError as exc:
                         self.emit(StepStarted(run_id=self.state.run_id, step_id=spec.id))
                         self.fail_step(spec, f"when: {exc}")
@@ -748,7 +750,7 @@ class _Decision:
         error = command.error or "failed"
         if ok and spec.map is None and spec.gate is not None:
             try:
-                ok = holds(spec.gate, self.context(result=command.result))
+                ok = holds(spec.gate, self.context(result=command.result), self.budget)
                 error = error if ok else f"gate failed: {spec.gate}"
             except ExpressionError as exc:
                 ok, error = False, f"gate: {exc}"
