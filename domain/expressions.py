@@ -49,9 +49,10 @@ MAX_EXPRESSION_CHARS = 2000
 expression of the demo template is under 150; parsing takes about 1.3 µs a character)."""
 
 MAX_EXPRESSION_DEPTH = 40
-"""Most levels the parsed tree of one expression may nest: a pipe, a ``.``, ``&&``, a
-function call, a bracket each add one (``a.b.c | d`` is 4 deep). The demo template's
-deepest is 6; ``"@|" * 999 + "@"`` is 1,000 and ``[@,@]`` piped 40 times is 42."""
+"""Most levels the parsed tree of one expression may nest: each pipe, ``&&``, ``||``,
+comparison, function call, projection or multi-select adds one (a dotted path ``a.b.c``
+is one level however long; ``a.b.c | d`` is 3 deep). The demo template's deepest is 5;
+``"@|" * 999 + "@"`` is 1,000 and ``[@,@]`` piped 40 times is 41."""
 
 MAX_SPEC_EXPRESSION_CHARS = 100_000
 """Most characters a definition's expressions may have together, so that checking it
