@@ -21,6 +21,9 @@ Expressions (``when``, ``gate``, ``payload_from`` values, a map's ``items``) are
      "result": ...}              # gates only: the step's result
 
 Truthiness is JMESPath's: ``false``, ``null``, ``""``, ``[]`` and ``{}`` are false.
+Expressions are bounded (domain/expressions.py): ``check_spec`` refuses one that is too
+long or nests too deeply, and an evaluation that fails or runs over its budget fails the
+step with the reason.
 """
 
 from __future__ import annotations
@@ -28,10 +31,17 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, ClassVar, Literal
 
-import jmespath
-from jmespath.exceptions import JMESPathError
 from pydantic import Field, field_validator
 
+from domain.expressions import (  # noqa: F401 (re-exported: evaluated through this module too)
+    MAX_SPEC_EXPRESSION_CHARS,
+    ExpressionError,
+    check_expression,
+    evaluate,
+    holds,
+    parsed_tree,
+    truthy,
+)
 from domain.messages import Command, Decider, Event, Message, Rejection, rejected
 from domain.task import Priority
 
@@ -66,7 +76,7 @@ class MapSpec(Message):
     step's result is the list of the items' results, in item order (the fan-in).
     """
 
-    items: str = Field(min_length=1, max_length=2000)
+    items: str = Field(min_length=1)
     max_parallelism: int = Field(default=10, ge=1, le=10_000)
     max_items: int = Field(default=10_000, ge=1, le=100_000)
 
@@ -90,9 +100,9 @@ class StepSpec(Message):
     payload: dict[str, Any] = Field(default_factory=dict)
     payload_from: dict[str, str] = Field(default_factory=dict)
     depends_on: tuple[str, ...] = ()
-    when: str | None = Field(default=None, min_length=1, max_length=2000)
+    when: str | None = Field(default=None, min_length=1)
     retry: RetryPolicy = Field(default_factory=RetryPolicy)
-    gate: str | None = Field(default=None, min_length=1, max_length=2000)
+    gate: str | None = Field(default=None, min_length=1)
     on_failure: OnFailure = "fail"
     compensation: str | None = None
     timeout_s: float = Field(default=600.0, gt=0, le=7 * 86_400)
@@ -137,47 +147,17 @@ class ParameterSpec(Message):
 # Expressions and validation (pure)
 
 
-class ExpressionError(ValueError):
-    """An expression failed at evaluation (a JMESPath type or function error)."""
-
-
-def compile_expression(source: str) -> Any:
-    """Parse a JMESPath expression; raises ``jmespath.exceptions.JMESPathError`` if invalid."""
-    return _compiled(source)
-
-
-_CACHE: dict[str, Any] = {}
-
-
-def _compiled(source: str) -> Any:
-    found = _CACHE.get(source)
-    if found is None:
-        found = jmespath.compile(source)
-        if len(_CACHE) < 10_000:
-            _CACHE[source] = found
-    return found
-
-
-def evaluate(source: str, context: Mapping[str, Any]) -> Any:
-    """The value of expression ``source`` over ``context``.
-
-    Raises ExpressionError for a parse error or a runtime error (e.g. ``length(`1`)``).
-    """
-    try:
-        return _compiled(source).search(context)
-    except JMESPathError as exc:
-        raise ExpressionError(str(exc).replace("\n", " ")) from exc
-
-
-def truthy(value: Any) -> bool:
-    """JMESPath truthiness: false, null, "", [] and {} are false; everything else true."""
-    return not (value is None or value is False or value == "" or value == [] or value == {})
+def compile_expression(source: str) -> dict[str, Any]:
+    """The parsed tree of expression ``source`` (domain/expressions.py ``parsed_tree``);
+    ExpressionError if it is invalid, too long or nests too deeply."""
+    return parsed_tree(source)
 
 
 def referenced_steps(source: str) -> set[str]:
-    """The step ids an expression reads as ``steps.<id>`` (from its parsed AST)."""
+    """The step ids an expression reads as ``steps.<id>`` (from its parsed AST); raises
+    ExpressionError if it is not a valid expression."""
     found: set[str] = set()
-    stack = [_compiled(source).parsed]
+    stack = [parsed_tree(source)]
     while stack:
         node = stack.pop()
         children = node.get("children", [])
@@ -251,8 +231,11 @@ def check_spec(spec: WorkflowSpec) -> SpecProblem | None:
     """The first problem of ``spec`` beyond field shapes, or None if it is a valid DAG.
 
     Checks, in this order: duplicate step ids (``duplicate_step``), unknown dependencies
-    (``unknown_dependency``), invalid JMESPath expressions (``invalid_expression``),
-    expressions reading a step that is not upstream (``not_upstream``), compensation
+    (``unknown_dependency``), expressions over ``MAX_SPEC_EXPRESSION_CHARS`` together
+    (``expressions_too_long``), each expression (domain/expressions.py
+    ``check_expression``: ``expression_too_long``, ``invalid_expression``,
+    ``expression_too_deep``), expressions reading a step that is not upstream
+    (``not_upstream``), compensation
     references (``unknown_compensation``, ``compensation_without_policy``,
     ``compensation_missing``), compensation steps with dependencies
     (``compensation_dependency``), and cycles (``cycle``; the detail names it,
@@ -280,19 +263,29 @@ def check_spec(spec: WorkflowSpec) -> SpecProblem | None:
                     detail=f"step {step.id!r} depends on {dep!r}, which is {what}",
                     field=f"steps[{i}].depends_on",
                 )
+    total = 0
+    for group in ("steps", "compensations"):
+        for i, step in enumerate(getattr(spec, group)):
+            for name, expr in _expressions(step):
+                total += len(expr)
+                if total > MAX_SPEC_EXPRESSION_CHARS:
+                    return SpecProblem(
+                        code="expressions_too_long",
+                        detail=f"the definition's expressions are over "
+                        f"{MAX_SPEC_EXPRESSION_CHARS:,} characters together",
+                        field=f"{group}[{i}].{name}",
+                    )
     graph = {s.id: s.depends_on for s in spec.steps}
     cycle = find_cycle(graph)
     for group in ("steps", "compensations"):
         for i, step in enumerate(getattr(spec, group)):
             where = f"{group}[{i}]"
             for name, expr in _expressions(step):
-                try:
-                    compile_expression(expr)
-                except JMESPathError as exc:
+                bad = check_expression(expr)
+                if bad is not None:
                     return SpecProblem(
-                        code="invalid_expression",
-                        detail=f"step {step.id!r}: {name} is not valid JMESPath: "
-                        + " ".join(str(exc).split()),
+                        code=bad[0],
+                        detail=f"step {step.id!r}: {name}: {bad[1]}",
                         field=f"{where}.{name}",
                     )
                 if cycle is None and group == "steps":

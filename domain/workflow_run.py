@@ -34,9 +34,10 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field
 
 from domain.backoff import backoff_seconds
+from domain.expressions import Budget, ExpressionError, evaluate, evaluate_sized, holds
 from domain.messages import Command, Decider, Event, Message, Rejection, rejected
 from domain.task import Priority
-from domain.workflow import ExpressionError, StepSpec, WorkflowSpec, evaluate, truthy
+from domain.workflow import StepSpec, WorkflowSpec
 
 RUN = "workflow_run"
 
@@ -258,10 +259,26 @@ class StepSkipped(RunEvent):
 
 
 class WorkflowRunCompleted(RunEvent):
-    """Every step finished; ``result`` maps each final step (no dependents) to its result."""
+    """Every step finished. The run's result is ``{step id: its result}`` over its final
+    steps (those no step depends on), which ``result_steps`` names: their results are on
+    the log already, in their ``StepCompleted`` events (null for a final step that was
+    skipped, or failed with ``on_failure`` ``continue``), and ``run_result`` assembles it
+    from the run's state. The event refers to them rather than copying them, so it stays
+    small however large they are (five final steps near the 256 KiB result limit would
+    not fit in one Kafka record, and the run could never finish).
+
+    ``result`` is what events written before this carried instead (the results
+    themselves; None in events written now): read ``final_steps``,
+    which is right for both."""
 
     event_type: ClassVar[str] = "completed"
-    result: dict[str, Any]
+    result_steps: tuple[str, ...] = ()
+    result: dict[str, Any] | None = None
+
+    @property
+    def final_steps(self) -> tuple[str, ...]:
+        """The ids of the steps whose results make the run's result, in order."""
+        return self.result_steps or tuple(self.result or ())
 
 
 class WorkflowRunFailed(RunEvent):
@@ -466,6 +483,8 @@ class _Decision:
     def __init__(self, state: RunState, at: datetime) -> None:
         self.state = state
         self.at = at
+        # One budget for every expression this decision evaluates (domain/expressions.py).
+        self.budget = Budget()
         self._events: list[RunEvent | _Batch] = []
         self._open: dict[tuple[type[RunEvent], str], tuple[int, _Batch]] = {}
 
@@ -546,16 +565,27 @@ class _Decision:
         if spec.map is not None:
             payload.setdefault("item", extra["item"])
             payload.setdefault("index", index)
-        try:
+        if spec.payload_from:
+            # Sized as it is built, so that many keys each near the limit are refused
+            # after the first few, not once all are built and written out.
+            size = json_size(payload)
             ctx = self.context(**extra)
             for key, expr in spec.payload_from.items():
-                payload[key] = evaluate(expr, ctx)
-        except ExpressionError as exc:
-            self.fail_step(spec, f"payload_from: {exc}")
-            return False
-        if spec.payload_from and (size := json_size(payload)) > MAX_VALUE_BYTES:
-            self.fail_step(spec, f"payload of {size} bytes is over {MAX_VALUE_BYTES}")
-            return False
+                try:
+                    payload[key], weight = evaluate_sized(expr, ctx, self.budget)
+                except ExpressionError as exc:
+                    self.fail_step(spec, f"payload_from.{key}: {exc}")
+                    return False
+                size += weight + len(key) + 4
+                if size > MAX_VALUE_BYTES:
+                    self.fail_step(
+                        spec, f"payload of over {size} bytes is over {MAX_VALUE_BYTES}"
+                    )
+                    return False
+            # The estimate does not count escapes: measure what will be written.
+            if (size := json_size(payload)) > MAX_VALUE_BYTES:
+                self.fail_step(spec, f"payload of {size} bytes is over {MAX_VALUE_BYTES}")
+                return False
         self.unit(
             StepTasksScheduled,
             spec.id,
@@ -585,13 +615,14 @@ class _Decision:
             self.schedule(spec, 0, 1, None)
             return
         try:
-            items = evaluate(spec.map.items, self.context())
+            # evaluate holds the value to MAX_VALUE_BYTES as estimated (escapes not
+            # counted), so measuring it exactly is cheap.
+            items = evaluate(spec.map.items, self.context(), self.budget)
         except ExpressionError as exc:
             self.emit(StepStarted(run_id=rid, step_id=spec.id))
             self.fail_step(spec, f"map.items: {exc}")
             return
-        size = json_size(items)
-        if size > MAX_VALUE_BYTES:
+        if (size := json_size(items)) > MAX_VALUE_BYTES:
             self.emit(StepStarted(run_id=rid, step_id=spec.id))
             self.fail_step(spec, f"map.items of {size} bytes is over {MAX_VALUE_BYTES}")
             return
@@ -619,7 +650,7 @@ class _Decision:
             return
         if spec.gate is not None and spec.map is not None:
             try:
-                passed = truthy(evaluate(spec.gate, self.context(result=result)))
+                passed = holds(spec.gate, self.context(result=result), self.budget)
             except ExpressionError as exc:
                 self.fail_step(spec, f"gate: {exc}")
                 return
@@ -688,7 +719,7 @@ class _Decision:
                     continue
                 if spec.when is not None:
                     try:
-                        go = truthy(evaluate(spec.when, self.context()))
+                        go = holds(spec.when, self.context(), self.budget)
                     except ExpressionError as exc:
                         self.emit(StepStarted(run_id=self.state.run_id, step_id=spec.id))
                         self.fail_step(spec, f"when: {exc}")
@@ -700,15 +731,9 @@ class _Decision:
         if self.state.status == "running" and all(
             self.state.steps[s.id].status in STEP_FINISHED for s in self.state.spec.steps
         ):
-            needed = {d for s in self.state.spec.steps for d in s.depends_on}
             self.emit(
                 WorkflowRunCompleted(
-                    run_id=self.state.run_id,
-                    result={
-                        s.id: self.state.steps[s.id].result
-                        for s in self.state.spec.steps
-                        if s.id not in needed
-                    },
+                    run_id=self.state.run_id, result_steps=final_steps(self.state.spec)
                 )
             )
 
@@ -725,7 +750,7 @@ class _Decision:
         error = command.error or "failed"
         if ok and spec.map is None and spec.gate is not None:
             try:
-                ok = truthy(evaluate(spec.gate, self.context(result=command.result)))
+                ok = holds(spec.gate, self.context(result=command.result), self.budget)
                 error = error if ok else f"gate failed: {spec.gate}"
             except ExpressionError as exc:
                 ok, error = False, f"gate: {exc}"
@@ -780,6 +805,19 @@ class _Decision:
         self.fail_step(
             spec, f"{where}{error} (after {command.attempt} of {spec.retry.max_attempts} attempts)"
         )
+
+
+def final_steps(spec: WorkflowSpec) -> tuple[str, ...]:
+    """The ids of ``spec``'s final steps (no step depends on them), in declaration order:
+    the steps whose results make a completed run's result."""
+    needed = {d for s in spec.steps for d in s.depends_on}
+    return tuple(s.id for s in spec.steps if s.id not in needed)
+
+
+def run_result(state: RunState) -> dict[str, Any]:
+    """The result of run ``state``: ``{step id: its result}`` over its final steps (each
+    null until it completes, and for one skipped or failed)."""
+    return {sid: state.steps[sid].result for sid in final_steps(state.spec)}
 
 
 def _current(state: RunState, outcome: RecordStepTaskOutcome | StepTaskOutcome) -> bool:

@@ -390,19 +390,47 @@ async def list_templates(
 
 async def get_run(db: Conn, schema: str, run_id: str, *, steps: bool = True) -> Row | None:
     """One workflow run, or None; with ``steps`` (its steps rows in declaration order,
-    the compensation steps last) unless ``steps`` is False."""
+    the compensation steps last) unless ``steps`` is False. A completed run's ``result``
+    is its final steps' results (``_with_results``)."""
     s = checked_schema(schema)
     record = await db.fetchrow(f"SELECT * FROM {s}.workflow_runs WHERE run_id = $1", run_id)
     if record is None:
         return None
     row = _row(record)
     if not steps:
+        await _with_results(db, s, [row])
         return row
     records = await db.fetch(
         f"SELECT * FROM {s}.workflow_steps WHERE run_id = $1 ORDER BY position", run_id
     )
     row["steps"] = [_row(r) for r in records]
+    if _names_results(row):
+        results = {st["step_id"]: st.get("result") for st in row["steps"]}
+        row["result"] = {sid: results.get(sid, v) for sid, v in row["result"].items()}
     return row
+
+
+def _names_results(row: Row) -> bool:
+    return row["status"] == "completed" and isinstance(row.get("result"), dict)
+
+
+async def _with_results(db: Conn, s: str, rows: list[Row]) -> None:
+    """Fill in the ``result`` of each completed run of ``rows`` (in place) from its
+    steps rows: the run row names its final steps (projections/views.py
+    ``run_result_keys``), whose results the steps rows hold. Rows written before the
+    run event named them hold the results themselves, which the steps rows repeat."""
+    named = {r["run_id"]: r for r in rows if _names_results(r) and r["result"]}
+    if not named:
+        return
+    records = await db.fetch(
+        f"SELECT run_id, step_id, result FROM {s}.workflow_steps"
+        " WHERE run_id = ANY($1::text[]) AND step_id = ANY($2::text[])",
+        sorted(named),
+        sorted({sid for r in named.values() for sid in r["result"]}),
+    )
+    found = {(rec["run_id"], rec["step_id"]): _row(rec)["result"] for rec in records}
+    for run_id, r in named.items():
+        r["result"] = {sid: found.get((run_id, sid), v) for sid, v in r["result"].items()}
 
 
 async def list_runs(
@@ -415,7 +443,8 @@ async def list_runs(
     limit: int = 50,
 ) -> list[Row]:
     """Runs newest first (``requested_at``, then run id, both descending), after the
-    ``(requested_at, run_id)`` key ``after``, filtered by workflow and/or status."""
+    ``(requested_at, run_id)`` key ``after``, filtered by workflow and/or status; a
+    completed run's ``result`` as ``get_run`` has it."""
     s = checked_schema(schema)
     after_at, after_id = after if after is not None else (None, None)
     records = await db.fetch(
@@ -433,4 +462,6 @@ async def list_runs(
         after_id,
         limit,
     )
-    return [_row(r) for r in records]
+    rows = [_row(r) for r in records]
+    await _with_results(db, s, rows)
+    return rows

@@ -371,13 +371,23 @@ def evolve_run(row: Row | None, stored: StoredEvent) -> Row | None:
         case wr.StepStarted(compensating_for=str()):
             row["status"] = "compensating"
         case wr.WorkflowRunCompleted():
-            row.update(status="completed", result=e.result, finished_at=stored.time)
+            # The event names the final steps; their results are in the steps rows
+            # (queries.get_run/list_runs fill them in), so the row keeps the names only.
+            row.update(status="completed", result=run_result_keys(e), finished_at=stored.time)
         case wr.WorkflowRunFailed():
             row.update(status="failed", failed_step=e.step_id, error=e.error,
                        compensated=e.compensated, finished_at=stored.time)
         case wr.WorkflowRunCancelled():
             row.update(status="cancelled", error=e.reason, finished_at=stored.time)
     return row
+
+
+def run_result_keys(e: wr.WorkflowRunCompleted) -> dict[str, None]:
+    """What a completed run's ``result`` column holds: its final steps' ids, each mapped
+    to null. Their results are in the run's workflow_steps rows, and the read side
+    (projections/queries.py) assembles the run's result from them, so a run whose final
+    results add up to megabytes is not written twice."""
+    return dict.fromkeys(e.final_steps)
 
 
 def step_rows(stored: StoredEvent) -> list[Row]:

@@ -347,3 +347,115 @@ async def test_a_cancelled_run_starts_nothing_more(engine) -> None:
     assert_problem(await c.post(f"/workflow-runs/{run_id}/cancel"), 409, code="run_finished")
     assert_problem(await c.post("/workflow-runs/nope/cancel"), 404, code="run_not_found")
     assert_problem(await c.get("/workflow-runs/nope"), 404, code="run_not_found")
+
+
+# -- no input stops a role (swarmlog issue 8) ----------------------------------------------
+
+PIPES = "@|" * 999 + "@"
+
+
+def doubling(stages: int, start: str = "@") -> str:
+    """``[x,x]|[@,@]|...``: the JSON written doubles at each of ``stages`` stages."""
+    return "|".join([f"[{start},{start}]"] + ["[@,@]"] * (stages - 1))
+
+
+async def decided_quickly(c: Any, task_id: str) -> None:
+    """A plain task submitted now is decided within a second (the command processor
+    is not stuck on anything the workflows before sent it)."""
+    t0 = asyncio.get_running_loop().time()
+    r = await c.post("/tasks", json={"task_id": task_id, "type": "noop"})
+    took = asyncio.get_running_loop().time() - t0
+    assert r.status_code == 201, r.text
+    assert r.json()["state"]["status"] == "queued" and took < 1.0, (took, r.json())
+
+
+async def test_expression_attacks_are_refused_or_fail_their_step_and_tasks_are_still_decided(
+    engine,
+) -> None:
+    swarm = engine
+    c = swarm.client
+    # 1. A thousand pipes in a condition: refused at definition, naming the field.
+    r = await c.post("/workflows", json={"id": "pipes", "name": "x",
+                                         "steps": [step("a", when=PIPES)]})
+    problem = assert_problem(r, 422, code="expression_too_deep", field="steps[0].when")
+    assert "1,000 levels deep; the limit is 40" in problem["detail"]
+    r = await c.post("/workflow-templates", json={"name": "pipes",
+                                                  "steps": [step("a", gate=PIPES)]})
+    assert_problem(r, 422, code="expression_too_deep", field="steps[0].gate")
+    r = await c.post("/workflows", json={"id": "long", "name": "x",
+                                         "steps": [step("a", when="a" * 5000)]})
+    problem = assert_problem(r, 422, code="expression_too_long", field="steps[0].when")
+    assert "expression is 5,000 characters; the limit is 2,000" in problem["detail"]
+    # 2. Forty doublings: refused at definition too.
+    r = await c.post("/workflows", json={"id": "d40", "name": "x",
+                                         "steps": [step("a", payload_from={"x": doubling(40)})]})
+    assert_problem(r, 422, code="expression_too_deep", field="steps[0].payload_from.x")
+    assert await swarm.commands_on_log() == 0
+    await decided_quickly(c, "after-definitions")
+
+    # Twenty-two doublings, and a few of a large input: accepted, but each fails its step
+    # at run time, with the size, and the run fails.
+    blob = "b" * 100_000
+    for wid, expr in (("d22", doubling(22)), ("dblob", doubling(4, "inputs.blob"))):
+        r = await c.post("/workflows", json={"id": wid, "name": wid, "steps": [
+            step("a", payload_from={"x": expr}), step("b", depends_on=["a"])]})
+        assert r.status_code == 201, r.text
+        r = await c.post(f"/workflows/{wid}/execute", json={"run_id": f"run-{wid}",
+                                                            "inputs": {"blob": blob}})
+        assert r.status_code == 202, r.text
+        run = await run_where(swarm, f"run-{wid}", "completed", "failed", "cancelled")
+        assert (run["status"], run["failed_step"]) == ("failed", "a"), run
+        assert "builds a value of more than 524,288 bytes" in run["error"], run["error"]
+        by_id = {s["step_id"]: s for s in run["steps"]}
+        assert (by_id["a"]["status"], by_id["b"]["status"]) == ("failed", "cancelled")
+        await decided_quickly(c, f"after-{wid}")
+
+
+async def _big(ctx: TaskContext) -> tuple[dict[str, Any], float]:
+    return {"step": ctx.payload["n"], "data": "r" * 250_000}, 1.0
+
+
+async def test_a_run_whose_final_results_add_up_past_one_record_completes(engine) -> None:
+    swarm = engine
+    c = swarm.client
+    # Five final steps, each with a result near the 256 KiB bound: 1.25 MB together,
+    # more than one Kafka record (1 MiB) could hold.
+    steps = [step(f"s{i}", payload={"n": i}) for i in range(5)]
+    r = await c.post("/workflows", json={"id": "big", "name": "big", "steps": steps})
+    assert r.status_code == 201, r.text
+    worker = Worker(swarm.base_url, agent_id="big-agent", name="big",
+                    capabilities={"wf": 1.0}, handler=_big, max_concurrent_tasks=5,
+                    heartbeat_interval_s=1.0)
+    stop = asyncio.Event()
+    task = asyncio.create_task(worker.run(stop))
+    try:
+        r = await c.post("/workflows/big/execute", json={"run_id": "run-big"})
+        assert r.status_code == 202, r.text
+        run = await run_where(swarm, "run-big", "completed", "failed", "cancelled")
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+    assert run["status"] == "completed", run
+    want = {f"s{i}": {"step": i, "data": "r" * 250_000} for i in range(5)}
+    assert run["result"] == want
+    assert {s["step_id"]: s["result"] for s in run["steps"]} == want
+    listed = (await c.get("/workflow-runs", params={"workflow_id": "big"})).json()["items"]
+    assert [x["result"] for x in listed] == [want]
+    # The completion event names the final steps; it does not copy their results.
+    async with aconnect_sse(c, "GET", "/events",
+                            params={"run_id": "run-big", "from": "beginning"}) as es:
+        events = [cloudevent(e) async for e in _until_completed(es.aiter_sse())]
+    assert events[-1]["data"]["result_steps"] == [f"s{i}" for i in range(5)]
+    assert events[-1]["data"].get("result") is None
+    await decided_quickly(c, "after-big")
+
+
+async def _until_completed(sse: Any, timeout_s: float = 15.0) -> Any:
+    """The stream's messages up to the run's completion event (fail after ``timeout_s``)."""
+    async with asyncio.timeout(timeout_s):
+        async for e in sse:
+            if not e.event.startswith("io.swarmlog."):
+                continue
+            yield e
+            if e.event == "io.swarmlog.workflow_run.completed":
+                return
