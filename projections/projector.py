@@ -487,7 +487,10 @@ class Projector:
         Never stops for a record (it is dead-lettered) nor for an outage (waited out with
         backoff); an outage at start (migrating the schema) is waited out too.
         """
-        pool = await asyncpg.create_pool(self.database_url, min_size=0, max_size=4)
+        pool = await asyncpg.create_pool(
+            self.database_url, min_size=0, max_size=4,
+            server_settings={"application_name": f"swarmlog-projector-{self.schema}"},
+        )
         r = aioredis.from_url(self.redis_url)
         dead_letters = kafka.producer(self.bootstrap)
         consumer = kafka.consumer(
