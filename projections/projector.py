@@ -378,6 +378,8 @@ class Projector:
         self.batch_size = batch_size
         self.clock = clock or SystemClock()
         self.projected = 0
+        #: Tries of a batch that failed for an outage (or anything not a record's fault).
+        self.retries = 0
         s = self.schema
         self._upsert_agent = _upsert_sql(s, "agent_rows", AGENT_COLUMNS, "agent_id")
         self._upsert_task = _upsert_sql(s, "tasks", TASK_COLUMNS, "task_id")
@@ -556,6 +558,7 @@ class Projector:
                         outage.ok()
                         break
                     except Exception as exc:  # noqa: BLE001 - records are handled inside
+                        self.retries += 1
                         if await _sleep_unless(stop, outage.failed(exc)):
                             return  # nothing committed: a restart reads the batch again
                 saved.update(moved)

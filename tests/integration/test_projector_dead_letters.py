@@ -11,19 +11,24 @@ retry, never a dead letter. A dead-lettered event is replayed after a fix.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
+import socket
 import sys
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import asyncpg
 import pytest
+import redis.asyncio as aioredis
+import redis.exceptions
 from aiokafka import AIOKafkaProducer, TopicPartition
 
 from domain import task as tk
 from infra.codec import StoredEvent, derived_id, encode_event
-from projections.projector import is_transient
+from projections.projector import Projector, is_transient
 from tests.integration import test_projector
 from tests.integration.helpers import (
     ROOT,
@@ -39,6 +44,7 @@ from tests.integration.test_projector import (
     _interleave,
     agent_commands,
     assert_read_models_match_the_log,
+    assert_redis_matches_the_rows,
     new_agents,
     task_commands,
     workload,
@@ -255,34 +261,45 @@ async def test_killed_postgresql_connections_are_retried_and_nothing_is_dead_let
     world: World,
 ) -> None:
     agents = new_agents(6)
-    projector = Running(world.projector(batch_size=20), "projector")
+    projector = world.projector(batch_size=20)
+    running = Running(projector, "projector")
     name = f"swarmlog-projector-{world.schema}"
     killed = 0
-    try:
-        await world.run_phases(workload(agents, n_tasks=6))
-        stream = asyncio.create_task(world.run_all(
-            _interleave(agent_commands(agents, 3, register=False) + task_commands(agents, 60))
-        ))
-        # Terminate the projector's connections over and over while the stream goes on:
-        # in the middle of transactions, and idle in the pool.
-        while not stream.done():
+
+    async def kill_connections() -> None:
+        # The projector's connections, over and over: in the middle of transactions, and
+        # idle in the pool.
+        nonlocal killed
+        while True:
             killed += await world.pool.fetchval(
                 "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
                 " WHERE application_name = $1",
                 name,
             )
-            await asyncio.sleep(0.15)
-        await stream
+            await asyncio.sleep(0.1)
+
+    try:
+        await world.run_phases(workload(agents, n_tasks=6))
+        killer = asyncio.create_task(kill_connections())
+        try:
+            for _ in range(4):
+                await world.run_all(_interleave(
+                    agent_commands(agents, 3, register=False) + task_commands(agents, 30)
+                ))
+                await asyncio.sleep(0.5)
+        finally:
+            killer.cancel()
         assert killed >= 3, f"only {killed} connections terminated"
         await world.caught_up(timeout=60)
-        projector.check()
+        running.check()
         await assert_read_models_match_the_log(world)
         # Later events are projected as usual.
         await world.run_all([envelope(tk.SubmitTask(task_id="after", type="job", at=now()))])
         await world.caught_up()
-        projector.check()
+        running.check()
     finally:
-        await projector.stop()
+        await running.stop()
+    assert projector.retries > 0, "no batch met a killed connection"
     assert "after" in await world.rows("tasks", "task_id")
     assert await dead_letters(world) == []
 
@@ -340,3 +357,46 @@ async def test_a_dead_lettered_event_is_replayed_after_a_fix(world: World) -> No
     assert listed[0]["replayed_at"] is not None and "applied" in listed[0]["replay_note"]
     # Once only: nothing was written to the event store again.
     assert len(await read_records(world.bootstrap, world.topics.events(tk.TASK))) == 2
+
+
+async def test_redis_down_holds_back_only_the_redis_views(world: World, tmp_path: Path) -> None:
+    # Redis is written after each commit: while it is down the PostgreSQL read models go
+    # on, and the agents it missed are copied to it once it answers.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"redis://127.0.0.1:{port}/0"
+    projector = Projector(
+        bootstrap_servers=world.bootstrap, topics=world.topics,
+        database_url=world.services.database_url, schema=world.schema, redis_url=url,
+        redis_prefix=world.topics.prefix,
+    )
+    running = Running(projector, "projector")
+    red = aioredis.from_url(url)
+    server: asyncio.subprocess.Process | None = None
+
+    async def answers() -> bool:
+        try:
+            return bool(await red.ping())
+        except redis.exceptions.ConnectionError:
+            return False
+
+    try:
+        await world.run_phases(workload(new_agents(4), n_tasks=8))  # caught up each phase
+        running.check()
+        assert projector.retries == 0
+        server = await asyncio.create_subprocess_exec(
+            "redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+            "--appendonly", "no", "--dir", str(tmp_path),
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+        )
+        await wait_until(answers, 10, what="the new Redis")
+        await assert_redis_matches_the_rows(dataclasses.replace(world, redis=red), 20.0)
+        running.check()
+    finally:
+        await running.stop()
+        await red.aclose()
+        if server is not None:
+            server.terminate()  # by its pid: the Redis this test started
+            await asyncio.wait_for(server.wait(), 10)
+    assert await dead_letters(world) == []
