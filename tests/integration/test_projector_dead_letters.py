@@ -400,3 +400,39 @@ async def test_redis_down_holds_back_only_the_redis_views(world: World, tmp_path
             server.terminate()  # by its pid: the Redis this test started
             await asyncio.wait_for(server.wait(), 10)
     assert await dead_letters(world) == []
+
+
+async def test_a_dead_lettered_command_is_replayed_by_producing_it_again(world: World) -> None:
+    # A command the processor could not read: replay puts the same record (key, value,
+    # headers) on the command topic again, for the processor to read again.
+    raw = AIOKafkaProducer(bootstrap_servers=world.bootstrap, enable_idempotence=True)
+    await raw.start()
+    try:
+        meta = await raw.send_and_wait(
+            world.topics.commands, b"not a command", key=b"k-1", headers=[("x-test", b"1")]
+        )
+    finally:
+        await raw.stop()
+    projector = Running(world.projector(), "projector")
+    try:
+        await wait_until(lambda: _listed(world, 1), 30, what="the command's dead letter listed")
+        code, out, err = await cli(
+            world, "deadletters", "replay", f"{meta.topic}:{meta.partition}:{meta.offset}"
+        )
+        assert code == 0, err
+        assert f"produced the record (read from its topic) to {meta.topic} again" in out, out
+        # The processor reads it again, and refuses it again: a second dead letter.
+        rows = await wait_until(lambda: _listed(world, 2), 30, what="a second dead letter")
+        projector.check()
+    finally:
+        await projector.stop()
+    copies = [
+        r for r in await read_records(world.bootstrap, world.topics.commands) if r.key == b"k-1"
+    ]
+    assert [(r.value, list(r.headers)) for r in copies] == [
+        (b"not a command", [("x-test", b"1")])
+    ] * 2
+    assert copies[1].offset > copies[0].offset
+    first = next(r for r in rows if r["source_offset"] == meta.offset)
+    assert first["replayed_at"] is not None
+    assert {r["source_offset"] for r in rows} == {copies[0].offset, copies[1].offset}
