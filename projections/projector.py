@@ -352,9 +352,13 @@ class ReplayError(Exception):
 class Projector:
     """Consumes every event topic in the consumer group ``<prefix>-projector`` and keeps
     the read models of ``schema`` (agents, tasks, the economy, workflows and their runs,
-    the event archive) and Redis in step with the log.
+    the event archive) and Redis in step with the log; and the dead-letter topic, into
+    the ``dead_letters`` table.
 
     Several copies share the partitions. ``batch_size`` bounds the records per transaction.
+    ``projected`` counts the events applied, ``retries`` the tries of a batch that failed
+    for an outage. Its PostgreSQL sessions are named ``swarmlog-projector-<schema>``
+    (``application_name``).
     """
 
     def __init__(
