@@ -28,7 +28,7 @@ from aiokafka import AIOKafkaProducer, TopicPartition
 
 from domain import task as tk
 from infra.codec import StoredEvent, derived_id, encode_event
-from projections.projector import Projector, is_transient
+from projections.projector import Projector
 from tests.integration import test_projector
 from tests.integration.helpers import (
     ROOT,
@@ -302,20 +302,6 @@ async def test_killed_postgresql_connections_are_retried_and_nothing_is_dead_let
     assert projector.retries > 0, "no batch met a killed connection"
     assert "after" in await world.rows("tasks", "task_id")
     assert await dead_letters(world) == []
-
-
-def test_outages_and_data_errors_are_told_apart() -> None:
-    assert is_transient(asyncpg.exceptions.AdminShutdownError("terminating connection"))
-    assert is_transient(asyncpg.exceptions.ConnectionDoesNotExistError("closed"))
-    assert is_transient(asyncpg.exceptions.CannotConnectNowError("starting up"))
-    assert is_transient(asyncpg.InterfaceError("connection is closed"))
-    assert is_transient(ConnectionRefusedError())
-    assert not is_transient(asyncpg.exceptions.UntranslatableCharacterError("\\u0000"))
-    assert not is_transient(asyncpg.exceptions.NumericValueOutOfRangeError("int4"))
-    assert not is_transient(asyncpg.exceptions.DataError("value out of int64 range"))
-    assert not is_transient(asyncpg.exceptions._base.DataError("cannot encode"))
-    assert not is_transient(OverflowError())
-    assert not is_transient(ValueError())
 
 
 async def test_a_dead_lettered_event_is_replayed_after_a_fix(world: World) -> None:
