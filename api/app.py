@@ -24,6 +24,7 @@ from api.routes import (
     agents,
     audit,
     commands,
+    deadletters,
     economy,
     events,
     health,
@@ -115,4 +116,5 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None) 
         app.include_router(module.router)
     app.include_router(workflows.runs_router)
     app.include_router(workflows.templates_router)
+    app.include_router(deadletters.router)
     return app

@@ -284,6 +284,104 @@ def audit_ledger(state_dir: StateDir) -> None:
         raise typer.Exit(1)
 
 
+deadletters_app = typer.Typer(invoke_without_command=True)
+app.add_typer(deadletters_app, name="deadletters")
+
+
+@deadletters_app.callback()
+def deadletters(
+    ctx: typer.Context,
+    state_dir: StateDir,
+    limit: Annotated[int, typer.Option(min=1, help="Show at most this many.")] = 50,
+    topic: Annotated[
+        str | None,
+        typer.Option(help="Only records from this topic (e.g. swarm.task.events)."),
+    ] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print them as a JSON array on stdout.")
+    ] = False,
+    from_log: Annotated[
+        bool,
+        typer.Option(
+            "--from-log",
+            help="Read the dead-letter topic instead of the dead_letters table (which the"
+            " projector keeps): for when no projector runs.",
+        ),
+    ] = False,
+) -> None:
+    """List dead letters, newest first: when, where the record was
+    (topic:partition:offset, which `replay` takes), why, and whether it was replayed.
+
+    `swarmlog deadletters replay REF` re-applies one after a fix.
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    import asyncio
+    import json
+
+    from infra.deadletters import list_dead_letters
+
+    settings = _settings(state_dir)
+    rows = asyncio.run(
+        list_dead_letters(settings, limit=limit, topic=topic, from_log=from_log)
+    )
+    if as_json:
+        typer.echo(json.dumps(rows, default=str, indent=2))
+        return
+    table = Table(
+        title=f"swarmlog dead letters ({len(rows)}, newest first)",
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+    )
+    table.add_column("at", no_wrap=True)
+    table.add_column("record", overflow="fold")
+    table.add_column("reason", overflow="fold")
+    table.add_column("replayed", no_wrap=True)
+    for row in rows:
+        where = f"{row['source_topic']}:{row['source_partition']}:{row['source_offset']}"
+        replayed = row["replayed_at"].isoformat(timespec="seconds") if row["replayed_at"] else "-"
+        table.add_row(
+            row["dead_lettered_at"].isoformat(timespec="seconds"),
+            f"{escape(where)}\n[dim]{escape(row['id'])}[/]",
+            escape(row["reason"]),
+            replayed,
+        )
+    _err.print(table)
+
+
+@deadletters_app.command("replay")
+def deadletters_replay(
+    state_dir: StateDir,
+    ref: Annotated[
+        str,
+        typer.Argument(
+            help="The dead letter's id, or the record's position TOPIC:PARTITION:OFFSET."
+        ),
+    ],
+) -> None:
+    """Replay a dead letter, after fixing what refused it.
+
+    An event is re-applied by the projector code in this process, read from its topic
+    (never written to the event store again), with the later events of its aggregate
+    that were ignored without it. Any other record (a command) is produced to its topic
+    again with the same key, value and headers, for its role to read again. Exit 1 if
+    there is no such dead letter or it is still refused (nothing changes then).
+    """
+    import asyncio
+
+    from infra.deadletters import replay
+    from projections.projector import ReplayError
+
+    settings = _settings(state_dir)
+    try:
+        done = asyncio.run(replay(settings, ref))
+    except (LookupError, ReplayError) as error:
+        _err.print(f"[red]not replayed:[/] {escape(str(error))}", soft_wrap=True, highlight=False)
+        raise typer.Exit(1) from error
+    source = done.source
+    typer.echo(f"{source.topic}:{source.partition}:{source.offset}: {done.how}")
+
+
 @app.command()
 def demo(
     state_dir: StateDir,

@@ -9,28 +9,65 @@ Redis (agent status and load) is written after the commit, each key guarded by t
 the rows were read, so that an older write never overwrites a newer one; on start the projector
 copies every agent row to Redis, which closes the gap a crash between the commit and
 the Redis write could leave.
+
+No record stops the projector (a dead letter is written instead), and no outage skips
+one (the batch is retried):
+
+- A record that cannot be read, or whose rows PostgreSQL refuses for a reason in the
+  record (a NUL in a text or JSON value, a number out of a column's range, a view's
+  ``evolve`` raising: anything ``is_transient`` says is not an outage), is dead-lettered
+  with the reason, and its offset is stored with the rest of the batch. The batch is
+  applied in one transaction with bulk statements; when that fails for a data reason it
+  is rolled back and applied again in halves, each in a savepoint, halving again the
+  halves that fail, down to the records that fail on their own (``_apply_isolated``).
+  Their dead letters are written and flushed before the transaction that skips them
+  commits, so a kill between the two loses nothing (a replay writes the same dead
+  letter again, with the same id).
+- An outage (PostgreSQL, Redis or Kafka unreachable or restarting, a connection killed)
+  retries the batch with capped exponential backoff, logged once when it starts and once
+  when it ends; nothing is dead-lettered for it. Redis is written after the commit, so a
+  Redis outage does not hold PostgreSQL back: the agents and accounts to copy wait and
+  are copied when Redis answers again.
+
+The projector also projects the dead-letter topic (every role's dead letters) into the
+``dead_letters`` table, which ``swarmlog deadletters`` and ``GET /deadletters`` list;
+``Projector.replay`` re-applies a dead-lettered event after a fix.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections import defaultdict
 from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
+import aiokafka.errors
 import asyncpg
+import orjson
 import redis.asyncio as aioredis
+import redis.exceptions
 import structlog
 from aiokafka import ConsumerRebalanceListener, TopicPartition
 
 from domain import proposal as pr
 from domain import workflow as wf
 from domain import workflow_run as wr
+from domain.backoff import backoff_seconds
 from domain.economy import EconomyParameters
 from infra import kafka
 from infra.clock import Clock, SystemClock
-from infra.codec import DecodeError, StoredEvent, decode_event, encode_dead_letter, event_ce_type
+from infra.codec import (
+    DecodeError,
+    Position,
+    StoredEvent,
+    decode_event,
+    encode_dead_letter,
+    event_ce_type,
+)
 from infra.topics import Topics
 from projections import views
 from projections.schema import checked_schema, migrate
@@ -117,12 +154,211 @@ def _row(record: asyncpg.Record) -> dict[str, Any]:
     return row
 
 
+# Not a record's fault: the database, Redis or Kafka is unreachable, restarting or out of
+# resources, the connection was killed (08, 57: admin shutdown, cannot connect now), a
+# serialization failure or deadlock (40), or the schema is not what the statements expect
+# (42: a deployment problem that every record would meet, so dead-lettering would spray
+# the whole log). These are retried; everything else met while applying one record is
+# that record's (PostgreSQL's data exceptions 22 and constraint violations 23, asyncpg's
+# refusal to encode a parameter, a view raising) and dead-letters it.
+_TRANSIENT: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.exceptions.InsufficientResourcesError,
+    asyncpg.exceptions.TransactionRollbackError,
+    asyncpg.exceptions.PostgresSystemError,
+    asyncpg.exceptions.SyntaxOrAccessError,
+    asyncpg.exceptions.InvalidCachedStatementError,
+    asyncpg.exceptions.OutdatedSchemaCacheError,
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    aiokafka.errors.KafkaError,
+)
+
+#: A dead letter's value above this is sent with the original value cut (the original
+#: stays on its topic at the position the dead letter names); under the 1 MiB default
+#: ``max.request.size``, so a dead letter is never refused for its size.
+MAX_DEAD_LETTER_BYTES = 900_000
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True if ``exc`` is an outage to wait out (retry the batch), False if it is the
+    fault of the records being applied (find them and dead-letter them).
+
+    asyncpg's client-side ``DataError`` (a parameter it cannot encode, e.g. an integer
+    out of int64 range) is an ``InterfaceError`` and a ``ValueError``: data, not an
+    outage; other ``InterfaceError`` s (connection closed, released) are outages.
+    """
+    if isinstance(exc, asyncpg.InterfaceError):
+        return not isinstance(exc, ValueError)
+    return isinstance(exc, _TRANSIENT)
+
+
+def _reason(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+class Backoff:
+    """Capped exponential backoff over one outage, logged when it starts and when it ends.
+
+    ``failed(exc)`` returns the seconds to wait before the next try (0.1 s doubling up to
+    ``cap_s``, with jitter); ``ok()`` ends the outage.
+    """
+
+    def __init__(self, what: str, *, base_s: float = 0.1, cap_s: float = 5.0) -> None:
+        self.what = what
+        self.base_s = base_s
+        self.cap_s = cap_s
+        self.attempts = 0
+        self.since = 0.0
+
+    def failed(self, exc: BaseException) -> float:
+        """Count a failed try; log the first of an outage; return the delay in seconds."""
+        self.attempts += 1
+        if self.attempts == 1:
+            self.since = time.monotonic()
+            if is_transient(exc):
+                log.warning(f"{self.what}: outage, retrying with backoff", error=_reason(exc))
+            else:
+                log.error(f"{self.what}: failed (not a record's fault), retrying with backoff",
+                          error=_reason(exc), exc_info=exc)
+        return backoff_seconds(self.what, self.attempts, base_s=self.base_s, cap_s=self.cap_s)
+
+    def ok(self) -> None:
+        """The try succeeded: log the end of the outage, if there was one."""
+        if self.attempts:
+            log.info(f"{self.what}: recovered", tries=self.attempts + 1,
+                     after_s=round(time.monotonic() - self.since, 3))
+        self.attempts = 0
+
+
+async def _sleep_unless(stop: asyncio.Event, seconds: float) -> bool:
+    """Sleep ``seconds``; True if ``stop`` was set meanwhile."""
+    try:
+        await asyncio.wait_for(stop.wait(), seconds)
+    except TimeoutError:
+        return False
+    return True
+
+
+@dataclass
+class _Applied:
+    """What applying events changed: how many were applied, and the agents and accounts
+    whose Redis views may change."""
+
+    projected: int = 0
+    agents: set[str] = field(default_factory=set)
+    accounts: set[str] = field(default_factory=set)
+
+    def merge(self, other: _Applied) -> None:
+        self.projected += other.projected
+        self.agents |= other.agents
+        self.accounts |= other.accounts
+
+
+class _Cut:
+    """A consumer record with its value cut to ``MAX_DEAD_LETTER_BYTES // 2``."""
+
+    def __init__(self, record: Any) -> None:
+        self.topic, self.partition, self.offset = record.topic, record.partition, record.offset
+        self.key, self.headers = record.key, record.headers
+        self.value = (record.value or b"")[: MAX_DEAD_LETTER_BYTES // 2]
+
+
+def _clean(value: Any) -> str | None:
+    """``value`` as text PostgreSQL accepts: NUL written as ``\\u0000``, lone surrogates
+    escaped; None stays None."""
+    if value is None:
+        return None
+    text = value if isinstance(value, str) else str(value)
+    text = text.replace("\x00", "\\u0000")
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _small_int(value: Any, bits: int) -> int | None:
+    ok = isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2 ** (bits - 1)
+    return value if ok else None
+
+
+def read_dead_letter(record: Any) -> dict[str, Any]:
+    """A record of the dead-letter topic as a ``dead_letters`` row; never raises.
+
+    Keys: id (the CloudEvent id, else ``<topic>/<partition>/<offset>`` of the letter),
+    source_topic, source_partition, source_offset (where the dead-lettered record is;
+    None if the letter does not say), reason, key, dead_lettered_at (the CloudEvent
+    time, else the record's timestamp), letter_partition, letter_offset, letter (the
+    value as written). Text is cleaned of what PostgreSQL refuses (``_clean``).
+    """
+    headers: dict[str, bytes] = {}
+    for k, v in record.headers or ():
+        if isinstance(v, bytes):
+            headers[k] = v
+    letter_id = _clean(headers.get("ce_id", b"").decode("utf-8", "replace"))
+    try:
+        data = orjson.loads(record.value or b"")
+    except orjson.JSONDecodeError:
+        data = None
+    if not isinstance(data, dict):
+        data = {"reason": "unreadable dead letter (its value is not a JSON object)"}
+    at: datetime | None = None
+    try:
+        at = datetime.fromisoformat(headers["ce_time"].decode("utf-8"))
+        if at.tzinfo is None:
+            at = None
+    except (KeyError, ValueError):
+        at = None
+    if at is None:
+        at = datetime.fromtimestamp(max(0, record.timestamp or 0) / 1000, UTC)
+    source_topic = data.get("topic") if isinstance(data.get("topic"), str) else None
+    return {
+        "id": letter_id or f"{record.topic}/{record.partition}/{record.offset}",
+        "source_topic": _clean(source_topic),
+        "source_partition": _small_int(data.get("partition"), 32),
+        "source_offset": _small_int(data.get("offset"), 64),
+        "reason": _clean(data.get("reason")) or "",
+        "key": _clean(data.get("key")),
+        "dead_lettered_at": at,
+        "letter_partition": record.partition,
+        "letter_offset": record.offset,
+        "letter": bytes(record.value or b""),
+    }
+
+
+DEAD_LETTER_COLUMNS = (
+    "id", "source_topic", "source_partition", "source_offset", "reason", "key",
+    "dead_lettered_at", "letter_partition", "letter_offset", "letter",
+)
+
+
+@dataclass(frozen=True)
+class ReplayResult:
+    """What ``Projector.replay`` did: the event re-applied (``applied``: it changed a
+    row; False when the row had already moved past it), later events of the same
+    aggregate re-applied with it, and those dead-lettered again."""
+
+    event_id: str
+    aggregate: str
+    applied: bool
+    later_applied: int
+    later_dead_lettered: int
+
+
+class ReplayError(Exception):
+    """A dead letter could not be re-applied (still refused, or not projected yet)."""
+
+
 class Projector:
     """Consumes every event topic in the consumer group ``<prefix>-projector`` and keeps
     the read models of ``schema`` (agents, tasks, the economy, workflows and their runs,
-    the event archive) and Redis in step with the log.
+    the event archive) and Redis in step with the log; and the dead-letter topic, into
+    the ``dead_letters`` table.
 
     Several copies share the partitions. ``batch_size`` bounds the records per transaction.
+    ``projected`` counts the events applied, ``retries`` the tries of a batch that failed
+    for an outage. Its PostgreSQL sessions are named ``swarmlog-projector-<schema>``
+    (``application_name``).
     """
 
     def __init__(
@@ -146,6 +382,8 @@ class Projector:
         self.batch_size = batch_size
         self.clock = clock or SystemClock()
         self.projected = 0
+        #: Tries of a batch that failed for an outage (or anything not a record's fault).
+        self.retries = 0
         s = self.schema
         self._upsert_agent = _upsert_sql(s, "agent_rows", AGENT_COLUMNS, "agent_id")
         self._upsert_task = _upsert_sql(s, "tasks", TASK_COLUMNS, "task_id")
@@ -223,6 +461,17 @@ class Projector:
             " updated_at) VALUES ($1, $2, $3, $4, now()) ON CONFLICT (projection, topic,"
             " partition) DO UPDATE SET next_offset = EXCLUDED.next_offset, updated_at = now()"
         )
+        self._insert_letter = (
+            f"INSERT INTO {s}.dead_letters ({', '.join(DEAD_LETTER_COLUMNS)})"
+            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT (id) DO NOTHING"
+        )
+        # Redis views still to write (after the commits that changed them); all of them
+        # at start, which closes the gap a crash between a commit and its write left.
+        self._redis_all = True
+        self._redis_agents: set[str] = set()
+        self._redis_accounts: set[str] = set()
+        self._redis_next_try = 0.0
+        self._redis_outage = Backoff("redis views")
 
     @property
     def leaderboard_key(self) -> str:
@@ -239,8 +488,15 @@ class Projector:
         return f"{self.redis_prefix}:agent:{agent_id}"
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Project until ``stop`` is set."""
-        pool = await asyncpg.create_pool(self.database_url, min_size=1, max_size=4)
+        """Project until ``stop`` is set.
+
+        Never stops for a record (it is dead-lettered) nor for an outage (waited out with
+        backoff); an outage at start (migrating the schema) is waited out too.
+        """
+        pool = await asyncpg.create_pool(
+            self.database_url, min_size=0, max_size=4,
+            server_settings={"application_name": f"swarmlog-projector-{self.schema}"},
+        )
         r = aioredis.from_url(self.redis_url)
         dead_letters = kafka.producer(self.bootstrap)
         consumer = kafka.consumer(
@@ -260,33 +516,154 @@ class Projector:
                 # Only synchronous seeks here: an awaited seek lets getmany hand out records
                 # from the old position in between. A partition with no stored offset
                 # starts at the beginning by auto_offset_reset (we never commit to Kafka).
-                stored = await projector._offsets(pool)
+                # If PostgreSQL is down now, nothing is sought: the partitions start at the
+                # beginning and each batch skips what is below the stored offsets (read
+                # under lock in _transaction), so this costs reading, never a double apply.
+                try:
+                    stored = await projector._offsets(pool)
+                except Exception as exc:  # noqa: BLE001 - safe either way (see above)
+                    log.warning("stored offsets unreadable; reading from the beginning",
+                                error=_reason(exc))
+                    return
                 for tp in assigned:
                     if tp in stored:
                         consumer.seek(tp, stored[tp])
 
         try:
-            async with pool.acquire() as conn:
-                await migrate(conn, self.schema)
+            starting = Backoff("projector start (migrate)")
+            while True:
+                try:
+                    async with pool.acquire() as conn:
+                        await migrate(conn, self.schema)
+                    starting.ok()
+                    break
+                except Exception as exc:  # noqa: BLE001 - an outage at start is waited out
+                    if await _sleep_unless(stop, starting.failed(exc)):
+                        return
             self._hset = r.register_script(_GUARDED_HSET)
-            await self._sync_redis(pool, r, None)
-            await self._sync_economy_redis(pool, r, None)
             await dead_letters.start()
-            consumer.subscribe(list(self.topics.event_topics.values()), listener=Seek())
+            topics = [*self.topics.event_topics.values(), self.topics.deadletter]
+            consumer.subscribe(topics, listener=Seek())
             await consumer.start()
             saved: dict[TopicPartition, int] = {}
+            outage = Backoff("projection")
             while not stop.is_set():
+                await self._flush_redis(pool, r)
                 batch = await consumer.getmany(timeout_ms=200, max_records=self.batch_size)
                 # The position, not the last offset + 1: it also steps over transaction
                 # markers, so a caught-up projector's offsets equal the log end offsets.
                 positions = {tp: await consumer.position(tp) for tp in consumer.assignment()}
                 moved = {tp: n for tp, n in positions.items() if saved.get(tp) != n}
-                if batch or moved:
-                    await self._project(pool, r, dead_letters, batch, moved)
-                    saved.update(moved)
+                if not (batch or moved):
+                    continue
+                while True:  # the same batch until it commits: an outage never skips one
+                    try:
+                        await self._project(pool, dead_letters, batch, moved)
+                        outage.ok()
+                        break
+                    except Exception as exc:  # noqa: BLE001 - records are handled inside
+                        self.retries += 1
+                        if await _sleep_unless(stop, outage.failed(exc)):
+                            return  # nothing committed: a restart reads the batch again
+                saved.update(moved)
         finally:
             await consumer.stop()
             await dead_letters.stop()
+            await r.aclose()
+            await pool.close()
+
+    async def replay(self, position: Position) -> ReplayResult:
+        """Re-apply the dead-lettered event at ``position`` of an event topic, after a fix
+        (of the view, the schema or the decoder), and mark its ``dead_letters`` rows
+        replayed.
+
+        The event is re-applied with the later events of its aggregate up to the stored
+        offset: the views ignored them while the aggregate lacked the row this event
+        makes (a dead-lettered submission leaves its task without a row). It runs in one
+        transaction that holds the partition's stored offset, as a projector batch does,
+        so it is safe beside running projectors; later events that fail on their own are
+        dead-lettered again. An event the row has already moved past (later events were
+        projected) changes nothing (``applied`` False): the views never go back.
+
+        Raises ReplayError, changing nothing, if the partition is not projected past the
+        position yet, or the event is still unreadable or still refused.
+        """
+        tp = TopicPartition(position.topic, position.partition)
+        pool = await asyncpg.create_pool(self.database_url, min_size=1, max_size=2)
+        r = aioredis.from_url(self.redis_url)
+        producer = kafka.producer(self.bootstrap)
+        await producer.start()
+        s = self.schema
+        try:
+            self._hset = r.register_script(_GUARDED_HSET)
+            async with pool.acquire() as conn, conn.transaction():
+                next_offset = await conn.fetchval(
+                    f"SELECT next_offset FROM {s}.projection_offsets WHERE projection = $1"
+                    " AND topic = $2 AND partition = $3 FOR UPDATE",
+                    PROJECTION, tp.topic, tp.partition,
+                )
+                if next_offset is None or next_offset <= position.offset:
+                    raise ReplayError(
+                        f"{tp.topic}/{tp.partition} is not projected past offset"
+                        f" {position.offset} yet (stored offset {next_offset}): the projector"
+                        " will read the record itself"
+                    )
+                records: list[Any] = []
+                await kafka.read_to_end(
+                    self.bootstrap, [tp],
+                    lambda rec: records.append(rec) if rec.offset < next_offset else None,
+                    start={tp: position.offset},
+                )
+                if not records or records[0].offset != position.offset:
+                    raise ReplayError(f"no record at {tp.topic}/{tp.partition}/{position.offset}")
+                try:
+                    event = decode_event(records[0])
+                except Exception as exc:  # any failure: still unreadable
+                    raise ReplayError(f"still unreadable: {exc}") from exc
+                later: list[tuple[Any, StoredEvent]] = []
+                for rec in records[1:]:
+                    try:
+                        e = decode_event(rec)
+                    except Exception:  # noqa: BLE001, S112 - dead-lettered on its own
+                        continue
+                    if (e.aggregate_type, e.aggregate_id) == (event.aggregate_type,
+                                                              event.aggregate_id):
+                        later.append((rec, e))
+                archived = f"SELECT count(*) FROM {s}.events WHERE event_id = ANY($1::text[])"
+                later_ids = [e.id for _, e in later]
+                later_before = await conn.fetchval(archived, later_ids)
+                try:
+                    async with conn.transaction():
+                        first = await self._apply_all(conn, [event])
+                except Exception as exc:
+                    if is_transient(exc):
+                        raise
+                    raise ReplayError(f"still refused: {_reason(exc)}") from exc
+                applied = bool(await conn.fetchval(archived, [event.id]))
+                more, refused = await self._apply_isolated(conn, later, whole_failed=False)
+                await self._dead_letter(producer, refused)
+                later_applied = await conn.fetchval(archived, later_ids) - later_before
+                await conn.execute(
+                    f"UPDATE {s}.dead_letters SET replayed_at = now(), replay_note = $4"
+                    " WHERE source_topic = $1 AND source_partition = $2 AND source_offset = $3",
+                    tp.topic, tp.partition, position.offset,
+                    f"re-applied by the projector: event {'applied' if applied else 'ignored'}"
+                    f", {later_applied} later event(s) of {event.aggregate_id!r} applied",
+                )
+            first.merge(more)
+            if first.agents:
+                await self._sync_redis(pool, r, first.agents)
+            if first.accounts:
+                await self._sync_economy_redis(pool, r, first.accounts)
+            return ReplayResult(
+                event_id=event.id,
+                aggregate=f"{event.aggregate_type} {event.aggregate_id}",
+                applied=applied,
+                later_applied=later_applied,
+                later_dead_lettered=len(refused),
+            )
+        finally:
+            await producer.stop()
             await r.aclose()
             await pool.close()
 
@@ -301,11 +678,35 @@ class Projector:
     async def _project(
         self,
         pool: asyncpg.Pool,
-        r: aioredis.Redis,
         dead_letters: Any,
         batch: dict[TopicPartition, list[Any]],
         positions: dict[TopicPartition, int],
     ) -> None:
+        """Apply ``batch`` and store ``positions`` in one transaction: in bulk, and if
+        that fails for a data reason, again with the failing records isolated and
+        dead-lettered. Raises on an outage (the caller retries the batch)."""
+        try:
+            applied = await self._transaction(pool, dead_letters, batch, positions, False)
+        except Exception as exc:
+            if is_transient(exc):
+                raise
+            log.warning("batch refused; applying it again with the failing records isolated",
+                        records=sum(map(len, batch.values())), error=_reason(exc))
+            applied = await self._transaction(pool, dead_letters, batch, positions, True)
+        self.projected += applied.projected
+        self._redis_agents |= applied.agents
+        self._redis_accounts |= applied.accounts
+
+    async def _transaction(
+        self,
+        pool: asyncpg.Pool,
+        dead_letters: Any,
+        batch: dict[TopicPartition, list[Any]],
+        positions: dict[TopicPartition, int],
+        isolate: bool,
+    ) -> _Applied:
+        """One try at ``batch`` in one transaction (see ``_project``); with ``isolate``,
+        records whose rows fail on their own are dead-lettered instead of failing it."""
         s = self.schema
         async with pool.acquire() as conn, conn.transaction():
             # The stored offsets, locked: records below them were projected already (by
@@ -324,29 +725,32 @@ class Projector:
                     [tp.partition for tp in tps],
                 )
             }
-            events: list[StoredEvent] = []
+            items: list[tuple[Any, StoredEvent]] = []
+            rejected: list[tuple[Any, str]] = []
+            letters: list[dict[str, Any]] = []
             for tp, records in batch.items():
                 floor = stored.get((tp.topic, tp.partition), -1)
                 for record in records:
                     if record.offset < floor:
                         continue
+                    if tp.topic == self.topics.deadletter:
+                        letters.append(read_dead_letter(record))
+                        continue
                     try:
-                        events.append(decode_event(record))
+                        items.append((record, decode_event(record)))
                     except DecodeError as exc:
-                        # Loses nothing: the record, its position and the reason go to
-                        # the dead-letter topic (a repeat after a crash has the same id).
-                        fut = await kafka.send(
-                            dead_letters,
-                            encode_dead_letter(
-                                self.topics.deadletter, record, str(exc), self.clock.now()
-                            ),
-                        )
-                        await fut
-                        log.warning("event dead-lettered", topic=record.topic,
-                                    offset=record.offset, reason=str(exc))
-            touched_agents, holders = await self._apply(conn, events)
-            touched_accounts = await self._apply_economy(conn, events)
-            await self._apply_workflows(conn, events)
+                        rejected.append((record, str(exc)))
+                    except Exception as exc:  # noqa: BLE001 - a decoder should raise
+                        rejected.append((record, _reason(exc)))  # nothing else: the record's
+            if isolate:
+                applied, refused = await self._apply_isolated(conn, items)
+                rejected += refused
+            else:
+                applied = await self._apply_all(conn, [e for _, e in items])
+            await self._insert_letters(conn, letters, isolate)
+            # Written and flushed before the commit that skips the records: a kill between
+            # the two loses nothing (the replayed batch writes the same dead letter again).
+            await self._dead_letter(dead_letters, rejected)
             offsets = {tp: records[-1].offset + 1 for tp, records in batch.items() if records}
             for tp, position in positions.items():
                 offsets[tp] = max(position, offsets.get(tp, 0))
@@ -358,11 +762,126 @@ class Projector:
                     if n > stored.get((tp.topic, tp.partition), -1)
                 ],
             )
-        self.projected += len(events)
-        if touched_agents or holders:
-            await self._sync_redis(pool, r, touched_agents | holders)
-        if touched_accounts:
-            await self._sync_economy_redis(pool, r, touched_accounts)
+        return applied
+
+    async def _apply_all(self, conn: asyncpg.Connection, events: list[StoredEvent]) -> _Applied:
+        """Apply ``events`` (in order) to every read model in the open transaction."""
+        touched_agents, holders = await self._apply(conn, events)
+        touched_accounts = await self._apply_economy(conn, events)
+        await self._apply_workflows(conn, events)
+        return _Applied(len(events), touched_agents | holders, touched_accounts)
+
+    async def _apply_isolated(
+        self,
+        conn: asyncpg.Connection,
+        items: list[tuple[Any, StoredEvent]],
+        *,
+        whole_failed: bool = True,
+    ) -> tuple[_Applied, list[tuple[Any, str]]]:
+        """Apply ``items`` (record, event) in order in the open transaction, each half in
+        a savepoint, halving the halves that fail down to single records: returns what
+        was applied and the (record, reason) of each record that fails on its own.
+
+        k bad records among n cost about 2k log2(n) savepoints; the good records are
+        applied in the same order as in one go, so the rows are the same.
+        ``whole_failed``: ``items`` already failed as a whole (start with the halves). An
+        outage raises (the caller retries the whole batch).
+        """
+        applied = _Applied()
+        refused: list[tuple[Any, str]] = []
+
+        async def attempt(chunk: list[tuple[Any, StoredEvent]]) -> None:
+            try:
+                async with conn.transaction():
+                    got = await self._apply_all(conn, [e for _, e in chunk])
+            except Exception as exc:
+                if is_transient(exc):
+                    raise
+                if len(chunk) == 1:
+                    record, e = chunk[0]
+                    reason = f"projection refused {e.type} {e.aggregate_id!r}: {_reason(exc)}"
+                    refused.append((record, reason))
+                    return
+                await split(chunk)
+            else:
+                applied.merge(got)
+
+        async def split(chunk: list[tuple[Any, StoredEvent]]) -> None:
+            half = len(chunk) // 2
+            await attempt(chunk[:half])
+            await attempt(chunk[half:])
+
+        if len(items) > 1 and whole_failed:
+            await split(items)  # no need to try it whole again
+        elif items:
+            await attempt(items)
+        return applied, refused
+
+    async def _insert_letters(
+        self, conn: asyncpg.Connection, letters: list[dict[str, Any]], isolate: bool
+    ) -> None:
+        """Insert the ``dead_letters`` rows; with ``isolate``, each in a savepoint, and one
+        that still fails is logged and left out (a dead letter is never dead-lettered)."""
+        if not letters:
+            return
+        rows = [tuple(d[c] for c in DEAD_LETTER_COLUMNS) for d in letters]
+        if not isolate:
+            await conn.executemany(self._insert_letter, rows)
+            return
+        for row in rows:
+            try:
+                async with conn.transaction():
+                    await conn.execute(self._insert_letter, *row)
+            except Exception as exc:
+                if is_transient(exc):
+                    raise
+                log.error("dead letter not listed", id=row[0], error=_reason(exc))
+
+    async def _dead_letter(self, producer: Any, rejected: list[tuple[Any, str]]) -> None:
+        """Write a dead letter for each (record, reason) and wait until all are
+        acknowledged (acks=all): they are durable when this returns."""
+        futures = []
+        for record, reason in rejected:
+            letter = encode_dead_letter(self.topics.deadletter, record, reason, self.clock.now())
+            if len(letter.value) > MAX_DEAD_LETTER_BYTES:
+                letter = encode_dead_letter(
+                    self.topics.deadletter, _Cut(record),
+                    f"{reason} (value cut to {MAX_DEAD_LETTER_BYTES // 2} bytes: the whole"
+                    " record is at the position this letter names)",
+                    self.clock.now(),
+                )
+            futures.append(await kafka.send(producer, letter))
+            log.warning("event dead-lettered", topic=record.topic, partition=record.partition,
+                        offset=record.offset, reason=reason)
+        for future in futures:
+            await future
+
+    async def _flush_redis(self, pool: asyncpg.Pool, r: aioredis.Redis) -> None:
+        """Copy the agents and accounts that committed batches changed to Redis, unless
+        the last try failed less than its backoff ago; on failure they wait for the next
+        try (the rows in PostgreSQL are what Redis is copied from, so none is lost)."""
+        if not (self._redis_all or self._redis_agents or self._redis_accounts):
+            return
+        if time.monotonic() < self._redis_next_try:
+            return
+        everything = self._redis_all
+        agents, accounts = self._redis_agents, self._redis_accounts
+        self._redis_all, self._redis_agents, self._redis_accounts = False, set(), set()
+        try:
+            if everything:
+                await self._sync_redis(pool, r, None)
+                await self._sync_economy_redis(pool, r, None)
+            else:
+                if agents:
+                    await self._sync_redis(pool, r, agents)
+                if accounts:
+                    await self._sync_economy_redis(pool, r, accounts)
+            self._redis_outage.ok()
+        except Exception as exc:  # noqa: BLE001 - the rows stay; copied on the next try
+            self._redis_all |= everything
+            self._redis_agents |= agents
+            self._redis_accounts |= accounts
+            self._redis_next_try = time.monotonic() + self._redis_outage.failed(exc)
 
     async def _archive(self, conn: asyncpg.Connection, fresh: list[StoredEvent]) -> None:
         """Insert ``fresh`` events into the event archive, in one executemany."""

@@ -465,3 +465,66 @@ async def list_runs(
     rows = [_row(r) for r in records]
     await _with_results(db, s, rows)
     return rows
+
+
+# dead letters -------------------------------------------------------------------------
+
+_DEAD_LETTER_LIST = (
+    "id, source_topic, source_partition, source_offset, reason, key, dead_lettered_at,"
+    " letter_partition, letter_offset, replayed_at, replay_note"
+)
+
+
+async def list_dead_letters(
+    db: Conn,
+    schema: str,
+    *,
+    topic: str | None = None,
+    after: tuple[datetime, str] | None = None,
+    limit: int = 50,
+) -> list[Row]:
+    """Dead letters newest first (``dead_lettered_at``, then id, both descending), after
+    the ``(dead_lettered_at, id)`` key ``after``, of records from ``topic`` if given.
+
+    Each row: id, source_topic/partition/offset (where the dead-lettered record is),
+    reason, key, dead_lettered_at, letter_partition/offset (where the dead letter is on
+    the dead-letter topic), replayed_at and replay_note (None until replayed).
+    """
+    s = checked_schema(schema)
+    after_at, after_id = after if after is not None else (None, None)
+    records = await db.fetch(
+        f"""
+        SELECT {_DEAD_LETTER_LIST} FROM {s}.dead_letters d
+         WHERE ($1::text IS NULL OR d.source_topic = $1)
+           AND ($2::timestamptz IS NULL OR (d.dead_lettered_at, d.id) < ($2, $3::text))
+         ORDER BY d.dead_lettered_at DESC, d.id DESC
+         LIMIT $4
+        """,
+        topic,
+        after_at,
+        after_id,
+        limit,
+    )
+    return [dict(r) for r in records]
+
+
+async def find_dead_letters(
+    db: Conn, schema: str, *, id: str | None = None, source: Position | None = None
+) -> list[Row]:
+    """The dead letters with ``id``, or of the record at ``source``, with ``letter`` (the
+    dead-letter record's value, bytes), oldest first."""
+    s = checked_schema(schema)
+    records = await db.fetch(
+        f"""
+        SELECT {_DEAD_LETTER_LIST}, letter FROM {s}.dead_letters d
+         WHERE ($1::text IS NOT NULL AND d.id = $1)
+            OR ($2::text IS NOT NULL AND (d.source_topic, d.source_partition, d.source_offset)
+                = ($2, $3::integer, $4::bigint))
+         ORDER BY d.dead_lettered_at, d.id
+        """,
+        id,
+        source.topic if source else None,
+        source.partition if source else None,
+        source.offset if source else None,
+    )
+    return [dict(r) for r in records]

@@ -203,6 +203,28 @@ CREATE TABLE IF NOT EXISTS {s}.workflows (
 );
 CREATE INDEX IF NOT EXISTS workflows_by_created ON {s}.workflows (created_at DESC, id DESC);
 
+-- Dead letters: records some role could not process, projected from the dead-letter
+-- topic (newest first by ``dead_lettered_at``). ``letter`` is the dead-letter record's value
+-- as written (JSON: reason, the original topic/partition/offset, key, value, headers);
+-- ``replayed_at`` is set by ``swarmlog deadletters replay``.
+CREATE TABLE IF NOT EXISTS {s}.dead_letters (
+    id                text        PRIMARY KEY,
+    source_topic      text,
+    source_partition  integer,
+    source_offset     bigint,
+    reason            text        NOT NULL,
+    key               text,
+    dead_lettered_at  timestamptz NOT NULL,
+    letter_partition  integer     NOT NULL,
+    letter_offset     bigint      NOT NULL,
+    letter            bytea       NOT NULL,
+    replayed_at       timestamptz,
+    replay_note       text
+);
+CREATE INDEX IF NOT EXISTS dead_letters_by_time ON {s}.dead_letters (dead_lettered_at DESC, id DESC);
+CREATE INDEX IF NOT EXISTS dead_letters_by_source
+    ON {s}.dead_letters (source_topic, source_partition, source_offset);
+
 -- Every published version of every template (a version never changes).
 CREATE TABLE IF NOT EXISTS {s}.workflow_templates (
     name          text        NOT NULL,
