@@ -403,6 +403,12 @@ class CommandProcessor:
                 written: list[Any] = []  # futures of every record sent; all must succeed
                 for record in records:
                     env = await self._read_command(ps, record, written)
+                    if isinstance(env, Outcome):  # unreadable, but it names its command id
+                        digest = command_digest(env.command_id)
+                        if env.command_id not in staged_outcomes and digest not in ps.decided:
+                            staged_outcomes[env.command_id] = env
+                            pending.append((env, [], digest))
+                        continue
                     if env is None:
                         continue
                     if env.command_id in staged_outcomes:
@@ -480,23 +486,62 @@ class CommandProcessor:
 
     async def _read_command(
         self, ps: PartitionState, record: Any, written: list[Any]
-    ) -> CommandEnvelope | None:
-        """The command of ``record``, or None after dead-lettering a record that is not
-        one (or whose ids are too long to name in an outcome)."""
+    ) -> CommandEnvelope | Outcome | None:
+        """The command of ``record``; or, for a record that is not one (or whose ids are
+        too long to name in an outcome), dead-letter it and return its rejected outcome
+        where its headers name a command id and a command type (else None)."""
         try:
             env = decode_command(record)
         except DecodeError as exc:
+            rejection = rejected("invalid", "malformed_command", str(exc)[:MAX_DETAIL_CHARS])
             reason = str(exc)
         except Exception as exc:  # noqa: BLE001 (the codec should raise only DecodeError)
-            reason = f"internal_error: {internal_error(exc).detail}"
+            rejection = internal_error(exc)
+            reason = f"internal_error: {rejection.detail}"
         else:
             ids = len(env.command_id.encode()) + len(env.command.aggregate_id.encode())
             if ids <= MAX_ID_BYTES:
                 return env
+            rejection = None
             reason = f"the command id and aggregate id are {ids:,} bytes; at most {MAX_ID_BYTES:,}"
         written.append(await self._dead_letter(ps, record, reason))
         log.warning("command dead-lettered", offset=record.offset, reason=reason)
-        return None
+        return None if rejection is None else self._unreadable_outcome(ps, record, rejection)
+
+    def _unreadable_outcome(
+        self, ps: PartitionState, record: Any, rejection: Rejection
+    ) -> Outcome | None:
+        """The rejected outcome of a command record that could not be read, when its
+        headers name its id (``ce_id``) and a command type of a known aggregate."""
+        headers: dict[str, str] = {}
+        try:
+            for name, value in record.headers or ():
+                if name in ("ce_id", "ce_type", "ce_subject"):
+                    headers[name] = bytes(value).decode("utf-8")
+            key = (record.key or b"").decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+        parts = headers.get("ce_type", "").split(".")
+        command_id = headers.get("ce_id", "")
+        aggregate_id = headers.get("ce_subject") or key
+        if (
+            not command_id
+            or len(parts) != 5
+            or parts[2] != "command"
+            or parts[3] not in DECIDERS
+            or len(command_id.encode()) + len(aggregate_id.encode()) > MAX_ID_BYTES
+        ):
+            return None
+        return Outcome(
+            command_id=command_id,
+            command_type=parts[4],
+            aggregate_type=parts[3],
+            aggregate_id=aggregate_id,
+            status="rejected",
+            version=ps.aggregates.get((parts[3], aggregate_id), (None, 0))[1],
+            rejection=rejection,
+            decided_at=self.clock.now(),
+        )
 
     async def _first_outcome(
         self, ps: PartitionState, digest: bytes, command_id: str
