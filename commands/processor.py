@@ -751,20 +751,25 @@ class CommandProcessor:
         raise RuntimeError(f"no outcome of {outcome.command_id[:100]} fits: {problem}")
 
     async def _dead_letter(self, ps: PartitionState, record: Any, reason: str) -> Any:
-        """Send ``record`` to the dead-letter topic with ``reason`` (its value cut short
-        if the dead letter would not fit one record); returns the send's future."""
-        letter = encode_dead_letter(self.topics.deadletter, record, reason, self.clock.now())
-        if record_size(letter) > self.record_max_bytes:
+        """Send ``record`` to the dead-letter topic with ``reason``; returns the send's
+        future. If that letter would not fit one record (or its headers do not encode),
+        the value, key and headers are cut short and the reason says so."""
+        at = self.clock.now()
+        letter: Record | None = None
+        with contextlib.suppress(Exception):
+            letter = encode_dead_letter(self.topics.deadletter, record, reason, at)
+        if letter is None or record_size(letter) > self.record_max_bytes:
             keep = self.record_max_bytes // 4
-            value = record.value or b""
+            value = bytes(record.value or b"")
+            headers: list[tuple[str, bytes]] = []
+            with contextlib.suppress(Exception):
+                headers = [(str(k)[:256], bytes(v or b"")[:1024]) for k, v in record.headers or ()]
             cut = _TruncatedRecord(
                 topic=record.topic, partition=record.partition, offset=record.offset,
-                key=(record.key or b"")[:1024],
-                value=value[:keep],
-                headers=[(k, (v or b"")[:1024]) for k, v in (record.headers or ())][:64],
+                key=bytes(record.key or b"")[:1024], value=value[:keep], headers=headers[:64],
             )
             reason = f"{reason[:MAX_DETAIL_CHARS]} (record cut to {keep:,} of {len(value):,} bytes)"
-            letter = encode_dead_letter(self.topics.deadletter, cut, reason, self.clock.now())
+            letter = encode_dead_letter(self.topics.deadletter, cut, reason, at)
         return await kafka.send(ps.producer, letter)
 
     def _refuse(self, partition: int, offset: int, record: Record, exc: BaseException) -> None:

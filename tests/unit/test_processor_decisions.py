@@ -6,6 +6,7 @@ an outcome that would not fit is shrunk, never dropped."""
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
@@ -228,3 +229,54 @@ def test_sizes_are_described_in_binary_units_and_bytes() -> None:
     assert describe_size(1024 * 1024) == "1 MiB (1,048,576 bytes)"
     assert describe_size(1_363_190) == "1.3 MiB (1,363,190 bytes)"
     assert describe_size(65_536) == "64 KiB (65,536 bytes)"
+
+
+class _CapturingProducer:
+    """Stands in for AIOKafkaProducer.send: keeps what would be sent."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, bytes, bytes, list[tuple[str, bytes]]]] = []
+
+    async def send(self, topic: str, value: bytes, key: bytes, headers: Any) -> Any:
+        self.sent.append((topic, value, key, headers))
+        return None
+
+
+async def test_a_dead_letter_too_large_for_a_record_keeps_the_start_of_the_value_and_says_so(
+    processor: CommandProcessor,
+) -> None:
+    producer = _CapturingProducer()
+    ps = PartitionState(producer=producer)  # type: ignore[arg-type]
+    huge = _ConsumerRecord("t.commands", 1, 42, b"a1", b"v" * 200_000, [("ce_id", b"c9")])
+
+    await processor._dead_letter(ps, huge, "internal_error: ValueError: bad")
+
+    [(topic, value, _key, _headers)] = producer.sent
+    letter = json.loads(value)
+    assert topic == "unit.deadletter" and (letter["partition"], letter["offset"]) == (1, 42)
+    assert letter["reason"] == (
+        "internal_error: ValueError: bad (record cut to 16,384 of 200,000 bytes)"
+    )
+    assert letter["value"] == "v" * 16_384 and letter["headers"] == {"ce_id": "c9"}
+    assert len(value) < processor.record_max_bytes
+
+
+async def test_an_unreadable_command_record_that_names_its_id_and_type_gets_an_outcome(
+    processor: CommandProcessor,
+) -> None:
+    ps = PartitionState(producer=None)  # type: ignore[arg-type]
+    rec = _ConsumerRecord("t.commands", 0, 3, b"a1", b"{}", [
+        ("ce_id", b"c-7"), ("ce_type", b"io.swarmlog.command.agent.StartAgent"),
+    ])
+    rejection = internal_error(ValueError("invalid literal for int() with base 10: 'abc'"))
+
+    outcome = processor._unreadable_outcome(ps, rec, rejection)
+    nameless = processor._unreadable_outcome(
+        ps, _ConsumerRecord("t.commands", 0, 4, b"a1", b"{}", []), rejection
+    )
+
+    assert outcome is not None and nameless is None
+    assert (outcome.command_id, outcome.command_type, outcome.aggregate_id) == (
+        "c-7", "StartAgent", "a1",
+    )
+    assert outcome.status == "rejected" and outcome.rejection == rejection
