@@ -59,6 +59,15 @@ class Settings(BaseSettings):
 
     projector_batch_size: int = 500
 
+    #: Command processor: bytes of recent command outcomes kept in memory to answer a
+    #: repeated command id at once; older ones are read back from the outcome topic.
+    processor_outcome_cache_bytes: int = 8 * 1024 * 1024
+    #: Largest Kafka record the command processor writes (key, value, headers and batch
+    #: overhead, as aiokafka counts it against max_request_size): aiokafka's default
+    #: max_request_size, under the broker's default message.max.bytes (1 MiB + 12). An
+    #: event over it is a ``too_large`` rejection; an outcome over it loses its state.
+    record_max_bytes: int = 1024 * 1024
+
     def require_services(self) -> tuple[str, str, str]:
         """Return (kafka, database, redis) URLs, or raise RuntimeError naming the missing one."""
         missing = [

@@ -20,7 +20,7 @@ from commands.client import CommandClient
 from commands.processor import CommandProcessor
 from domain import agent as ag
 from domain import task as tk
-from infra.codec import CommandEnvelope, Outcome, decode_event
+from infra.codec import CommandEnvelope, Outcome, decode_event, encode_command
 from infra.stack import StackInfo
 from infra.topics import Topics
 from tests.integration.helpers import (
@@ -279,6 +279,41 @@ async def test_a_malformed_command_record_is_dead_lettered_and_the_next_command_
     assert "LaunchRockets" in letters[1]["reason"]
     assert letters[0]["value"] == "{not json" and letters[0]["key"] == "a1"
     assert letters[1]["offset"] == letters[0]["offset"] + 1
+    refused = await wait_until(lambda: h.client.recent("bad-type"), WAIT, what="its outcome")
+    assert refused.rejection is not None and refused.rejection.code == "malformed_command"
+    assert "LaunchRockets" in refused.rejection.detail
+    h.processor.check()
+
+
+async def test_an_unreadable_command_that_names_its_id_gets_a_rejected_outcome_and_a_dead_letter(
+    h: Harness,
+) -> None:
+    bad = envelope(register("a1"))
+    record = encode_command(h.topics.commands, bad)
+    headers = [(k, v) for k, v in record.headers if k != "ce_expectedversion"]
+    raw = AIOKafkaProducer(bootstrap_servers=h.bootstrap, enable_idempotence=True, acks="all")
+    await raw.start()
+    try:
+        await raw.send_and_wait(
+            record.topic, record.value, key=record.key,
+            headers=[("ce_expectedversion", b"abc"), *headers],
+        )
+    finally:
+        await raw.stop()
+
+    refused = await wait_until(lambda: h.client.recent(bad.command_id), WAIT, what="its outcome")
+    after = await h.execute(envelope(register("a1")))
+
+    assert refused.status == "rejected" and refused.rejection is not None
+    assert refused.rejection.kind == "invalid" and "abc" in refused.rejection.detail
+    assert refused.rejection.code in ("malformed_command", "internal_error")
+    assert (refused.command_type, refused.aggregate_type, refused.aggregate_id) == (
+        "RegisterAgent", "agent", "a1",
+    )
+    assert (after.status, after.version) == ("accepted", 1)
+    letters = [json.loads(r.value) for r in await read_records(h.bootstrap, h.topics.deadletter)]
+    assert [d["headers"]["ce_id"] for d in letters] == [bad.command_id]
+    assert "abc" in letters[0]["reason"]
     h.processor.check()
 
 
