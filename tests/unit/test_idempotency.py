@@ -90,8 +90,39 @@ def test_forgetting_stops_at_the_first_id_still_retained() -> None:
 
 
 def test_an_entry_costs_a_small_constant_whatever_the_uptime() -> None:
-    per_entry = command_memory_bytes(50_000)
-    assert 60 < per_entry < 200, per_entry
+    per_entry = command_memory_bytes(100_000)
+    assert 16 <= per_entry < 30, per_entry
+
+
+def test_sealed_and_merged_segments_answer_like_a_dict_and_the_newest_entry_wins() -> None:
+    decided = DecidedCommands()
+    n = 3 * DecidedCommands.SEGMENT_IDS + 17
+    for i in range(n):
+        decided.remember(command_digest(f"c{i}"), i % 3, 1_000 + i)
+    decided.forget(command_digest("c7"))  # sealed by now
+    assert len(decided) == n - 1
+    decided.remember(command_digest("c5"), 2, 99_999)  # a collision's replacement
+
+    assert decided.position(command_digest("c5")) == (2, 99_999)
+    assert decided.position(command_digest("c7")) is None
+    assert decided.position(command_digest(f"c{n - 1}")) == ((n - 1) % 3, 1_000 + n - 1)
+    assert all(
+        decided.position(command_digest(f"c{i}")) == (i % 3, 1_000 + i)
+        for i in range(8, n - 1, 97)
+    )
+    assert decided.position(command_digest("never")) is None
+
+
+def test_retention_drops_whole_sealed_segments_oldest_first() -> None:
+    decided = DecidedCommands()
+    n = 2 * DecidedCommands.SEGMENT_IDS
+    for i in range(n + 5):
+        decided.remember(command_digest(f"c{i}"), 0, i)
+
+    assert decided.forget_before({0: n - 1}) == 0  # the merged segment still has one kept
+    assert decided.forget_before({0: n + 2}) == n + 2
+    assert decided.position(command_digest(f"c{n + 1}")) is None
+    assert decided.position(command_digest(f"c{n + 2}")) == (0, n + 2)
 
 
 @dataclass
