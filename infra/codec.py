@@ -303,6 +303,8 @@ def _read_message(record: Any) -> tuple[dict[str, Any], dict[str, Any]]:
                 data = orjson.loads(data)
             except orjson.JSONDecodeError as exc:
                 raise DecodeError(f"data is not JSON: {exc}") from exc
+    if attributes.get("specversion") != "1.0":
+        raise DecodeError(f"CloudEvents spec version is not 1.0: {_quote(attributes.get('specversion'))}")
     content_type = attributes.get("datacontenttype", "application/json")
     if not _is_json(content_type):
         raise DecodeError(f"data content type is not JSON: {_quote(content_type)}")
@@ -634,7 +636,8 @@ def decode_outcome(record: Any) -> Outcome:
 #: Kafka's 1 MiB even when every byte is escaped.
 DEAD_LETTER_VALUE_CHARS = 64 * 1024
 DEAD_LETTER_TEXT_CHARS = 4 * 1024
-_DEAD_LETTER_HEADERS = 100
+_DEAD_LETTER_HEADERS = 32
+_DEAD_LETTER_HEADER_CHARS = 512
 
 
 def _letter_text(value: Any, limit: int = DEAD_LETTER_TEXT_CHARS) -> str | None:
@@ -732,7 +735,8 @@ def encode_dead_letter(
     headers: dict[str, str | None] = {}
     try:
         for name, value in list(_field(record, "headers") or ())[:_DEAD_LETTER_HEADERS]:
-            headers[_letter_text(name) or ""] = _letter_text(value)
+            name_text = _letter_text(name, _DEAD_LETTER_HEADER_CHARS) or ""
+            headers[name_text] = _letter_text(value, _DEAD_LETTER_HEADER_CHARS)
     except Exception:  # noqa: BLE001 - headers that are not (name, value) pairs
         headers = {"": _letter_text(_field(record, "headers"))}
     source = f"{rec_topic}/{partition}/{offset}"
