@@ -242,7 +242,9 @@ def _is_json(content_type: Any) -> bool:
     if not isinstance(content_type, str):
         return False
     media = content_type.split(";", 1)[0].strip().lower()
-    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
+    return media == "application/json" or (
+        media.startswith("application/") and media.endswith("+json")
+    )
 
 
 def _ce_headers(record: Any) -> dict[str, bytes]:
@@ -304,7 +306,8 @@ def _read_message(record: Any) -> tuple[dict[str, Any], dict[str, Any]]:
             except orjson.JSONDecodeError as exc:
                 raise DecodeError(f"data is not JSON: {exc}") from exc
     if attributes.get("specversion") != "1.0":
-        raise DecodeError(f"CloudEvents spec version is not 1.0: {_quote(attributes.get('specversion'))}")
+        version = _quote(attributes.get("specversion"))
+        raise DecodeError(f"CloudEvents spec version is not 1.0: {version}")
     content_type = attributes.get("datacontenttype", "application/json")
     if not _is_json(content_type):
         raise DecodeError(f"data content type is not JSON: {_quote(content_type)}")
@@ -754,7 +757,7 @@ def encode_dead_letter(
     return _dead_letter_record(
         topic,
         {
-            "id": derived_id("deadletter", source) if by is None else derived_id("deadletter", source, by),
+            "id": derived_id("deadletter", source, *(() if by is None else (by,))),
             "source": by or "/swarmlog/deadletter",
             "type": f"{TYPE_PREFIX}.deadletter",
             "subject": source,

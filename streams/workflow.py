@@ -439,7 +439,9 @@ def _outcome_commands(
     """
     if len(items) == 1:
         cid, o = items[0]
-        single = build(failures, cid, wr.RecordStepTaskOutcome, run_id=run_id, **o.model_dump(), at=now)
+        single = build(
+            failures, cid, wr.RecordStepTaskOutcome, run_id=run_id, **o.model_dump(), at=now
+        )
         return [] if single is None else [Planned(cid, single)]
     out: list[Planned] = []
     batch: list[tuple[str, wr.StepTaskOutcome]] = []
