@@ -166,7 +166,8 @@ _extensions_ok: set[str] = set()
 
 
 def _fast_attributes(headers: dict[str, bytes], key: bytes | None) -> dict[str, Any] | None:
-    """The CloudEvent attributes of a binary-mode record, as ``from_binary`` reads them, or
+    """The CloudEvent attributes of a binary-mode record (its ``ce_*`` and ``content-type``
+    headers, names lower-cased: see ``_ce_headers``), as ``from_binary`` reads them, or
     None when the record is not a plain valid one (the SDK then decides, and says why).
 
     The SDK builds a validated CloudEvent object and parses the time with dateutil, which
@@ -176,11 +177,10 @@ def _fast_attributes(headers: dict[str, bytes], key: bytes | None) -> dict[str, 
     """
     attributes: dict[str, Any] = {}
     try:
-        for name, raw in headers.items():
-            name = name.lower()
+        for name, raw in headers.items():  # names lower-cased by _ce_headers
             if name.startswith("ce_"):
                 attributes[name[3:]] = raw.decode("utf-8")
-            elif name == "content-type":
+            else:  # content-type: _ce_headers keeps no other
                 attributes["datacontenttype"] = raw.decode("utf-8")
         if key is not None:
             attributes["partitionkey"] = key.decode("utf-8")
@@ -239,6 +239,8 @@ def _integer(value: Any, name: str, minimum: int) -> int:
 def _is_json(content_type: Any) -> bool:
     """Whether a ``datacontenttype`` names JSON (``application/json``, ``...+json``,
     parameters allowed)."""
+    if content_type == "application/json":
+        return True
     if not isinstance(content_type, str):
         return False
     media = content_type.split(";", 1)[0].strip().lower()
@@ -255,11 +257,10 @@ def _ce_headers(record: Any) -> dict[str, bytes]:
         if not isinstance(name, str):
             raise DecodeError(f"header name is not text: {_quote(name)}")
         lower = name.lower()
-        if not (lower.startswith("ce_") or lower == "content-type"):
-            continue
-        if not isinstance(value, bytes):
-            raise DecodeError(f"header {name!r} has no bytes value: {_quote(value)}")
-        headers[lower] = value
+        if lower.startswith("ce_") or lower == "content-type":
+            if value.__class__ is not bytes and not isinstance(value, bytes):
+                raise DecodeError(f"header {name!r} has no bytes value: {_quote(value)}")
+            headers[lower] = value
     return headers
 
 
