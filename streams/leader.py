@@ -30,7 +30,7 @@ from __future__ import annotations
 import asyncio
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Container, Iterable
 from typing import Any
 
 import structlog
@@ -79,8 +79,11 @@ _CHUNK = 5000
 
 def record_fault(exc: BaseException) -> bool:
     """Whether ``exc``, raised sending one record, is that record's own fault (too large,
-    invalid, or not a Kafka error at all), so that sending it again cannot succeed."""
-    return isinstance(exc, _RECORD_FAULTS) or not isinstance(exc, KafkaError)
+    invalid, or not a Kafka error at all), so that sending it again cannot succeed. A
+    cancelled send (the producer stopping) is not."""
+    return isinstance(exc, _RECORD_FAULTS) or (
+        isinstance(exc, Exception) and not isinstance(exc, KafkaError)
+    )
 
 
 def raw_ce_type(record: Any) -> bytes | None:
@@ -102,7 +105,7 @@ class _Skip:
 
     __slots__ = ("dead", "inflight")
 
-    def __init__(self, inflight: Any, dead: set[str]) -> None:
+    def __init__(self, inflight: Container[str], dead: set[str]) -> None:
         self.inflight = inflight
         self.dead = dead
 
@@ -173,10 +176,10 @@ class ElectedRunner(ABC):
         """Figures logged when the view has been rebuilt."""
         return {}
 
-    def skip(self, inflight: Any = ()) -> _Skip:
+    def skip(self, inflight: Container[str] = ()) -> Container[str]:
         """What ``plan`` must not build: ``inflight`` (command ids) and every command id
-        dead-lettered."""
-        return _Skip(inflight, self.dead_commands)
+        dead-lettered (``inflight`` itself while none is: a plan asks per item)."""
+        return _Skip(inflight, self.dead_commands) if self.dead_commands else inflight
 
     def unbuildable(self, failures: list[Unbuilt]) -> None:
         """Dead-letter the commands a plan could not build (see streams/unbuilt.py)."""

@@ -64,6 +64,7 @@ def test_record_faults_are_the_records_own_and_kafka_being_down_is_not() -> None
     assert record_fault(MessageSizeTooLargeError())
     assert record_fault(ValueError("not serializable"))
     assert not record_fault(KafkaTimeoutError())
+    assert not record_fault(asyncio.CancelledError())
 
 
 async def test_a_refused_command_is_dead_lettered_once_and_an_unsent_one_is_retried() -> None:
