@@ -391,7 +391,9 @@ class ElectedRunner(ABC):
         except Exception as exc:  # noqa: BLE001 - a fold that raises is this event's poison
             self.dead_letter(record, f"cannot fold {stored.type}: {type(exc).__name__}: {exc}")
 
-    async def _coordination(self, election: AIOKafkaConsumer, batch: dict[Any, list[Any]]) -> None:
+    async def _coordination(
+        self, election: AIOKafkaConsumer, batch: dict[Any, list[Any]]
+    ) -> None:
         """The coordination topic carries no records: dead-letter any there, and commit
         past them so that the next leader does not read them again."""
         if not batch:
