@@ -209,7 +209,7 @@ def _fast_attributes(headers: dict[str, bytes], key: bytes | None) -> dict[str, 
     return attributes
 
 
-_REQUIRED_HEADERS = ("ce_specversion", "ce_id", "ce_time")
+_REQUIRED_HEADERS = ("ce_specversion", "ce_id")
 _INT8_MAX = 2**63 - 1
 _DECIMAL = re.compile(r"-?[0-9]{1,19}")
 #: The most characters of a header value quoted back in a DecodeError's reason.
@@ -280,7 +280,6 @@ def _read_message(record: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     headers = _ce_headers(record)
     for required in _REQUIRED_HEADERS:
         if required not in headers:
-            # The SDK would fill a missing time with the time of reading.
             raise DecodeError(f"not a CloudEvent swarmlog wrote: no {required} header")
     key, value = record.key, record.value
     if key is not None and not isinstance(key, bytes):
@@ -312,12 +311,25 @@ def _read_message(record: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     content_type = attributes.get("datacontenttype", "application/json")
     if not _is_json(content_type):
         raise DecodeError(f"data content type is not JSON: {_quote(content_type)}")
+    if "ce_time" not in headers:
+        # The SDK fills a missing time with the time of reading: the decoders require one
+        # (``_require_time``), once they have said whether they know the type.
+        attributes.pop("time", None)
     time = attributes.get("time")
-    if not isinstance(time, datetime) or time.utcoffset() is None:
+    if time is not None and (not isinstance(time, datetime) or time.utcoffset() is None):
         raise DecodeError(f"time has no time zone: {_quote(time)}")
     if not isinstance(data, dict):
         raise DecodeError("data is not a JSON object")
     return attributes, data
+
+
+def _require_time(attributes: dict[str, Any]) -> datetime:
+    """The record's time; DecodeError when it had no ``ce_time`` header (every record
+    swarmlog writes has one; an event's time is when its command was issued)."""
+    time = attributes.get("time")
+    if time is None:
+        raise DecodeError("not a CloudEvent swarmlog wrote: no ce_time header")
+    return time  # type: ignore[no-any-return]
 
 
 _TIMED: dict[type, tuple[str, ...]] = {}
@@ -467,6 +479,7 @@ def _read_event(record: Any, attributes: dict[str, Any], data: dict[str, Any]) -
         cls = decider.event_type(parts[3])
     except KeyError:
         raise DecodeError(f"unknown event type {_quote(ce_type)}") from None
+    time = _require_time(attributes)
     version = _integer(attributes.get("schemaversion", "1"), "schemaversion", 1)
     if version > cls.schema_version:
         raise DecodeError(f"{ce_type}: schema version {version} is newer than {cls.schema_version}")
@@ -486,7 +499,7 @@ def _read_event(record: Any, attributes: dict[str, Any], data: dict[str, Any]) -
         aggregate_type=parts[2],
         aggregate_id=subject,
         version=sequence,
-        time=attributes["time"],
+        time=time,
         correlation_id=str(attributes.get("correlationid", "")),
         causation_id=str(attributes.get("causationid", "")),
         event=event,
@@ -563,6 +576,7 @@ def _read_command(attributes: dict[str, Any], data: dict[str, Any]) -> CommandEn
         cls = DECIDERS[parts[3]].command_type(parts[4])
     except KeyError:
         raise DecodeError(f"unknown command type {_quote(ce_type)}") from None
+    _require_time(attributes)
     expected = attributes.get("expectedversion")
     expected_version = None if expected is None else _integer(expected, "expectedversion", 0)
     try:
@@ -625,7 +639,8 @@ def encode_outcome(topic: str, outcome: Outcome) -> Record:
 
 def decode_outcome(record: Any) -> Outcome:
     """A consumer record of the outcome topic as an Outcome; DecodeError if bad."""
-    _, data = _ce_message(record)
+    attributes, data = _ce_message(record)
+    _require_time(attributes)
     try:
         outcome = Outcome.model_validate(data)
     except Exception as exc:

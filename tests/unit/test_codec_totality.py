@@ -419,3 +419,11 @@ def test_a_dead_letter_of_a_command_that_could_not_be_built_carries_its_fields()
     _, data = _ce_message(_consumed(encode_dead_command(
         "dl", "cmd-2", "too large", AT, by="/x", command_type="PayReward", command=built)))
     assert data["command"]["amount"] == 1
+
+
+def test_an_unknown_type_is_the_reason_given_before_a_missing_time() -> None:
+    record = _with(1, ce_type=b"io.swarmlog.command.agent.LaunchRockets", ce_time="drop")
+    with pytest.raises(DecodeError, match="LaunchRockets"):
+        decode_command(record)
+    with pytest.raises(DecodeError, match="no ce_time header"):
+        decode_command(_with(1, ce_time="drop"))
