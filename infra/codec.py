@@ -9,6 +9,14 @@ Spec: CloudEvents 1.0.2 and its Kafka Protocol Binding; extensions used: ``seque
 (the aggregate version, as a decimal string), ``partitionkey``, and our own
 ``aggregatetype``, ``correlationid``, ``causationid``, ``schemaversion`` and, on
 commands, ``expectedversion`` (all lower-case alphanumeric, as the spec requires).
+
+Reading is total: whatever a record holds (from any producer: missing or unparsable
+``ce_*`` headers, header values that are not bytes, a time without a time zone, data
+that is not a JSON object, an unknown type, a sequence, schema version or expected
+version that is not an integer in [0 or 1, 2^63-1]), ``decode_event``,
+``decode_command`` and ``decode_outcome`` raise ``DecodeError`` and nothing else, so
+every reader can dead-letter the record and go on; ``encode_dead_letter`` and
+``encode_dead_command`` never raise, and keep a dead letter under Kafka's 1 MiB.
 """
 
 from __future__ import annotations
