@@ -48,6 +48,7 @@ from domain import task as tk
 from domain.economy import TREASURY, EconomyParameters, Tier, reward_amount, slash_amount
 from domain.messages import Command
 from infra.codec import StoredEvent, derived_id
+from streams.unbuilt import Unbuilt, build
 
 # A pending reward or credit is planned again on every tick until its event arrives, and
 # uuid5 is most of a tick's cost under load: remember the ids (one string per cause).
@@ -220,7 +221,11 @@ def _since(due: dict[str, T], since: int) -> list[tuple[str, T]]:
 
 
 def plan(
-    view: EconomyView, now: datetime, skip: Container[str] = (), since: int = 0
+    view: EconomyView,
+    now: datetime,
+    skip: Container[str] = (),
+    since: int = 0,
+    failures: list[Unbuilt] | None = None,
 ) -> list[Planned]:
     """Every command the economy owes at ``now`` (see the module docstring), except those
     whose command id is in ``skip`` (sent already and not yet due again: the runner
@@ -231,71 +236,61 @@ def plan(
     proposal timers are always planned in full): a runner with a backlog of thousands
     of credits in flight reads only the new ones on each tick, and plans in full (since
     0) when it may need to send something again.
+
+    With ``failures`` a list, a command that cannot be built is appended to it and left
+    out (streams/unbuilt.py); the runner then passes its id in ``skip``.
     """
     out: list[Planned] = []
     for agent_id in sorted(view.accounts_due):
-        if _id("open-account", agent_id) in skip:
+        cid = _id("open-account", agent_id)
+        if cid in skip:
             continue
-        out.append(
-            Planned(
-                _id("open-account", agent_id),
-                ac.OpenAccount(account_id=agent_id, holder="agent", at=now),
-            )
-        )
+        opening = build(failures, cid, ac.OpenAccount, account_id=agent_id, holder="agent", at=now)
+        if opening is not None:
+            out.append(Planned(cid, opening))
     for cause, r in _since(view.rewards, since):
-        if _id("reward", cause) in skip:
+        cid = _id("reward", cause)
+        if cid in skip:
             continue
-        out.append(
-            Planned(
-                _id("reward", cause),
-                ac.PayReward(
-                    account_id=TREASURY, to=r.agent_id, amount=r.amount, task_id=r.task_id,
-                    cause=cause, at=now,
-                ),
-            )
+        reward = build(
+            failures, cid, ac.PayReward, account_id=TREASURY, to=r.agent_id, amount=r.amount,
+            task_id=r.task_id, cause=cause, at=now,
         )
+        if reward is not None:
+            out.append(Planned(cid, reward))
     for cause, s in _since(view.slashes, since):
         if slash_amount(view.staked.get(s.agent_id, 0), s.rate_bp) == 0:
             continue  # unstaked since: the decider would refuse it
-        if _id("slash", cause) in skip:
+        cid = _id("slash", cause)
+        if cid in skip:
             continue
-        out.append(
-            Planned(
-                _id("slash", cause),
-                ac.SlashStake(
-                    account_id=s.agent_id, rate_bp=s.rate_bp, task_id=s.task_id, cause=cause,
-                    at=now,
-                ),
-            )
+        slash = build(
+            failures, cid, ac.SlashStake, account_id=s.agent_id, rate_bp=s.rate_bp,
+            task_id=s.task_id, cause=cause, at=now,
         )
+        if slash is not None:
+            out.append(Planned(cid, slash))
     for debit_id, d in _since(view.debits, since):
-        if _id("credit", debit_id) in skip:
+        cid = _id("credit", debit_id)
+        if cid in skip:
             continue
-        credit_cls = ac.AccrueReward if d.kind == "reward" else ac.ReceiveTransfer
-        out.append(
-            Planned(
-                _id("credit", debit_id),
-                credit_cls(
-                    account_id=d.to, transfer_id=debit_id, from_account=d.source,
-                    amount=d.amount, kind=d.kind, task_id=d.task_id, at=now,
-                ),
-            )
+        credit = build(
+            failures, cid, ac.AccrueReward if d.kind == "reward" else ac.ReceiveTransfer,
+            account_id=d.to, transfer_id=debit_id, from_account=d.source, amount=d.amount,
+            kind=d.kind, task_id=d.task_id, at=now,
         )
+        if credit is not None:
+            out.append(Planned(cid, credit))
     for pid, p in view.proposals.items():
         if p.status == "open" and now >= p.closes_at:
-            out.append(
-                Planned(
-                    _id("close", pid, p.version),
-                    pr.CloseProposal(proposal_id=pid, at=now),
-                    p.version,
-                )
-            )
+            cid, timer = _id("close", pid, p.version), pr.CloseProposal
         elif p.status == "passed":
-            out.append(
-                Planned(
-                    _id("execute", pid, p.version),
-                    pr.ExecuteProposal(proposal_id=pid, at=now),
-                    p.version,
-                )
-            )
+            cid, timer = _id("execute", pid, p.version), pr.ExecuteProposal
+        else:
+            continue
+        if cid in skip:
+            continue
+        command = build(failures, cid, timer, proposal_id=pid, at=now)
+        if command is not None:
+            out.append(Planned(cid, command, p.version))
     return out

@@ -23,6 +23,7 @@ from infra.codec import StoredEvent, event_ce_type
 from infra.topics import Topics
 from streams.economy import EconomyView, apply, plan
 from streams.leader import ElectedRunner
+from streams.unbuilt import Unbuilt
 
 log = structlog.get_logger("swarmlog.streams")
 
@@ -98,13 +99,19 @@ class EconomyRunner(ElectedRunner):
             await self._expire(mono)
             since = 0
         self._planned_seq = self.view.seq
-        fresh = plan(self.view, now, skip=self._inflight, since=since)
+        failures: list[Unbuilt] = []
+        fresh = plan(self.view, now, skip=self.skip(self._inflight), since=since, failures=failures)
+        self.unbuildable(failures)
         if not fresh:
             return
         written = await self.send(
             client, [(p.command_id, p.command, p.expected_version) for p in fresh]
         )
         for p, meta in zip(fresh, written, strict=True):
+            if meta is None:
+                # Dead-lettered, or not sent (Kafka unavailable): plan in full next tick.
+                self._expired_at = 0.0
+                continue
             self._inflight.pop(p.command_id, None)  # a resend goes to the end: oldest first
             self._inflight[p.command_id] = _Sent(mono, meta.partition, meta.offset)
 

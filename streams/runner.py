@@ -21,6 +21,7 @@ from infra.codec import StoredEvent, event_ce_type
 from infra.topics import Topics
 from streams.leader import ElectedRunner
 from streams.scheduler import Planned, Policy, SchedulerView, apply, plan
+from streams.unbuilt import Unbuilt
 
 _AGENT_EVENTS = event_ce_type(AGENT, "")
 _TASK_EVENTS = event_ce_type(TASK, "")
@@ -94,14 +95,20 @@ class SchedulerRunner(ElectedRunner):
             for i in self._inflight.values()
             if i.planned.task_id and i.planned.agent_id
         }
+        failures: list[Unbuilt] = []
         fresh = [
-            p for p in plan(self.view, now, self.policy, tentative)
+            p for p in plan(self.view, now, self.policy, tentative, self.skip(), failures)
             if p.command_id not in self._inflight
         ]
+        self.unbuildable(failures)
         if not fresh:
             return
-        await self.send(client, [(p.command_id, p.command, p.expected_version) for p in fresh])
-        for p in fresh:
+        written = await self.send(
+            client, [(p.command_id, p.command, p.expected_version) for p in fresh]
+        )
+        for p, meta in zip(fresh, written, strict=True):
+            if meta is None:
+                continue  # dead-lettered, or planned again on a later tick
             task = self.view.tasks.get(p.task_id or "")
             self._inflight[p.command_id] = _Inflight(now, p, task.version if task else None)
 

@@ -21,7 +21,7 @@ restarted scheduler needs no memory beyond the view it rebuilds from the log.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Container, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -31,6 +31,7 @@ from domain import task as tk
 from domain.messages import Command
 from domain.scoring import Candidate, effective_priority, eligible, score
 from infra.codec import StoredEvent, derived_id
+from streams.unbuilt import Unbuilt, build
 
 
 @dataclass
@@ -206,11 +207,15 @@ def plan(
     now: datetime,
     policy: Policy,
     tentative: Mapping[str, str] | None = None,
+    skip: Container[str] = (),
+    failures: list[Unbuilt] | None = None,
 ) -> list[Planned]:
     """Every command the swarm needs at ``now`` (see the module docstring).
 
     ``tentative`` maps task id -> agent id for assignments sent but not yet seen on the
-    log; they hold a slot of their agent and are not planned again.
+    log; they hold a slot of their agent and are not planned again. Command ids in
+    ``skip`` are not planned (the runner's dead-lettered ones). With ``failures`` a list,
+    a command that cannot be built is appended to it and left out (streams/unbuilt.py).
     """
     tentative = tentative or {}
     out: list[Planned] = []
@@ -230,36 +235,40 @@ def plan(
         elif t.status == "assigned" and held_s > t.lease_timeout_s:
             reason = "lease_expired"
         if reason is not None:
-            out.append(
-                Planned(
-                    derived_id("requeue", t.task_id, t.version),
-                    tk.RequeueTask(task_id=t.task_id, agent_id=t.agent_id, reason=reason, at=now),
-                    t.version,
-                )
+            cid = derived_id("requeue", t.task_id, t.version)
+            requeue = None if cid in skip else build(
+                failures, cid, tk.RequeueTask,
+                task_id=t.task_id, agent_id=t.agent_id, reason=reason, at=now,
             )
+            if requeue is not None:
+                out.append(Planned(cid, requeue, t.version))
         elif t.status == "running" and held_s > t.run_timeout_s:
-            out.append(
-                Planned(
-                    derived_id("run-timeout", t.task_id, t.version),
-                    tk.TimeOutTask(task_id=t.task_id, agent_id=t.agent_id, at=now),
-                    t.version,
-                )
+            cid = derived_id("run-timeout", t.task_id, t.version)
+            timeout = None if cid in skip else build(
+                failures, cid, tk.TimeOutTask, task_id=t.task_id, agent_id=t.agent_id, at=now
             )
+            if timeout is not None:
+                out.append(Planned(cid, timeout, t.version))
     for a in view.agents.values():
         if a.lifecycle == "running" and (now - a.last_seen).total_seconds() > policy.heartbeat_timeout_s:
-            out.append(
-                Planned(
-                    derived_id("offline", a.agent_id, a.version),
-                    ag.MarkAgentOffline(agent_id=a.agent_id, reason="heartbeat_timeout", at=now),
-                    a.version,
-                )
+            cid = derived_id("offline", a.agent_id, a.version)
+            offline = None if cid in skip else build(
+                failures, cid, ag.MarkAgentOffline,
+                agent_id=a.agent_id, reason="heartbeat_timeout", at=now,
             )
-    out.extend(_assignments(view, now, policy, tentative))
+            if offline is not None:
+                out.append(Planned(cid, offline, a.version))
+    out.extend(_assignments(view, now, policy, tentative, skip, failures))
     return out
 
 
 def _assignments(
-    view: SchedulerView, now: datetime, policy: Policy, tentative: Mapping[str, str]
+    view: SchedulerView,
+    now: datetime,
+    policy: Policy,
+    tentative: Mapping[str, str],
+    skip: Container[str],
+    failures: list[Unbuilt] | None,
 ) -> list[Planned]:
     active = view.load()
     load = {a.agent_id: active.get(a.agent_id, 0) for a in view.agents.values()}
@@ -316,16 +325,14 @@ def _assignments(
         if best is None:
             continue
         agent_id = best[1]
+        cid = derived_id("assign", t.task_id, t.version)
+        assign = None if cid in skip else build(
+            failures, cid, tk.AssignTask, task_id=t.task_id, agent_id=agent_id, at=now
+        )
+        if assign is None:
+            continue  # it holds no slot of the agent
         load[agent_id] += 1
         if load[agent_id] >= candidates[agent_id].max_concurrent_tasks:
             del candidates[agent_id]
-        out.append(
-            Planned(
-                derived_id("assign", t.task_id, t.version),
-                tk.AssignTask(task_id=t.task_id, agent_id=agent_id, at=now),
-                t.version,
-                task_id=t.task_id,
-                agent_id=agent_id,
-            )
-        )
+        out.append(Planned(cid, assign, t.version, task_id=t.task_id, agent_id=agent_id))
     return out

@@ -57,6 +57,7 @@ from domain import workflow as wf
 from domain import workflow_run as wr
 from domain.messages import Command
 from infra.codec import StoredEvent, derived_id
+from streams.unbuilt import Unbuilt, build
 
 # Pending items are planned again on every tick until settled; uuid5 is most of a
 # tick's cost under load, so remember the ids (one string per cause).
@@ -354,50 +355,40 @@ def expire(view: WorkflowView, now: datetime, grace_s: float = 60.0) -> list[str
     return dropped
 
 
-def plan(view: WorkflowView, now: datetime, skip: Container[str] = ()) -> list[Planned]:
+def plan(
+    view: WorkflowView,
+    now: datetime,
+    skip: Container[str] = (),
+    failures: list[Unbuilt] | None = None,
+) -> list[Planned]:
     """Every command the workflow engine owes at ``now`` (see the module docstring), each
     with ``at=now``, except those whose command id is in ``skip`` (sent already and not
-    yet due again: the runner passes its in-flight ids)."""
+    yet due again: the runner passes its in-flight ids). With ``failures`` a list, a
+    command that cannot be built is appended to it and left out (streams/unbuilt.py)."""
     out: list[Planned] = []
     for run_id, request in view.starts.items():
         cid = start_id(request.id)
         if cid in skip:
             continue
         r: wf.WorkflowExecutionRequested = request.event  # type: ignore[assignment]
-        out.append(
-            Planned(
-                cid,
-                wr.StartWorkflowRun(
-                    run_id=run_id,
-                    workflow_id=r.workflow_id,
-                    version=r.version,
-                    spec=r.spec,
-                    inputs=r.inputs,
-                    params=r.params,
-                    at=now,
-                ),
-            )
+        start = build(
+            failures, cid, wr.StartWorkflowRun, run_id=run_id, workflow_id=r.workflow_id,
+            version=r.version, spec=r.spec, inputs=r.inputs, params=r.params, at=now,
         )
+        if start is not None:
+            out.append(Planned(cid, start))
     for tid in view.submits:
         s = view.tasks[tid].scheduled
         assert s is not None
         if (s.not_before is not None and now < s.not_before) or submit_id(tid) in skip:
             continue
-        out.append(
-            Planned(
-                submit_id(tid),
-                tk.SubmitTask(
-                    task_id=tid,
-                    type=s.task_type,
-                    payload=s.payload,
-                    required_capabilities=s.required_capabilities,
-                    priority=s.priority,
-                    run_timeout_s=s.run_timeout_s,
-                    max_attempts=1,
-                    at=now,
-                ),
-            )
+        submit = build(
+            failures, submit_id(tid), tk.SubmitTask, task_id=tid, type=s.task_type,
+            payload=s.payload, required_capabilities=s.required_capabilities,
+            priority=s.priority, run_timeout_s=s.run_timeout_s, max_attempts=1, at=now,
         )
+        if submit is not None:
+            out.append(Planned(submit_id(tid), submit))
     by_run: dict[str, list[tuple[str, wr.StepTaskOutcome]]] = {}
     for tid in view.outcomes:
         t = view.tasks[tid]
@@ -406,31 +397,24 @@ def plan(view: WorkflowView, now: datetime, skip: Container[str] = ()) -> list[P
         cid = outcome_id(end.event_id)
         if cid in skip:
             continue
-        by_run.setdefault(s.run_id, []).append(
-            (
-                cid,
-                wr.StepTaskOutcome(
-                    step_id=s.step_id,
-                    index=s.index,
-                    attempt=s.attempt,
-                    task_id=tid,
-                    succeeded=end.succeeded,
-                    result=end.result,
-                    error=end.error,
-                ),
-            )
+        outcome = build(
+            failures, cid, wr.StepTaskOutcome, step_id=s.step_id, index=s.index,
+            attempt=s.attempt, task_id=tid, succeeded=end.succeeded, result=end.result,
+            error=end.error,
         )
+        if outcome is not None:
+            by_run.setdefault(s.run_id, []).append((cid, outcome))
     for run_id, items in by_run.items():
-        out += _outcome_commands(run_id, sorted(items, key=lambda item: item[0]), now)
+        out += _outcome_commands(run_id, sorted(items, key=lambda item: item[0]), now, failures)
     for tid in view.cancels:
         if cancel_id(tid) in skip:
             continue
-        out.append(
-            Planned(
-                cancel_id(tid),
-                tk.CancelTask(task_id=tid, reason=view.tasks[tid].cancel_reason, at=now),
-            )
+        cancel = build(
+            failures, cancel_id(tid), tk.CancelTask, task_id=tid,
+            reason=view.tasks[tid].cancel_reason, at=now,
         )
+        if cancel is not None:
+            out.append(Planned(cancel_id(tid), cancel))
     return out
 
 
@@ -441,32 +425,43 @@ BATCH_BYTES = 256 * 1024
 
 
 def _outcome_commands(
-    run_id: str, items: list[tuple[str, wr.StepTaskOutcome]], now: datetime
+    run_id: str,
+    items: list[tuple[str, wr.StepTaskOutcome]],
+    now: datetime,
+    failures: list[Unbuilt] | None = None,
 ) -> list[Planned]:
     """The outcomes of one run owed now, as commands: one ``RecordStepTaskOutcome`` for a
     lone outcome (its id from the ending event), else ``RecordStepTaskOutcomes`` batches
     of at most ``BATCH_OUTCOMES`` outcomes and about ``BATCH_BYTES`` of results, each with
     an id derived from the single ids it covers (a replay that batches differently makes
     different ids, which is safe: the run passes over outcomes it has already recorded).
+    A batch that cannot be built is a failure of each single id it covers.
     """
     if len(items) == 1:
         cid, o = items[0]
-        return [Planned(cid, wr.RecordStepTaskOutcome(run_id=run_id, **o.model_dump(), at=now))]
+        single = build(
+            failures, cid, wr.RecordStepTaskOutcome, run_id=run_id, **o.model_dump(), at=now
+        )
+        return [] if single is None else [Planned(cid, single)]
     out: list[Planned] = []
     batch: list[tuple[str, wr.StepTaskOutcome]] = []
     size = 0
 
     def flush() -> None:
         covers = tuple(cid for cid, _ in batch)
-        out.append(
-            Planned(
-                derived_id("workflow", "step-outcomes", *covers),
-                wr.RecordStepTaskOutcomes(
-                    run_id=run_id, outcomes=tuple(o for _, o in batch), at=now
-                ),
-                covers=covers,
-            )
+        cid = derived_id("workflow", "step-outcomes", *covers)
+        tried: list[Unbuilt] = []
+        outcomes = build(
+            tried if failures is not None else None, cid, wr.RecordStepTaskOutcomes,
+            run_id=run_id, outcomes=tuple(o for _, o in batch), at=now,
         )
+        if outcomes is not None:
+            out.append(Planned(cid, outcomes, covers=covers))
+        elif failures is not None:
+            failures.extend(
+                Unbuilt(c, "RecordStepTaskOutcome", o.model_dump(), tried[0].reason)
+                for c, o in batch
+            )
 
     for cid, o in items:
         weight = wr.json_size(o.result) if o.result is not None else 0

@@ -21,6 +21,7 @@ from infra.clock import Clock
 from infra.codec import StoredEvent, event_ce_type
 from infra.topics import Topics
 from streams.leader import ElectedRunner
+from streams.unbuilt import Unbuilt
 from streams.workflow import WorkflowView, apply, expire, plan
 
 _TASK_EVENTS = event_ce_type(tk.TASK, "")
@@ -104,11 +105,19 @@ class WorkflowRunner(ElectedRunner):
             if mono - sent_at > self.resend_s:
                 del self._inflight[cid]
         expire(self.view, now, self.grace_s)
-        fresh = plan(self.view, now, skip=self._inflight)
+        failures: list[Unbuilt] = []
+        fresh = plan(self.view, now, skip=self.skip(self._inflight), failures=failures)
+        self.unbuildable(failures)
         if not fresh:
             return
-        await self.send(client, [(p.command_id, p.command, p.expected_version) for p in fresh])
-        for p in fresh:
+        written = await self.send(
+            client, [(p.command_id, p.command, p.expected_version) for p in fresh]
+        )
+        for p, meta in zip(fresh, written, strict=True):
+            if meta is None:
+                if p.command_id in self.dead_commands:  # a batch: so are the ids it covers
+                    self.dead_commands.update(p.covers)
+                continue  # dead-lettered, or planned again on a later tick
             self._inflight[p.command_id] = mono
             for covered in p.covers:
                 self._inflight[covered] = mono
