@@ -24,7 +24,10 @@ MAX_JSON_BYTES = 256 * 1024
 
 
 def _bounded_json(value: dict[str, Any]) -> dict[str, Any]:
-    size = len(orjson.dumps(value))
+    try:
+        size = len(orjson.dumps(value))
+    except TypeError as exc:  # api/guard.py refuses these first; this is the backstop
+        raise ValueError(f"cannot be stored as JSON: {exc}") from None
     if size > MAX_JSON_BYTES:
         raise ValueError(f"is {size} bytes as JSON; at most {MAX_JSON_BYTES} are allowed")
     return value
@@ -251,6 +254,8 @@ class BatchItemResult(BaseModel):
     version: int | None = None
     events: list[EventRef] = []
     problem: dict[str, Any] | None = None
+    #: The first outcome of this command, replayed (its Idempotency-Key was seen before).
+    replayed: bool = False
 
 
 class BatchResult(BaseModel):

@@ -19,7 +19,7 @@ from api.deps import (
     TopicsDep,
 )
 from api.dispatch import COMMAND_RESPONSES, DispatchDep
-from api.pagination import decode_cursor, encode_cursor
+from api.pagination import TEXT, decode_cursor, encode_cursor
 from api.positions import Layout
 from api.problems import Problem
 from api.schemas import AgentCreate, AgentPublic, AgentUpdate, CommandResult, Page, to_micro
@@ -109,7 +109,7 @@ async def list_agents(
     cursor: Cursor = None,
 ) -> Page[AgentPublic]:
     """Agents ordered by agent id, filtered by lifecycle and/or derived status."""
-    key = decode_cursor("agents", cursor, 1)
+    key = decode_cursor("agents", cursor, TEXT)
     rows = await queries.list_agents(
         pool,
         settings.db_schema,
