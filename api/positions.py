@@ -18,6 +18,8 @@ from aiokafka import TopicPartition
 from infra.codec import Position
 
 VECTOR_VERSION = "v1"
+#: Longest SSE id a client may send back: 20 characters per partition of a few thousand.
+MAX_VECTOR_CHARS = 100_000
 
 
 #: Kafka's bounds: a partition is an int32, an offset an int64.

@@ -35,6 +35,9 @@ def _bounded_json(value: dict[str, Any]) -> dict[str, Any]:
 
 BoundedJson = Annotated[dict[str, Any], AfterValidator(_bounded_json)]
 
+#: The largest version (an int4 column in the read models).
+INT4_MAX = 2**31 - 1
+
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,127}$"
 MAX_TOKENS = Decimal(10**9)  # 10**15 micro-tokens, the domain's bound
 MONEY_FIELDS = frozenset(
@@ -704,7 +707,7 @@ class TemplateInstantiate(In):
     is omitted), its expressions seeing the bound parameters as ``params``."""
 
     params: BoundedJson = Field(default_factory=dict)
-    version: int | None = Field(default=None, ge=1)
+    version: int | None = Field(default=None, ge=1, le=INT4_MAX)
     workflow_id: Id | None = None
     name: str | None = Field(default=None, min_length=1, max_length=200)
     description: str | None = Field(default=None, max_length=10_000)

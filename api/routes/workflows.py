@@ -24,6 +24,7 @@ from api.pagination import TEXT, TIME, decode_cursor, encode_cursor
 from api.problems import Problem, validation_problem
 from api.schemas import (
     ID_PATTERN,
+    INT4_MAX,
     MAX_SPEC_BYTES,
     CommandResult,
     Page,
@@ -383,7 +384,9 @@ async def get_template(
     pool: PoolDep,
     _fresh: FreshDep,
     response: Response,
-    version: Annotated[int | None, Query(ge=1, description="default: the latest")] = None,
+    version: Annotated[
+        int | None, Query(ge=1, le=INT4_MAX, description="default: the latest")
+    ] = None,
 ) -> TemplatePublic:
     """One version of a template (the latest by default); ``ETag`` is its version."""
     row = await _template(pool, settings.db_schema, name, version)
