@@ -31,7 +31,7 @@ CHECKS = (
     "response_schema_conformance",
 )
 #: Cases per operation in the fuzzing phase; the coverage phase adds its own.
-MAX_EXAMPLES = 20
+MAX_EXAMPLES = 10
 MIN_CASES = 2000
 SSE_ROUTES = r"^/events$|/assignments$"
 TIMEOUT_S = 400.0
@@ -63,7 +63,7 @@ async def test_schemathesis_finds_no_failure(swarm, tmp_path: Path) -> None:
     assert result["complete"], output[-5000:]
     assert result["operations"]["tested"] >= 45, result["operations"]
     assert result["test_cases"]["generated"] >= MIN_CASES, result["test_cases"]
-    assert result["failures"] == [] and result["errors"] == [], output[-20000:]
+    assert result["failures"] == [] and result["errors"] == [], output[:60000]
     assert process.returncode == 0, output[-5000:]
     swarm.check_alive()
 
