@@ -3,7 +3,8 @@
 entry documents.
 
 Schemathesis runs as its CLI (``python -m schemathesis.cli run``) in a subprocess against
-the swarm's real uvicorn server, deterministically (``--generation-deterministic``: the
+the swarm's API served by ``swarmlog api`` in a process of its own (as deployed; the
+test's process runs the processor, process managers and projector), deterministically (``--generation-deterministic``: the
 same cases on every run), through its examples, coverage (boundary values, NUL, huge
 integers, wrong types, missing fields ...) and fuzzing phases, positive and negative
 cases. The SSE routes never end, so they are excluded here and covered by
@@ -13,8 +14,12 @@ cases. The SSE routes never end, so they are excluded here and covered by
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
+import socket
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
@@ -31,17 +36,72 @@ CHECKS = (
     "response_schema_conformance",
 )
 #: Cases per operation in the fuzzing phase; the coverage phase adds its own.
-MAX_EXAMPLES = 10
+MAX_EXAMPLES = 25
 MIN_CASES = 2000
 SSE_ROUTES = r"^/events$|/assignments$"
 TIMEOUT_S = 400.0
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@contextlib.asynccontextmanager
+async def api_process(swarm, log: Path) -> AsyncIterator[str]:
+    """``swarmlog api`` on the swarm's settings and a free port; its base URL once ready.
+    Stopped with SIGTERM (then SIGKILL) by its pid."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = dict(os.environ)
+    for name, value in swarm.settings.model_dump().items():
+        if value is not None:
+            env[f"SWARMLOG_{name.upper()}"] = str(value)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, (str(ROOT), env.get("PYTHONPATH"))))
+    with log.open("wb") as out:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "infra.cli", "api", "--port", str(port),
+            cwd=ROOT, env=env, stdout=out, stderr=asyncio.subprocess.STDOUT,
+        )
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        async with httpx.AsyncClient(base_url=base_url) as client:
+            for _ in range(600):
+                assert process.returncode is None, log.read_text()[-3000:]
+                with contextlib.suppress(httpx.TransportError):
+                    if (await client.get("/ready")).status_code == 200:
+                        break
+                await asyncio.sleep(0.1)
+            else:
+                raise AssertionError("the API process did not get ready in 60 s")
+        yield base_url
+    finally:
+        if process.returncode is None:
+            process.terminate()
+            try:
+                await asyncio.wait_for(process.wait(), 20)
+            except TimeoutError:
+                process.kill()
+                await process.wait()
 
 
 async def test_schemathesis_finds_no_failure(swarm, tmp_path: Path) -> None:
     report = tmp_path / "schemathesis.json"
+    async with api_process(swarm, tmp_path / "api.log") as base_url:
+        out = await _fuzz(base_url, report, tmp_path)
+    output = out.decode(errors="replace")
+    result = json.loads(report.read_text())
+    print(f"schemathesis: {result['test_cases']} in {result['running_time']:.0f} s")
+    assert result["complete"], output[-5000:]
+    assert result["operations"]["tested"] >= 45, result["operations"]
+    assert result["test_cases"]["generated"] >= MIN_CASES, result["test_cases"]
+    assert result["failures"] == [] and result["errors"] == [], output[:60000]
+    api_log = (tmp_path / "api.log").read_text(errors="replace")
+    assert "Traceback" not in api_log and "unhandled error" not in api_log, api_log[-20000:]
+    swarm.check_alive()
+
+
+async def _fuzz(base_url: str, report: Path, cwd: Path) -> bytes:
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "schemathesis.cli", "run",
-        f"{swarm.base_url}/openapi.json",
+        f"{base_url}/openapi.json",
         "--checks", ",".join(CHECKS),
         "--generation-deterministic",
         "--max-examples", str(MAX_EXAMPLES),
@@ -55,17 +115,15 @@ async def test_schemathesis_finds_no_failure(swarm, tmp_path: Path) -> None:
         "--report-json-path", str(report),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
-        cwd=tmp_path,
+        cwd=cwd,
     )
-    out, _ = await asyncio.wait_for(process.communicate(), TIMEOUT_S)
-    output = out.decode(errors="replace")
-    result = json.loads(report.read_text())
-    assert result["complete"], output[-5000:]
-    assert result["operations"]["tested"] >= 45, result["operations"]
-    assert result["test_cases"]["generated"] >= MIN_CASES, result["test_cases"]
-    assert result["failures"] == [] and result["errors"] == [], output[:60000]
-    assert process.returncode == 0, output[-5000:]
-    swarm.check_alive()
+    try:
+        out, _ = await asyncio.wait_for(process.communicate(), TIMEOUT_S)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    return out
 
 
 # Each SSE route with a malformed, forged or out-of-range resume point or parameter.
