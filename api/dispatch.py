@@ -243,7 +243,6 @@ class Dispatcher:
                 command_id=env.command_id,
                 status="pending",
                 http_status=202,
-                replayed=outcome is not None and outcome.duplicate,
             )
             if outcome is not None and outcome.status == "accepted":
                 item.status, item.http_status = "accepted", 201 if created else 200

@@ -257,8 +257,6 @@ class BatchItemResult(BaseModel):
     version: int | None = None
     events: list[EventRef] = []
     problem: dict[str, Any] | None = None
-    #: The first outcome of this command, replayed (its Idempotency-Key was seen before).
-    replayed: bool = False
 
 
 class BatchResult(BaseModel):
