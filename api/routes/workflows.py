@@ -228,9 +228,12 @@ async def execute_workflow(  # type: ignore[no-untyped-def]
     """
     body = body or WorkflowExecute()
     schema = settings.db_schema
-    if body.run_id is not None and dispatch.meta.idempotency_key is None:
-        if await queries.get_run(pool, schema, body.run_id, steps=False) is not None:
-            raise Problem(409, "run_exists", f"run {body.run_id} exists", field="run_id")
+    if (
+        body.run_id is not None
+        and dispatch.meta.idempotency_key is None
+        and await queries.get_run(pool, schema, body.run_id, steps=False) is not None
+    ):
+        raise Problem(409, "run_exists", f"run {body.run_id} exists", field="run_id")
     run_id = body.run_id or dispatch.new_id("run", workflow_id)
     command = dispatch.command(
         wf.ExecuteWorkflow, workflow_id=workflow_id, run_id=run_id, inputs=body.inputs
