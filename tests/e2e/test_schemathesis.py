@@ -36,7 +36,7 @@ CHECKS = (
     "response_schema_conformance",
 )
 #: Cases per operation in the fuzzing phase; the coverage phase adds its own.
-MAX_EXAMPLES = 25
+MAX_EXAMPLES = 15
 MIN_CASES = 2000
 SSE_ROUTES = r"^/events$|/assignments$"
 TIMEOUT_S = 400.0
