@@ -15,9 +15,10 @@ from contextlib import asynccontextmanager
 
 import asyncpg
 import redis.asyncio as aioredis
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 
 from api import problems
+from api.guard import RequestGuard, storable_path
 from api.metrics import Metrics, MetricsMiddleware
 from api.routes import (
     accounts,
@@ -51,6 +52,12 @@ Queries (GET) read the PostgreSQL read models; pass an event's `position` as
 
 Live streams (SSE) carry CloudEvents; each SSE id is a position vector that
 `Last-Event-ID` resumes with no gap and no duplicate.
+
+Input the log or the read models cannot hold is a 422 naming the field, wherever it is
+(a body, a free-form payload, a query or path parameter): NUL (U+0000) or a lone
+surrogate in a string, an integer outside the signed 64-bit range, a non-finite number,
+JSON nested deeper than 32 levels. A body over `SWARMLOG_MAX_REQUEST_BYTES` (1 MiB by
+default) is a 413, a body that is not JSON a 415. Every error is problem+json.
 
 Money is in tokens as decimal strings (`"0.500000"`); CloudEvent data keeps the wire
 form, integer micro-tokens (1 token = 1,000,000).
@@ -107,9 +114,11 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None) 
         version="0.1.0",
         description=DESCRIPTION,
         lifespan=lifespan,
+        dependencies=[Depends(storable_path)],
     )
     problems.install(app)
-    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    app.add_middleware(RequestGuard, max_body_bytes=settings.max_request_bytes)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)  # outermost: counts the guard's too
     for module in (
         agents, tasks, accounts, proposals, economy, workflows, commands, events, audit, health
     ):

@@ -157,6 +157,7 @@ async def fresh_read_models(
     response: Response,
     settings: SettingsDep,
     pool: PoolDep,
+    topics: TopicsDep,
     after: Annotated[
         list[str] | None,
         Query(
@@ -170,7 +171,7 @@ async def fresh_read_models(
     if not after:
         return True
     try:
-        positions = parse_after(after)
+        positions = parse_after(after, set(topics.event_topics.values()), topics.partitions)
     except ValueError as exc:
         raise Problem(422, "invalid_position", str(exc), field="after") from None
     loop = asyncio.get_running_loop()

@@ -211,8 +211,12 @@ class Dispatcher:
     async def execute_many(
         self, commands: list[Command], *, created: bool = False
     ) -> list[BatchItemResult]:
-        """Send ``commands`` together and describe each outcome (in order). Command ids
-        derive from the Idempotency-Key and the index when one is given."""
+        """Send ``commands`` together and describe each outcome (in order). With an
+        Idempotency-Key each command id derives from the key, the command type and the
+        aggregate (as ``command_id``), so a batch retried replays its outcomes while a
+        key reused for another batch replays only the commands both batches hold (same
+        type, same aggregate) and sends the others as new commands. Two commands of one
+        batch must not share type and aggregate (the caller checks)."""
         if self.meta.expected_version is not None:
             raise Problem(
                 422,
@@ -223,11 +227,11 @@ class Dispatcher:
         key = self.meta.idempotency_key
         envelopes = [
             CommandEnvelope(
-                command_id=derived_id("batch", key, i) if key else str(uuid.uuid4()),
+                command_id=self.command_id(c) if key else str(uuid.uuid4()),
                 command=c,
                 correlation_id=self.meta.correlation_id,
             )
-            for i, c in enumerate(commands)
+            for c in commands
         ]
         outcomes = await self.client.execute_many(envelopes, self.settings.command_wait_s)
         results: list[BatchItemResult] = []

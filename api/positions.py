@@ -10,7 +10,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from aiokafka import TopicPartition
@@ -18,17 +18,40 @@ from aiokafka import TopicPartition
 from infra.codec import Position
 
 VECTOR_VERSION = "v1"
+#: Longest SSE id a client may send back: 20 characters per partition of a few thousand.
+MAX_VECTOR_CHARS = 100_000
 
 
-def parse_after(values: Iterable[str]) -> list[Position]:
-    """Parse ``topic:partition:offset`` marks; ValueError naming the bad one."""
+#: Kafka's bounds: a partition is an int32, an offset an int64.
+MAX_PARTITION = 2**31 - 1
+MAX_OFFSET = 2**63 - 1
+
+
+def parse_after(
+    values: Iterable[str],
+    topics: Collection[str] | None = None,
+    partitions: int | None = None,
+) -> list[Position]:
+    """Parse ``topic:partition:offset`` marks; ValueError naming the bad one: malformed,
+    a partition or offset out of Kafka's range, or (when given) a topic not in
+    ``topics`` or a partition not below ``partitions``."""
     out: list[Position] = []
     for value in values:
         topic, sep1, rest = value.rpartition(":")
         topic, sep2, partition = topic.rpartition(":")
         offset = rest
-        if not (sep1 and sep2 and topic and partition.isdigit() and offset.isdigit()):
+        if not (
+            sep1 and sep2 and topic and partition.isascii() and partition.isdigit()
+            and offset.isascii() and offset.isdigit()
+        ):
             raise ValueError(f"{value!r} is not <topic>:<partition>:<offset>")
+        if topics is not None and topic not in topics:
+            raise ValueError(f"{value!r}: no event topic {topic!r}")
+        bound = MAX_PARTITION if partitions is None else partitions - 1
+        if len(partition) > 10 or int(partition) > bound:
+            raise ValueError(f"{value!r}: partition {partition} is not in [0, {bound}]")
+        if len(offset) > 19 or int(offset) > MAX_OFFSET:
+            raise ValueError(f"{value!r}: offset {offset} is out of range")
         out.append(Position(topic, int(partition), int(offset)))
     return out
 
@@ -66,6 +89,8 @@ class Layout:
                 f"{text!r} has {len(parts)} offsets; this stream has {len(self.partitions)}"
                 " partitions"
             )
-        if not all(p.isdigit() and len(p) <= 19 for p in parts):
-            raise ValueError(f"{text!r}: offsets must be non-negative integers")
+        if not all(
+            p.isascii() and p.isdigit() and len(p) <= 19 and int(p) <= MAX_OFFSET for p in parts
+        ):
+            raise ValueError(f"{text!r}: offsets must be non-negative 64-bit integers")
         return {tp: int(p) for tp, p in zip(self.partitions, parts, strict=True)}

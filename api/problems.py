@@ -17,7 +17,9 @@ import structlog
 from aiokafka.errors import KafkaError
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -46,6 +48,8 @@ TITLES: dict[int, str] = {
     409: "Conflict",
     410: "Gone",
     412: "Precondition Failed",
+    413: "Content Too Large",
+    415: "Unsupported Media Type",
     422: "Unprocessable Content",
     429: "Too Many Requests",
     500: "Internal Server Error",
@@ -59,6 +63,32 @@ _HEADERS = {
     "x-correlation-id": "X-Correlation-ID",
     "last-event-id": "Last-Event-ID",
 }
+
+
+class FieldError(BaseModel):
+    """One invalid field of a request and what is wrong with it."""
+
+    field: str
+    message: str
+
+
+class ProblemBody(BaseModel):
+    """An RFC 9457 problem, as every 4xx/5xx answer carries it (``application/problem+json``).
+
+    ``code`` names the broken rule, ``field`` the offending field, parameter or header
+    (dotted: ``tasks.3.payload.a``); ``errors`` lists every invalid field of a request;
+    some problems carry more (a rejected command: ``command_id``, ``version``).
+    """
+
+    model_config = ConfigDict(extra="allow", title="Problem")
+
+    type: str
+    title: str
+    status: int
+    detail: str
+    code: str
+    field: str | None
+    errors: list[FieldError] | None = None
 
 
 class Problem(Exception):
@@ -189,10 +219,74 @@ async def _on_error(request: Request, exc: Exception) -> JSONResponse:
     return Problem(500, "internal_error", "an unexpected error; see the server log").response()
 
 
+_METHODS = ("get", "put", "post", "delete", "patch", "head", "options")
+_PROBLEM_REF = {"$ref": "#/components/schemas/Problem"}
+
+
+def document(openapi: dict[str, Any]) -> dict[str, Any]:
+    """``openapi`` (FastAPI's document) with every problem an operation can answer.
+
+    Every operation may answer 422 (request validation, or input that cannot be stored:
+    api/guard.py) and 503 (a backing service unreachable, or SSE streams full); every
+    operation but GET also 413 (body too large) and 415 (body not JSON), and one with a
+    body 400 (a body that cannot be parsed). Each of these, and each 4xx/5xx a route
+    declares without a model of its own, is documented as ``application/problem+json``
+    with the ``Problem`` schema (replacing FastAPI's ``HTTPValidationError``).
+    """
+    schemas = openapi.setdefault("components", {}).setdefault("schemas", {})
+    defs = ProblemBody.model_json_schema(ref_template="#/components/schemas/{model}")
+    schemas.update(defs.pop("$defs", {}))
+    schemas["Problem"] = defs
+    for item in openapi.get("paths", {}).values():
+        for method, op in item.items():
+            if method not in _METHODS:
+                continue
+            responses: dict[str, Any] = op.setdefault("responses", {})
+            codes = {422, 503}
+            if method != "get":
+                codes |= {413, 415}
+            if "requestBody" in op:
+                codes.add(400)
+            for code in codes:
+                responses.setdefault(str(code), {"description": TITLES[code]})
+            for code, response in responses.items():
+                if not (code.isdigit() and int(code) >= 400):
+                    continue
+                schema = response.get("content", {}).get("application/json", {}).get("schema")
+                if schema and schema.get("$ref", "").split("/")[-1] not in (
+                    "HTTPValidationError", ""
+                ):
+                    continue  # a model of its own (GET /ready's 503 is a Readiness)
+                if response.get("description") == "Validation Error":
+                    response["description"] = "invalid request (problem+json with errors)"
+                response["content"] = {PROBLEM_JSON: {"schema": _PROBLEM_REF}}
+    for unused in ("HTTPValidationError", "ValidationError"):
+        if unused not in str(openapi.get("paths")):
+            schemas.pop(unused, None)
+    return openapi
+
+
 def install(app: FastAPI) -> None:
     """Register the problem+json exception handlers on ``app``: problems, request
     validation (422), HTTP errors (404, 405 ...), Kafka/PostgreSQL/Redis unreachable (503)
-    and anything else (500)."""
+    and anything else (500); and make its OpenAPI document them (``document``)."""
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = document(
+                get_openapi(
+                    title=app.title,
+                    version=app.version,
+                    openapi_version=app.openapi_version,
+                    description=app.description,
+                    routes=app.routes,
+                    tags=app.openapi_tags,
+                    servers=app.servers,
+                )
+            )
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     app.add_exception_handler(Problem, _on_problem)
     app.add_exception_handler(RequestValidationError, _on_validation)
     app.add_exception_handler(StarletteHTTPException, _on_http)

@@ -24,13 +24,19 @@ MAX_JSON_BYTES = 256 * 1024
 
 
 def _bounded_json(value: dict[str, Any]) -> dict[str, Any]:
-    size = len(orjson.dumps(value))
+    try:
+        size = len(orjson.dumps(value))
+    except TypeError as exc:  # api/guard.py refuses these first; this is the backstop
+        raise ValueError(f"cannot be stored as JSON: {exc}") from None
     if size > MAX_JSON_BYTES:
         raise ValueError(f"is {size} bytes as JSON; at most {MAX_JSON_BYTES} are allowed")
     return value
 
 
 BoundedJson = Annotated[dict[str, Any], AfterValidator(_bounded_json)]
+
+#: The largest version (an int4 column in the read models).
+INT4_MAX = 2**31 - 1
 
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,127}$"
 MAX_TOKENS = Decimal(10**9)  # 10**15 micro-tokens, the domain's bound
@@ -699,7 +705,7 @@ class TemplateInstantiate(In):
     is omitted), its expressions seeing the bound parameters as ``params``."""
 
     params: BoundedJson = Field(default_factory=dict)
-    version: int | None = Field(default=None, ge=1)
+    version: int | None = Field(default=None, ge=1, le=INT4_MAX)
     workflow_id: Id | None = None
     name: str | None = Field(default=None, min_length=1, max_length=200)
     description: str | None = Field(default=None, max_length=10_000)

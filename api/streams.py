@@ -31,6 +31,7 @@ from starlette.background import BackgroundTask
 from api.metrics import Metrics
 from api.positions import Layout
 from api.problems import Problem
+from api.sse import LiveResponse
 from infra import kafka
 from infra.codec import DecodeError, StoredEvent, decode_event
 
@@ -394,7 +395,7 @@ async def sse_response(
         except ValueError as exc:
             raise Problem(400, "bad_position", str(exc), field="Last-Event-ID") from None
     stream = await hub.open(layout, keep, pre, start, from_beginning)
-    return EventSourceResponse(
+    return LiveResponse(  # ends quietly on a slow client: api/sse.py
         stream.events(),
         ping=ping_s,
         send_timeout=send_timeout_s,

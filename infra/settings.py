@@ -50,6 +50,8 @@ class Settings(BaseSettings):
     sse_max_clients: int = 200
     #: How long an SSE send may block before the client is dropped.
     sse_send_timeout_s: float = 10.0
+    #: Most bytes a request body may have (counted as it streams in): beyond, a 413.
+    max_request_bytes: int = Field(default=1024 * 1024, ge=1024)
 
     #: Scheduler: how often it looks for work, and how aging lifts old work by one priority.
     scheduler_tick_s: float = 0.2

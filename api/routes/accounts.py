@@ -9,7 +9,7 @@ from fastapi import APIRouter, Path, Response
 
 from api.deps import Cursor, FreshDep, Limit, PoolDep, SettingsDep
 from api.dispatch import COMMAND_RESPONSES, DispatchDep
-from api.pagination import decode_cursor, encode_cursor
+from api.pagination import INT8, decode_cursor, encode_cursor
 from api.problems import Problem
 from api.schemas import (
     ID_PATTERN,
@@ -114,9 +114,9 @@ async def get_ledger(
 ) -> Page[LedgerEntryPublic]:
     """The account's ledger legs in log order: every movement with its cause (kind,
     counterparty, task id, command id)."""
-    key = decode_cursor("ledger", cursor, 1)
+    key = decode_cursor("ledger", cursor, INT8)
     rows = await queries.account_ledger(
-        pool, settings.db_schema, account_id, after=int(key[0]) if key else None, limit=limit + 1
+        pool, settings.db_schema, account_id, after=key[0] if key else None, limit=limit + 1
     )
     items = [
         LedgerEntryPublic(**{**r, "amount": format_tokens(r["amount"])}) for r in rows[:limit]

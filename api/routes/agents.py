@@ -19,8 +19,8 @@ from api.deps import (
     TopicsDep,
 )
 from api.dispatch import COMMAND_RESPONSES, DispatchDep
-from api.pagination import decode_cursor, encode_cursor
-from api.positions import Layout
+from api.pagination import TEXT, decode_cursor, encode_cursor
+from api.positions import MAX_VECTOR_CHARS, Layout
 from api.problems import Problem
 from api.schemas import AgentCreate, AgentPublic, AgentUpdate, CommandResult, Page, to_micro
 from api.streams import sse_response
@@ -109,7 +109,7 @@ async def list_agents(
     cursor: Cursor = None,
 ) -> Page[AgentPublic]:
     """Agents ordered by agent id, filtered by lifecycle and/or derived status."""
-    key = decode_cursor("agents", cursor, 1)
+    key = decode_cursor("agents", cursor, TEXT)
     rows = await queries.list_agents(
         pool,
         settings.db_schema,
@@ -147,7 +147,11 @@ async def get_agent(
 @router.get(
     "/{agent_id}/assignments",
     response_class=EventSourceResponse,
-    responses={200: {"content": {"text/event-stream": {}}, "description": "SSE of assignments"}},
+    responses={
+        200: {"content": {"text/event-stream": {}}, "description": "SSE of assignments"},
+        400: {"description": "malformed Last-Event-ID, or past the end of the log"},
+        503: {"description": "too many streams; see Retry-After"},
+    },
 )
 async def follow_assignments(
     agent_id: AgentIdPath,
@@ -155,8 +159,13 @@ async def follow_assignments(
     topics: TopicsDep,
     hub: HubDep,
     pool: PoolDep,
-    last_event_id_header: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
-    last_event_id: Annotated[str | None, Query(description="resume after this SSE id")] = None,
+    last_event_id_header: Annotated[
+        str | None, Header(alias="Last-Event-ID", max_length=MAX_VECTOR_CHARS)
+    ] = None,
+    last_event_id: Annotated[
+        str | None,
+        Query(max_length=MAX_VECTOR_CHARS, description="resume after this SSE id"),
+    ] = None,
     from_: Annotated[Literal["beginning", "end"], Query(alias="from")] = "end",
 ) -> EventSourceResponse:
     """The agent's ``io.swarmlog.task.assigned`` events, live (by default).

@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Path
 
 from api.deps import Cursor, FreshDep, Limit, PoolDep, SettingsDep
-from api.pagination import decode_cursor, encode_cursor
+from api.pagination import INT4, decode_cursor, encode_cursor
 from api.problems import Problem
 from api.schemas import CloudEventPublic, Page
 from domain.registry import DECIDERS
@@ -38,9 +38,7 @@ async def aggregate_history(
             f"no aggregate type {aggregate_type!r}; known: {', '.join(sorted(DECIDERS))}",
             field="aggregate_type",
         )
-    key = decode_cursor("events", cursor, 1)
-    if key is not None and not (isinstance(key[0], int) and key[0] >= 0):
-        raise Problem(422, "invalid_cursor", "cursor is not a cursor of this list", field="cursor")
+    key = decode_cursor("events", cursor, INT4)
     rows = await queries.aggregate_history(
         pool,
         settings.db_schema,

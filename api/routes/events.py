@@ -9,7 +9,7 @@ from fastapi import APIRouter, Header, Query
 from sse_starlette import EventSourceResponse
 
 from api.deps import HubDep, SettingsDep, TopicsDep
-from api.positions import Layout
+from api.positions import MAX_VECTOR_CHARS, Layout
 from api.streams import sse_response
 from domain.workflow_run import RUN
 from infra.codec import StoredEvent, event_ce_type
@@ -22,7 +22,7 @@ router = APIRouter(prefix="/events", tags=["live"])
     response_class=EventSourceResponse,
     responses={
         200: {"content": {"text/event-stream": {}}, "description": "SSE of CloudEvents"},
-        400: {"description": "malformed Last-Event-ID (problem+json)"},
+        400: {"description": "malformed Last-Event-ID, or past the end of the log"},
         503: {"description": "too many streams; see Retry-After (problem+json)"},
     },
 )
@@ -32,16 +32,26 @@ async def follow_events(
     hub: HubDep,
     type: Annotated[
         list[str] | None,
-        Query(description="CloudEvent type glob, e.g. io.swarmlog.task.*; repeatable (any)"),
+        Query(
+            max_length=20,
+            description="CloudEvent type glob, e.g. io.swarmlog.task.*; repeatable (any)",
+        ),
     ] = None,
-    subject: Annotated[str | None, Query(description="only this aggregate id")] = None,
+    subject: Annotated[
+        str | None, Query(min_length=1, max_length=128, description="only this aggregate id")
+    ] = None,
     run_id: Annotated[
         str | None,
         Query(min_length=1, max_length=128,
               description="only the events of this workflow run (io.swarmlog.workflow_run.*)"),
     ] = None,
-    last_event_id_header: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
-    last_event_id: Annotated[str | None, Query(description="resume after this SSE id")] = None,
+    last_event_id_header: Annotated[
+        str | None, Header(alias="Last-Event-ID", max_length=MAX_VECTOR_CHARS)
+    ] = None,
+    last_event_id: Annotated[
+        str | None,
+        Query(max_length=MAX_VECTOR_CHARS, description="resume after this SSE id"),
+    ] = None,
     from_: Annotated[Literal["beginning", "end"], Query(alias="from")] = "end",
 ) -> EventSourceResponse:
     """Every event of every aggregate as a CloudEvent (JSON structured form), SSE ``event``

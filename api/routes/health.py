@@ -29,7 +29,7 @@ async def _check(what: Awaitable[object]) -> str:
         await asyncio.wait_for(what, CHECK_TIMEOUT_S)
     except TimeoutError:
         return f"timed out after {CHECK_TIMEOUT_S} s"
-    except Exception as exc:  # any failure is "not ready", and says why
+    except Exception as exc:  # noqa: BLE001 - any failure is "not ready", and says why
         return f"{type(exc).__name__}: {exc}"
     return "ok"
 

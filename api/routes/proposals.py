@@ -12,7 +12,7 @@ from fastapi import APIRouter, Path, Query, Response
 
 from api.deps import Cursor, FreshDep, Limit, PoolDep, SettingsDep
 from api.dispatch import COMMAND_RESPONSES, DispatchDep
-from api.pagination import decode_cursor, encode_cursor
+from api.pagination import TEXT, decode_cursor, encode_cursor
 from api.problems import Problem
 from api.schemas import (
     ID_PATTERN,
@@ -76,7 +76,7 @@ async def list_proposals(
     limit: Limit = 50, cursor: Cursor = None,
 ) -> Page[ProposalPublic]:
     """Proposals by id, optionally of one status."""
-    key = decode_cursor("proposals", cursor, 1)
+    key = decode_cursor("proposals", cursor, TEXT)
     rows = await queries.list_proposals(pool, settings.db_schema, status=status,
                                         after=key[0] if key else None, limit=limit + 1)
     items = [ProposalPublic.from_row(r) for r in rows[:limit]]

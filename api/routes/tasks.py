@@ -10,7 +10,7 @@ from fastapi import APIRouter, Body, Query, Response
 
 from api.deps import Cursor, FreshDep, Limit, PoolDep, SettingsDep, TaskIdPath
 from api.dispatch import COMMAND_RESPONSES, DispatchDep, Dispatcher
-from api.pagination import decode_cursor, encode_cursor
+from api.pagination import TEXT, TIME, decode_cursor, encode_cursor
 from api.problems import Problem
 from api.schemas import (
     BatchResult,
@@ -58,10 +58,24 @@ def _submit(dispatch: Dispatcher, body: TaskCreate, index: int | None = None) ->
 async def submit_task_batch(body: TaskBatchCreate, dispatch: DispatchDep) -> BatchResult:
     """Submit up to 1,000 tasks in one request; 200 with one result per task, in order.
 
-    With an Idempotency-Key, task i's command id (and its task id, when not given)
-    derive from the key and i, so the whole batch can be retried safely.
+    With an Idempotency-Key, task i's id (when not given) derives from the key and i,
+    and its command id from the key and the task id (as for one task), so the whole
+    batch can be retried safely, and a key reused for another batch replays only the
+    tasks both hold. A task id given twice in one batch is a 422.
     """
-    commands: list[Command] = [_submit(dispatch, item, i) for i, item in enumerate(body.tasks)]
+    commands: list[Command] = []
+    seen: dict[str, int] = {}
+    for i, item in enumerate(body.tasks):
+        command = _submit(dispatch, item, i)
+        if command.task_id in seen:
+            raise Problem(
+                422,
+                "duplicate_task_id",
+                f"task {command.task_id} is also task {seen[command.task_id]} of the batch",
+                field=f"tasks.{i}.task_id",
+            )
+        seen[command.task_id] = i
+        commands.append(command)
     results = await dispatch.execute_many(commands, created=True)
     return BatchResult(
         items=results,
@@ -152,15 +166,8 @@ async def list_tasks(
 ) -> Page[TaskPublic]:
     """Tasks newest first (by ``submitted_at``, then task id, both descending), filtered by
     status, type and/or agent."""
-    key = decode_cursor("tasks", cursor, 2)
-    after: tuple[datetime, str] | None = None
-    if key is not None:
-        try:
-            after = (datetime.fromisoformat(key[0]), str(key[1]))
-        except (TypeError, ValueError):
-            raise Problem(
-                422, "invalid_cursor", "cursor is not a cursor of this list", field="cursor"
-            ) from None
+    key = decode_cursor("tasks", cursor, TIME, TEXT)
+    after: tuple[datetime, str] | None = None if key is None else (key[0], key[1])
     rows = await queries.list_tasks(
         pool,
         settings.db_schema,

@@ -20,10 +20,11 @@ from pydantic import ValidationError
 
 from api.deps import Cursor, FreshDep, Limit, PoolDep, SettingsDep
 from api.dispatch import COMMAND_RESPONSES, REPLAYED, DispatchDep, event_refs
-from api.pagination import decode_cursor, encode_cursor
+from api.pagination import TEXT, TIME, decode_cursor, encode_cursor
 from api.problems import Problem, validation_problem
 from api.schemas import (
     ID_PATTERN,
+    INT4_MAX,
     MAX_SPEC_BYTES,
     CommandResult,
     Page,
@@ -86,15 +87,8 @@ def checked_spec(
 
 def _keyset(kind: str, cursor: str | None) -> tuple[datetime, str] | None:
     """The (time, id) key of a newest-first list's cursor; 422 problem if it is not one."""
-    key = decode_cursor(kind, cursor, 2)
-    if key is None:
-        return None
-    try:
-        return datetime.fromisoformat(key[0]), str(key[1])
-    except (TypeError, ValueError):
-        raise Problem(
-            422, "invalid_cursor", "cursor is not a cursor of this list", field="cursor"
-        ) from None
+    key = decode_cursor(kind, cursor, TIME, TEXT)
+    return None if key is None else (key[0], key[1])
 
 
 # definitions ------------------------------------------------------------------------
@@ -216,7 +210,8 @@ async def archive_workflow(  # type: ignore[no-untyped-def]
     "/{workflow_id}/execute",
     status_code=202,
     response_model=RunAccepted,
-    responses=COMMAND_RESPONSES,
+    # 202 is a RunAccepted whether or not the outcome came in time.
+    responses={k: v for k, v in COMMAND_RESPONSES.items() if k != 202},
 )
 async def execute_workflow(  # type: ignore[no-untyped-def]
     workflow_id: WorkflowIdPath,
@@ -233,9 +228,12 @@ async def execute_workflow(  # type: ignore[no-untyped-def]
     """
     body = body or WorkflowExecute()
     schema = settings.db_schema
-    if body.run_id is not None and dispatch.meta.idempotency_key is None:
-        if await queries.get_run(pool, schema, body.run_id, steps=False) is not None:
-            raise Problem(409, "run_exists", f"run {body.run_id} exists", field="run_id")
+    if (
+        body.run_id is not None
+        and dispatch.meta.idempotency_key is None
+        and await queries.get_run(pool, schema, body.run_id, steps=False) is not None
+    ):
+        raise Problem(409, "run_exists", f"run {body.run_id} exists", field="run_id")
     run_id = body.run_id or dispatch.new_id("run", workflow_id)
     command = dispatch.command(
         wf.ExecuteWorkflow, workflow_id=workflow_id, run_id=run_id, inputs=body.inputs
@@ -357,9 +355,9 @@ async def list_templates(
     cursor: Cursor = None,
 ) -> Page[TemplatePublic]:
     """The latest version of each template, by name."""
-    key = decode_cursor("workflow-templates", cursor, 1)
+    key = decode_cursor("workflow-templates", cursor, TEXT)
     rows = await queries.list_templates(
-        pool, settings.db_schema, after=str(key[0]) if key else None, limit=limit + 1
+        pool, settings.db_schema, after=key[0] if key else None, limit=limit + 1
     )
     items = [TemplatePublic.from_row(r) for r in rows[:limit]]
     more = len(rows) > limit
@@ -389,7 +387,9 @@ async def get_template(
     pool: PoolDep,
     _fresh: FreshDep,
     response: Response,
-    version: Annotated[int | None, Query(ge=1, description="default: the latest")] = None,
+    version: Annotated[
+        int | None, Query(ge=1, le=INT4_MAX, description="default: the latest")
+    ] = None,
 ) -> TemplatePublic:
     """One version of a template (the latest by default); ``ETag`` is its version."""
     row = await _template(pool, settings.db_schema, name, version)
