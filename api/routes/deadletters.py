@@ -12,8 +12,7 @@ from fastapi import APIRouter, Query
 from pydantic import BaseModel, Field
 
 from api.deps import Cursor, Limit, PoolDep, SettingsDep
-from api.pagination import decode_cursor, encode_cursor
-from api.problems import Problem
+from api.pagination import TEXT, TIME, decode_cursor, encode_cursor
 from api.schemas import Page
 from projections import queries
 
@@ -60,15 +59,8 @@ async def list_dead_letters(
 ) -> Page[DeadLetterPublic]:
     """Dead letters newest first (by ``dead_lettered_at``, then id, both descending),
     optionally of records from one ``topic`` (e.g. ``swarm.task.events``)."""
-    key = decode_cursor("deadletters", cursor, 2)
-    after: tuple[datetime, str] | None = None
-    if key is not None:
-        try:
-            after = (datetime.fromisoformat(key[0]), str(key[1]))
-        except (TypeError, ValueError):
-            raise Problem(
-                422, "invalid_cursor", "cursor is not a cursor of this list", field="cursor"
-            ) from None
+    key = decode_cursor("deadletters", cursor, TIME, TEXT)
+    after = (key[0], key[1]) if key is not None else None
     rows = await queries.list_dead_letters(
         pool, settings.db_schema, topic=topic, after=after, limit=limit + 1
     )
