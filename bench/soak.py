@@ -567,7 +567,16 @@ def main(
     state_dir: Annotated[Path, typer.Option(help="Local stack state directory.")] = Path(".swarmlog"),
     keep: Annotated[bool, typer.Option(help="Keep the run's topics, schema and keys.")] = False,
 ) -> None:
-    """Drive a long steady load through every role and print how their memory grows."""
+    """Drive a long steady load through every role and print how their memory grows.
+
+    Starts the processor, streams, projector and API as child processes on a fresh
+    topic prefix and schema, registers --agents agents, then drives --commands commands:
+    heartbeats (through the API, or with --via topic straight to the command topic) and
+    task submit/start/complete cycles through the API. Samples each role's RSS every
+    --sample-s seconds and prints it after warm-up, at 100k commands and at the end,
+    with each role's growth after warm-up (target: under 50 MB) and the command rate.
+    Smoke run: --commands 20000.
+    """
     if via not in ("api", "topic"):
         raise typer.BadParameter("--via is 'api' or 'topic'")
     f = asyncio.run(bench(

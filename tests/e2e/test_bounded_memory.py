@@ -37,7 +37,7 @@ async def test_recent_outcomes_are_evicted_by_bytes_oldest_first(swarm) -> None:
         assert r.status_code == 200, r.text
         beats.append(r.json()["command_id"])
 
-    # ~1.4 KB per outcome record: 8,000 bytes keep the last few, not nine.
+    # ~2.5 KB per outcome record: 8,000 bytes keep the last three, not nine.
     latest = await c.get(f"/commands/{beats[-1]}")
     assert latest.status_code == 200, latest.text
     assert latest.json()["command_type"] == "RecordHeartbeat"

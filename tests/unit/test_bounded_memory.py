@@ -59,7 +59,8 @@ def event_record(task_id: str, partition: int, offset: int, payload_bytes: int =
 def test_a_record_costs_its_key_value_and_headers_plus_a_fixed_overhead() -> None:
     r = outcome_record("c1")
     raw = len(r.key) + len(r.value) + sum(len(k) + len(v) for k, v in r.headers)
-    assert kafka.record_bytes(r) == raw + kafka.RECORD_OVERHEAD_BYTES
+    overhead = kafka.RECORD_OVERHEAD_BYTES + len(r.headers) * kafka.HEADER_OVERHEAD_BYTES
+    assert kafka.record_bytes(r) == raw + overhead
     assert kafka.record_bytes(outcome_record("c1", note_bytes=10_000)) >= raw + 10_000
 
 
