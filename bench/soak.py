@@ -10,8 +10,9 @@ services the environment names, it drives ``--commands`` commands (default 500,0
   /agents/{id}/heartbeat`` at ``--concurrency`` requests in flight; or, with ``--via
   topic``, written straight to the command topic (``CommandClient.execute_many`` with the
   public codec) in chunks, when the API is what limits the rate;
-- task cycles through the API, three commands each: ``POST /tasks:batch`` submits,
-  paced to the heartbeats' progress with at most ``--max-inflight`` tasks unfinished; one
+- task cycles through the API, three commands each: ``POST /tasks:batch`` submits, with
+  at most ``--max-inflight`` tasks unfinished (heartbeats and task cycles keep pace
+  with each other, so the agents stay online while tasks remain); one
   SSE client follows ``GET /events?type=io.swarmlog.task.assigned`` (so the API's shared
   SSE window is filled by every event) and resumes with its Last-Event-ID when dropped;
   task workers answer each assignment with ``POST /tasks/{id}/start`` and ``/complete``.
@@ -170,13 +171,21 @@ async def _agents(http: httpx.AsyncClient, run: str, n: int) -> list[str]:
     return ids
 
 
+async def _paced(done: float, ahead_of: Callable[[], float], slack: float = 0.02) -> None:
+    """Wait while ``done`` (0..1) is more than ``slack`` ahead of ``ahead_of()`` (0..1)."""
+    while done > ahead_of() + slack:
+        await asyncio.sleep(0.05)
+
+
 async def _beat_via_api(
-    http: httpx.AsyncClient, agents: list[str], total: int, concurrency: int, counts: Counts
+    http: httpx.AsyncClient, agents: list[str], total: int, concurrency: int, counts: Counts,
+    tasks_progress: Callable[[], float],
 ) -> None:
     numbers = iter(range(total))
 
     async def worker() -> None:
         for i in numbers:
+            await _paced(i / total, tasks_progress)
             try:
                 r = await http.post(f"/agents/{agents[i % len(agents)]}/heartbeat")
             except httpx.HTTPError:
@@ -190,12 +199,13 @@ async def _beat_via_api(
 
 async def _beat_via_topic(
     client: CommandClient, run: str, agents: list[str], total: int, concurrency: int,
-    counts: Counts, chunk: int = 500,
+    counts: Counts, tasks_progress: Callable[[], float], chunk: int = 500,
 ) -> None:
     starts = iter(range(0, total, chunk))
 
     async def worker() -> None:
         for start in starts:
+            await _paced(start / total, tasks_progress)
             at = datetime.now(UTC)
             envelopes = [
                 CommandEnvelope(
@@ -282,7 +292,7 @@ async def _submit(
                 raise RuntimeError(f"no task completed for 120 s ({counts.completed} of {i})")
             await asyncio.sleep(0.05)
             continue
-        if i / total > progress() + 0.01:
+        if i / total > progress() + 0.02:
             await asyncio.sleep(0.05)
             continue
         n = min(batch, total - i)
@@ -447,13 +457,20 @@ async def bench(
             samples.append(Sample(0.0, 0, {n: rss_bytes(p.pid) for n, p in children.procs.items()}))
             background.append(asyncio.create_task(sampler()))
 
+            # Heartbeats and task cycles keep pace with each other (within 2 % of their
+            # totals): agents whose heartbeats stopped go offline and get no more tasks.
             def progress() -> float:
                 return counts.heartbeats / beats_total if beats_total else 1.0
 
+            def tasks_progress() -> float:
+                return counts.completed / tasks_total if tasks_total else 1.0
+
             beats = (
-                _beat_via_api(http, ids, beats_total, concurrency, counts)
+                _beat_via_api(http, ids, beats_total, concurrency, counts, tasks_progress)
                 if client is None
-                else _beat_via_topic(client, run, ids, beats_total, concurrency, counts)
+                else _beat_via_topic(
+                    client, run, ids, beats_total, concurrency, counts, tasks_progress
+                )
             )
             async def last_tasks() -> None:
                 """Until every task completed, or none did for 60 s."""
