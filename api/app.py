@@ -87,8 +87,13 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None) 
             database_url, min_size=1, max_size=10, init=_init_connection
         )
         redis = aioredis.from_url(redis_url)
-        client = CommandClient(kafka_url, topics)
-        hub = StreamHub(kafka_url, settings.sse_max_clients, metrics)
+        client = CommandClient(
+            kafka_url, topics, remember_bytes=settings.client_outcome_cache_bytes
+        )
+        hub = StreamHub(
+            kafka_url, settings.sse_max_clients, metrics,
+            window_bytes=settings.sse_window_bytes,
+        )
         try:
             await ensure_topics(kafka_url, topics)  # idempotent; the outcome topic must exist
             async with pool.acquire() as conn:  # queries must not race the projector's DDL

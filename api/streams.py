@@ -1,7 +1,8 @@
 """Live SSE streams of CloudEvents read from the event topics.
 
 One shared consumer per layout and API process (a ``Tap``) reads the topics from the
-moment the first client came, keeps a window of the latest records, and fans them out:
+moment the first client came, keeps a window of the latest records (bounded in count
+and in bytes: ``window`` records, ``window_bytes`` bytes), and fans them out:
 each client walks the window at its own pace with its own filter, so a client that stops
 reading holds nothing up; one that falls out of the window is dropped (it reconnects with
 its Last-Event-ID). A client resuming from a position the window no longer covers, or
@@ -17,8 +18,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,6 +42,16 @@ Filter = Callable[[StoredEvent], bool]
 #: decoding: most records of a filtered stream are dropped without being parsed.
 HeaderFilter = Callable[[str, str], bool]
 
+#: Default byte budget of each tap's window (``SWARMLOG_SSE_WINDOW_BYTES``).
+WINDOW_BYTES = 16 * 1024 * 1024
+#: What a decoded event costs beyond its record, besides twice its JSON value: measured
+#: with tracemalloc, a StoredEvent takes ~1.6 KiB plus one to four times its value.
+DECODED_OVERHEAD_BYTES = 1536
+
+
+def _decoded_bytes(record: Any) -> int:
+    return DECODED_OVERHEAD_BYTES + 2 * len(record.value or b"")
+
 
 def _header(record: Any, name: str) -> str:
     for key, value in record.headers or ():
@@ -50,31 +62,37 @@ def _header(record: Any, name: str) -> str:
 
 @dataclass
 class _Entry:
-    """One record in a tap's window; decoded at most once, on first demand."""
+    """One record in a tap's window; decoded at most once, on first demand (Tap.event).
+    ``size`` is what it costs in bytes: its record, and its decoded event once decoded."""
 
     seq: int
     tp: TopicPartition
     offset: int
     record: Any
+    size: int
     decoded: StoredEvent | None = None
     undecodable: bool = False
-
-    def event(self) -> StoredEvent | None:
-        if self.decoded is None and not self.undecodable:
-            try:
-                self.decoded = decode_event(self.record)
-            except DecodeError:
-                self.undecodable = True  # the projector dead-letters it; streams skip it
-        return self.decoded
 
 
 class Tap:
     """The shared consumer of one layout: reads from the end of the log as of its start,
-    keeps the last ``window`` records, and wakes the clients walking it."""
+    keeps the last records, at most ``window`` of them and ``window_bytes`` bytes
+    (``kafka.record_bytes`` of each, plus its decoded event's estimated size once a
+    client decoded it; the newest record is kept even when alone over the budget), and
+    wakes the clients walking it. A client left behind by the window is dropped."""
 
-    def __init__(self, bootstrap_servers: str, layout: Layout, window: int = 20_000) -> None:
+    def __init__(
+        self,
+        bootstrap_servers: str,
+        layout: Layout,
+        window: int = 20_000,
+        window_bytes: int = WINDOW_BYTES,
+    ) -> None:
         self.layout = layout
         self.window = window
+        self.window_bytes = window_bytes
+        #: What the window's entries cost now, in bytes.
+        self.bytes = 0
         self.entries: deque[_Entry] = deque()
         self.next_seq = 0
         #: Per partition, the lowest offset the window still answers for.
@@ -99,18 +117,48 @@ class Tap:
     async def _read(self) -> None:
         while True:
             batch = await self._consumer.getmany(timeout_ms=1000, max_records=1000)
-            if not batch:
-                continue
-            for tp, records in batch.items():
-                for record in records:
-                    self.entries.append(_Entry(self.next_seq, tp, record.offset, record))
-                    self.next_seq += 1
-                    self.position[tp] = record.offset + 1
-            while len(self.entries) > self.window:
-                gone = self.entries.popleft()
-                self.floor[gone.tp] = gone.offset + 1
-            self._changed.set()
-            self._changed = asyncio.Event()
+            if batch:
+                self.take_in(batch)
+
+    def take_in(self, batch: Mapping[TopicPartition, Sequence[Any]]) -> None:
+        """Append a fetched batch (consumer records per partition, in offset order) to the
+        window, evict the oldest entries past either bound, and wake the clients."""
+        for tp, records in batch.items():
+            for record in records:
+                size = kafka.record_bytes(record)
+                self.entries.append(_Entry(self.next_seq, tp, record.offset, record, size))
+                self.bytes += size
+                self.next_seq += 1
+                self.position[tp] = record.offset + 1
+        self._evict()
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    def _evict(self) -> None:
+        while self.entries and (
+            len(self.entries) > self.window
+            or (self.bytes > self.window_bytes and len(self.entries) > 1)
+        ):
+            gone = self.entries.popleft()
+            self.bytes -= gone.size
+            self.floor[gone.tp] = gone.offset + 1
+
+    def event(self, e: _Entry) -> StoredEvent | None:
+        """The event of entry ``e``, decoded on first demand and kept for the other
+        clients (its size charged to the window, which may then evict); None when the
+        record does not decode (the projector dead-letters it; streams skip it)."""
+        if e.decoded is None and not e.undecodable:
+            try:
+                e.decoded = decode_event(e.record)
+            except DecodeError:
+                e.undecodable = True
+                return None
+            if self.entries and e.seq >= self.entries[0].seq:  # still in the window
+                extra = _decoded_bytes(e.record)
+                e.size += extra
+                self.bytes += extra
+                self._evict()
+        return e.decoded
 
     def covers(self, start: dict[TopicPartition, int]) -> bool:
         """True when every record at or after ``start`` is still in (or yet to come to)
@@ -124,7 +172,7 @@ class Tap:
         first = self.entries[0].seq
         if seq < first:
             return None
-        return list(self.entries)[seq - first :] if seq < self.next_seq else []
+        return list(itertools.islice(self.entries, seq - first, None)) if seq < self.next_seq else []
 
     async def wait(self, seq: int) -> None:
         """Until an entry with ``seq`` (or later) exists."""
@@ -182,7 +230,7 @@ class TapStream:
                         _header(e.record, "ce_type"), _header(e.record, "ce_subject")
                     ):
                         continue
-                    stored = e.event()
+                    stored = self.tap.event(e)
                     if stored is None or not self.keep(stored):
                         continue
                     yield ServerSentEvent(
@@ -277,7 +325,8 @@ class EventStream:
 
 @dataclass
 class StreamHub:
-    """The SSE side of one API process: the shared taps, and the open streams, capped at
+    """The SSE side of one API process: the shared taps (each keeping a window of at most
+    ``window`` records and ``window_bytes`` bytes), and the open streams, capped at
     ``max_clients``."""
 
     bootstrap_servers: str
@@ -285,6 +334,7 @@ class StreamHub:
     metrics: Metrics
     retry_after_s: int = 5
     window: int = 20_000
+    window_bytes: int = WINDOW_BYTES
     open_streams: set[EventStream | TapStream] = field(default_factory=set)
     taps: dict[Layout, Tap] = field(default_factory=dict)
     _tap_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -294,7 +344,7 @@ class StreamHub:
         async with self._tap_lock:
             tap = self.taps.get(layout)
             if tap is None:
-                tap = Tap(self.bootstrap_servers, layout, self.window)
+                tap = Tap(self.bootstrap_servers, layout, self.window, self.window_bytes)
                 await tap.start()
                 self.taps[layout] = tap
             return tap

@@ -2,7 +2,10 @@
 
 The API and the process managers both send commands through a ``CommandClient``. The
 client follows the command-outcome topic from the moment it starts, so ``execute`` can
-wait (bounded) for the outcome of the command it just sent.
+wait (bounded) for the outcome of the command it just sent. The outcomes it saw lately
+are kept for lookup (``GET /commands/{id}`` after a 202) in a ``RecentOutcomes``, bounded
+in bytes and in count: a waiter is handed its outcome as it arrives, so the bound only
+limits how far back a lookup reaches.
 """
 
 from __future__ import annotations
@@ -14,7 +17,6 @@ from typing import Any
 
 import structlog
 
-
 from infra import kafka
 from infra.codec import CommandEnvelope, DecodeError, Outcome, decode_outcome, encode_command
 from infra.topics import Topics
@@ -22,25 +24,100 @@ from infra.topics import Topics
 log = structlog.get_logger("swarmlog.commands")
 
 
+#: Default byte budget of a client's recent outcomes (``SWARMLOG_CLIENT_OUTCOME_CACHE_BYTES``):
+#: ~14,000 outcomes of ~2.4 KB, 7 s of outcomes at 2,000 commands/s.
+OUTCOME_CACHE_BYTES = 32 * 1024 * 1024
+
+
+def _subject(record: Any) -> str | None:
+    """The command id an outcome record is about (its ``ce_subject`` header as UTF-8), or
+    None for a record that has none a client could wait on (another producer's record
+    on the outcome topic must not stop the follower)."""
+    for name, value in record.headers or ():
+        if name == "ce_subject" and isinstance(value, bytes):
+            try:
+                return value.decode("utf-8")
+            except UnicodeDecodeError:
+                return None
+    return None
+
+
+class RecentOutcomes:
+    """The outcome records seen lately, by command id, oldest first: at most ``max_count``
+    of them and at most ``max_bytes`` bytes (``kafka.record_bytes`` of each record plus its
+    command id), the oldest evicted first.
+
+    Records are kept as read and decoded on lookup: a decoded Outcome (~3 KB, measured
+    with tracemalloc) would cost more than its record again, and most outcomes are never
+    looked up. A record larger than ``max_bytes`` is not kept (and evicts nothing).
+    """
+
+    def __init__(self, max_bytes: int = OUTCOME_CACHE_BYTES, max_count: int = 100_000) -> None:
+        self.max_bytes = max_bytes
+        self.max_count = max_count
+        #: What the records held now cost, in bytes.
+        self.bytes = 0
+        self._records: OrderedDict[str, tuple[Any, int]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def __contains__(self, command_id: object) -> bool:
+        return command_id in self._records
+
+    def put(self, command_id: str, record: Any) -> None:
+        """Keep ``record`` (a consumer record of the outcome topic) as the newest outcome
+        of ``command_id``, then evict the oldest while over either bound."""
+        self.discard(command_id)
+        size = kafka.record_bytes(record) + len(command_id)
+        if size > self.max_bytes:
+            return  # keeping it would evict everything else, and then itself
+        self._records[command_id] = (record, size)
+        self.bytes += size
+        while self._records and (
+            self.bytes > self.max_bytes or len(self._records) > self.max_count
+        ):
+            _, (_, gone) = self._records.popitem(last=False)
+            self.bytes -= gone
+
+    def discard(self, command_id: str) -> None:
+        """Forget the outcome of ``command_id``, if kept."""
+        kept = self._records.pop(command_id, None)
+        if kept is not None:
+            self.bytes -= kept[1]
+
+    def get(self, command_id: str) -> Outcome | None:
+        """The outcome of ``command_id`` if it is still kept and decodes, else None (one that
+        does not decode is forgotten)."""
+        kept = self._records.get(command_id)
+        if kept is None:
+            return None
+        try:
+            return decode_outcome(kept[0])
+        except DecodeError:
+            self.discard(command_id)
+            return None
+
+
 class CommandClient:
     """Produces commands (idempotent producer, acks=all) and follows their outcomes.
 
     ``execute(envelope, wait_s)`` returns the Outcome, or None when none came within
     ``wait_s`` seconds (the command is on the log and will still be decided).
-    Recent outcomes (the last ``remember`` of them) can be looked up by command id.
+    Recent outcomes (the last ``remember`` of them, at most ``remember_bytes`` bytes of
+    records; see RecentOutcomes) can be looked up by command id.
     """
 
     def __init__(
         self, bootstrap_servers: str, topics: Topics, *, follow_outcomes: bool = True,
-        remember: int = 100_000,
+        remember: int = 100_000, remember_bytes: int = OUTCOME_CACHE_BYTES,
     ) -> None:
         self.bootstrap = bootstrap_servers
         self.topics = topics
         self.follow_outcomes = follow_outcomes
         self.producer = kafka.producer(bootstrap_servers)
         self._waiters: dict[str, list[asyncio.Future[Outcome]]] = {}
-        self._recent: OrderedDict[str, Outcome | Any] = OrderedDict()  # Outcome or record
-        self._remember = remember
+        self._recent = RecentOutcomes(remember_bytes, remember)
         self._task: asyncio.Task[None] | None = None
         self._consumer = kafka.consumer(bootstrap_servers) if follow_outcomes else None
 
@@ -74,21 +151,21 @@ class CommandClient:
                 for record in records:
                     # The subject is the command id: decode only what someone waits for
                     # now, and keep the rest as records until they are looked up.
-                    command_id = next(
-                        (v.decode() for k, v in record.headers or () if k == "ce_subject"), None
-                    )
+                    command_id = _subject(record)
                     if command_id is None:
-                        continue
-                    self._recent[command_id] = record
-                    self._recent.move_to_end(command_id)
-                    if len(self._recent) > self._remember:
-                        self._recent.popitem(last=False)
+                        continue  # not an outcome the processor wrote: nothing waits on it
+                    self._recent.put(command_id, record)
                     waiters = self._waiters.pop(command_id, None)
                     if not waiters:
                         continue
-                    outcome = self.recent(command_id)
+                    # Decoded from the record, not looked up: a record the byte bound
+                    # did not keep still reaches the command waiting for it.
+                    try:
+                        outcome = decode_outcome(record)
+                    except DecodeError:
+                        continue
                     for fut in waiters:
-                        if outcome is not None and not fut.done():
+                        if not fut.done():
                             fut.set_result(outcome)
 
     def follower_problem(self) -> str | None:
@@ -104,17 +181,9 @@ class CommandClient:
         return f"outcome follower failed: {type(exc).__name__}: {exc}"
 
     def recent(self, command_id: str) -> Outcome | None:
-        """The outcome of ``command_id`` if this client saw it (and it decodes), else None."""
-        seen = self._recent.get(command_id)
-        if seen is None or isinstance(seen, Outcome):
-            return seen
-        try:
-            outcome = decode_outcome(seen)
-        except DecodeError:
-            del self._recent[command_id]
-            return None
-        self._recent[command_id] = outcome
-        return outcome
+        """The outcome of ``command_id`` if this client saw it lately (still within its
+        bounds) and it decodes, else None."""
+        return self._recent.get(command_id)
 
     async def send_many(self, envelopes: list[CommandEnvelope]) -> list[Any]:
         """Put several commands on the command topic, acked together; returns each one's
@@ -150,6 +219,3 @@ class CommandClient:
     async def execute(self, envelope: CommandEnvelope, wait_s: float) -> Outcome | None:
         """Send ``envelope`` and wait up to ``wait_s`` seconds for its outcome (None if none)."""
         return (await self.execute_many([envelope], wait_s))[0]
-
-
-

@@ -52,6 +52,15 @@ class Settings(BaseSettings):
     sse_send_timeout_s: float = 10.0
     #: Most bytes a request body may have (counted as it streams in): beyond, a 413.
     max_request_bytes: int = Field(default=1024 * 1024, ge=1024)
+    #: Bytes of recent records each shared SSE consumer (one per stream layout and API
+    #: process) keeps for its clients (~2.9 KB an event); a client left behind is dropped
+    #: and resumes with Last-Event-ID. A record counts its key, value and headers plus
+    #: the Python objects holding them (infra/kafka.record_bytes).
+    sse_window_bytes: int = Field(default=16 * 1024 * 1024, gt=0)
+    #: Bytes of recent command outcomes an API process keeps for ``GET /commands/{id}``
+    #: (~2.4 KB an outcome, counted as for ``sse_window_bytes``); a command waiting for
+    #: its outcome gets it whatever this is.
+    client_outcome_cache_bytes: int = Field(default=32 * 1024 * 1024, gt=0)
 
     #: Scheduler: how often it looks for work, and how aging lifts old work by one priority.
     scheduler_tick_s: float = 0.2

@@ -71,3 +71,28 @@ async def test_dead_letters_are_listed_newest_first_page_by_page(swarm) -> None:
     r = await swarm.client.get("/tasks", params={"limit": 500})
     assert not {t["task_id"] for t in r.json()["items"]} & set(ids)
     swarm.check_alive()
+
+
+async def test_foreign_records_on_the_outcome_topic_do_not_stop_the_apis_outcome_follower(
+    swarm,
+) -> None:
+    raw = AIOKafkaProducer(bootstrap_servers=swarm.bootstrap)
+    await raw.start()
+    try:  # another producer's records on the outcome topic: none of them an outcome
+        for headers in (
+            [],
+            [("ce_subject", b"\xff\xfe"), ("ce_specversion", b"1.0")],
+            [("ce_subject", b"not-a-command"), ("ce_specversion", b"1.0")],
+        ):
+            await raw.send_and_wait(
+                swarm.topics.outcomes, b"\x00garbage", key=b"k", headers=headers
+            )
+    finally:
+        await raw.stop()
+
+    task_id = f"after-garbage-{uuid.uuid4().hex[:8]}"
+    r = await swarm.client.post("/tasks", json={"task_id": task_id, "type": "noop"})
+    assert r.status_code == 201, r.text  # an answer, not a 202: the follower is alive
+    ready = await swarm.client.get("/ready")
+    assert ready.status_code == 200, ready.text
+    swarm.check_alive()
