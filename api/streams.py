@@ -55,7 +55,7 @@ def _decoded_bytes(record: Any) -> int:
 
 def _header(record: Any, name: str) -> str:
     for key, value in record.headers or ():
-        if key == name:
+        if key == name and isinstance(value, bytes):
             return value.decode("utf-8", "replace")
     return ""
 

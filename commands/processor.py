@@ -263,6 +263,9 @@ class CommandProcessor:
         self.internal_errors = 0
         self._failure: BaseException | None = None
         self.retry_backoff_s = 0.5
+        #: Seconds of deciding after which a batch is committed and the rest read again
+        #: (well inside the producer's transaction timeout of 60 s).
+        self.batch_budget_s = 5.0
         # (partition, offset) of a command whose record the broker refused -> rejection.
         self._refused: dict[tuple[int, int], Rejection] = {}
         self._next_forget = time.monotonic() + self.forget_interval_s
@@ -395,13 +398,25 @@ class CommandProcessor:
         # remembered once the transaction is committed.
         firsts: list[tuple[bytes, bytes, Any]] = []
         sent: list[tuple[Any, int]] = []  # (future, command offset) of every event sent
+        done = len(records)  # how many of the records this transaction decides
         try:
             async with ps.producer.transaction():
                 # (outcome, or the id of a first decision in this batch; event futures;
                 # digest when it is a first decision)
                 pending: list[tuple[Outcome | str, list[Any], bytes | None]] = []
                 written: list[Any] = []  # futures of every record sent; all must succeed
-                for record in records:
+                loop = asyncio.get_running_loop()
+                deadline = loop.time() + self.batch_budget_s
+                for index, record in enumerate(records):
+                    if index:
+                        # Decisions are synchronous: let the consumer's heartbeats and the
+                        # other partitions run between them, and end a batch of costly
+                        # decisions (workflow expressions) early, well inside the
+                        # transaction timeout; the rest is read again after the commit.
+                        await asyncio.sleep(0)
+                        if loop.time() > deadline:
+                            done = index
+                            break
                     env = await self._read_command(ps, record, written)
                     if isinstance(env, Outcome):  # unreadable, but it names its command id
                         digest = command_digest(env.command_id)
@@ -458,7 +473,7 @@ class CommandProcessor:
                 # every record before the offsets go in, so a failure aborts the batch.
                 await asyncio.gather(*written)
                 await ps.producer.send_offsets_to_transaction(
-                    {tp: records[-1].offset + 1}, self.group_id
+                    {tp: records[done - 1].offset + 1}, self.group_id
                 )
         except ProducerFenced as exc:
             raise Fenced(f"partition {tp.partition} is owned by a newer processor") from exc
@@ -480,7 +495,9 @@ class CommandProcessor:
             meta = future.result()
             ps.decided.remember(digest, meta.partition, meta.offset)
             self.cache.put(digest, value)
-        self.processed += len(records)
+        if done < len(records):
+            self.consumer.seek(tp, records[done].offset)
+        self.processed += done
 
     # one command ------------------------------------------------------------------------
 
@@ -516,8 +533,8 @@ class CommandProcessor:
         headers: dict[str, str] = {}
         try:
             for name, value in record.headers or ():
-                if name in ("ce_id", "ce_type", "ce_subject"):
-                    headers[name] = bytes(value).decode("utf-8")
+                if name in ("ce_id", "ce_type", "ce_subject") and isinstance(value, bytes):
+                    headers[name] = value.decode("utf-8")
             key = (record.key or b"").decode("utf-8")
         except UnicodeDecodeError:
             return None

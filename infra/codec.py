@@ -313,6 +313,13 @@ def _read_message(record: Any) -> tuple[dict[str, Any], dict[str, Any]]:
                 data = orjson.loads(data)
             except orjson.JSONDecodeError as exc:
                 raise DecodeError(f"data is not JSON: {exc}") from exc
+        elif isinstance(data, dict):
+            # The SDK reads with the json module, which takes NaN, Infinity and integers of
+            # any width: what every reader after us (orjson, jsonb) refuses. Read as orjson.
+            try:
+                data = orjson.loads(value)
+            except orjson.JSONDecodeError as exc:
+                raise DecodeError(f"data is not JSON (RFC 8259): {exc}") from exc
     if attributes.get("specversion") != "1.0":
         version = _quote(attributes.get("specversion"))
         raise DecodeError(f"CloudEvents spec version is not 1.0: {version}")

@@ -13,11 +13,15 @@ Replay depends on what the record was:
   (event topics are retained forever). It is never written to the event topic again:
   the event topics are the store, where a second copy would be a second event with the
   same id and version, which the deciders that rebuild state from them would fold twice.
-- Anything else (a command the processor could not read): the original record (same
-  key, value and headers: from its topic while retained, else from the dead letter's
-  copy) is produced to its topic again, so the role that refused it reads it again. A
-  command carries its id (the idempotency key), so one decided meanwhile is not decided
-  twice.
+- Anything else (a command the processor could not read or decide): the original record
+  (same key, value and headers, read from its topic while it is retained) is produced to
+  its topic again, so the role that refused it reads it again, under a new command id
+  derived from the original (``derived_id("replay", id)``, the original id as its
+  ``causationid``): the original id already has its outcome (the rejection), which a
+  repeat of that id would only be answered with. A second replay of the same dead letter
+  derives the same id, so it is not decided twice. Once retention has deleted the
+  original, replay refuses: the dead letter's copy may be cut or re-encoded, and a record
+  rebuilt from it is not the one that was sent (resend the command through the API).
 """
 
 from __future__ import annotations
@@ -27,11 +31,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
-import orjson
 from aiokafka import TopicPartition
 
 from infra import kafka
-from infra.codec import Position
+from infra.codec import Position, derived_id
 from infra.settings import Settings
 from infra.topics import Topics
 from projections import queries
@@ -149,7 +152,8 @@ async def replay(settings: Settings, ref: str) -> Replayed:
                if result.later_dead_lettered else "")
         )
         return Replayed(source, how)
-    key, value, headers, whence = await _original(kafka_url, source, row)
+    key, value, headers = await _original(kafka_url, source)
+    headers, renamed = _as_replay(headers)
     producer = kafka.producer(kafka_url)
     await producer.start()
     try:
@@ -157,8 +161,9 @@ async def replay(settings: Settings, ref: str) -> Replayed:
     finally:
         await producer.stop()
     how = (
-        f"produced the record ({whence}) to {source.topic} again, now at partition"
-        f" {meta.partition} offset {meta.offset}"
+        f"produced the record (read from its topic) to {source.topic} again"
+        + (f" as command {renamed}" if renamed else "")
+        + f", now at partition {meta.partition} offset {meta.offset}"
     )
     conn = await asyncpg.connect(database_url)
     try:
@@ -175,10 +180,11 @@ async def replay(settings: Settings, ref: str) -> Replayed:
 
 
 async def _original(
-    bootstrap: str, source: Position, row: dict[str, Any]
-) -> tuple[bytes | None, bytes | None, list[tuple[str, bytes]], str]:
-    """(key, value, headers, whence) of the dead-lettered record: read from its topic
-    while it is retained (byte for byte), else rebuilt from the dead letter's copy."""
+    bootstrap: str, source: Position
+) -> tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]:
+    """(key, value, headers) of the dead-lettered record, byte for byte from its topic;
+    LookupError once retention deleted it (the dead letter's copy may be cut or
+    re-encoded, so nothing is rebuilt from it)."""
     tp = TopicPartition(source.topic, source.partition)
     c = kafka.consumer(bootstrap)
     await c.start()
@@ -188,13 +194,27 @@ async def _original(
         batch = await c.getmany(tp, timeout_ms=5000, max_records=1)
         for record in batch.get(tp, []):
             if record.offset == source.offset:
-                return record.key, record.value, list(record.headers or ()), "read from its topic"
+                return record.key, record.value, list(record.headers or ())
     finally:
         await c.stop()
-    letter = orjson.loads(row["letter"])
+    raise LookupError(
+        f"{source.topic}:{source.partition}:{source.offset} is no longer on its topic "
+        "(retention deleted it); its dead letter's copy may be cut or re-encoded, so it is "
+        "not replayed: send the command again through the API"
+    )
 
-    def raw(text: Any) -> bytes | None:
-        return None if text is None else str(text).encode("utf-8")
 
-    headers = [(k, raw(v) or b"") for k, v in (letter.get("headers") or {}).items()]
-    return raw(letter.get("key")), raw(letter.get("value")), headers, "from the dead letter's copy"
+def _as_replay(headers: list[tuple[str, Any]]) -> tuple[list[tuple[str, Any]], str | None]:
+    """``headers`` with ``ce_id`` replaced by the replay's command id (derived from the
+    original, which becomes ``ce_causationid``), and that new id; unchanged (and None)
+    when there is no readable ``ce_id``."""
+    original = next((v for k, v in headers if k == "ce_id"), None)
+    if not isinstance(original, bytes):
+        return headers, None
+    try:
+        command_id = original.decode("utf-8")
+    except UnicodeDecodeError:
+        return headers, None
+    renamed = derived_id("replay", command_id)
+    kept = [(k, v) for k, v in headers if k not in ("ce_id", "ce_causationid")]
+    return kept + [("ce_id", renamed.encode()), ("ce_causationid", original)], renamed

@@ -77,7 +77,8 @@ class Settings(BaseSettings):
     #: overhead, as aiokafka counts it against max_request_size): aiokafka's default
     #: max_request_size, under the broker's default message.max.bytes (1 MiB + 12). An
     #: event over it is a ``too_large`` rejection; an outcome over it loses its state.
-    record_max_bytes: int = 1024 * 1024
+    #: Between 64 KiB and 1 MiB: the producers keep aiokafka's 1 MiB max_request_size.
+    record_max_bytes: int = Field(default=1024 * 1024, ge=64 * 1024, le=1024 * 1024)
 
     def require_services(self) -> tuple[str, str, str]:
         """Return (kafka, database, redis) URLs, or raise RuntimeError naming the missing one."""

@@ -172,6 +172,8 @@ _TRANSIENT: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.SyntaxOrAccessError,
     asyncpg.exceptions.InvalidCachedStatementError,
     asyncpg.exceptions.OutdatedSchemaCacheError,
+    asyncpg.exceptions.ReadOnlySQLTransactionError,  # a failover to a standby
+    asyncpg.exceptions.LockNotAvailableError,  # lock_timeout behind another copy
     redis.exceptions.ConnectionError,
     redis.exceptions.TimeoutError,
     aiokafka.errors.KafkaError,

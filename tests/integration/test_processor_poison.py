@@ -315,3 +315,39 @@ async def test_ids_whose_outcomes_retention_deleted_are_forgotten_and_the_rest_s
     assert repeat_old.rejection is not None
     assert repeat_old.rejection.code == "agent_already_registered"
     assert len(await read_events(bootstrap, topics)) == 2
+
+
+async def test_a_batch_over_its_decision_budget_commits_what_it_decided_and_reads_the_rest_again(
+    services: StackInfo,
+) -> None:
+    bootstrap = services.kafka_bootstrap_servers
+    topics = await fresh_topics(bootstrap)
+    client = CommandClient(bootstrap, topics)
+    await client.start()
+    processor, r = await start(bootstrap, topics)
+    processor.batch_budget_s = 0.0  # every batch ends after its first command
+    try:
+        stream = [envelope(register(f"agent-{i}")) for i in range(60)]
+        await send_all(client, stream)
+        await wait_until(
+            lambda: all(client.recent(e.command_id) for e in stream),
+            WAIT,
+            interval=0.2,
+            what="an outcome for every command",
+        )
+        ends = await end_offsets(bootstrap, [topics.commands])
+        committed = await wait_until(
+            lambda: _caught_up(bootstrap, processor.group_id, ends),
+            WAIT,
+            what="the committed offsets to reach the end of every command partition",
+        )
+        r.check()
+    finally:
+        await r.stop() if not r.task.done() else None
+        await client.stop()
+
+    assert all(client.recent(e.command_id).status == "accepted" for e in stream)  # type: ignore[union-attr]
+    events = await read_events(bootstrap, topics)
+    assert_log_is_clean(events)
+    assert len(events) == 60, "each command decided once, none twice"
+    assert committed == {tp: ends[tp] for tp in ends}

@@ -395,7 +395,8 @@ async def test_a_dead_lettered_command_is_replayed_by_producing_it_again(world: 
     await raw.start()
     try:
         meta = await raw.send_and_wait(
-            world.topics.commands, b"not a command", key=b"k-1", headers=[("x-test", b"1")]
+            world.topics.commands, b"not a command", key=b"k-1",
+            headers=[("x-test", b"1"), ("ce_id", b"cmd-1")],
         )
     finally:
         await raw.stop()
@@ -406,7 +407,11 @@ async def test_a_dead_lettered_command_is_replayed_by_producing_it_again(world: 
             world, "deadletters", "replay", f"{meta.topic}:{meta.partition}:{meta.offset}"
         )
         assert code == 0, err
-        assert f"produced the record (read from its topic) to {meta.topic} again" in out, out
+        replay_id = derived_id("replay", "cmd-1")
+        assert (
+            f"produced the record (read from its topic) to {meta.topic} again"
+            f" as command {replay_id}" in out
+        ), out
         # The processor reads it again, and refuses it again: a second dead letter.
         rows = await wait_until(lambda: _listed(world, 2), 30, what="a second dead letter")
         projector.check()
@@ -416,8 +421,11 @@ async def test_a_dead_lettered_command_is_replayed_by_producing_it_again(world: 
         r for r in await read_records(world.bootstrap, world.topics.commands) if r.key == b"k-1"
     ]
     assert [(r.value, list(r.headers)) for r in copies] == [
-        (b"not a command", [("x-test", b"1")])
-    ] * 2
+        (b"not a command", [("x-test", b"1"), ("ce_id", b"cmd-1")]),
+        (b"not a command", [
+            ("x-test", b"1"), ("ce_id", replay_id.encode()), ("ce_causationid", b"cmd-1"),
+        ]),
+    ]
     assert copies[1].offset > copies[0].offset
     first = next(r for r in rows if r["source_offset"] == meta.offset)
     assert first["replayed_at"] is not None

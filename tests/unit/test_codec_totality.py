@@ -427,3 +427,14 @@ def test_an_unknown_type_is_the_reason_given_before_a_missing_time() -> None:
         decode_command(record)
     with pytest.raises(DecodeError, match="no ce_time header"):
         decode_command(_with(1, ce_time="drop"))
+
+
+def test_data_only_a_lenient_json_reader_takes_is_a_decode_error() -> None:
+    # NaN sends the record down the SDK's path (the json module reads it, with an integer
+    # of any width beside it); every reader after the codec (orjson, jsonb) refuses both.
+    for index, decode in enumerate(DECODERS):  # _good(): an event, a command, an outcome
+        value = _good()[index].value
+        decode(_with(index))  # the record as written decodes
+        lenient = value[:-1] + b',"nan":NaN,"wide":' + str(2**70).encode() + b"}"
+        with pytest.raises(DecodeError, match="not JSON"):
+            decode(_with(index, value=lenient))

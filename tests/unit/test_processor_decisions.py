@@ -280,3 +280,16 @@ async def test_an_unreadable_command_record_that_names_its_id_and_type_gets_an_o
         "c-7", "StartAgent", "a1",
     )
     assert outcome.status == "rejected" and outcome.rejection == rejection
+
+
+async def test_an_unreadable_command_record_with_null_header_values_gets_no_outcome_and_no_error(
+    processor: CommandProcessor,
+) -> None:
+    ps = PartitionState(producer=None)  # type: ignore[arg-type]
+    rejection = internal_error(ValueError("bad"))
+    for headers in (
+        [("ce_id", None), ("ce_type", b"io.swarmlog.command.agent.StartAgent")],
+        [("ce_id", b"c-8"), ("ce_type", None)],
+    ):
+        rec = _ConsumerRecord("t.commands", 0, 5, None, None, headers)
+        assert processor._unreadable_outcome(ps, rec, rejection) is None
