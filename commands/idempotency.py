@@ -155,8 +155,10 @@ class DecidedCommands:
     of at most ``SEGMENT_IDS`` entries (in decision order); when it fills it is sealed
     into a segment of two arrays, 64-bit keys (the digest's first 8 bytes) sorted and
     the positions beside them: 16 bytes an id. Adjacent segments of equal size merge
-    (as a binary counter does) up to ``MAX_SEGMENT_IDS``, so a lookup searches a few
-    dozen segments at most (one ``bisect`` each) even for tens of millions of ids.
+    (as a binary counter does) up to ``MAX_SEGMENT_IDS``, so a lookup searches about four
+    segments per million ids (one ``bisect`` each, about 2 µs): 9 segments and 17 µs for
+    a new id at 2 million ids, about 115 segments at 30 million (a week of 100 agents
+    heartbeating every 2 s).
     Segments stay in decision order, so retention drops the oldest whole segments. Two
     ids sharing 64 bits of digest (about 1 in 40,000 for 30 million ids) are told apart
     by the outcome's command id (the processor checks it): the second is decided as new.

@@ -315,7 +315,10 @@ def read_dead_letter(record: Any) -> dict[str, Any]:
         at = datetime.fromtimestamp(max(0, record.timestamp or 0) / 1000, UTC)
     source_topic = data.get("topic") if isinstance(data.get("topic"), str) else None
     return {
-        "id": letter_id or f"{record.topic}/{record.partition}/{record.offset}",
+        # Ours are uuids; a foreign producer's id may be any length (index and cursor
+        # bounds), so a long one is named by where the letter is instead.
+        "id": (letter_id if 0 < len(letter_id) <= 200
+               else f"{record.topic}/{record.partition}/{record.offset}"),
         "source_topic": _clean(source_topic),
         "source_partition": _small_int(data.get("partition"), 32),
         "source_offset": _small_int(data.get("offset"), 64),
