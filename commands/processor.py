@@ -406,17 +406,19 @@ class CommandProcessor:
                 pending: list[tuple[Outcome | str, list[Any], bytes | None]] = []
                 written: list[Any] = []  # futures of every record sent; all must succeed
                 loop = asyncio.get_running_loop()
-                deadline = loop.time() + self.batch_budget_s
+                started = yielded = loop.time()
                 for index, record in enumerate(records):
-                    if index:
-                        # Decisions are synchronous: let the consumer's heartbeats and the
-                        # other partitions run between them, and end a batch of costly
-                        # decisions (workflow expressions) early, well inside the
-                        # transaction timeout; the rest is read again after the commit.
+                    # Decisions are synchronous: end a batch of costly ones (workflow
+                    # expressions) early, well inside the transaction timeout (the rest
+                    # is read again after the commit), and let the consumer's heartbeats
+                    # and the other partitions run between them.
+                    now = loop.time()
+                    if index and now - started > self.batch_budget_s:
+                        done = index
+                        break
+                    if now - yielded > 0.05:
                         await asyncio.sleep(0)
-                        if loop.time() > deadline:
-                            done = index
-                            break
+                        yielded = loop.time()
                     env = await self._read_command(ps, record, written)
                     if isinstance(env, Outcome):  # unreadable, but it names its command id
                         digest = command_digest(env.command_id)
