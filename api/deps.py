@@ -12,14 +12,14 @@ import asyncio
 import re
 import uuid
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Literal
 
 import asyncpg
 import redis.asyncio as aioredis
 from fastapi import Depends, Header, Path, Query, Request, Response
 
 from api.metrics import Metrics
-from api.positions import parse_after
+from api.positions import MAX_VECTOR_CHARS, parse_after
 from api.problems import Problem
 from api.schemas import ID_PATTERN
 from api.streams import StreamHub
@@ -89,6 +89,15 @@ Limit = Annotated[int, Query(ge=1, le=500, description="page size (at most 500)"
 Cursor = Annotated[
     str | None, Query(max_length=2000, description="``next_cursor`` of the previous page")
 ]
+#: An SSE stream's resume point: the ``Last-Event-ID`` header, or the same as a query
+#: parameter (for clients that cannot set headers), and where to start without one.
+LastEventIdHeader = Annotated[
+    str | None, Header(alias="Last-Event-ID", max_length=MAX_VECTOR_CHARS)
+]
+LastEventIdQuery = Annotated[
+    str | None, Query(max_length=MAX_VECTOR_CHARS, description="resume after this SSE id")
+]
+StreamFrom = Annotated[Literal["beginning", "end"], Query(alias="from")]
 
 # If-Match: "3", 3 or W/"3" (a single entity tag; the aggregate version).
 _IF_MATCH = re.compile(r'^(?:W/)?(?:"(\d{1,9})"|(\d{1,9}))$')

@@ -35,6 +35,7 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.problems import Problem, validation_problem
+from infra.codec import is_json_media_type
 
 #: Deepest nesting of arrays and objects a JSON body may have (the body itself is level 1).
 MAX_JSON_DEPTH = 32
@@ -109,12 +110,8 @@ def _loads(body: bytes) -> Any:
 
 
 def _is_json(content_type: str | None) -> bool:
-    if content_type is None:
-        return True
-    media = content_type.split(";", 1)[0].strip().lower()
-    return media == "application/json" or (
-        media.startswith("application/") and media.endswith("+json")
-    )
+    """A request body's type is JSON (no Content-Type is read as JSON, as FastAPI does)."""
+    return content_type is None or is_json_media_type(content_type)
 
 
 async def storable_path(request: Request) -> None:

@@ -244,7 +244,7 @@ def _integer(value: Any, name: str, minimum: int) -> int:
     return number
 
 
-def _is_json(content_type: Any) -> bool:
+def is_json_media_type(content_type: Any) -> bool:
     """Whether a ``datacontenttype`` names JSON (``application/json``, ``...+json``,
     parameters allowed)."""
     if content_type == "application/json":
@@ -296,7 +296,7 @@ def _read_message(record: Any) -> tuple[dict[str, Any], dict[str, Any]]:
         raise DecodeError("record has no data")
     attributes = _fast_attributes(headers, key)
     data: Any = None
-    if attributes is not None and _is_json(attributes.get("datacontenttype", "application/json")):
+    if attributes is not None and is_json_media_type(attributes.get("datacontenttype", "application/json")):
         try:
             data = orjson.loads(value)
         except orjson.JSONDecodeError:
@@ -324,7 +324,7 @@ def _read_message(record: Any) -> tuple[dict[str, Any], dict[str, Any]]:
         version = _quote(attributes.get("specversion"))
         raise DecodeError(f"CloudEvents spec version is not 1.0: {version}")
     content_type = attributes.get("datacontenttype", "application/json")
-    if not _is_json(content_type):
+    if not is_json_media_type(content_type):
         raise DecodeError(f"data content type is not JSON: {_quote(content_type)}")
     if "ce_time" not in headers:
         # The SDK fills a missing time with the time of reading: the decoders require one

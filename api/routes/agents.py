@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Header, Query, Response
+from fastapi import APIRouter, Query, Response
 from sse_starlette import EventSourceResponse
 
 from api.deps import (
@@ -13,14 +13,17 @@ from api.deps import (
     Cursor,
     FreshDep,
     HubDep,
+    LastEventIdHeader,
+    LastEventIdQuery,
     Limit,
     PoolDep,
     SettingsDep,
+    StreamFrom,
     TopicsDep,
 )
 from api.dispatch import COMMAND_RESPONSES, DispatchDep
 from api.pagination import TEXT, decode_cursor, encode_cursor
-from api.positions import MAX_VECTOR_CHARS, Layout
+from api.positions import Layout
 from api.problems import Problem
 from api.schemas import AgentCreate, AgentPublic, AgentUpdate, CommandResult, Page, to_micro
 from api.streams import sse_response
@@ -159,14 +162,9 @@ async def follow_assignments(
     topics: TopicsDep,
     hub: HubDep,
     pool: PoolDep,
-    last_event_id_header: Annotated[
-        str | None, Header(alias="Last-Event-ID", max_length=MAX_VECTOR_CHARS)
-    ] = None,
-    last_event_id: Annotated[
-        str | None,
-        Query(max_length=MAX_VECTOR_CHARS, description="resume after this SSE id"),
-    ] = None,
-    from_: Annotated[Literal["beginning", "end"], Query(alias="from")] = "end",
+    last_event_id_header: LastEventIdHeader = None,
+    last_event_id: LastEventIdQuery = None,
+    from_: StreamFrom = "end",
 ) -> EventSourceResponse:
     """The agent's ``io.swarmlog.task.assigned`` events, live (by default).
 

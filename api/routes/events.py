@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 from fnmatch import fnmatchcase
-from typing import Annotated, Literal
+from typing import Annotated
 
-from fastapi import APIRouter, Header, Query
+from fastapi import APIRouter, Query
 from sse_starlette import EventSourceResponse
 
-from api.deps import HubDep, SettingsDep, TopicsDep
-from api.positions import MAX_VECTOR_CHARS, Layout
+from api.deps import (
+    HubDep,
+    LastEventIdHeader,
+    LastEventIdQuery,
+    SettingsDep,
+    StreamFrom,
+    TopicsDep,
+)
+from api.positions import Layout
 from api.streams import sse_response
 from domain.workflow_run import RUN
 from infra.codec import StoredEvent, event_ce_type
@@ -45,14 +52,9 @@ async def follow_events(
         Query(min_length=1, max_length=128,
               description="only the events of this workflow run (io.swarmlog.workflow_run.*)"),
     ] = None,
-    last_event_id_header: Annotated[
-        str | None, Header(alias="Last-Event-ID", max_length=MAX_VECTOR_CHARS)
-    ] = None,
-    last_event_id: Annotated[
-        str | None,
-        Query(max_length=MAX_VECTOR_CHARS, description="resume after this SSE id"),
-    ] = None,
-    from_: Annotated[Literal["beginning", "end"], Query(alias="from")] = "end",
+    last_event_id_header: LastEventIdHeader = None,
+    last_event_id: LastEventIdQuery = None,
+    from_: StreamFrom = "end",
 ) -> EventSourceResponse:
     """Every event of every aggregate as a CloudEvent (JSON structured form), SSE ``event``
     = its type, live from now unless ``?from=beginning``; filtered by ``type`` globs,
