@@ -19,6 +19,7 @@ from fastapi import Depends, FastAPI
 
 from api import problems
 from api.guard import RequestGuard, storable_path
+from api.live import StreamHub
 from api.metrics import Metrics, MetricsMiddleware
 from api.routes import (
     accounts,
@@ -33,7 +34,6 @@ from api.routes import (
     tasks,
     workflows,
 )
-from api.streams import StreamHub
 from commands.client import CommandClient
 from infra.clock import Clock, SystemClock
 from infra.settings import Settings
@@ -91,7 +91,9 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None) 
             kafka_url, topics, remember_bytes=settings.client_outcome_cache_bytes
         )
         hub = StreamHub(
-            kafka_url, settings.sse_max_clients, metrics,
+            kafka_url,
+            settings.sse_max_clients,
+            metrics,
             window_bytes=settings.sse_window_bytes,
         )
         try:
@@ -125,7 +127,16 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None) 
     app.add_middleware(RequestGuard, max_body_bytes=settings.max_request_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics)  # outermost: counts the guard's too
     for module in (
-        agents, tasks, accounts, proposals, economy, workflows, commands, events, audit, health
+        agents,
+        tasks,
+        accounts,
+        proposals,
+        economy,
+        workflows,
+        commands,
+        events,
+        audit,
+        health,
     ):
         app.include_router(module.router)
     app.include_router(workflows.runs_router)

@@ -18,11 +18,11 @@ import asyncpg
 import redis.asyncio as aioredis
 from fastapi import Depends, Header, Path, Query, Request, Response
 
+from api.live import StreamHub
 from api.metrics import Metrics
 from api.positions import MAX_VECTOR_CHARS, parse_after
 from api.problems import Problem
 from api.schemas import ID_PATTERN
-from api.streams import StreamHub
 from commands.client import CommandClient
 from infra.clock import Clock
 from infra.settings import Settings

@@ -41,8 +41,13 @@ def parse_after(
         topic, sep2, partition = topic.rpartition(":")
         offset = rest
         if not (
-            sep1 and sep2 and topic and partition.isascii() and partition.isdigit()
-            and offset.isascii() and offset.isdigit()
+            sep1
+            and sep2
+            and topic
+            and partition.isascii()
+            and partition.isdigit()
+            and offset.isascii()
+            and offset.isdigit()
         ):
             raise ValueError(f"{value!r} is not <topic>:<partition>:<offset>")
         if topics is not None and topic not in topics:

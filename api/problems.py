@@ -254,7 +254,8 @@ def document(openapi: dict[str, Any]) -> dict[str, Any]:
                     continue
                 schema = response.get("content", {}).get("application/json", {}).get("schema")
                 if schema and schema.get("$ref", "").split("/")[-1] not in (
-                    "HTTPValidationError", ""
+                    "HTTPValidationError",
+                    "",
                 ):
                     continue  # a model of its own (GET /ready's 503 is a Readiness)
                 if response.get("description") == "Validation Error":

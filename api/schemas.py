@@ -41,8 +41,17 @@ INT4_MAX = 2**31 - 1
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,127}$"
 MAX_TOKENS = Decimal(10**9)  # 10**15 micro-tokens, the domain's bound
 MONEY_FIELDS = frozenset(
-    {"cost_per_task", "max_cost", "balance", "staked", "supply", "earned", "slashed", "amount",
-     "total_power"}
+    {
+        "cost_per_task",
+        "max_cost",
+        "balance",
+        "staked",
+        "supply",
+        "earned",
+        "slashed",
+        "amount",
+        "total_power",
+    }
 )
 
 Id = Annotated[str, Field(min_length=1, max_length=128, pattern=ID_PATTERN)]
@@ -420,8 +429,9 @@ PositiveTokens = Annotated[
     str,
     AfterValidator(_check_tokens),
     AfterValidator(_positive_tokens),
-    Field(description="tokens as a decimal string, more than 0, at most 6 decimals",
-          examples=["12.5"]),
+    Field(
+        description="tokens as a decimal string, more than 0, at most 6 decimals", examples=["12.5"]
+    ),
 ]
 
 
@@ -479,13 +489,18 @@ class AccountPublic(BaseModel):
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> AccountPublic:
         return cls(
-            **{k: row[k] for k in ("account_id", "holder", "tier", "opened_at", "version",
-                                   "updated_at")},
-            **{k: format_tokens(row[k]) for k in ("balance", "staked", "unstaking", "earned",
-                                                  "slashed", "supply")},
+            **{
+                k: row[k]
+                for k in ("account_id", "holder", "tier", "opened_at", "version", "updated_at")
+            },
+            **{
+                k: format_tokens(row[k])
+                for k in ("balance", "staked", "unstaking", "earned", "slashed", "supply")
+            },
             pending_unstakes=[
-                PendingUnstakePublic(amount=format_tokens(p["amount"]) or "0",
-                                     available_at=p["available_at"])
+                PendingUnstakePublic(
+                    amount=format_tokens(p["amount"]) or "0", available_at=p["available_at"]
+                )
                 for p in row["pending"]
             ],
         )
@@ -621,14 +636,35 @@ class ProposalPublic(BaseModel):
         if change.get("base_reward") is not None:
             change["base_reward"] = format_tokens(change["base_reward"])
         return cls(
-            **{k: row[k] for k in ("proposal_id", "title", "proposer", "opened_at", "closes_at",
-                                   "quorum_bp", "threshold_bp", "status", "voters", "version")},
+            **{
+                k: row[k]
+                for k in (
+                    "proposal_id",
+                    "title",
+                    "proposer",
+                    "opened_at",
+                    "closes_at",
+                    "quorum_bp",
+                    "threshold_bp",
+                    "status",
+                    "voters",
+                    "version",
+                )
+            },
             change=change,
-            **{k: format_tokens(row[k]) for k in ("total_power", "votes_for", "votes_against",
-                                                  "votes_abstain")},
-            votes=None if row.get("votes") is None else [
-                VotePublic(voter=v["voter"], choice=v["choice"], power=format_tokens(v["power"]) or "0",
-                           time=v["time"])
+            **{
+                k: format_tokens(row[k])
+                for k in ("total_power", "votes_for", "votes_against", "votes_abstain")
+            },
+            votes=None
+            if row.get("votes") is None
+            else [
+                VotePublic(
+                    voter=v["voter"],
+                    choice=v["choice"],
+                    power=format_tokens(v["power"]) or "0",
+                    time=v["time"],
+                )
                 for v in row["votes"]
             ],
         )
@@ -646,13 +682,18 @@ TemplateName = Annotated[
 ParameterName = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")]
 Steps = Annotated[
     list[StepSpec],
-    Field(min_length=1, max_length=MAX_STEPS,
-          description="the steps, a DAG through depends_on (domain/workflow.py StepSpec)"),
+    Field(
+        min_length=1,
+        max_length=MAX_STEPS,
+        description="the steps, a DAG through depends_on (domain/workflow.py StepSpec)",
+    ),
 ]
 Compensations = Annotated[
     list[StepSpec],
-    Field(max_length=MAX_STEPS,
-          description="steps run when a step with on_failure 'compensate' names them"),
+    Field(
+        max_length=MAX_STEPS,
+        description="steps run when a step with on_failure 'compensate' names them",
+    ),
 ]
 
 

@@ -90,7 +90,11 @@ def _machine_busy_s() -> float:
 
 
 async def bench(
-    accruals: int, accounts: int, state_dir: Path, processors: int = 1, chunk: int = 2000,
+    accruals: int,
+    accounts: int,
+    state_dir: Path,
+    processors: int = 1,
+    chunk: int = 2000,
     profile_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Run the benchmark and return its figures.
@@ -127,12 +131,19 @@ async def bench(
         await client.start()
         await asyncio.sleep(8.0)  # roles join their groups and rebuild their views
         # Set-up, not timed: the treasury mints the whole budget once, so no reward mints.
-        [minted] = await client.execute_many([
-            CommandEnvelope(command_id=f"{run}-mint", correlation_id=f"{run}-mint",
-                            command=MintTokens(account_id=TREASURY, amount=accruals * 2_000_000,
-                                               at=datetime.now(UTC)),
-                            source="/bench/economy")
-        ], 30.0)
+        [minted] = await client.execute_many(
+            [
+                CommandEnvelope(
+                    command_id=f"{run}-mint",
+                    correlation_id=f"{run}-mint",
+                    command=MintTokens(
+                        account_id=TREASURY, amount=accruals * 2_000_000, at=datetime.now(UTC)
+                    ),
+                    source="/bench/economy",
+                )
+            ],
+            30.0,
+        )
         if minted is None or minted.status != "accepted":
             raise RuntimeError(f"the treasury could not mint the budget: {minted}")
         conn = await asyncpg.connect(info.database_url)
@@ -144,26 +155,44 @@ async def bench(
                 profile_dir.mkdir(parents=True, exist_ok=True)
                 spies = [
                     subprocess.Popen(  # noqa: ASYNC220 - started once, before the timing
-                        [str(Path(sys.executable).with_name("py-spy")), "record", "--pid",
-                         str(p.pid), "--format", "raw", "--rate", "200", "--nonblocking",
-                         "-o", str(profile_dir / f"{name}.txt")],
-                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                        [
+                            str(Path(sys.executable).with_name("py-spy")),
+                            "record",
+                            "--pid",
+                            str(p.pid),
+                            "--format",
+                            "raw",
+                            "--rate",
+                            "200",
+                            "--nonblocking",
+                            "-o",
+                            str(profile_dir / f"{name}.txt"),
+                        ],
+                        stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL,
                     )
                     for name, p in children.procs.items()
                 ]
             t0 = time.perf_counter()
             at = datetime.now(UTC)
             for start in range(0, accruals, chunk):
-                await client.send_many([
-                    CommandEnvelope(
-                        command_id=f"{run}-reward-{i}",
-                        command=PayReward(account_id=TREASURY, to=f"acct-{i % accounts}",
-                                          amount=1_000_000 + i % 7, task_id=f"task-{i}", at=at),
-                        correlation_id=f"{run}-reward-{i}",
-                        source="/bench/economy",
-                    )
-                    for i in range(start, min(accruals, start + chunk))
-                ])
+                await client.send_many(
+                    [
+                        CommandEnvelope(
+                            command_id=f"{run}-reward-{i}",
+                            command=PayReward(
+                                account_id=TREASURY,
+                                to=f"acct-{i % accounts}",
+                                amount=1_000_000 + i % 7,
+                                task_id=f"task-{i}",
+                                at=at,
+                            ),
+                            correlation_id=f"{run}-reward-{i}",
+                            source="/bench/economy",
+                        )
+                        for i in range(start, min(accruals, start + chunk))
+                    ]
+                )
             sent_s = time.perf_counter() - t0
             # Polled on the 1,000-row accounts table, not by counting the growing ledger:
             # the poll must not take the CPU it measures.
@@ -192,9 +221,12 @@ async def bench(
         a0 = time.perf_counter()
         audit = await audit_ledger(info.kafka_bootstrap_servers, topics, info.database_url, run)
         figures.update(
-            sent_s=sent_s, accrued=done, elapsed_s=elapsed,
+            sent_s=sent_s,
+            accrued=done,
+            elapsed_s=elapsed,
             accruals_per_s=done / elapsed if elapsed else 0.0,
-            audit_s=time.perf_counter() - a0, audit_ok=audit.ok,
+            audit_s=time.perf_counter() - a0,
+            audit_ok=audit.ok,
             cpu_ms_per_accrual={n: 1000 * c / max(done, 1) for n, c in cpu.items()},
             machine_ms_per_accrual=1000 * busy / max(done, 1),
             machine_busy_cores=busy / elapsed if elapsed else 0.0,
@@ -209,7 +241,9 @@ async def bench(
 def main(
     accruals: Annotated[int, typer.Option(min=1, help="Reward accruals to run.")] = 100_000,
     accounts: Annotated[int, typer.Option(min=1, help="Accounts they go to.")] = 1_000,
-    state_dir: Annotated[Path, typer.Option(help="Local stack state directory.")] = Path(".swarmlog"),
+    state_dir: Annotated[Path, typer.Option(help="Local stack state directory.")] = Path(
+        ".swarmlog"
+    ),
     processors: Annotated[int, typer.Option(min=1, help="Command processor copies.")] = 1,
     profile_dir: Annotated[
         Path | None, typer.Option(help="Record each role with py-spy into this directory.")
@@ -218,13 +252,17 @@ def main(
     """Run the economy benchmark and print its figures."""
     f = asyncio.run(bench(accruals, accounts, state_dir, processors, profile_dir=profile_dir))
     console.rule("bench/economy")
-    console.print(f"{f['accrued']} of {f['accruals']} accruals across {accounts} accounts in"
-                  f" {f['elapsed_s']:.1f} s = {f['accruals_per_s']:.0f} accruals/s end to end"
-                  f" (commands sent in {f['sent_s']:.1f} s; {processors} processor copies)")
-    console.print("CPU per accrual (ms): " + ", ".join(
-        f"{n} {ms:.2f}" for n, ms in f["cpu_ms_per_accrual"].items())
+    console.print(
+        f"{f['accrued']} of {f['accruals']} accruals across {accounts} accounts in"
+        f" {f['elapsed_s']:.1f} s = {f['accruals_per_s']:.0f} accruals/s end to end"
+        f" (commands sent in {f['sent_s']:.1f} s; {processors} processor copies)"
+    )
+    console.print(
+        "CPU per accrual (ms): "
+        + ", ".join(f"{n} {ms:.2f}" for n, ms in f["cpu_ms_per_accrual"].items())
         + f"; whole machine {f['machine_ms_per_accrual']:.2f}"
-          f" ({f['machine_busy_cores']:.2f} of {os.cpu_count()} cores busy)")
+        f" ({f['machine_busy_cores']:.2f} of {os.cpu_count()} cores busy)"
+    )
     console.print(f"ledger audit: {'ok' if f['audit_ok'] else 'DIFFERS'} in {f['audit_s']:.2f} s")
 
 

@@ -107,8 +107,10 @@ async def bench(
         await _wait_ready(base, children)
         limits = httpx.Limits(max_connections=200, max_keepalive_connections=200)
         async with httpx.AsyncClient(base_url=base, timeout=30.0, limits=limits) as http:
-            await http.post("/tasks", json={"task_id": f"{run}-warm", "type": "noop",
-                                            "required_capabilities": ["ack"]})
+            await http.post(
+                "/tasks",
+                json={"task_id": f"{run}-warm", "type": "noop", "required_capabilities": ["ack"]},
+            )
             console.print(f"phase 1: POST /tasks at {rate:.0f}/s for {ack_seconds:.0f} s")
             acks = await _ack_phase(http, rate, ack_seconds, run)
             figures["ack_ms"] = {"n": len(acks), "p50": _pct(acks, 0.5), "p99": _pct(acks, 0.99)}
@@ -117,9 +119,15 @@ async def bench(
                 return {}, 1.0
 
             for i in range(agents):
-                w = Worker(base, agent_id=f"{run}-agent-{i}", name=f"noop-{i}",
-                           capabilities={"noop": 1.0}, handler=noop, max_concurrent_tasks=32,
-                           heartbeat_interval_s=2.0)
+                w = Worker(
+                    base,
+                    agent_id=f"{run}-agent-{i}",
+                    name=f"noop-{i}",
+                    capabilities={"noop": 1.0},
+                    handler=noop,
+                    max_concurrent_tasks=32,
+                    heartbeat_interval_s=2.0,
+                )
                 workers.append(asyncio.create_task(w.run(stop)))
             await asyncio.sleep(2.0)
             console.print(f"phase 2: {tasks} lifecycles with {agents} no-op agents")
@@ -136,7 +144,9 @@ async def bench(
             while True:
                 done = await conn.fetchval(
                     f"SELECT count(*) FROM {run}.tasks WHERE type = 'noop' AND status = 'completed'"
-                    f" AND task_id LIKE $1", f"{run}-t%")
+                    f" AND task_id LIKE $1",
+                    f"{run}-t%",
+                )
                 if done >= tasks or time.perf_counter() - t0 > 600:
                     break
                 await asyncio.sleep(0.1)
@@ -144,12 +154,16 @@ async def bench(
             rows = await conn.fetch(
                 f"SELECT extract(epoch FROM assigned_at - submitted_at) * 1000 AS assign_ms,"
                 f" extract(epoch FROM finished_at - submitted_at) * 1000 AS done_ms"
-                f" FROM {run}.tasks WHERE task_id LIKE $1 AND status = 'completed'", f"{run}-t%")
+                f" FROM {run}.tasks WHERE task_id LIKE $1 AND status = 'completed'",
+                f"{run}-t%",
+            )
             lag = [
                 float(v)
                 for v in await conn.fetchval(
                     f"SELECT array_agg(extract(epoch FROM projected_at - time) * 1000)"
-                    f" FROM {run}.events WHERE aggregate_id LIKE $1", f"{run}-t%")
+                    f" FROM {run}.events WHERE aggregate_id LIKE $1",
+                    f"{run}-t%",
+                )
                 or []
             ]
         finally:
@@ -178,7 +192,9 @@ def main(
     agents: Annotated[int, typer.Option(min=1, help="No-op SDK agents.")] = 8,
     rate: Annotated[float, typer.Option(min=1, help="Commands/s in phase 1.")] = 100.0,
     ack_seconds: Annotated[float, typer.Option(min=1, help="Length of phase 1, seconds.")] = 10.0,
-    state_dir: Annotated[Path, typer.Option(help="Local stack state directory.")] = Path(".swarmlog"),
+    state_dir: Annotated[Path, typer.Option(help="Local stack state directory.")] = Path(
+        ".swarmlog"
+    ),
     api_workers: Annotated[int, typer.Option(min=1, help="API processes (uvicorn workers).")] = 1,
 ) -> None:
     """Run the lifecycle benchmark and print its figures."""
@@ -186,17 +202,25 @@ def main(
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     f = asyncio.run(bench(tasks, agents, rate, ack_seconds, state_dir, api_workers))
     console.rule("bench/lifecycle")
-    console.print(f"acknowledgement latency at {rate:.0f} commands/s: p50 {f['ack_ms']['p50']:.1f} ms,"
-                  f" p99 {f['ack_ms']['p99']:.1f} ms ({f['ack_ms']['n']} commands)")
-    console.print(f"sustained: {f['completed']} lifecycles in {f['elapsed_s']:.1f} s ="
-                  f" {f['lifecycles_per_s']:.0f} lifecycles/s with {agents} agents and"
-                  f" {api_workers} API process(es)")
-    console.print(f"submit->assigned p50 {f['submit_to_assigned_ms']['p50']:.0f} ms,"
-                  f" p99 {f['submit_to_assigned_ms']['p99']:.0f} ms; submit->completed p50"
-                  f" {f['submit_to_completed_ms']['p50']:.0f} ms, p99"
-                  f" {f['submit_to_completed_ms']['p99']:.0f} ms")
-    console.print(f"projection lag (event time -> row committed): p50"
-                  f" {f['projection_lag_ms']['p50']:.0f} ms, p99 {f['projection_lag_ms']['p99']:.0f} ms")
+    console.print(
+        f"acknowledgement latency at {rate:.0f} commands/s: p50 {f['ack_ms']['p50']:.1f} ms,"
+        f" p99 {f['ack_ms']['p99']:.1f} ms ({f['ack_ms']['n']} commands)"
+    )
+    console.print(
+        f"sustained: {f['completed']} lifecycles in {f['elapsed_s']:.1f} s ="
+        f" {f['lifecycles_per_s']:.0f} lifecycles/s with {agents} agents and"
+        f" {api_workers} API process(es)"
+    )
+    console.print(
+        f"submit->assigned p50 {f['submit_to_assigned_ms']['p50']:.0f} ms,"
+        f" p99 {f['submit_to_assigned_ms']['p99']:.0f} ms; submit->completed p50"
+        f" {f['submit_to_completed_ms']['p50']:.0f} ms, p99"
+        f" {f['submit_to_completed_ms']['p99']:.0f} ms"
+    )
+    console.print(
+        f"projection lag (event time -> row committed): p50"
+        f" {f['projection_lag_ms']['p50']:.0f} ms, p99 {f['projection_lag_ms']['p99']:.0f} ms"
+    )
 
 
 if __name__ == "__main__":

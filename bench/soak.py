@@ -145,8 +145,9 @@ async def _until_ready(base: str, children: Children, timeout_s: float = 120.0) 
         while time.monotonic() < deadline:
             for name, proc in children.procs.items():
                 if proc.poll() is not None:
-                    raise RuntimeError(f"{name} exited with {proc.returncode}; see"
-                                       f" {children.log_dir / name}.log")
+                    raise RuntimeError(
+                        f"{name} exited with {proc.returncode}; see {children.log_dir / name}.log"
+                    )
             with contextlib.suppress(httpx.HTTPError):
                 if (await http.get("/ready")).status_code == 200:
                     return
@@ -159,10 +160,15 @@ async def _agents(http: httpx.AsyncClient, run: str, n: int) -> list[str]:
     ids = [f"{run}-a{i}" for i in range(n)]
 
     async def one(agent_id: str) -> None:
-        r = await http.post("/agents", json={
-            "agent_id": agent_id, "name": agent_id, "max_concurrent_tasks": 20,
-            "capabilities": [{"name": "soak", "level": 1.0}],
-        })
+        r = await http.post(
+            "/agents",
+            json={
+                "agent_id": agent_id,
+                "name": agent_id,
+                "max_concurrent_tasks": 20,
+                "capabilities": [{"name": "soak", "level": 1.0}],
+            },
+        )
         r.raise_for_status()
         (await http.post(f"/agents/{agent_id}/start")).raise_for_status()
 
@@ -178,7 +184,11 @@ async def _paced(done: float, ahead_of: Callable[[], float], slack: float = 0.02
 
 
 async def _beat_via_api(
-    http: httpx.AsyncClient, agents: list[str], total: int, concurrency: int, counts: Counts,
+    http: httpx.AsyncClient,
+    agents: list[str],
+    total: int,
+    concurrency: int,
+    counts: Counts,
     tasks_progress: Callable[[], float],
 ) -> None:
     numbers = iter(range(total))
@@ -198,8 +208,14 @@ async def _beat_via_api(
 
 
 async def _beat_via_topic(
-    client: CommandClient, run: str, agents: list[str], total: int, concurrency: int,
-    counts: Counts, tasks_progress: Callable[[], float], chunk: int = 500,
+    client: CommandClient,
+    run: str,
+    agents: list[str],
+    total: int,
+    concurrency: int,
+    counts: Counts,
+    tasks_progress: Callable[[], float],
+    chunk: int = 500,
 ) -> None:
     starts = iter(range(0, total, chunk))
 
@@ -228,8 +244,11 @@ async def _beat_via_topic(
 
 
 async def _follow_assignments(
-    http: httpx.AsyncClient, run: str, queue: asyncio.Queue[tuple[str, str]],
-    connected: asyncio.Event, counts: Counts,
+    http: httpx.AsyncClient,
+    run: str,
+    queue: asyncio.Queue[tuple[str, str]],
+    connected: asyncio.Event,
+    counts: Counts,
 ) -> None:
     """Queue (task id, agent id) for every assignment of this run's tasks, for ever;
     resume with the last SSE id whenever the stream ends (dropped by the API's window)."""
@@ -266,8 +285,9 @@ async def _work(
             counts.starts += 1
             if r.status_code != 200:
                 continue  # e.g. reassigned meanwhile: its new assignment comes too
-            r = await http.post(f"/tasks/{task_id}/complete",
-                                json={"agent_id": agent_id, "result": {"ok": True}})
+            r = await http.post(
+                f"/tasks/{task_id}/complete", json={"agent_id": agent_id, "result": {"ok": True}}
+            )
             counts.answered(r.status_code)
             counts.completes += 1
             if r.status_code == 200:
@@ -277,8 +297,13 @@ async def _work(
 
 
 async def _submit(
-    http: httpx.AsyncClient, run: str, total: int, max_inflight: int, counts: Counts,
-    progress: Callable[[], float], batch: int = 50,
+    http: httpx.AsyncClient,
+    run: str,
+    total: int,
+    max_inflight: int,
+    counts: Counts,
+    progress: Callable[[], float],
+    batch: int = 50,
 ) -> None:
     """Submit ``total`` tasks in batches, no faster than ``progress()`` (0..1) of the
     heartbeats, with at most ``max_inflight`` of them not completed."""
@@ -296,8 +321,15 @@ async def _submit(
             await asyncio.sleep(0.05)
             continue
         n = min(batch, total - i)
-        tasks = [{"task_id": f"{run}-t{j}", "type": "soak", "payload": {"n": j},
-                  "required_capabilities": ["soak"]} for j in range(i, i + n)]
+        tasks = [
+            {
+                "task_id": f"{run}-t{j}",
+                "type": "soak",
+                "payload": {"n": j},
+                "required_capabilities": ["soak"],
+            }
+            for j in range(i, i + n)
+        ]
         try:
             r = await http.post("/tasks:batch", json={"tasks": tasks})
             r.raise_for_status()
@@ -353,8 +385,15 @@ async def _clean_up(info: stack.StackInfo, run: str, topics: Topics) -> None:
 
 
 async def bench(
-    commands: int, agents: int, task_share: float, via: Literal["api", "topic"],
-    concurrency: int, max_inflight: int, sample_s: float, warmup: int, state_dir: Path,
+    commands: int,
+    agents: int,
+    task_share: float,
+    via: Literal["api", "topic"],
+    concurrency: int,
+    max_inflight: int,
+    sample_s: float,
+    warmup: int,
+    state_dir: Path,
     keep: bool = False,
 ) -> dict[str, Any]:
     """Run the soak and return its figures: ``samples`` (list of Sample), ``counts``
@@ -385,9 +424,16 @@ async def bench(
     counts = Counts()
     samples: list[Sample] = []
     figures: dict[str, Any] = {
-        "run": run, "log_dir": log_dir, "commands": commands, "heartbeats_planned": beats_total,
-        "tasks_planned": tasks_total, "via": via, "agents": agents, "samples": samples,
-        "counts": counts, "warmup": warmup,
+        "run": run,
+        "log_dir": log_dir,
+        "commands": commands,
+        "heartbeats_planned": beats_total,
+        "tasks_planned": tasks_total,
+        "via": via,
+        "agents": agents,
+        "samples": samples,
+        "counts": counts,
+        "warmup": warmup,
         "outcome_cache_bytes": settings.client_outcome_cache_bytes,
         "sse_window_bytes": settings.sse_window_bytes,
     }
@@ -396,8 +442,11 @@ async def bench(
     t0 = time.perf_counter()
 
     def sample() -> Sample:
-        s = Sample(time.perf_counter() - t0, counts.total,
-                   {name: rss_bytes(p.pid) for name, p in children.procs.items()})
+        s = Sample(
+            time.perf_counter() - t0,
+            counts.total,
+            {name: rss_bytes(p.pid) for name, p in children.procs.items()},
+        )
         samples.append(s)
         return s
 
@@ -408,15 +457,17 @@ async def bench(
             s = sample()
             for name, proc in children.procs.items():
                 if proc.poll() is not None:
-                    raise RuntimeError(f"{name} exited with {proc.returncode}; see"
-                                       f" {log_dir / name}.log")
+                    raise RuntimeError(
+                        f"{name} exited with {proc.returncode}; see {log_dir / name}.log"
+                    )
             if s.t - last_print >= 30:
                 last_print = s.t
                 console.print(
                     f"[dim]{s.t:6.0f} s {s.commands:>8,} commands"
                     f" ({s.commands / max(s.t, 1e-9):,.0f}/s), {counts.completed:,} tasks"
                     f" completed; RSS MB "
-                    + " ".join(f"{n} {v / MB:.0f}" for n, v in s.rss.items()) + "[/]"
+                    + " ".join(f"{n} {v / MB:.0f}" for n, v in s.rss.items())
+                    + "[/]"
                 )
 
     async def driven(*work: Any) -> None:
@@ -438,8 +489,9 @@ async def bench(
         for role in ROLES:
             children.start(role, [sys.executable, "-m", "infra.cli", role], env)
         await _until_ready(base, children)
-        limits = httpx.Limits(max_connections=concurrency + 64,
-                              max_keepalive_connections=concurrency + 64)
+        limits = httpx.Limits(
+            max_connections=concurrency + 64, max_keepalive_connections=concurrency + 64
+        )
         timeout = httpx.Timeout(60.0, read=None)  # the SSE stream waits between events
         async with httpx.AsyncClient(base_url=base, timeout=timeout, limits=limits) as http:
             ids = await _agents(http, run, agents)
@@ -448,8 +500,9 @@ async def bench(
                 await client.start()
             queue: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
             connected = asyncio.Event()
-            background.append(asyncio.create_task(
-                _follow_assignments(http, run, queue, connected, counts)))
+            background.append(
+                asyncio.create_task(_follow_assignments(http, run, queue, connected, counts))
+            )
             background += [asyncio.create_task(_work(http, queue, counts)) for _ in range(16)]
             await asyncio.wait_for(connected.wait(), 30)
             await asyncio.sleep(5.0)  # roles settle after the set-up's burst
@@ -472,6 +525,7 @@ async def bench(
                     client, run, ids, beats_total, concurrency, counts, tasks_progress
                 )
             )
+
             async def last_tasks() -> None:
                 """Until every task completed, or none did for 60 s."""
                 last, still = counts.completed, time.perf_counter()
@@ -524,8 +578,11 @@ def report(f: dict[str, Any]) -> None:
     at_100k = _at(samples, 100_000) if f["commands"] > 100_000 else None
     after = [s for s in samples if s.t >= warm.t]
     console.rule("bench/soak")
-    how = ("heartbeats through the API (POST /agents/{id}/heartbeat)" if f["via"] == "api"
-           else "heartbeats written straight to the command topic (CommandClient, public codec)")
+    how = (
+        "heartbeats through the API (POST /agents/{id}/heartbeat)"
+        if f["via"] == "api"
+        else "heartbeats written straight to the command topic (CommandClient, public codec)"
+    )
     console.print(
         f"{c.total:,} commands in {f['drive_s']:.1f} s = {c.total / f['drive_s']:,.0f} commands/s:"
         f" {c.heartbeats:,} heartbeats from {f['agents']} agents, {how}; task cycles through"
@@ -567,21 +624,37 @@ def report(f: dict[str, Any]) -> None:
 
 @app.command()
 def main(
-    commands: Annotated[int, typer.Option(min=1000, help="Commands to drive (heartbeats and"
-                                          " task submit/start/complete).")] = 500_000,
-    agents: Annotated[int, typer.Option(min=1, help="Agents sending heartbeats and running"
-                                        " tasks.")] = 100,
-    task_share: Annotated[float, typer.Option(min=0.0, max=1.0, help="Share of the commands"
-                                              " that are task cycles (3 commands each).")] = 0.1,
-    via: Annotated[str, typer.Option(help="Send heartbeats through the 'api' or straight to"
-                                     " the command 'topic'.")] = "api",
+    commands: Annotated[
+        int,
+        typer.Option(
+            min=1000, help="Commands to drive (heartbeats and task submit/start/complete)."
+        ),
+    ] = 500_000,
+    agents: Annotated[
+        int, typer.Option(min=1, help="Agents sending heartbeats and running tasks.")
+    ] = 100,
+    task_share: Annotated[
+        float,
+        typer.Option(
+            min=0.0, max=1.0, help="Share of the commands that are task cycles (3 commands each)."
+        ),
+    ] = 0.1,
+    via: Annotated[
+        str,
+        typer.Option(help="Send heartbeats through the 'api' or straight to the command 'topic'."),
+    ] = "api",
     concurrency: Annotated[int, typer.Option(min=1, help="Heartbeat requests in flight.")] = 48,
-    max_inflight: Annotated[int, typer.Option(min=1, help="Tasks submitted and not yet"
-                                              " completed, at most.")] = 500,
+    max_inflight: Annotated[
+        int, typer.Option(min=1, help="Tasks submitted and not yet completed, at most.")
+    ] = 500,
     sample_s: Annotated[float, typer.Option(min=0.5, help="Seconds between RSS samples.")] = 5.0,
-    warmup: Annotated[int | None, typer.Option(help="Commands before the reference sample"
-                                               " (default: 10 % of --commands).")] = None,
-    state_dir: Annotated[Path, typer.Option(help="Local stack state directory.")] = Path(".swarmlog"),
+    warmup: Annotated[
+        int | None,
+        typer.Option(help="Commands before the reference sample (default: 10 % of --commands)."),
+    ] = None,
+    state_dir: Annotated[Path, typer.Option(help="Local stack state directory.")] = Path(
+        ".swarmlog"
+    ),
     keep: Annotated[bool, typer.Option(help="Keep the run's topics, schema and keys.")] = False,
 ) -> None:
     """Drive a long steady load through every role and print how their memory grows.
@@ -596,10 +669,20 @@ def main(
     """
     if via not in ("api", "topic"):
         raise typer.BadParameter("--via is 'api' or 'topic'")
-    f = asyncio.run(bench(
-        commands, agents, task_share, via, concurrency, max_inflight,  # type: ignore[arg-type]
-        sample_s, warmup if warmup is not None else commands // 10, state_dir, keep,
-    ))
+    f = asyncio.run(
+        bench(
+            commands,
+            agents,
+            task_share,
+            via,
+            concurrency,
+            max_inflight,  # type: ignore[arg-type]
+            sample_s,
+            warmup if warmup is not None else commands // 10,
+            state_dir,
+            keep,
+        )
+    )
     report(f)
 
 

@@ -64,8 +64,9 @@ console = Console()
 
 def _env(command: Command, command_id: str | None = None) -> CommandEnvelope:
     cid = command_id or str(uuid.uuid4())
-    return CommandEnvelope(command_id=cid, command=command, correlation_id=cid,
-                           source="/bench/workflow")
+    return CommandEnvelope(
+        command_id=cid, command=command, correlation_id=cid, source="/bench/workflow"
+    )
 
 
 def _now() -> datetime:
@@ -79,8 +80,9 @@ class Swarm:
     run id -> the run's end event; ``events`` keeps every event read (for the hops).
     """
 
-    def __init__(self, bootstrap: str, topics: Topics, client: CommandClient,
-                 agent_ids: list[str]) -> None:
+    def __init__(
+        self, bootstrap: str, topics: Topics, client: CommandClient, agent_ids: list[str]
+    ) -> None:
         self.bootstrap = bootstrap
         self.topics = topics
         self.client = client
@@ -128,13 +130,20 @@ class Swarm:
                         at = _now()
                         commands += [
                             _env(tk.StartTask(task_id=e.task_id, agent_id=e.agent_id, at=at)),
-                            _env(tk.CompleteTask(task_id=e.task_id, agent_id=e.agent_id,
-                                                 result={"ok": True}, at=at)),
+                            _env(
+                                tk.CompleteTask(
+                                    task_id=e.task_id,
+                                    agent_id=e.agent_id,
+                                    result={"ok": True},
+                                    at=at,
+                                )
+                            ),
                         ]
                     elif isinstance(e, tk.TaskCompleted):
                         self.completed[e.task_id] = mono
-                    elif isinstance(e, (wr.WorkflowRunCompleted, wr.WorkflowRunFailed,
-                                        wr.WorkflowRunCancelled)):
+                    elif isinstance(
+                        e, (wr.WorkflowRunCompleted, wr.WorkflowRunFailed, wr.WorkflowRunCancelled)
+                    ):
                         self.ended[e.run_id] = stored
             if commands:
                 await self.client.send_many(commands)
@@ -150,28 +159,55 @@ class Swarm:
 
 
 def _spec(parallelism: int, items: int) -> wf.WorkflowSpec:
-    return wf.WorkflowSpec(steps=(
-        wf.StepSpec(id="start", task_type="noop"),
-        wf.StepSpec(id="fan", task_type="noop", depends_on=("start",),
-                    map=wf.MapSpec(items="inputs.items", max_parallelism=parallelism,
-                                   max_items=max(items, 1))),
-        wf.StepSpec(id="join", task_type="noop", depends_on=("fan",),
-                    payload_from={"results": "steps.fan.result"}),
-    ))
+    return wf.WorkflowSpec(
+        steps=(
+            wf.StepSpec(id="start", task_type="noop"),
+            wf.StepSpec(
+                id="fan",
+                task_type="noop",
+                depends_on=("start",),
+                map=wf.MapSpec(
+                    items="inputs.items", max_parallelism=parallelism, max_items=max(items, 1)
+                ),
+            ),
+            wf.StepSpec(
+                id="join",
+                task_type="noop",
+                depends_on=("fan",),
+                payload_from={"results": "steps.fan.result"},
+            ),
+        )
+    )
 
 
-async def _workflow_phase(swarm: Swarm, run_id: str, items: int, parallelism: int,
-                          timeout_s: float) -> float:
+async def _workflow_phase(
+    swarm: Swarm, run_id: str, items: int, parallelism: int, timeout_s: float
+) -> float:
     """One run through the engine; seconds from the request sent to its end read."""
     wid = f"def-{run_id}"
     client = swarm.client
-    [created] = await client.execute_many([_env(wf.CreateWorkflow(
-        workflow_id=wid, name=wid, spec=_spec(parallelism, items), at=_now()))], 30.0)
+    [created] = await client.execute_many(
+        [
+            _env(
+                wf.CreateWorkflow(
+                    workflow_id=wid, name=wid, spec=_spec(parallelism, items), at=_now()
+                )
+            )
+        ],
+        30.0,
+    )
     if created is None or created.status != "accepted":
         raise RuntimeError(f"could not create the workflow: {created}")
     t0 = time.monotonic()
-    await client.send_many([_env(wf.ExecuteWorkflow(
-        workflow_id=wid, run_id=run_id, inputs={"items": list(range(items))}, at=_now()))])
+    await client.send_many(
+        [
+            _env(
+                wf.ExecuteWorkflow(
+                    workflow_id=wid, run_id=run_id, inputs={"items": list(range(items))}, at=_now()
+                )
+            )
+        ]
+    )
     t1 = await swarm.until(lambda: run_id in swarm.ended, timeout_s, f"run {run_id}")
     end = swarm.ended[run_id].event
     if isinstance(end, wr.WorkflowRunCompleted):
@@ -186,8 +222,9 @@ async def _direct_phase(swarm: Swarm, prefix: str, items: int, timeout_s: float)
 
     def submit(task_ids: Iterable[str]) -> list[CommandEnvelope]:
         at = _now()
-        return [_env(tk.SubmitTask(task_id=t, type="noop", max_attempts=1, at=at))
-                for t in task_ids]
+        return [
+            _env(tk.SubmitTask(task_id=t, type="noop", max_attempts=1, at=at)) for t in task_ids
+        ]
 
     first, last = f"{prefix}-start", f"{prefix}-join"
     fan = [f"{prefix}-fan-{i}" for i in range(items)]
@@ -221,8 +258,11 @@ def _hops(events: list[StoredEvent], run_id: str) -> list[float]:
         elif isinstance(s.event, tk.TaskSubmitted):
             first[step] = min(first.get(step, s.time), s.time)
     order = ["start", "fan", "join"]
-    return [(first[b] - done[a]).total_seconds() for a, b in itertools.pairwise(order)
-            if a in done and b in first]
+    return [
+        (first[b] - done[a]).total_seconds()
+        for a, b in itertools.pairwise(order)
+        if a in done and b in first
+    ]
 
 
 async def _offsets(bootstrap: str, topics: list[str]) -> dict[TopicPartition, int]:
@@ -280,9 +320,16 @@ async def _settled(bootstrap: str, topics: list[str], quiet_s: float = 2.0) -> N
         before = after
 
 
-async def bench(items: int, agents: int, slots: int, parallelism: int, state_dir: Path,
-                rounds: int = 3, timeout_s: float = 600.0,
-                split: bool = False) -> dict[str, Any]:
+async def bench(
+    items: int,
+    agents: int,
+    slots: int,
+    parallelism: int,
+    state_dir: Path,
+    rounds: int = 3,
+    timeout_s: float = 600.0,
+    split: bool = False,
+) -> dict[str, Any]:
     """Run the warm-up and ``rounds`` rounds of both phases; return the figures (seconds
     per round, and CPU seconds and records of the last round). ``split`` runs the
     workflow engine in a process of its own (``swarmlog streams --only workflow``)."""
@@ -307,15 +354,21 @@ async def bench(items: int, agents: int, slots: int, parallelism: int, state_dir
     log_dir.mkdir(parents=True, exist_ok=True)
     children = Children(log_dir=log_dir)
     client = CommandClient(bootstrap, topics)
-    figures: dict[str, Any] = {"run": run, "items": items, "agents": agents, "slots": slots,
-                               "parallelism": parallelism}
+    figures: dict[str, Any] = {
+        "run": run,
+        "items": items,
+        "agents": agents,
+        "slots": slots,
+        "parallelism": parallelism,
+    }
     swarm: Swarm | None = None
     try:
         cli = [sys.executable, "-m", "infra.cli"]
         children.start("processor", [*cli, "processor"], env)
         if split:
-            children.start("streams", [*cli, "streams", "--only", "scheduler",
-                                       "--only", "economy"], env)
+            children.start(
+                "streams", [*cli, "streams", "--only", "scheduler", "--only", "economy"], env
+            )
             children.start("workflow", [*cli, "streams", "--only", "workflow"], env)
         else:
             children.start("streams", [*cli, "streams"], env)
@@ -325,9 +378,14 @@ async def bench(items: int, agents: int, slots: int, parallelism: int, state_dir
         await swarm.start()
         at = _now()
         outcomes = await client.execute_many(
-            [_env(c) for a in agent_ids for c in (
-                ag.RegisterAgent(agent_id=a, name=a, max_concurrent_tasks=slots, at=at),
-                ag.StartAgent(agent_id=a, at=at))],
+            [
+                _env(c)
+                for a in agent_ids
+                for c in (
+                    ag.RegisterAgent(agent_id=a, name=a, max_concurrent_tasks=slots, at=at),
+                    ag.StartAgent(agent_id=a, at=at),
+                )
+            ],
             60.0,
         )
         if any(o is None or o.status != "accepted" for o in outcomes):
@@ -345,7 +403,8 @@ async def bench(items: int, agents: int, slots: int, parallelism: int, state_dir
             console.print(f"round {r + 1}: 1 -> {items} -> 1 tasks by hand")
             start, cpu = await _offsets(bootstrap, watched), _cpu_s(pids)
             figures["direct_s"].append(
-                await _direct_phase(swarm, f"{run}-direct-{r}", items, timeout_s))
+                await _direct_phase(swarm, f"{run}-direct-{r}", items, timeout_s)
+            )
             await _settled(bootstrap, watched)
             figures["direct_cpu"] = _cpu_between(cpu, _cpu_s(pids))
             figures["direct_records"] = await _records_between(bootstrap, start)
@@ -354,7 +413,8 @@ async def bench(items: int, agents: int, slots: int, parallelism: int, state_dir
             start, cpu = await _offsets(bootstrap, watched), _cpu_s(pids)
             run_id = f"{run}-run-{r}"
             figures["workflow_s"].append(
-                await _workflow_phase(swarm, run_id, items, parallelism, timeout_s))
+                await _workflow_phase(swarm, run_id, items, parallelism, timeout_s)
+            )
             await _settled(bootstrap, watched)
             figures["workflow_cpu"] = _cpu_between(cpu, _cpu_s(pids))
             figures["workflow_records"] = await _records_between(bootstrap, start)
@@ -373,11 +433,17 @@ def main(
     agents: Annotated[int, typer.Option(min=1, help="No-op agents.")] = 8,
     slots: Annotated[int, typer.Option(min=1, help="Tasks each agent runs at once.")] = 32,
     parallelism: Annotated[int, typer.Option(min=1, help="The map's max_parallelism.")] = 1000,
-    state_dir: Annotated[Path, typer.Option(help="Local stack state directory.")] = Path(".swarmlog"),
+    state_dir: Annotated[Path, typer.Option(help="Local stack state directory.")] = Path(
+        ".swarmlog"
+    ),
     rounds: Annotated[int, typer.Option(min=1, help="Rounds of both phases (medians).")] = 3,
-    split: Annotated[bool, typer.Option(
-        help="Run the workflow engine in its own process, apart from the scheduler and"
-        " the economy.")] = False,
+    split: Annotated[
+        bool,
+        typer.Option(
+            help="Run the workflow engine in its own process, apart from the scheduler and"
+            " the economy."
+        ),
+    ] = False,
 ) -> None:
     """Run the workflow benchmark and print its figures."""
     f = asyncio.run(bench(items, agents, slots, parallelism, state_dir, rounds, split=split))
@@ -385,24 +451,34 @@ def main(
     over = wf_s - direct_s
     tasks = items + 2
     console.rule("bench/workflow")
-    console.print(f"1 -> {items} -> 1 with {agents} no-op agents x {slots} slots, map"
-                  f" parallelism {parallelism}; medians of {rounds} alternating rounds")
-    console.print(f"through the workflow engine: {wf_s:.2f} s"
-                  f" ({', '.join(f'{x:.2f}' for x in f['workflow_s'])});"
-                  f" the same tasks by hand: {direct_s:.2f} s"
-                  f" ({', '.join(f'{x:.2f}' for x in f['direct_s'])})")
-    console.print(f"engine overhead: {over:+.2f} s = {over / 3 * 1000:+.0f} ms per step,"
-                  f" {over / tasks * 1000:+.2f} ms per task, {over / direct_s * 100:+.1f} % of"
-                  f" the direct time (target < 20 %)")
+    console.print(
+        f"1 -> {items} -> 1 with {agents} no-op agents x {slots} slots, map"
+        f" parallelism {parallelism}; medians of {rounds} alternating rounds"
+    )
+    console.print(
+        f"through the workflow engine: {wf_s:.2f} s"
+        f" ({', '.join(f'{x:.2f}' for x in f['workflow_s'])});"
+        f" the same tasks by hand: {direct_s:.2f} s"
+        f" ({', '.join(f'{x:.2f}' for x in f['direct_s'])})"
+    )
+    console.print(
+        f"engine overhead: {over:+.2f} s = {over / 3 * 1000:+.0f} ms per step,"
+        f" {over / tasks * 1000:+.2f} ms per task, {over / direct_s * 100:+.1f} % of"
+        f" the direct time (target < 20 %)"
+    )
     hops = "; ".join(", ".join(f"{h * 1000:.0f}" for h in r) for r in f["hops_s"])
-    console.print(f"step to step, ms (last task of a step completed -> first of the next"
-                  f" submitted; start->fan, fan->join per round): {hops}")
+    console.print(
+        f"step to step, ms (last task of a step completed -> first of the next"
+        f" submitted; start->fan, fan->join per round): {hops}"
+    )
     cpu = ", ".join(
         f"{name} {f['direct_cpu'][name]:.1f} -> {f['workflow_cpu'].get(name, 0.0):.1f}"
         for name in f["direct_cpu"]
     )
-    console.print(f"CPU seconds per process in the last round, direct -> workflow (until the"
-                  f" log is quiet): {cpu}")
+    console.print(
+        f"CPU seconds per process in the last round, direct -> workflow (until the"
+        f" log is quiet): {cpu}"
+    )
     table = Table(title="records written in the last round (and their bytes), per topic")
     table.add_column("topic")
     table.add_column("direct", justify="right")
@@ -413,8 +489,11 @@ def main(
         return f"{n_bytes[0]:,} ({n_bytes[1] / 1e6:.1f} MB)"
 
     for topic in sorted(set(d) | set(w)):
-        table.add_row(topic.removeprefix(f["run"] + "."), cell(d.get(topic, (0, 0))),
-                      cell(w.get(topic, (0, 0))))
+        table.add_row(
+            topic.removeprefix(f["run"] + "."),
+            cell(d.get(topic, (0, 0))),
+            cell(w.get(topic, (0, 0))),
+        )
     total = [tuple(map(sum, zip(*x.values(), strict=True))) for x in (d, w)]
     table.add_row("total", cell(total[0]), cell(total[1]))  # type: ignore[arg-type]
     console.print(table)

@@ -109,8 +109,13 @@ class CommandClient:
     """
 
     def __init__(
-        self, bootstrap_servers: str, topics: Topics, *, follow_outcomes: bool = True,
-        remember: int = 100_000, remember_bytes: int = OUTCOME_CACHE_BYTES,
+        self,
+        bootstrap_servers: str,
+        topics: Topics,
+        *,
+        follow_outcomes: bool = True,
+        remember: int = 100_000,
+        remember_bytes: int = OUTCOME_CACHE_BYTES,
     ) -> None:
         self.bootstrap = bootstrap_servers
         self.topics = topics

@@ -357,7 +357,8 @@ class CommandProcessor:
                 ps.aggregates.pop(key, None)
                 log.exception(
                     "an aggregate's events could not be replayed",
-                    aggregate=key, version=stored.version,
+                    aggregate=key,
+                    version=stored.version,
                 )
 
         def on_outcome(record: Any) -> None:
@@ -609,7 +610,9 @@ class CommandProcessor:
             rejection = internal_error(exc)
             log.exception(
                 "command failed; rejected and dead-lettered",
-                partition=partition, offset=record.offset, command_id=env.command_id,
+                partition=partition,
+                offset=record.offset,
+                command_id=env.command_id,
                 command_type=type(env.command).__name__,
             )
             key = (env.command.aggregate_type, env.command.aggregate_id)
@@ -698,13 +701,18 @@ class CommandProcessor:
             encoded = encode_event(topic, stored)
             size = record_size(encoded)
             if size > self.record_max_bytes:
-                return self._rejection(ps, env, staged, rejected(
-                    "invalid",
-                    "too_large",
-                    f"event {command.aggregate_type}.{event.event_type} is"
-                    f" {describe_size(size)}; the record limit is"
-                    f" {describe_size(self.record_max_bytes)}",
-                ))
+                return self._rejection(
+                    ps,
+                    env,
+                    staged,
+                    rejected(
+                        "invalid",
+                        "too_large",
+                        f"event {command.aggregate_type}.{event.event_type} is"
+                        f" {describe_size(size)}; the record limit is"
+                        f" {describe_size(self.record_max_bytes)}",
+                    ),
+                )
             records.append(encoded)
             described.append(
                 {"id": stored.id, "type": stored.type, "version": version, "topic": topic}
@@ -713,13 +721,18 @@ class CommandProcessor:
             state = decider.evolve(state, event)
         ids = len(env.command_id.encode()) + len(command.aggregate_id.encode())
         if listed + 3 * ids + 4096 > self.record_max_bytes:
-            return self._rejection(ps, env, staged, rejected(
-                "invalid",
-                "too_large",
-                f"the outcome would list {len(described):,} events, about"
-                f" {describe_size(listed)}; the record limit is"
-                f" {describe_size(self.record_max_bytes)}",
-            ))
+            return self._rejection(
+                ps,
+                env,
+                staged,
+                rejected(
+                    "invalid",
+                    "too_large",
+                    f"the outcome would list {len(described):,} events, about"
+                    f" {describe_size(listed)}; the record limit is"
+                    f" {describe_size(self.record_max_bytes)}",
+                ),
+            )
         summary = decider.summary(state)
         return Decision(
             outcome=Outcome(
@@ -763,7 +776,8 @@ class CommandProcessor:
                 if candidate is not outcome:
                     log.warning(
                         "outcome shrunk to fit one record",
-                        command_id=outcome.command_id, problem=problem or "too large",
+                        command_id=outcome.command_id,
+                        problem=problem or "too large",
                     )
                 return record
             problem = f"{describe_size(size)} over the limit"
@@ -784,8 +798,12 @@ class CommandProcessor:
             with contextlib.suppress(Exception):
                 headers = [(str(k)[:256], bytes(v or b"")[:1024]) for k, v in record.headers or ()]
             cut = _TruncatedRecord(
-                topic=record.topic, partition=record.partition, offset=record.offset,
-                key=bytes(record.key or b"")[:1024], value=value[:keep], headers=headers[:64],
+                topic=record.topic,
+                partition=record.partition,
+                offset=record.offset,
+                key=bytes(record.key or b"")[:1024],
+                value=value[:keep],
+                headers=headers[:64],
             )
             reason = f"{reason[:MAX_DETAIL_CHARS]} (record cut to {keep:,} of {len(value):,} bytes)"
             letter = encode_dead_letter(self.topics.deadletter, cut, reason, at)

@@ -28,7 +28,9 @@ def _capabilities(values: list[str]) -> dict[str, float]:
         try:
             out[name] = float(level) if sep else 1.0
         except ValueError:
-            raise typer.BadParameter(f"--capability {value!r}: expected NAME=LEVEL, LEVEL in [0, 1]")
+            raise typer.BadParameter(
+                f"--capability {value!r}: expected NAME=LEVEL, LEVEL in [0, 1]"
+            )
     return out
 
 
@@ -44,8 +46,11 @@ def main(
     cost: Annotated[str, typer.Option(help="Cost per task, in tokens (decimal string).")] = "0",
     pace_ms: Annotated[
         int,
-        typer.Option(min=0, help="Extra think time per task in milliseconds, so a person can "
-                     "watch the swarm (the analysis itself takes a few ms)."),
+        typer.Option(
+            min=0,
+            help="Extra think time per task in milliseconds, so a person can "
+            "watch the swarm (the analysis itself takes a few ms).",
+        ),
     ] = 0,
 ) -> None:
     """Run one agent until SIGTERM."""

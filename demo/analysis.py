@@ -55,8 +55,12 @@ class ModuleRef:
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
-        return {"name": self.name, "path": str(self.path), "lines": self.lines,
-                "is_package": self.is_package}
+        return {
+            "name": self.name,
+            "path": str(self.path),
+            "lines": self.lines,
+            "is_package": self.is_package,
+        }
 
 
 # -- discovery ---------------------------------------------------------------------------
@@ -247,8 +251,12 @@ class FunctionInfo:
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
-        return {"name": self.name, "line": self.line, "complexity": self.complexity,
-                "is_async": self.is_async}
+        return {
+            "name": self.name,
+            "line": self.line,
+            "complexity": self.complexity,
+            "is_async": self.is_async,
+        }
 
 
 def _functions(tree: ast.Module) -> list[FunctionInfo]:
@@ -259,8 +267,14 @@ def _functions(tree: ast.Module) -> list[FunctionInfo]:
         for node in body:
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 qualname = f"{prefix}{node.name}"
-                found.append(FunctionInfo(qualname, node.lineno, cyclomatic_complexity(node),
-                                          isinstance(node, ast.AsyncFunctionDef)))
+                found.append(
+                    FunctionInfo(
+                        qualname,
+                        node.lineno,
+                        cyclomatic_complexity(node),
+                        isinstance(node, ast.AsyncFunctionDef),
+                    )
+                )
                 walk(_child_statements(node), f"{qualname}.<locals>.")
             elif isinstance(node, ast.ClassDef):
                 walk(_child_statements(node), f"{prefix}{node.name}.")
@@ -308,8 +322,12 @@ def _line_kinds(source: str, tree: ast.Module) -> dict[str, int]:
     for node in ast.walk(tree):
         if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
             body = node.body
-            if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
-                    and isinstance(body[0].value.value, str):
+            if (
+                body
+                and isinstance(body[0], ast.Expr)
+                and isinstance(body[0].value, ast.Constant)
+                and isinstance(body[0].value.value, str)
+            ):
                 doc = body[0]
                 docstring_lines.update(range(doc.lineno, (doc.end_lineno or doc.lineno) + 1))
         elif isinstance(node, (ast.Constant, ast.JoinedStr)):
@@ -441,13 +459,15 @@ def rank_findings(results: list[dict[str, Any]], top: int = 10) -> list[dict[str
         if entries is None:
             entries = result.get("most_complex", [])
         for entry in entries:
-            findings.append({
-                "module": result.get("module", ""),
-                "path": result.get("path", ""),
-                "function": entry["name"],
-                "line": entry["line"],
-                "complexity": entry["complexity"],
-                "grade": grade(entry["complexity"]),
-            })
+            findings.append(
+                {
+                    "module": result.get("module", ""),
+                    "path": result.get("path", ""),
+                    "function": entry["name"],
+                    "line": entry["line"],
+                    "complexity": entry["complexity"],
+                    "grade": grade(entry["complexity"]),
+                }
+            )
     findings.sort(key=lambda f: (-f["complexity"], f["module"], f["line"]))
     return findings[:top]

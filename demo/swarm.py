@@ -74,8 +74,9 @@ async def _until(probe: Any, what: str, timeout_s: float = 30.0) -> Any:
 async def fund_agents(http: httpx.AsyncClient) -> None:
     """Grant each agent its stake (plus 50 tokens) from the treasury and stake it."""
     for name, stake in STAKES.items():
-        r = await http.post(f"/accounts/{name}/grant", json={"amount": str(stake + 50),
-                                                             "reason": "demo grant"})
+        r = await http.post(
+            f"/accounts/{name}/grant", json={"amount": str(stake + 50), "reason": "demo grant"}
+        )
         if r.status_code != 200:
             raise RuntimeError(f"grant to {name} failed: {r.status_code} {r.text}")
 
@@ -92,10 +93,18 @@ async def fund_agents(http: httpx.AsyncClient) -> None:
 
 async def propose_double_reward(http: httpx.AsyncClient, proposal_id: str) -> None:
     """Propose doubling the base reward (2 s window) and have every staker vote for it."""
-    r = await http.post("/proposals", json={
-        "proposal_id": proposal_id, "title": "double the base reward", "proposer": "ada",
-        "change": {"base_reward": "20"}, "window_s": 2, "quorum_bp": 5000,
-        "threshold_bp": 5000})
+    r = await http.post(
+        "/proposals",
+        json={
+            "proposal_id": proposal_id,
+            "title": "double the base reward",
+            "proposer": "ada",
+            "change": {"base_reward": "20"},
+            "window_s": 2,
+            "quorum_bp": 5000,
+            "threshold_bp": 5000,
+        },
+    )
     if r.status_code != 201:
         raise RuntimeError(f"proposal failed: {r.status_code} {r.text}")
     for name in STAKES:
@@ -131,8 +140,9 @@ class Children:
     def start(self, name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
         """Start ``argv`` as child ``name``, its output to ``<log_dir>/<name>.log``."""
         log = open(self.log_dir / f"{name}.log", "wb")  # noqa: SIM115 - owned by the child
-        proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
         self.procs[name] = proc
         return proc
 
@@ -199,8 +209,12 @@ async def start_workflow(http: httpx.AsyncClient, run_id: str, packages: tuple[s
     async def instantiated() -> bool:
         r = await http.post(
             f"/workflow-templates/{template['name']}/instantiate",
-            json={"workflow_id": run_id, "name": f"analyse {', '.join(packages)}",
-                  "params": {"packages": list(packages), "top": 10}, "version": version},
+            json={
+                "workflow_id": run_id,
+                "name": f"analyse {', '.join(packages)}",
+                "params": {"packages": list(packages), "top": 10},
+                "version": version,
+            },
             headers={"Idempotency-Key": f"{run_id}-instantiate"},
         )
         if r.status_code == 404:  # the template's version is not in the read model yet
@@ -210,8 +224,11 @@ async def start_workflow(http: httpx.AsyncClient, run_id: str, packages: tuple[s
         return True
 
     await _until(instantiated, "the template in the read model")
-    r = await http.post(f"/workflows/{run_id}/execute", json={"inputs": {}},
-                        headers={"Idempotency-Key": f"{run_id}-execute"})
+    r = await http.post(
+        f"/workflows/{run_id}/execute",
+        json={"inputs": {}},
+        headers={"Idempotency-Key": f"{run_id}-execute"},
+    )
     if r.status_code != 202:
         raise RuntimeError(f"executing the workflow failed: {r.status_code} {r.text}")
     return str(r.json()["run_id"])
@@ -225,10 +242,12 @@ async def _run(http: httpx.AsyncClient, run_id: str) -> dict[str, Any] | None:
 
 async def _analysed(conn: asyncpg.Connection, schema: str) -> int:
     """Modules analysed so far (completed ``analyse-module`` tasks in the read model)."""
-    return int(await conn.fetchval(
-        f"SELECT count(*) FROM {schema}.tasks WHERE type = 'analyse-module'"
-        " AND status = 'completed'"
-    ))
+    return int(
+        await conn.fetchval(
+            f"SELECT count(*) FROM {schema}.tasks WHERE type = 'analyse-module'"
+            " AND status = 'completed'"
+        )
+    )
 
 
 async def _counts(conn: asyncpg.Connection, schema: str) -> dict[str, int]:
@@ -381,8 +400,13 @@ def render(console: Console, summary: dict[str, Any], extra: dict[str, Any]) -> 
     for col in ("agent", "state", "completed", "failed", "taken back"):
         t.add_column(col, justify="right" if col not in ("agent", "state") else "left")
     for a in summary["agents"]:
-        t.add_row(a["name"], a["lifecycle"], str(a["tasks_completed"]), str(a["tasks_failed"]),
-                  str(a["tasks_lost"]))
+        t.add_row(
+            a["name"],
+            a["lifecycle"],
+            str(a["tasks_completed"]),
+            str(a["tasks_failed"]),
+            str(a["tasks_lost"]),
+        )
     console.print(t)
     lat = summary["latency_ms"]
     tasks = ", ".join(f"{k} {v}" for k, v in sorted(summary["tasks"].items()))
@@ -416,11 +440,13 @@ def render(console: Console, summary: dict[str, Any], extra: dict[str, Any]) -> 
         for col in ("account", "tier", "balance", "staked", "earned", "slashed"):
             e.add_column(col, justify="left" if col in ("account", "tier") else "right")
         for a in economy["accounts"]:
-            e.add_row(a["account_id"], a["tier"], a["balance"], a["staked"], a["earned"],
-                      a["slashed"])
+            e.add_row(
+                a["account_id"], a["tier"], a["balance"], a["staked"], a["earned"], a["slashed"]
+            )
         console.print(e)
-        board = ", ".join(f"{x['rank']}. {x['account_id']} {x['earned']}"
-                          for x in economy["leaderboard"])
+        board = ", ".join(
+            f"{x['rank']}. {x['account_id']} {x['earned']}" for x in economy["leaderboard"]
+        )
         t = economy["totals"]
         p = economy["proposal"]
         console.print(
@@ -428,9 +454,13 @@ def render(console: Console, summary: dict[str, Any], extra: dict[str, Any]) -> 
             f"Supply {t['supply']} = balances {t['balances']} + staked {t['staked']} +"
             f" unstaking {t['unstaking']} + in flight {t['in_flight']}:"
             f" {'balanced' if t['balanced'] else 'NOT BALANCED'}."
-            + (f"\nGovernance: '{p['title']}' {p['status']} ({p['votes_for']} for,"
-               f" {p['votes_against']} against of {p['total_power']} staked); base reward now"
-               f" {t['parameters']['base_reward']}." if p else "")
+            + (
+                f"\nGovernance: '{p['title']}' {p['status']} ({p['votes_for']} for,"
+                f" {p['votes_against']} against of {p['total_power']} staked); base reward now"
+                f" {t['parameters']['base_reward']}."
+                if p
+                else ""
+            )
         )
 
 
@@ -487,16 +517,31 @@ async def run_demo(
     proposal_id: str | None = None
     economy: dict[str, Any] | None = None
     try:
-        console.print(f"[bold]Run {run_id}[/]: {len(modules)} modules of {', '.join(packages)};"
-                      f" logs in {log_dir}")
+        console.print(
+            f"[bold]Run {run_id}[/]: {len(modules)} modules of {', '.join(packages)};"
+            f" logs in {log_dir}"
+        )
         for role in ("processor", "streams", "projector", "api"):
             children.start(role, [*cli, role], env)
         await _wait_ready(base_url, children)
         async with httpx.AsyncClient(base_url=base_url, timeout=30.0) as http:
             await fund_agents(http)
         for name, caps, slots, cost in AGENTS:
-            argv = [sys.executable, "-m", "demo.agent", "--api", base_url, "--name", name,
-                    "--max-concurrent", str(slots), "--cost", cost, "--pace-ms", str(pace_ms)]
+            argv = [
+                sys.executable,
+                "-m",
+                "demo.agent",
+                "--api",
+                base_url,
+                "--name",
+                name,
+                "--max-concurrent",
+                str(slots),
+                "--cost",
+                cost,
+                "--pace-ms",
+                str(pace_ms),
+            ]
             for cap, level in caps.items():
                 argv += ["--capability", f"{cap}={level}"]
             children.start(f"agent-{name}", argv, env)
@@ -504,8 +549,14 @@ async def run_demo(
             workflow_run = await start_workflow(http, run_id, packages)
         conn = await asyncpg.connect(info.database_url)
         try:
-            with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                          TimeElapsedColumn(), console=console, transient=False) as progress:
+            with Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                console=console,
+                transient=False,
+            ) as progress:
                 bar = progress.add_task("workflow: discovering modules", total=len(modules))
                 deadline = time.monotonic() + 600
                 async with httpx.AsyncClient(base_url=base_url, timeout=30.0) as http:
@@ -514,8 +565,9 @@ async def run_demo(
                         analysed = await _analysed(conn, run_id)
                         steps = {s["step_id"]: s for s in (run or {}).get("steps", [])}
                         now = ", ".join(f"{sid} {s['status']}" for sid, s in steps.items())
-                        progress.update(bar, completed=analysed,
-                                        description=f"workflow: {now or 'starting'}")
+                        progress.update(
+                            bar, completed=analysed, description=f"workflow: {now or 'starting'}"
+                        )
                         if kill_at and killed is None and analysed >= kill_at * len(modules):
                             alive = {n for n, *_ in AGENTS if f"agent-{n}" in children.procs}
                             killed = await _busiest_agent(conn, run_id, alive)
@@ -529,10 +581,15 @@ async def run_demo(
                         if proposal_id is None and analysed >= 0.5 * len(modules):
                             proposal_id = f"{run_id}-double-reward"
                             await propose_double_reward(http, proposal_id)
-                            progress.console.print("[cyan]the stakers vote to double the base"
-                                                   " reward (voting closes in 2 s)[/]")
-                        if run is not None and run["status"] in ("completed", "failed",
-                                                                  "cancelled"):
+                            progress.console.print(
+                                "[cyan]the stakers vote to double the base"
+                                " reward (voting closes in 2 s)[/]"
+                            )
+                        if run is not None and run["status"] in (
+                            "completed",
+                            "failed",
+                            "cancelled",
+                        ):
                             break
                         await asyncio.sleep(0.25)
                     else:

@@ -291,7 +291,9 @@ def _insufficient(what: str, have: int, need: int) -> Rejection:
     )
 
 
-def _mint_shortfall(state: AccountState | None, aid: str, amount: int) -> list[AccountEvent] | Rejection:
+def _mint_shortfall(
+    state: AccountState | None, aid: str, amount: int
+) -> list[AccountEvent] | Rejection:
     """Events that bring the treasury's balance up to ``amount`` (opening it if needed)."""
     out: list[AccountEvent] = []
     balance, supply = 0, 0
@@ -323,7 +325,9 @@ def decide(command: AccountCommand, state: AccountState | None) -> list[AccountE
     match command:
         case MintTokens() | GrantTokens() | PayReward() if not is_treasury:
             return rejected(
-                "forbidden", "treasury_only", f"{type(command).__name__} is for the treasury",
+                "forbidden",
+                "treasury_only",
+                f"{type(command).__name__} is for the treasury",
                 field="account_id",
             )
         case StakeTokens() | RequestUnstake() | WithdrawUnstaked() | SlashStake() if is_treasury:
@@ -334,7 +338,9 @@ def decide(command: AccountCommand, state: AccountState | None) -> list[AccountE
             return rejected("invalid", "self_transfer", "an account cannot pay itself", field="to")
     match command, state:
         case OpenAccount(), None:
-            return [AccountOpened(account_id=aid, holder="treasury" if is_treasury else command.holder)]
+            return [
+                AccountOpened(account_id=aid, holder="treasury" if is_treasury else command.holder)
+            ]
         case OpenAccount(), AccountState():
             return rejected("conflict", "account_already_open", f"account {aid} is open")
         case MintTokens(), _:
@@ -342,7 +348,9 @@ def decide(command: AccountCommand, state: AccountState | None) -> list[AccountE
             supply = state.supply if state is not None else 0
             if supply + command.amount > MAX_AMOUNT:
                 return rejected(
-                    "invalid", "supply_overflow", f"supply would exceed {MAX_AMOUNT}",
+                    "invalid",
+                    "supply_overflow",
+                    f"supply would exceed {MAX_AMOUNT}",
                     field="amount",
                 )
             return [*opened, TokensMinted(account_id=aid, amount=command.amount)]
@@ -391,7 +399,10 @@ def decide(command: AccountCommand, state: AccountState | None) -> list[AccountE
                 return _insufficient("balance", state.balance, command.amount)
             return [
                 TransferSent(
-                    account_id=aid, to=command.to, amount=command.amount, kind="transfer",
+                    account_id=aid,
+                    to=command.to,
+                    amount=command.amount,
+                    kind="transfer",
                     memo=command.memo,
                 )
             ]
@@ -431,8 +442,12 @@ def decide(command: AccountCommand, state: AccountState | None) -> list[AccountE
                 return rejected("conflict", "nothing_staked", f"account {aid} has nothing to slash")
             return [
                 StakeSlashed(
-                    account_id=aid, amount=amount, rate_bp=command.rate_bp,
-                    task_id=command.task_id, reason=command.reason, cause=command.cause,
+                    account_id=aid,
+                    amount=amount,
+                    rate_bp=command.rate_bp,
+                    task_id=command.task_id,
+                    reason=command.reason,
+                    cause=command.cause,
                 ),
                 *_tier_events(state, state.staked - amount),
             ]
@@ -448,7 +463,10 @@ def evolve(state: AccountState | None, event: AccountEvent) -> AccountState | No
     match event:
         case TokensMinted():
             return state.model_copy(
-                update={"supply": state.supply + event.amount, "balance": state.balance + event.amount}
+                update={
+                    "supply": state.supply + event.amount,
+                    "balance": state.balance + event.amount,
+                }
             )
         case TransferSent():
             return state.model_copy(update={"balance": state.balance - event.amount})
@@ -456,11 +474,17 @@ def evolve(state: AccountState | None, event: AccountEvent) -> AccountState | No
             return state.model_copy(update={"balance": state.balance + event.amount})
         case RewardAccrued():
             return state.model_copy(
-                update={"balance": state.balance + event.amount, "earned": state.earned + event.amount}
+                update={
+                    "balance": state.balance + event.amount,
+                    "earned": state.earned + event.amount,
+                }
             )
         case TokensStaked():
             return state.model_copy(
-                update={"balance": state.balance - event.amount, "staked": state.staked + event.amount}
+                update={
+                    "balance": state.balance - event.amount,
+                    "staked": state.staked + event.amount,
+                }
             )
         case UnstakeRequested():
             return state.model_copy(
@@ -485,7 +509,10 @@ def evolve(state: AccountState | None, event: AccountEvent) -> AccountState | No
             )
         case StakeSlashed():
             return state.model_copy(
-                update={"staked": state.staked - event.amount, "slashed": state.slashed + event.amount}
+                update={
+                    "staked": state.staked - event.amount,
+                    "slashed": state.slashed + event.amount,
+                }
             )
         case TierChanged():
             return state.model_copy(update={"tier": event.tier})

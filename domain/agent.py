@@ -213,8 +213,7 @@ def decide(command: AgentCommand, state: AgentState | None) -> list[AgentEvent] 
             return rejected(
                 "conflict",
                 "agent_not_running",
-                f"{type(command).__name__} needs a running agent; agent {aid} is"
-                f" {state.lifecycle}",
+                f"{type(command).__name__} needs a running agent; agent {aid} is {state.lifecycle}",
             )
     return rejected("invalid", "unknown_command", f"not an agent command: {command!r}")
 

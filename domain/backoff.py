@@ -10,9 +10,7 @@ from __future__ import annotations
 import hashlib
 
 
-def backoff_seconds(
-    key: str, attempt: int, *, base_s: float = 1.0, cap_s: float = 60.0
-) -> float:
+def backoff_seconds(key: str, attempt: int, *, base_s: float = 1.0, cap_s: float = 60.0) -> float:
     """Delay in seconds before retry number ``attempt`` (1-based) of ``key``.
 
     ``min(cap_s, base_s * 2 ** (attempt - 1)) * u`` with ``u`` in [0.5, 1.0] taken from

@@ -106,7 +106,9 @@ class ParameterChange(Message):
 
     def applied_to(self, params: EconomyParameters) -> EconomyParameters:
         """``params`` with this change applied."""
-        update = {f: getattr(self, f) for f in type(self).model_fields if getattr(self, f) is not None}
+        update = {
+            f: getattr(self, f) for f in type(self).model_fields if getattr(self, f) is not None
+        }
         return params.model_copy(update=update)
 
 

@@ -211,9 +211,7 @@ def truthy(value: Any) -> bool:
     return not (value is None or value is False or value == "" or value == [] or value == {})
 
 
-def _run(
-    source: str, context: Mapping[str, Any], budget: Budget | None
-) -> _BudgetedInterpreter:
+def _run(source: str, context: Mapping[str, Any], budget: Budget | None) -> _BudgetedInterpreter:
     if len(source) > MAX_EXPRESSION_CHARS:
         raise ExpressionError(
             f"expression is {len(source):,} characters; the limit is {MAX_EXPRESSION_CHARS:,}"
@@ -247,8 +245,18 @@ def _message(exc: BaseException) -> str:
 # The budgeted interpreter
 
 _BUILDING_FUNCTIONS = frozenset(
-    {"join", "keys", "map", "merge", "reverse", "sort", "sort_by", "to_array", "to_string",
-     "values"}
+    {
+        "join",
+        "keys",
+        "map",
+        "merge",
+        "reverse",
+        "sort",
+        "sort_by",
+        "to_array",
+        "to_string",
+        "values",
+    }
 )
 """JMESPath functions whose value is a list, object or string they build (the others give
 a number, a boolean, or one of their arguments)."""
@@ -275,8 +283,9 @@ def _json_weight(value: Any) -> int:
     tree whose size is known to be bounded (a value from one record, or a flat list of
     numbers), since shared parts are written each time."""
     return len(
-        json.dumps(value, separators=(",", ":"), ensure_ascii=False, check_circular=False,
-                   default=str)
+        json.dumps(
+            value, separators=(",", ":"), ensure_ascii=False, check_circular=False, default=str
+        )
     )
 
 
@@ -313,8 +322,7 @@ class _BudgetedInterpreter(TreeInterpreter):  # type: ignore[misc]
             )
         if self._budget.visits < 0:
             raise ExpressionError(
-                "the expressions evaluated together take more than "
-                f"{MAX_DECISION_VISITS:,} steps"
+                f"the expressions evaluated together take more than {MAX_DECISION_VISITS:,} steps"
             )
         return super().visit(node, *args, **kwargs)
 
@@ -400,7 +408,8 @@ class _BudgetedInterpreter(TreeInterpreter):  # type: ignore[misc]
                     if isinstance(child, list | dict):
                         found = self._weights.get(id(child))
                         weight += (
-                            found[0] if found is not None
+                            found[0]
+                            if found is not None
                             else self._weight(child, limit - weight, built=False)
                         )
                     else:
@@ -409,5 +418,3 @@ class _BudgetedInterpreter(TreeInterpreter):  # type: ignore[misc]
                         return weight
         self._weights[id(value)] = (weight, value)
         return weight
-
-

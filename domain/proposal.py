@@ -147,12 +147,12 @@ class ProposalState(Message):
     total_power: int
     status: Status = "open"
     votes: dict[str, Choice] = Field(default_factory=dict)
-    tally: dict[str, int] = Field(
-        default_factory=lambda: {"for": 0, "against": 0, "abstain": 0}
-    )
+    tally: dict[str, int] = Field(default_factory=lambda: {"for": 0, "against": 0, "abstain": 0})
 
 
-def outcome_of(tally: dict[str, int], total_power: int, quorum_bp: int, threshold_bp: int) -> Outcome:
+def outcome_of(
+    tally: dict[str, int], total_power: int, quorum_bp: int, threshold_bp: int
+) -> Outcome:
     """The outcome of ``tally`` (see the module docstring)."""
     cast = tally["for"] + tally["against"] + tally["abstain"]
     if cast == 0 or cast * BP < quorum_bp * total_power:
@@ -163,7 +163,9 @@ def outcome_of(tally: dict[str, int], total_power: int, quorum_bp: int, threshol
     return "rejected"
 
 
-def decide(command: ProposalCommand, state: ProposalState | None) -> list[ProposalEvent] | Rejection:
+def decide(
+    command: ProposalCommand, state: ProposalState | None
+) -> list[ProposalEvent] | Rejection:
     """Decide the events for ``command`` given the proposal's ``state`` (None: none yet).
 
     Rejections: ``proposal_not_found`` (not_found); ``proposal_already_exists``,
@@ -175,7 +177,9 @@ def decide(command: ProposalCommand, state: ProposalState | None) -> list[Propos
     match command, state:
         case CreateProposal(), None:
             if command.change.is_empty():
-                return rejected("invalid", "empty_change", "the change changes nothing", field="change")
+                return rejected(
+                    "invalid", "empty_change", "the change changes nothing", field="change"
+                )
             return [
                 ProposalCreated(
                     proposal_id=pid,
@@ -209,19 +213,24 @@ def decide(command: ProposalCommand, state: ProposalState | None) -> list[Propos
                     f"{command.voter} had no stake when {pid} was created",
                     field="voter",
                 )
-            return [VoteCast(proposal_id=pid, voter=command.voter, choice=command.choice, power=power)]
+            return [
+                VoteCast(proposal_id=pid, voter=command.voter, choice=command.choice, power=power)
+            ]
         case CastVote(), ProposalState():
             return rejected("conflict", "voting_closed", f"proposal {pid} is {state.status}")
         case CloseProposal(), ProposalState(status="open"):
             if command.at < state.closes_at:
                 return rejected(
-                    "conflict", "voting_still_open",
+                    "conflict",
+                    "voting_still_open",
                     f"voting on {pid} closes at {state.closes_at.isoformat()}",
                 )
             return [
                 ProposalClosed(
                     proposal_id=pid,
-                    outcome=outcome_of(state.tally, state.total_power, state.quorum_bp, state.threshold_bp),
+                    outcome=outcome_of(
+                        state.tally, state.total_power, state.quorum_bp, state.threshold_bp
+                    ),
                     votes_for=state.tally["for"],
                     votes_against=state.tally["against"],
                     votes_abstain=state.tally["abstain"],

@@ -26,8 +26,7 @@ from domain.messages import MICRO
 
 WEIGHTS = {"skill": 0.45, "reliability": 0.25, "headroom": 0.2, "thrift": 0.1, "standing": 0.1}
 _TOTAL = sum(WEIGHTS.values())
-STANDING = {"none": 0.0, "bronze": 0.2, "silver": 0.4, "gold": 0.6, "platinum": 0.8,
-            "diamond": 1.0}
+STANDING = {"none": 0.0, "bronze": 0.2, "silver": 0.4, "gold": 0.6, "platinum": 0.8, "diamond": 1.0}
 
 
 @dataclass(frozen=True)

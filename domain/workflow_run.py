@@ -399,9 +399,7 @@ def evolve(state: RunState | None, event: RunEvent) -> RunState | None:
     return state
 
 
-def _scheduled(
-    state: RunState, sid: str, tasks: tuple[ScheduledTask, ...]
-) -> RunState:
+def _scheduled(state: RunState, sid: str, tasks: tuple[ScheduledTask, ...]) -> RunState:
     """``state`` with ``tasks`` of step ``sid`` scheduled (each its unit's current attempt)."""
     current = state.steps.get(sid, StepState())
     units = dict(current.units)
@@ -412,9 +410,7 @@ def _scheduled(
     )
 
 
-def _succeeded(
-    state: RunState, sid: str, tasks: tuple[SucceededTask, ...]
-) -> RunState:
+def _succeeded(state: RunState, sid: str, tasks: tuple[SucceededTask, ...]) -> RunState:
     """``state`` with ``tasks`` of step ``sid`` succeeded (units it does not hold ignored)."""
     current = state.steps.get(sid, StepState())
     units = dict(current.units)
@@ -578,9 +574,7 @@ class _Decision:
                     return False
                 size += weight + len(key) + 4
                 if size > MAX_VALUE_BYTES:
-                    self.fail_step(
-                        spec, f"payload of over {size} bytes is over {MAX_VALUE_BYTES}"
-                    )
+                    self.fail_step(spec, f"payload of over {size} bytes is over {MAX_VALUE_BYTES}")
                     return False
             # The estimate does not count escapes: measure what will be written.
             if (size := json_size(payload)) > MAX_VALUE_BYTES:

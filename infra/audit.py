@@ -69,9 +69,9 @@ def _totals_check(name: str, t: LedgerTotals) -> Check:
     )
 
 
-def _fold(records: list[Any], limit: dict[tuple[str, int], int] | None) -> tuple[
-    dict[str, AccountState], list[AccountEvent], int
-]:
+def _fold(
+    records: list[Any], limit: dict[tuple[str, int], int] | None
+) -> tuple[dict[str, AccountState], list[AccountEvent], int]:
     """The account states and events folded from ``records`` (up to ``limit``), and how
     many records did not decode (skipped: the projector dead-letters them, and
     ``decode_event`` raises nothing but DecodeError, whatever a record holds)."""
@@ -94,7 +94,9 @@ def _fold(records: list[Any], limit: dict[tuple[str, int], int] | None) -> tuple
     return {k: v for k, v in states.items() if v is not None}, events, undecodable
 
 
-async def audit_ledger(bootstrap: str, topics: Topics, database_url: str, schema: str) -> LedgerAudit:
+async def audit_ledger(
+    bootstrap: str, topics: Topics, database_url: str, schema: str
+) -> LedgerAudit:
     """Run every check (see the module docstring)."""
     s = checked_schema(schema)
     audit = LedgerAudit()
@@ -126,15 +128,25 @@ async def audit_ledger(bootstrap: str, topics: Topics, database_url: str, schema
         unstaking=sum(r["unstaking"] for r in rows),
         in_flight=in_flight,
     )
-    audit.checks.append(_totals_check("read models: supply = holdings + in flight", audit.read_model))
+    audit.checks.append(
+        _totals_check("read models: supply = holdings + in flight", audit.read_model)
+    )
     total = sum(by_leg.values())
-    audit.checks.append(Check("read models: the ledger legs sum to zero", total == 0, f"sum {total}"))
+    audit.checks.append(
+        Check("read models: the ledger legs sum to zero", total == 0, f"sum {total}")
+    )
     wrong = []
     for r in rows:
-        for bucket, column in (("balance", "balance"), ("staked", "staked"), ("unstaking", "unstaking")):
+        for bucket, column in (
+            ("balance", "balance"),
+            ("staked", "staked"),
+            ("unstaking", "unstaking"),
+        ):
             if by_leg.get((r["account_id"], bucket), 0) != r[column]:
-                wrong.append(f"{r['account_id']}.{column}: row {r[column]}, ledger"
-                             f" {by_leg.get((r['account_id'], bucket), 0)}")
+                wrong.append(
+                    f"{r['account_id']}.{column}: row {r[column]}, ledger"
+                    f" {by_leg.get((r['account_id'], bucket), 0)}"
+                )
     minted = -by_leg.get(("mint", "mint"), 0)
     if minted != audit.read_model.supply:
         wrong.append(f"supply: rows {audit.read_model.supply}, ledger {minted}")
@@ -149,8 +161,12 @@ async def audit_ledger(bootstrap: str, topics: Topics, database_url: str, schema
     audit.log = ledger_totals(states.values(), events)
     check = _totals_check("log: supply = holdings + in flight", audit.log)
     if undecodable:
-        check = Check(check.name, check.ok, f"{check.detail}; {undecodable} undecodable records"
-                      " skipped (see the dead-letter topic)")
+        check = Check(
+            check.name,
+            check.ok,
+            f"{check.detail}; {undecodable} undecodable records"
+            " skipped (see the dead-letter topic)",
+        )
     audit.checks.append(check)
 
     at_offsets, _, _ = _fold(records, offsets)
@@ -159,7 +175,11 @@ async def audit_ledger(bootstrap: str, topics: Topics, database_url: str, schema
     for aid in sorted(set(at_offsets) | set(rows_by_id)):
         st, row = at_offsets.get(aid), rows_by_id.get(aid)
         folded = None if st is None else (st.balance, st.staked, st.unstaking_total, st.supply)
-        projected = None if row is None else (row["balance"], row["staked"], row["unstaking"], row["supply"])
+        projected = (
+            None
+            if row is None
+            else (row["balance"], row["staked"], row["unstaking"], row["supply"])
+        )
         if folded != projected:
             diffs.append(f"{aid}: log {folded}, read model {projected}")
     audit.checks.append(

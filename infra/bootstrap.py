@@ -81,8 +81,8 @@ def run_streams(settings: Settings, only: tuple[str, ...] = PROCESS_MANAGERS) ->
             f"unknown process manager(s) {unknown}; choose from {', '.join(PROCESS_MANAGERS)}"
         )
     from streams.economy_runner import EconomyRunner
-    from streams.runner import SchedulerRunner
     from streams.scheduler import Policy
+    from streams.scheduler_runner import SchedulerRunner
     from streams.workflow_runner import WorkflowRunner
 
     async def main() -> None:

@@ -238,7 +238,9 @@ def projector(state_dir: StateDir) -> None:
 @app.command()
 def api(
     state_dir: StateDir,
-    host: Annotated[str | None, typer.Option(help="Address to listen on (default 127.0.0.1).")] = None,
+    host: Annotated[
+        str | None, typer.Option(help="Address to listen on (default 127.0.0.1).")
+    ] = None,
     port: Annotated[int | None, typer.Option(help="Port to listen on (default 8000).")] = None,
     workers: Annotated[
         int | None, typer.Option(min=1, help="API processes sharing the port (default 1).")
@@ -271,14 +273,17 @@ def audit_ledger(state_dir: StateDir) -> None:
 
     settings = _settings(state_dir)
     kafka_url, database_url, _ = settings.require_services()
-    result = asyncio.run(run_audit(kafka_url, Topics.of(settings), database_url, settings.db_schema))
+    result = asyncio.run(
+        run_audit(kafka_url, Topics.of(settings), database_url, settings.db_schema)
+    )
     table = Table(title="swarmlog ledger audit", title_justify="left", box=box.SIMPLE_HEAD)
     table.add_column("check")
     table.add_column("result", no_wrap=True)
     table.add_column("detail", overflow="fold")
     for check in result.checks:
-        table.add_row(check.name, "[green]ok[/]" if check.ok else "[red]DIFFERS[/]",
-                      escape(check.detail))
+        table.add_row(
+            check.name, "[green]ok[/]" if check.ok else "[red]DIFFERS[/]", escape(check.detail)
+        )
     _err.print(table)
     if not result.ok:
         raise typer.Exit(1)
@@ -322,9 +327,7 @@ def deadletters(
     from infra.deadletters import list_dead_letters
 
     settings = _settings(state_dir)
-    rows = asyncio.run(
-        list_dead_letters(settings, limit=limit, topic=topic, from_log=from_log)
-    )
+    rows = asyncio.run(list_dead_letters(settings, limit=limit, topic=topic, from_log=from_log))
     if as_json:
         typer.echo(json.dumps(rows, default=str, indent=2))
         return
@@ -387,13 +390,18 @@ def demo(
     state_dir: StateDir,
     package: Annotated[
         list[str] | None,
-        typer.Option(help="Installed Python package to analyse; repeat for several"
-                     " (default: asyncio, email, json)."),
+        typer.Option(
+            help="Installed Python package to analyse; repeat for several"
+            " (default: asyncio, email, json)."
+        ),
     ] = None,
     kill_at: Annotated[
         float,
-        typer.Option(min=0.0, max=1.0, help="Kill the busiest agent when this fraction of"
-                     " tasks is done (0: kill none)."),
+        typer.Option(
+            min=0.0,
+            max=1.0,
+            help="Kill the busiest agent when this fraction of tasks is done (0: kill none).",
+        ),
     ] = 0.35,
     pace_ms: Annotated[
         int, typer.Option(min=0, help="Agents' think time per task, in milliseconds.")
@@ -425,7 +433,9 @@ def demo(
             )
         )
     except (RuntimeError, ValueError, stack.StackError) as error:
-        _err.print(f"[red]swarmlog demo failed:[/] {escape(str(error))}", soft_wrap=True, highlight=False)
+        _err.print(
+            f"[red]swarmlog demo failed:[/] {escape(str(error))}", soft_wrap=True, highlight=False
+        )
         raise typer.Exit(1) from error
 
 

@@ -296,7 +296,9 @@ def _read_message(record: Any) -> tuple[dict[str, Any], dict[str, Any]]:
         raise DecodeError("record has no data")
     attributes = _fast_attributes(headers, key)
     data: Any = None
-    if attributes is not None and is_json_media_type(attributes.get("datacontenttype", "application/json")):
+    if attributes is not None and is_json_media_type(
+        attributes.get("datacontenttype", "application/json")
+    ):
         try:
             data = orjson.loads(value)
         except orjson.JSONDecodeError:
@@ -417,10 +419,13 @@ def _to_record(topic: str, attributes: dict[str, Any], data: dict[str, Any] | by
     time) go through the SDK, which raises its validation error.
     """
     if (
-        attributes.get("id") and attributes.get("source") and attributes.get("type")
+        attributes.get("id")
+        and attributes.get("source")
+        and attributes.get("type")
         and attributes.get("subject", True)
         and (not isinstance(t := attributes.get("time"), datetime) or t.tzinfo is not None)
-        and "specversion" not in attributes and "time" in attributes
+        and "specversion" not in attributes
+        and "time" in attributes
     ):
         headers: Headers = []
         for name, value in attributes.items():
@@ -434,14 +439,18 @@ def _to_record(topic: str, attributes: dict[str, Any], data: dict[str, Any] | by
         key = attributes.get("partitionkey")
         value = data if isinstance(data, bytes) else _json(data)
         return Record(
-            topic=topic, key=str(key).encode("utf-8") if key is not None else b"", value=value,
+            topic=topic,
+            key=str(key).encode("utf-8") if key is not None else b"",
+            value=value,
             headers=headers,
         )
     if isinstance(data, bytes):
         data = orjson.loads(data)
     message = to_binary(CloudEvent(attributes=attributes, data=data), _FORMAT)
     key = message.key.encode() if isinstance(message.key, str) else (message.key or b"")
-    return Record(topic=topic, key=key, value=message.value or b"", headers=list(message.headers.items()))
+    return Record(
+        topic=topic, key=key, value=message.value or b"", headers=list(message.headers.items())
+    )
 
 
 def encode_event(topic: str, stored: StoredEvent) -> Record:
@@ -583,7 +592,9 @@ def _read_command(attributes: dict[str, Any], data: dict[str, Any]) -> CommandEn
     ce_type = str(attributes.get("type", ""))
     parts = ce_type.split(".")
     if (
-        len(parts) != 5 or ".".join(parts[:2]) != TYPE_PREFIX or parts[2] != "command"
+        len(parts) != 5
+        or ".".join(parts[:2]) != TYPE_PREFIX
+        or parts[2] != "command"
         or parts[3] not in DECIDERS
     ):
         raise DecodeError(f"unknown command type {_quote(ce_type)}")
@@ -731,9 +742,7 @@ def _letter_time(at: Any) -> datetime:
     return at if at.utcoffset() is not None else at.replace(tzinfo=UTC)
 
 
-def _dead_letter_record(
-    topic: str, attributes: dict[str, Any], data: dict[str, Any]
-) -> Record:
+def _dead_letter_record(topic: str, attributes: dict[str, Any], data: dict[str, Any]) -> Record:
     """``_to_record``, and if even that fails, a minimal CloudEvent written by hand."""
     try:
         return _to_record(topic, attributes, data)

@@ -52,9 +52,7 @@ def parse_ref(ref: str) -> tuple[str | None, Position | None]:
     return None, Position(m["topic"], int(m["partition"]), int(m["offset"]))
 
 
-async def _table_rows(
-    settings: Settings, **kw: Any
-) -> list[dict[str, Any]] | None:
+async def _table_rows(settings: Settings, **kw: Any) -> list[dict[str, Any]] | None:
     """``queries.find_dead_letters`` or ``list_dead_letters`` (``find`` in kw), None if
     the table does not exist yet (no projector ran on this schema)."""
     _, database_url, _ = settings.require_services()
@@ -112,17 +110,22 @@ async def find(settings: Settings, ref: str) -> dict[str, Any]:
     rows = await _table_rows(settings, find=True, id=letter_id, source=position)
     if not rows:
         rows = [
-            r for r in await _log_rows(settings)
+            r
+            for r in await _log_rows(settings)
             if r["id"] == letter_id
-            or (position is not None
+            or (
+                position is not None
                 and (r["source_topic"], r["source_partition"], r["source_offset"])
-                == (position.topic, position.partition, position.offset))
+                == (position.topic, position.partition, position.offset)
+            )
         ]
     if not rows:
         raise LookupError(f"no dead letter {ref!r}")
     row = rows[0]
-    if row["source_topic"] is None or row["source_partition"] is None or (
-        row["source_offset"] is None
+    if (
+        row["source_topic"] is None
+        or row["source_partition"] is None
+        or (row["source_offset"] is None)
     ):
         raise LookupError(f"dead letter {ref!r} does not say where its record was")
     return row
@@ -140,16 +143,23 @@ async def replay(settings: Settings, ref: str) -> Replayed:
     source = Position(row["source_topic"], row["source_partition"], row["source_offset"])
     if source.topic in topics.event_topics.values():
         projector = Projector(
-            bootstrap_servers=kafka_url, topics=topics, database_url=database_url,
-            schema=settings.db_schema, redis_url=redis_url, redis_prefix=settings.redis_prefix,
+            bootstrap_servers=kafka_url,
+            topics=topics,
+            database_url=database_url,
+            schema=settings.db_schema,
+            redis_url=redis_url,
+            redis_prefix=settings.redis_prefix,
         )
         result = await projector.replay(source)
         how = (
             f"re-applied {result.aggregate} event {result.event_id}"
             + ("" if result.applied else " (ignored: the row had moved past it)")
             + f"; {result.later_applied} later event(s) of it applied"
-            + (f", {result.later_dead_lettered} dead-lettered again"
-               if result.later_dead_lettered else "")
+            + (
+                f", {result.later_dead_lettered} dead-lettered again"
+                if result.later_dead_lettered
+                else ""
+            )
         )
         return Replayed(source, how)
     key, value, headers = await _original(kafka_url, source)
@@ -170,7 +180,10 @@ async def replay(settings: Settings, ref: str) -> Replayed:
         await conn.execute(
             f"UPDATE {settings.db_schema}.dead_letters SET replayed_at = now(), replay_note = $4"
             " WHERE source_topic = $1 AND source_partition = $2 AND source_offset = $3",
-            source.topic, source.partition, source.offset, how,
+            source.topic,
+            source.partition,
+            source.offset,
+            how,
         )
     except asyncpg.UndefinedTableError:
         pass

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -59,7 +60,9 @@ def producer(bootstrap_servers: str, *, transactional_id: str | None = None) -> 
     )
 
 
-def consumer(bootstrap_servers: str, *topics: str, group_id: str | None = None, **kw: Any) -> AIOKafkaConsumer:
+def consumer(
+    bootstrap_servers: str, *topics: str, group_id: str | None = None, **kw: Any
+) -> AIOKafkaConsumer:
     """A read_committed consumer with manual offset commits.
 
     ``fetch_max_wait_ms`` defaults to 100, not Kafka's 500: measured here, a consumer in
@@ -166,3 +169,38 @@ async def read_to_end(
         return positions
     finally:
         await c.stop()
+
+
+@dataclass(frozen=True)
+class Kafka:
+    """One Kafka cluster, as the composition root hands it to every part that reads or
+    writes the log: the parts ask it for clients configured the swarmlog way (see
+    ``producer`` and ``consumer`` above) instead of building them from a URL string, so a
+    test or a bench can hand in another cluster without touching the part.
+
+    ``bootstrap_servers`` is Kafka's comma-separated ``host:port`` list.
+    """
+
+    bootstrap_servers: str
+
+    def producer(self, *, transactional_id: str | None = None) -> AIOKafkaProducer:
+        """An idempotent producer (acks=all), transactional when ``transactional_id`` is given."""
+        return producer(self.bootstrap_servers, transactional_id=transactional_id)
+
+    def consumer(self, *topics: str, group_id: str | None = None, **kw: Any) -> AIOKafkaConsumer:
+        """A read_committed consumer with manual offset commits, subscribed to ``topics``."""
+        return consumer(self.bootstrap_servers, *topics, group_id=group_id, **kw)
+
+    async def partitions_of(self, topic: str, *, wait_s: float = 10.0) -> list[TopicPartition]:
+        """Every partition of ``topic``, sorted (see the module function)."""
+        return await partitions_of(self.bootstrap_servers, topic, wait_s=wait_s)
+
+    async def read_to_end(
+        self,
+        tps: Iterable[TopicPartition],
+        handle: Callable[[Any], Awaitable[None] | None],
+        *,
+        start: dict[TopicPartition, int] | None = None,
+    ) -> dict[TopicPartition, int]:
+        """Read ``tps`` to their current end (see the module function)."""
+        return await read_to_end(self.bootstrap_servers, tps, handle, start=start)

@@ -279,9 +279,7 @@ def environment_info() -> StackInfo | None:
 def env_exports(info: StackInfo) -> str:
     """Return ``export NAME=value`` lines (shell-quoted) for the three service variables."""
     values = (info.kafka_bootstrap_servers, info.database_url, info.redis_url)
-    return "\n".join(
-        f"export {name}={shlex.quote(value)}" for name, value in zip(ENV_VARS, values)
-    )
+    return "\n".join(f"export {name}={shlex.quote(value)}" for name, value in zip(ENV_VARS, values))
 
 
 def kafka_jars_dir() -> Path:
@@ -830,9 +828,7 @@ def _pg_bindir(data_dir: Path | None = None) -> Path:
         except ValueError:
             return 0.0
 
-    candidates.extend(
-        sorted(Path("/usr/lib/postgresql").glob("*/bin"), key=major_of, reverse=True)
-    )
+    candidates.extend(sorted(Path("/usr/lib/postgresql").glob("*/bin"), key=major_of, reverse=True))
     initdb = shutil.which("initdb")
     if initdb:
         candidates.append(Path(initdb).resolve().parent)

@@ -78,39 +78,124 @@ log = structlog.get_logger("swarmlog.projector")
 PROJECTION = "core"  # every read model and the event archive, projected together
 
 AGENT_COLUMNS = (
-    "agent_id", "name", "capabilities", "max_concurrent_tasks", "cost_per_task", "lifecycle",
-    "registered_at", "last_heartbeat_at", "version", "updated_at",
+    "agent_id",
+    "name",
+    "capabilities",
+    "max_concurrent_tasks",
+    "cost_per_task",
+    "lifecycle",
+    "registered_at",
+    "last_heartbeat_at",
+    "version",
+    "updated_at",
 )
 TASK_COLUMNS = (
-    "task_id", "type", "payload", "required_capabilities", "priority", "priority_rank",
-    "max_cost", "lease_timeout_s", "run_timeout_s", "max_attempts", "status", "attempts",
-    "requeues", "agent_id", "progress", "progress_message", "result", "quality", "error",
-    "not_before", "submitted_at", "queued_at", "assigned_at", "started_at", "finished_at",
-    "version", "updated_at",
+    "task_id",
+    "type",
+    "payload",
+    "required_capabilities",
+    "priority",
+    "priority_rank",
+    "max_cost",
+    "lease_timeout_s",
+    "run_timeout_s",
+    "max_attempts",
+    "status",
+    "attempts",
+    "requeues",
+    "agent_id",
+    "progress",
+    "progress_message",
+    "result",
+    "quality",
+    "error",
+    "not_before",
+    "submitted_at",
+    "queued_at",
+    "assigned_at",
+    "started_at",
+    "finished_at",
+    "version",
+    "updated_at",
 )
 ACCOUNT_COLUMNS = (
-    "account_id", "holder", "balance", "staked", "unstaking", "pending", "supply", "tier",
-    "earned", "slashed", "opened_at", "version", "updated_at",
+    "account_id",
+    "holder",
+    "balance",
+    "staked",
+    "unstaking",
+    "pending",
+    "supply",
+    "tier",
+    "earned",
+    "slashed",
+    "opened_at",
+    "version",
+    "updated_at",
 )
 PROPOSAL_COLUMNS = (
-    "proposal_id", "title", "proposer", "change", "opened_at", "closes_at", "quorum_bp",
-    "threshold_bp", "total_power", "status", "votes_for", "votes_against", "votes_abstain",
-    "voters", "version", "updated_at",
+    "proposal_id",
+    "title",
+    "proposer",
+    "change",
+    "opened_at",
+    "closes_at",
+    "quorum_bp",
+    "threshold_bp",
+    "total_power",
+    "status",
+    "votes_for",
+    "votes_against",
+    "votes_abstain",
+    "voters",
+    "version",
+    "updated_at",
 )
 WORKFLOW_COLUMNS = (
-    "id", "name", "description", "version", "status", "spec", "params", "template", "runs",
-    "created_at", "updated_at", "aggregate_version",
+    "id",
+    "name",
+    "description",
+    "version",
+    "status",
+    "spec",
+    "params",
+    "template",
+    "runs",
+    "created_at",
+    "updated_at",
+    "aggregate_version",
 )
 TEMPLATE_COLUMNS = ("name", "version", "description", "parameters", "spec", "published_at")
 RUN_COLUMNS = (
-    "run_id", "workflow_id", "version", "status", "inputs", "result", "error", "failed_step",
-    "compensated", "steps_total", "steps_done", "requested_at", "started_at", "finished_at",
-    "updated_at", "aggregate_version",
+    "run_id",
+    "workflow_id",
+    "version",
+    "status",
+    "inputs",
+    "result",
+    "error",
+    "failed_step",
+    "compensated",
+    "steps_total",
+    "steps_done",
+    "requested_at",
+    "started_at",
+    "finished_at",
+    "updated_at",
+    "aggregate_version",
 )
 STEP_COLUMNS = ("run_id", "step_id", "position", "kind", "task_type", "status", "items_total")
 JSON_COLUMNS = {
-    "capabilities", "payload", "required_capabilities", "result", "pending", "change", "spec",
-    "params", "inputs", "parameters",
+    "capabilities",
+    "payload",
+    "required_capabilities",
+    "result",
+    "pending",
+    "change",
+    "spec",
+    "params",
+    "inputs",
+    "parameters",
 }
 
 # Sets the hash only when ARGV[1] is higher than its stored version: KEYS[1], ARGV = version,
@@ -137,8 +222,9 @@ def _upsert_sql(schema: str, table: str, columns: tuple[str, ...], key: str) -> 
 
 
 def _params(row: dict[str, Any], columns: tuple[str, ...]) -> tuple[Any, ...]:
-    return tuple(json.dumps(row[c]) if c in JSON_COLUMNS and row[c] is not None else row[c]
-                 for c in columns)
+    return tuple(
+        json.dumps(row[c]) if c in JSON_COLUMNS and row[c] is not None else row[c] for c in columns
+    )
 
 
 def _columns(rows: Iterable[tuple[Any, ...]]) -> list[list[Any]]:
@@ -224,15 +310,21 @@ class Backoff:
             if is_transient(exc):
                 log.warning(f"{self.what}: outage, retrying with backoff", error=_reason(exc))
             else:
-                log.error(f"{self.what}: failed (not a record's fault), retrying with backoff",
-                          error=_reason(exc), exc_info=exc)
+                log.error(
+                    f"{self.what}: failed (not a record's fault), retrying with backoff",
+                    error=_reason(exc),
+                    exc_info=exc,
+                )
         return backoff_seconds(self.what, self.attempts, base_s=self.base_s, cap_s=self.cap_s)
 
     def ok(self) -> None:
         """The try succeeded: log the end of the outage, if there was one."""
         if self.attempts:
-            log.info(f"{self.what}: recovered", tries=self.attempts + 1,
-                     after_s=round(time.monotonic() - self.since, 3))
+            log.info(
+                f"{self.what}: recovered",
+                tries=self.attempts + 1,
+                after_s=round(time.monotonic() - self.since, 3),
+            )
         self.attempts = 0
 
 
@@ -317,8 +409,11 @@ def read_dead_letter(record: Any) -> dict[str, Any]:
     return {
         # Ours are uuids; a foreign producer's id may be any length (index and cursor
         # bounds), so a long one is named by where the letter is instead.
-        "id": (letter_id if 0 < len(letter_id) <= 200
-               else f"{record.topic}/{record.partition}/{record.offset}"),
+        "id": (
+            letter_id
+            if 0 < len(letter_id) <= 200
+            else f"{record.topic}/{record.partition}/{record.offset}"
+        ),
         "source_topic": _clean(source_topic),
         "source_partition": _small_int(data.get("partition"), 32),
         "source_offset": _small_int(data.get("offset"), 64),
@@ -332,8 +427,16 @@ def read_dead_letter(record: Any) -> dict[str, Any]:
 
 
 DEAD_LETTER_COLUMNS = (
-    "id", "source_topic", "source_partition", "source_offset", "reason", "key",
-    "dead_lettered_at", "letter_partition", "letter_offset", "letter",
+    "id",
+    "source_topic",
+    "source_partition",
+    "source_offset",
+    "reason",
+    "key",
+    "dead_lettered_at",
+    "letter_partition",
+    "letter_offset",
+    "letter",
 )
 
 
@@ -499,7 +602,9 @@ class Projector:
         backoff); an outage at start (migrating the schema) is waited out too.
         """
         pool = await asyncpg.create_pool(
-            self.database_url, min_size=0, max_size=4,
+            self.database_url,
+            min_size=0,
+            max_size=4,
             server_settings={"application_name": f"swarmlog-projector-{self.schema}"},
         )
         r = aioredis.from_url(self.redis_url)
@@ -527,8 +632,9 @@ class Projector:
                 try:
                     stored = await projector._offsets(pool)
                 except Exception as exc:  # noqa: BLE001 - safe either way (see above)
-                    log.warning("stored offsets unreadable; reading from the beginning",
-                                error=_reason(exc))
+                    log.warning(
+                        "stored offsets unreadable; reading from the beginning", error=_reason(exc)
+                    )
                     return
                 for tp in assigned:
                     if tp in stored:
@@ -605,7 +711,9 @@ class Projector:
                 next_offset = await conn.fetchval(
                     f"SELECT next_offset FROM {s}.projection_offsets WHERE projection = $1"
                     " AND topic = $2 AND partition = $3 FOR UPDATE",
-                    PROJECTION, tp.topic, tp.partition,
+                    PROJECTION,
+                    tp.topic,
+                    tp.partition,
                 )
                 if next_offset is None or next_offset <= position.offset:
                     raise ReplayError(
@@ -615,7 +723,8 @@ class Projector:
                     )
                 records: list[Any] = []
                 await kafka.read_to_end(
-                    self.bootstrap, [tp],
+                    self.bootstrap,
+                    [tp],
                     lambda rec: records.append(rec) if rec.offset < next_offset else None,
                     start={tp: position.offset},
                 )
@@ -631,8 +740,10 @@ class Projector:
                         e = decode_event(rec)
                     except Exception:  # noqa: BLE001, S112 - dead-lettered on its own
                         continue
-                    if (e.aggregate_type, e.aggregate_id) == (event.aggregate_type,
-                                                              event.aggregate_id):
+                    if (e.aggregate_type, e.aggregate_id) == (
+                        event.aggregate_type,
+                        event.aggregate_id,
+                    ):
                         later.append((rec, e))
                 archived = f"SELECT count(*) FROM {s}.events WHERE event_id = ANY($1::text[])"
                 later_ids = [e.id for _, e in later]
@@ -651,7 +762,9 @@ class Projector:
                 await conn.execute(
                     f"UPDATE {s}.dead_letters SET replayed_at = now(), replay_note = $4"
                     " WHERE source_topic = $1 AND source_partition = $2 AND source_offset = $3",
-                    tp.topic, tp.partition, position.offset,
+                    tp.topic,
+                    tp.partition,
+                    position.offset,
                     f"re-applied by the projector: event {'applied' if applied else 'ignored'}"
                     f", {later_applied} later event(s) of {event.aggregate_id!r} applied",
                 )
@@ -695,8 +808,11 @@ class Projector:
         except Exception as exc:
             if is_transient(exc):
                 raise
-            log.warning("batch refused; applying it again with the failing records isolated",
-                        records=sum(map(len, batch.values())), error=_reason(exc))
+            log.warning(
+                "batch refused; applying it again with the failing records isolated",
+                records=sum(map(len, batch.values())),
+                error=_reason(exc),
+            )
             applied = await self._transaction(pool, dead_letters, batch, positions, True)
         self.projected += applied.projected
         self._redis_agents |= applied.agents
@@ -850,14 +966,20 @@ class Projector:
             letter = encode_dead_letter(self.topics.deadletter, record, reason, self.clock.now())
             if len(letter.value) > MAX_DEAD_LETTER_BYTES:
                 letter = encode_dead_letter(
-                    self.topics.deadletter, _Cut(record),
+                    self.topics.deadletter,
+                    _Cut(record),
                     f"{reason} (value cut to {MAX_DEAD_LETTER_BYTES // 2} bytes: the whole"
                     " record is at the position this letter names)",
                     self.clock.now(),
                 )
             futures.append(await kafka.send(producer, letter))
-            log.warning("event dead-lettered", topic=record.topic, partition=record.partition,
-                        offset=record.offset, reason=reason)
+            log.warning(
+                "event dead-lettered",
+                topic=record.topic,
+                partition=record.partition,
+                offset=record.offset,
+                reason=reason,
+            )
         for future in futures:
             await future
 
@@ -896,10 +1018,18 @@ class Projector:
             self._insert_events,
             *_columns(
                 (
-                    e.position.topic, e.position.partition, e.position.offset, e.id,  # type: ignore[union-attr]
-                    e.aggregate_type, e.aggregate_id, e.version,
-                    event_ce_type(e.aggregate_type, e.event.event_type), e.time,
-                    e.correlation_id, e.causation_id, e.event.schema_version,
+                    e.position.topic,
+                    e.position.partition,
+                    e.position.offset,
+                    e.id,  # type: ignore[union-attr]
+                    e.aggregate_type,
+                    e.aggregate_id,
+                    e.version,
+                    event_ce_type(e.aggregate_type, e.event.event_type),
+                    e.time,
+                    e.correlation_id,
+                    e.causation_id,
+                    e.event.schema_version,
                     e.event.model_dump_json(),
                 )
                 for e in fresh
@@ -1020,8 +1150,15 @@ class Projector:
                 version = row["read_at"]
                 await self._hset(
                     keys=[self.agent_key(row["agent_id"])],
-                    args=[version, "lifecycle", row["lifecycle"], "status", status,
-                          "load", row["load"]],
+                    args=[
+                        version,
+                        "lifecycle",
+                        row["lifecycle"],
+                        "status",
+                        status,
+                        "load",
+                        row["load"],
+                    ],
                     client=pipe,
                 )
             await pipe.execute()
@@ -1070,9 +1207,21 @@ class Projector:
                 touched_accounts.add(e.aggregate_id)
                 fresh.append(e)
                 for i, leg in enumerate(views.ledger_legs(e)):
-                    legs.append((e.id, i, leg["account_id"], leg["bucket"], leg["amount"],
-                                 leg["kind"], leg["counterparty"], leg["task_id"], None,
-                                 e.causation_id, e.time))
+                    legs.append(
+                        (
+                            e.id,
+                            i,
+                            leg["account_id"],
+                            leg["bucket"],
+                            leg["amount"],
+                            leg["kind"],
+                            leg["counterparty"],
+                            leg["task_id"],
+                            None,
+                            e.causation_id,
+                            e.time,
+                        )
+                    )
             elif e.aggregate_type == "proposal":
                 before = proposals.get(e.aggregate_id)
                 after = views.evolve_proposal(before, e)
@@ -1158,8 +1307,10 @@ class Projector:
         run_ids |= {
             e.event.run_id for e in events if isinstance(e.event, wf.WorkflowExecutionRequested)
         }
-        if not workflow_ids and not run_ids and not any(
-            e.aggregate_type == wf.TEMPLATE for e in events
+        if (
+            not workflow_ids
+            and not run_ids
+            and not any(e.aggregate_type == wf.TEMPLATE for e in events)
         ):
             return
         # Lock order (definitions, then runs, then steps, by id), as in _apply.
@@ -1248,9 +1399,19 @@ class Projector:
                 self._change_step,
                 [
                     (
-                        run_id, step_id, c.status, c.items_total, c.items_done, c.attempts,
-                        c.task_ids, c.has_result, json.dumps(c.result) if c.has_result else None,
-                        c.error, c.started_at, c.finished_at, c.compensating_for,
+                        run_id,
+                        step_id,
+                        c.status,
+                        c.items_total,
+                        c.items_done,
+                        c.attempts,
+                        c.task_ids,
+                        c.has_result,
+                        json.dumps(c.result) if c.has_result else None,
+                        c.error,
+                        c.started_at,
+                        c.finished_at,
+                        c.compensating_for,
                     )
                     for (run_id, step_id), c in sorted(changes.items())
                 ],

@@ -23,8 +23,15 @@ Conn: TypeAlias = asyncpg.Pool | asyncpg.Connection
 Row = dict[str, Any]
 
 _JSON_COLUMNS = (
-    "capabilities", "payload", "required_capabilities", "result", "data", "spec", "params",
-    "inputs", "parameters",
+    "capabilities",
+    "payload",
+    "required_capabilities",
+    "result",
+    "data",
+    "spec",
+    "params",
+    "inputs",
+    "parameters",
 )
 
 #: The operational status of an agent, derived from its lifecycle and its load (the
@@ -360,9 +367,7 @@ async def list_workflows(
     return [_row(r) for r in records]
 
 
-async def get_template(
-    db: Conn, schema: str, name: str, version: int | None = None
-) -> Row | None:
+async def get_template(db: Conn, schema: str, name: str, version: int | None = None) -> Row | None:
     """Version ``version`` of template ``name`` (its latest when None), or None."""
     s = checked_schema(schema)
     record = await db.fetchrow(

@@ -125,19 +125,35 @@ def evolve_task(row: Row | None, stored: StoredEvent) -> Row | None:
     row = {**row, "version": stored.version, "updated_at": stored.time}
     match e:
         case tk.TaskQueued() | tk.TaskRetryScheduled():
-            row.update(status="queued", agent_id=None, queued_at=stored.time,
-                       not_before=e.not_before, progress=0.0, progress_message=None,
-                       finished_at=None)
+            row.update(
+                status="queued",
+                agent_id=None,
+                queued_at=stored.time,
+                not_before=e.not_before,
+                progress=0.0,
+                progress_message=None,
+                finished_at=None,
+            )
         case tk.TaskAssigned():
-            row.update(status="assigned", agent_id=e.agent_id, attempts=e.attempt,
-                       assigned_at=stored.time, started_at=None)
+            row.update(
+                status="assigned",
+                agent_id=e.agent_id,
+                attempts=e.attempt,
+                assigned_at=stored.time,
+                started_at=None,
+            )
         case tk.TaskStarted():
             row.update(status="running", started_at=stored.time)
         case tk.TaskProgressed():
             row.update(progress=e.progress, progress_message=e.message)
         case tk.TaskCompleted():
-            row.update(status="completed", result=e.result, quality=e.quality, progress=1.0,
-                       finished_at=stored.time)
+            row.update(
+                status="completed",
+                result=e.result,
+                quality=e.quality,
+                progress=1.0,
+                finished_at=stored.time,
+            )
         case tk.TaskFailed():
             row.update(status="failed", error=e.error, finished_at=stored.time)
         case tk.TaskRequeued() | tk.TaskTimedOut():
@@ -161,9 +177,15 @@ def evolve_account(row: Row | None, stored: StoredEvent) -> Row | None:
     state: ac.AccountState | None = None
     if row is not None:
         state = ac.AccountState(
-            account_id=row["account_id"], holder=row["holder"], balance=row["balance"],
-            staked=row["staked"], unstaking=tuple(ac.PendingUnstake(**p) for p in row["pending"]),
-            supply=row["supply"], tier=row["tier"], earned=row["earned"], slashed=row["slashed"],
+            account_id=row["account_id"],
+            holder=row["holder"],
+            balance=row["balance"],
+            staked=row["staked"],
+            unstaking=tuple(ac.PendingUnstake(**p) for p in row["pending"]),
+            supply=row["supply"],
+            tier=row["tier"],
+            earned=row["earned"],
+            slashed=row["slashed"],
         )
     after = ac.evolve(state, e)  # type: ignore[arg-type]
     if after is None:
@@ -199,30 +221,57 @@ def ledger_legs(stored: StoredEvent) -> list[Row]:
     e = stored.event
     a = stored.aggregate_id
 
-    def leg(account: str, bucket: str, amount: int, kind: str, other: str | None = None,
-            task_id: str | None = None) -> Row:
-        return {"account_id": account, "bucket": bucket, "amount": amount, "kind": kind,
-                "counterparty": other, "task_id": task_id}
+    def leg(
+        account: str,
+        bucket: str,
+        amount: int,
+        kind: str,
+        other: str | None = None,
+        task_id: str | None = None,
+    ) -> Row:
+        return {
+            "account_id": account,
+            "bucket": bucket,
+            "amount": amount,
+            "kind": kind,
+            "counterparty": other,
+            "task_id": task_id,
+        }
 
     match e:
         case ac.TokensMinted():
-            return [leg(a, "balance", e.amount, "mint", MINT), leg(MINT, MINT, -e.amount, "mint", a)]
+            return [
+                leg(a, "balance", e.amount, "mint", MINT),
+                leg(MINT, MINT, -e.amount, "mint", a),
+            ]
         case ac.TransferSent():
-            return [leg(a, "balance", -e.amount, e.kind, e.to, e.task_id),
-                    leg(IN_FLIGHT, IN_FLIGHT, e.amount, e.kind, a, e.task_id)]
+            return [
+                leg(a, "balance", -e.amount, e.kind, e.to, e.task_id),
+                leg(IN_FLIGHT, IN_FLIGHT, e.amount, e.kind, a, e.task_id),
+            ]
         case ac.TransferReceived() | ac.RewardAccrued():
             kind = "reward" if isinstance(e, ac.RewardAccrued) else e.kind
-            return [leg(IN_FLIGHT, IN_FLIGHT, -e.amount, kind, a, e.task_id),
-                    leg(a, "balance", e.amount, kind, e.from_account, e.task_id)]
+            return [
+                leg(IN_FLIGHT, IN_FLIGHT, -e.amount, kind, a, e.task_id),
+                leg(a, "balance", e.amount, kind, e.from_account, e.task_id),
+            ]
         case ac.TokensStaked():
             return [leg(a, "balance", -e.amount, "stake"), leg(a, "staked", e.amount, "stake")]
         case ac.UnstakeRequested():
-            return [leg(a, "staked", -e.amount, "unstake"), leg(a, "unstaking", e.amount, "unstake")]
+            return [
+                leg(a, "staked", -e.amount, "unstake"),
+                leg(a, "unstaking", e.amount, "unstake"),
+            ]
         case ac.TokensUnstaked():
-            return [leg(a, "unstaking", -e.amount, "withdraw"), leg(a, "balance", e.amount, "withdraw")]
+            return [
+                leg(a, "unstaking", -e.amount, "withdraw"),
+                leg(a, "balance", e.amount, "withdraw"),
+            ]
         case ac.StakeSlashed():
-            return [leg(a, "staked", -e.amount, "slash", e.to, e.task_id),
-                    leg(IN_FLIGHT, IN_FLIGHT, e.amount, "slash", a, e.task_id)]
+            return [
+                leg(a, "staked", -e.amount, "slash", e.to, e.task_id),
+                leg(IN_FLIGHT, IN_FLIGHT, e.amount, "slash", a, e.task_id),
+            ]
     return []
 
 
@@ -233,12 +282,22 @@ def evolve_proposal(row: Row | None, stored: StoredEvent) -> Row | None:
         if row is not None:
             return row
         return {
-            "proposal_id": e.proposal_id, "title": e.title, "proposer": e.proposer,
+            "proposal_id": e.proposal_id,
+            "title": e.title,
+            "proposer": e.proposer,
             "change": e.change.model_dump(mode="json", exclude_none=True),
-            "opened_at": e.opened_at, "closes_at": e.closes_at, "quorum_bp": e.quorum_bp,
-            "threshold_bp": e.threshold_bp, "total_power": e.total_power, "status": "open",
-            "votes_for": 0, "votes_against": 0, "votes_abstain": 0, "voters": 0,
-            "version": stored.version, "updated_at": stored.time,
+            "opened_at": e.opened_at,
+            "closes_at": e.closes_at,
+            "quorum_bp": e.quorum_bp,
+            "threshold_bp": e.threshold_bp,
+            "total_power": e.total_power,
+            "status": "open",
+            "votes_for": 0,
+            "votes_against": 0,
+            "votes_abstain": 0,
+            "voters": 0,
+            "version": stored.version,
+            "updated_at": stored.time,
         }
     if row is None or stored.version <= row["version"]:
         return row
@@ -287,8 +346,12 @@ def evolve_workflow(row: Row | None, stored: StoredEvent) -> Row | None:
     row = {**row, "aggregate_version": stored.version, "updated_at": stored.time}
     match e:
         case wf.WorkflowUpdated():
-            row.update(version=e.version, name=e.name, description=e.description,
-                       spec=e.spec.model_dump(mode="json"))
+            row.update(
+                version=e.version,
+                name=e.name,
+                description=e.description,
+                spec=e.spec.model_dump(mode="json"),
+            )
         case wf.WorkflowArchived():
             row["status"] = "archived"
         case wf.WorkflowExecutionRequested():
@@ -375,8 +438,13 @@ def evolve_run(row: Row | None, stored: StoredEvent) -> Row | None:
             # (queries.get_run/list_runs fill them in), so the row keeps the names only.
             row.update(status="completed", result=run_result_keys(e), finished_at=stored.time)
         case wr.WorkflowRunFailed():
-            row.update(status="failed", failed_step=e.step_id, error=e.error,
-                       compensated=e.compensated, finished_at=stored.time)
+            row.update(
+                status="failed",
+                failed_step=e.step_id,
+                error=e.error,
+                compensated=e.compensated,
+                finished_at=stored.time,
+            )
         case wr.WorkflowRunCancelled():
             row.update(status="cancelled", error=e.reason, finished_at=stored.time)
     return row
@@ -457,8 +525,14 @@ class StepChange:
             "attempts": max(row.get("attempts", 0), self.attempts),
             "task_ids": [*row.get("task_ids", []), *self.task_ids],
         }
-        for name in ("status", "items_total", "error", "started_at", "finished_at",
-                     "compensating_for"):
+        for name in (
+            "status",
+            "items_total",
+            "error",
+            "started_at",
+            "finished_at",
+            "compensating_for",
+        ):
             if getattr(self, name) is not None:
                 out[name] = getattr(self, name)
         if self.has_result:
@@ -485,8 +559,9 @@ def step_change(stored: StoredEvent) -> tuple[str, StepChange] | None:
         case wr.StepTasksSucceeded():
             return e.step_id, StepChange(items_done=len(e.tasks))
         case wr.StepCompleted():
-            return e.step_id, StepChange(status="completed", has_result=True, result=e.result,
-                                         finished_at=t)
+            return e.step_id, StepChange(
+                status="completed", has_result=True, result=e.result, finished_at=t
+            )
         case wr.StepFailed():
             return e.step_id, StepChange(status="failed", error=e.error, finished_at=t)
         case wr.StepSkipped():

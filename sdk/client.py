@@ -129,8 +129,14 @@ class SwarmClient:
                         f"{method} {path}: {type(exc).__name__}: {exc} (after {tries} tries)"
                     ) from exc
                 delay = backoff.next_delay()
-                log.info("api.retry", method=method, path=path, error=type(exc).__name__,
-                         attempt=attempt, delay_s=round(delay, 3))
+                log.info(
+                    "api.retry",
+                    method=method,
+                    path=path,
+                    error=type(exc).__name__,
+                    attempt=attempt,
+                    delay_s=round(delay, 3),
+                )
                 await asyncio.sleep(delay)
                 continue
             if response.status_code < 400:
@@ -146,8 +152,15 @@ class SwarmClient:
             delay = backoff.next_delay()
             if error.retry_after_s is not None:
                 delay = max(delay, min(error.retry_after_s, self.max_retry_after_s))
-            log.info("api.retry", method=method, path=path, status=error.status,
-                     code=error.code, attempt=attempt, delay_s=round(delay, 3))
+            log.info(
+                "api.retry",
+                method=method,
+                path=path,
+                status=error.status,
+                code=error.code,
+                attempt=attempt,
+                delay_s=round(delay, 3),
+            )
             await asyncio.sleep(delay)
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -211,22 +224,25 @@ class SwarmClient:
         self, agent_id: str, *, idempotency_key: str | None = None
     ) -> CommandResult:
         """``POST /agents/{id}/start``; 409 ``agent_already_running`` when running or offline."""
-        return await self._command(f"/agents/{_seg(agent_id)}/start",
-                                   idempotency_key=idempotency_key)
+        return await self._command(
+            f"/agents/{_seg(agent_id)}/start", idempotency_key=idempotency_key
+        )
 
     async def stop_agent(
         self, agent_id: str, *, idempotency_key: str | None = None
     ) -> CommandResult:
         """``POST /agents/{id}/stop``; 409 ``agent_already_stopped``."""
-        return await self._command(f"/agents/{_seg(agent_id)}/stop",
-                                   idempotency_key=idempotency_key)
+        return await self._command(
+            f"/agents/{_seg(agent_id)}/stop", idempotency_key=idempotency_key
+        )
 
     async def restart_agent(
         self, agent_id: str, *, idempotency_key: str | None = None
     ) -> CommandResult:
         """``POST /agents/{id}/restart``."""
-        return await self._command(f"/agents/{_seg(agent_id)}/restart",
-                                   idempotency_key=idempotency_key)
+        return await self._command(
+            f"/agents/{_seg(agent_id)}/restart", idempotency_key=idempotency_key
+        )
 
     async def heartbeat(
         self, agent_id: str, *, idempotency_key: str | None = None, retries: int | None = None
@@ -235,8 +251,9 @@ class SwarmClient:
 
         409 ``agent_not_running`` when the agent is registered or stopped.
         """
-        return await self._command(f"/agents/{_seg(agent_id)}/heartbeat",
-                                   idempotency_key=idempotency_key, retries=retries)
+        return await self._command(
+            f"/agents/{_seg(agent_id)}/heartbeat", idempotency_key=idempotency_key, retries=retries
+        )
 
     async def get_agent(self, agent_id: str) -> dict[str, Any]:
         """``GET /agents/{id}``: the agent's read model."""
@@ -284,8 +301,10 @@ class SwarmClient:
         )
         items = body.get("items", []) if isinstance(body, dict) else []
         cursor_out = body.get("next_cursor") if isinstance(body, dict) else None
-        return TaskPage([dict(i) for i in items if isinstance(i, dict)],
-                        cursor_out if isinstance(cursor_out, str) and cursor_out else None)
+        return TaskPage(
+            [dict(i) for i in items if isinstance(i, dict)],
+            cursor_out if isinstance(cursor_out, str) and cursor_out else None,
+        )
 
     async def iter_tasks(
         self,
@@ -313,8 +332,9 @@ class SwarmClient:
     ) -> CommandResult:
         """``POST /tasks/{id}/start`` as ``agent_id``; 403 ``not_assigned_agent``, 409
         ``task_not_assigned``/``task_finished`` when the task is no longer this agent's."""
-        return await self._command(f"/tasks/{_seg(task_id)}/start", {"agent_id": agent_id},
-                                   idempotency_key=idempotency_key)
+        return await self._command(
+            f"/tasks/{_seg(task_id)}/start", {"agent_id": agent_id}, idempotency_key=idempotency_key
+        )
 
     async def report_progress(
         self,
@@ -329,8 +349,9 @@ class SwarmClient:
         body: dict[str, Any] = {"agent_id": agent_id, "progress": _fraction("progress", progress)}
         if message is not None:
             body["message"] = message
-        return await self._command(f"/tasks/{_seg(task_id)}/progress", body,
-                                   idempotency_key=idempotency_key)
+        return await self._command(
+            f"/tasks/{_seg(task_id)}/progress", body, idempotency_key=idempotency_key
+        )
 
     async def complete_task(
         self,
@@ -342,10 +363,14 @@ class SwarmClient:
         idempotency_key: str | None = None,
     ) -> CommandResult:
         """``POST /tasks/{id}/complete`` with a JSON ``result`` and ``quality`` in [0, 1]."""
-        body = {"agent_id": agent_id, "result": dict(result),
-                "quality": _fraction("quality", quality)}
-        return await self._command(f"/tasks/{_seg(task_id)}/complete", body,
-                                   idempotency_key=idempotency_key)
+        body = {
+            "agent_id": agent_id,
+            "result": dict(result),
+            "quality": _fraction("quality", quality),
+        }
+        return await self._command(
+            f"/tasks/{_seg(task_id)}/complete", body, idempotency_key=idempotency_key
+        )
 
     async def fail_task(
         self,
@@ -359,8 +384,9 @@ class SwarmClient:
     ) -> CommandResult:
         """``POST /tasks/{id}/fail``; a ``retryable`` failure is retried while attempts remain."""
         body = {"agent_id": agent_id, "error": error or "failed", "retryable": retryable}
-        return await self._command(f"/tasks/{_seg(task_id)}/fail", body,
-                                   idempotency_key=idempotency_key, retries=retries)
+        return await self._command(
+            f"/tasks/{_seg(task_id)}/fail", body, idempotency_key=idempotency_key, retries=retries
+        )
 
     # -- streams --------------------------------------------------------------------------
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any
 
@@ -138,8 +138,8 @@ def retry_after_seconds(value: str | None, *, now: datetime | None = None) -> fl
     except (TypeError, ValueError, IndexError):
         return None
     if when.tzinfo is None:
-        when = when.replace(tzinfo=timezone.utc)
-    current = now or datetime.now(timezone.utc)
+        when = when.replace(tzinfo=UTC)
+    current = now or datetime.now(UTC)
     return max(0.0, (when - current).total_seconds())
 
 
@@ -177,8 +177,12 @@ def problem_from_response(
     """
     problem: dict[str, Any] = {}
     media = (content_type or "").split(";", 1)[0].strip().lower()
-    if body and (media == PROBLEM_JSON or media.endswith("+json") or media == "application/json"
-                 or body.lstrip()[:1] == b"{"):
+    if body and (
+        media == PROBLEM_JSON
+        or media.endswith("+json")
+        or media == "application/json"
+        or body.lstrip()[:1] == b"{"
+    ):
         try:
             parsed = json.loads(body)
         except (ValueError, UnicodeDecodeError):

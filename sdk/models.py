@@ -72,9 +72,9 @@ class Assignment:
     task: dict[str, Any] | None = field(default=None, compare=False, repr=False)
 
 
-def capabilities_body(capabilities: Mapping[str, float] | Iterable[Mapping[str, Any]]) -> list[
-    dict[str, Any]
-]:
+def capabilities_body(
+    capabilities: Mapping[str, float] | Iterable[Mapping[str, Any]],
+) -> list[dict[str, Any]]:
     """``{"python": 0.9}`` (or a list of ``{"name", "level"}``) as the API's capability list.
 
     Levels must be numbers in [0, 1]; ValueError names the bad capability.
@@ -180,8 +180,13 @@ def parse_assignment(
     attempt = _attempt(body.get("attempt"))
     # The assignment carries the task's type and payload: the worker needs no GET.
     task = (
-        {"task_id": task_id, "agent_id": agent_id, "type": body.get("type"),
-         "payload": body["payload"], "attempts": attempt}
+        {
+            "task_id": task_id,
+            "agent_id": agent_id,
+            "type": body.get("type"),
+            "payload": body["payload"],
+            "attempts": attempt,
+        }
         if isinstance(body.get("payload"), dict)
         else None
     )

@@ -97,19 +97,26 @@ class TaskContext:
         key = derived_key(self.agent_id, self.task_id, self.attempt, "progress", self._reports)
         try:
             await self._client.report_progress(
-                self.task_id, self.agent_id, fraction,
-                None if message is None else message[:MAX_MESSAGE_CHARS], idempotency_key=key,
+                self.task_id,
+                self.agent_id,
+                fraction,
+                None if message is None else message[:MAX_MESSAGE_CHARS],
+                idempotency_key=key,
             )
         except SwarmError as exc:
             if is_revocation(exc):
                 raise TaskRevoked(self.task_id, exc.code, exc.detail) from exc
             structlog.get_logger("swarmlog.sdk.worker").warning(
-                "task.progress_not_reported", task_id=self.task_id, status=exc.status,
-                code=exc.code, detail=exc.detail,
+                "task.progress_not_reported",
+                task_id=self.task_id,
+                status=exc.status,
+                code=exc.code,
+                detail=exc.detail,
             )
 
-    def progress_sync(self, fraction: float, message: str | None = None,
-                      timeout_s: float = 30.0) -> None:
+    def progress_sync(
+        self, fraction: float, message: str | None = None, timeout_s: float = 30.0
+    ) -> None:
         """:meth:`progress` for a sync handler running in a worker thread (blocks up to
         ``timeout_s`` seconds); raises TaskRevoked likewise."""
         if self._loop is None:
@@ -241,9 +248,7 @@ class Worker:
                 asyncio.create_task(self._follow_assignments(client), name="swarmlog-assignments"),
             ]
             try:
-                done, _ = await asyncio.wait(
-                    [*loops, stopped], return_when=asyncio.FIRST_COMPLETED
-                )
+                done, _ = await asyncio.wait([*loops, stopped], return_when=asyncio.FIRST_COMPLETED)
                 for task in done:
                     error = None if task is stopped or task.cancelled() else task.exception()
                     if error is not None:
@@ -267,15 +272,23 @@ class Worker:
             try:
                 await self._register(client)
                 await self._start(client)
-                self._log.info("worker.started", capabilities=self.capabilities,
-                               max_concurrent_tasks=self.max_concurrent_tasks)
+                self._log.info(
+                    "worker.started",
+                    capabilities=self.capabilities,
+                    max_concurrent_tasks=self.max_concurrent_tasks,
+                )
                 return True
             except SwarmError as exc:
                 if not exc.retryable:
                     raise
                 delay = backoff.next_delay()
-                self._log.warning("worker.startup_retry", status=exc.status, code=exc.code,
-                                  detail=exc.detail, delay_s=round(delay, 3))
+                self._log.warning(
+                    "worker.startup_retry",
+                    status=exc.status,
+                    code=exc.code,
+                    detail=exc.detail,
+                    delay_s=round(delay, 3),
+                )
                 await _wait(stop, delay)
         return False
 
@@ -323,15 +336,17 @@ class Worker:
             task.cancel()
         await asyncio.gather(*background, return_exceptions=True)
         try:
-            await asyncio.wait_for(client.stop_agent(self.agent_id),
-                                   timeout=self.shutdown_timeout_s)
+            await asyncio.wait_for(
+                client.stop_agent(self.agent_id), timeout=self.shutdown_timeout_s
+            )
             self._log.info("agent.stopped")
         except SwarmError as exc:
             if exc.status == 409 and exc.code == "agent_already_stopped":
                 self._log.info("agent.already_stopped")
             else:
-                self._log.warning("agent.stop_failed", status=exc.status, code=exc.code,
-                                  detail=exc.detail)
+                self._log.warning(
+                    "agent.stop_failed", status=exc.status, code=exc.code, detail=exc.detail
+                )
         except TimeoutError:
             self._log.warning("agent.stop_timed_out", timeout_s=self.shutdown_timeout_s)
 
@@ -350,8 +365,12 @@ class Worker:
             except SwarmError as exc:
                 if not complained:
                     # agent_not_running: stopped by an operator; we do not overrule that.
-                    self._log.warning("agent.heartbeat_failed", status=exc.status,
-                                      code=exc.code, detail=exc.detail)
+                    self._log.warning(
+                        "agent.heartbeat_failed",
+                        status=exc.status,
+                        code=exc.code,
+                        detail=exc.detail,
+                    )
                 complained = True
             except TimeoutError:
                 if not complained:
@@ -383,13 +402,16 @@ class Worker:
                 reason = "stream ended"
             except SwarmError as exc:
                 reason = f"{exc.status} {exc.code}: {exc.detail}"
-                if exc.status == 400 and self._last_event_id and (
-                    exc.code == "bad_position" or exc.field == "Last-Event-ID"
+                if (
+                    exc.status == 400
+                    and self._last_event_id
+                    and (exc.code == "bad_position" or exc.field == "Last-Event-ID")
                 ):
                     # The position is unusable (e.g. the topic was recreated): follow from
                     # now on; the poll on connect picks up whatever is assigned already.
-                    self._log.warning("assignments.position_dropped",
-                                      last_event_id=self._last_event_id)
+                    self._log.warning(
+                        "assignments.position_dropped", last_event_id=self._last_event_id
+                    )
                     self._last_event_id = None
             except Exception as exc:  # noqa: BLE001 - any read error means: reconnect
                 reason = f"{type(exc).__name__}: {exc}"
@@ -439,12 +461,15 @@ class Worker:
                         self._log.warning("task.orphan_returned", task_id=task_id)
                         try:
                             await client.fail_task(
-                                task_id, self.agent_id,
-                                "the agent restarted while running it", retryable=True,
+                                task_id,
+                                self.agent_id,
+                                "the agent restarted while running it",
+                                retryable=True,
                             )
                         except SwarmError as exc:
-                            self._log.info("task.orphan_not_returned", task_id=task_id,
-                                           code=exc.code)
+                            self._log.info(
+                                "task.orphan_not_returned", task_id=task_id, code=exc.code
+                            )
             async for item in client.iter_tasks(agent_id=self.agent_id, status="assigned"):
                 assignment = assignment_from_task(item)
                 if assignment is not None:
@@ -452,8 +477,9 @@ class Worker:
                     self.offer(assignment)
             self._log.debug("assignments.polled", found=found)
         except SwarmError as exc:
-            self._log.warning("assignments.poll_failed", status=exc.status, code=exc.code,
-                              detail=exc.detail)
+            self._log.warning(
+                "assignments.poll_failed", status=exc.status, code=exc.code, detail=exc.detail
+            )
 
     def offer(self, assignment: Assignment) -> bool:
         """Take on ``assignment`` unless stopping, someone else's, or already seen.
@@ -464,15 +490,18 @@ class Worker:
         if self._stopping:
             return False
         if assignment.agent_id != self.agent_id:
-            self._log.debug("assignments.not_mine", task_id=assignment.task_id,
-                            to=assignment.agent_id)
+            self._log.debug(
+                "assignments.not_mine", task_id=assignment.task_id, to=assignment.agent_id
+            )
             return False
         if not self._tracker.claim(assignment.task_id, assignment.attempt):
-            self._log.debug("assignments.duplicate", task_id=assignment.task_id,
-                            attempt=assignment.attempt)
+            self._log.debug(
+                "assignments.duplicate", task_id=assignment.task_id, attempt=assignment.attempt
+            )
             return False
-        task = asyncio.create_task(self._run_assignment(assignment),
-                                   name=f"swarmlog-task-{assignment.task_id}")
+        task = asyncio.create_task(
+            self._run_assignment(assignment), name=f"swarmlog-task-{assignment.task_id}"
+        )
         self._runners.add(task)
         task.add_done_callback(self._runners.discard)
         return True
@@ -526,8 +555,9 @@ class Worker:
             if is_revocation(exc):
                 log.info("task.dropped", step="start", status=exc.status, code=exc.code)
             else:
-                log.warning("task.start_failed", status=exc.status, code=exc.code,
-                            detail=exc.detail)
+                log.warning(
+                    "task.start_failed", status=exc.status, code=exc.code, detail=exc.detail
+                )
             return
         log.info("task.started", type=task.get("type"))
         ctx = TaskContext(
@@ -546,9 +576,13 @@ class Worker:
             log.info("task.dropped", step="progress", code=exc.code)
         except asyncio.CancelledError:
             if self.fail_on_stop:
-                await self._report_fail(ctx, "worker stopped before the task finished",
-                                        retryable=True, log=log,
-                                        timeout_s=self.shutdown_timeout_s)
+                await self._report_fail(
+                    ctx,
+                    "worker stopped before the task finished",
+                    retryable=True,
+                    log=log,
+                    timeout_s=self.shutdown_timeout_s,
+                )
             raise
         except NonRetryableError as exc:
             await self._report_fail(ctx, error_text(exc), retryable=False, log=log)
@@ -560,8 +594,7 @@ class Worker:
                 result, quality = normalize_result(raw)
             except (TypeError, ValueError) as exc:
                 # A bad return shape is a bug in the handler: retrying will not fix it.
-                await self._report_fail(ctx, f"bad handler result: {exc}", retryable=False,
-                                        log=log)
+                await self._report_fail(ctx, f"bad handler result: {exc}", retryable=False, log=log)
             else:
                 await self._report_complete(ctx, result, quality, log=log)
 
@@ -575,12 +608,16 @@ class Worker:
             value = await value
         return value
 
-    async def _report_complete(self, ctx: TaskContext, result: dict[str, Any], quality: float,
-                               *, log: Any) -> None:
+    async def _report_complete(
+        self, ctx: TaskContext, result: dict[str, Any], quality: float, *, log: Any
+    ) -> None:
         assert self._client is not None
         try:
             await self._client.complete_task(
-                ctx.task_id, ctx.agent_id, result, quality,
+                ctx.task_id,
+                ctx.agent_id,
+                result,
+                quality,
                 idempotency_key=derived_key(ctx.agent_id, ctx.task_id, ctx.attempt, "complete"),
             )
             log.info("task.completed", quality=quality)
@@ -588,14 +625,25 @@ class Worker:
             if is_revocation(exc):
                 log.info("task.dropped", step="complete", status=exc.status, code=exc.code)
             else:
-                log.warning("task.complete_failed", status=exc.status, code=exc.code,
-                            detail=exc.detail)
+                log.warning(
+                    "task.complete_failed", status=exc.status, code=exc.code, detail=exc.detail
+                )
 
-    async def _report_fail(self, ctx: TaskContext, error: str, *, retryable: bool, log: Any,
-                           timeout_s: float | None = None) -> None:
+    async def _report_fail(
+        self,
+        ctx: TaskContext,
+        error: str,
+        *,
+        retryable: bool,
+        log: Any,
+        timeout_s: float | None = None,
+    ) -> None:
         assert self._client is not None
         call = self._client.fail_task(
-            ctx.task_id, ctx.agent_id, error, retryable,
+            ctx.task_id,
+            ctx.agent_id,
+            error,
+            retryable,
             idempotency_key=derived_key(ctx.agent_id, ctx.task_id, ctx.attempt, "fail"),
             retries=0 if timeout_s is not None else None,
         )
@@ -606,8 +654,9 @@ class Worker:
             if is_revocation(exc):
                 log.info("task.dropped", step="fail", status=exc.status, code=exc.code)
             else:
-                log.warning("task.fail_not_reported", status=exc.status, code=exc.code,
-                            detail=exc.detail)
+                log.warning(
+                    "task.fail_not_reported", status=exc.status, code=exc.code, detail=exc.detail
+                )
         except TimeoutError:
             log.warning("task.fail_not_reported", timeout_s=timeout_s)
 

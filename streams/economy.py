@@ -127,9 +127,7 @@ class Planned:
     expected_version: int | None = None
 
 
-def _due(
-    view: EconomyView, due: dict[str, Any], settled: set[str], key: str, value: Any
-) -> None:
+def _due(view: EconomyView, due: dict[str, Any], settled: set[str], key: str, value: Any) -> None:
     if key in settled:
         settled.discard(key)
     else:
@@ -161,14 +159,24 @@ def apply(view: EconomyView, stored: StoredEvent) -> None:
             view.started.pop(e.task_id, None)
             amount = reward_amount(view.params, view.tiers.get(e.agent_id, "none"), e.quality)
             if amount > 0:
-                _due(view, view.rewards, view.rewards_settled, stored.id,
-                     RewardDue(e.agent_id, e.task_id, amount))
+                _due(
+                    view,
+                    view.rewards,
+                    view.rewards_settled,
+                    stored.id,
+                    RewardDue(e.agent_id, e.task_id, amount),
+                )
         case tk.TaskRequeued() | tk.TaskTimedOut():
             rate = view.params.slash_rate_bp
             staked = view.staked.get(e.agent_id, 0)
             if view.started.pop(e.task_id, None) == e.agent_id and slash_amount(staked, rate) > 0:
-                _due(view, view.slashes, view.slashes_settled, stored.id,
-                     SlashDue(e.agent_id, e.task_id, rate))
+                _due(
+                    view,
+                    view.slashes,
+                    view.slashes_settled,
+                    stored.id,
+                    SlashDue(e.agent_id, e.task_id, rate),
+                )
         case tk.TaskQueued() | tk.TaskFailed() | tk.TaskCancelled() | tk.TaskDeadLettered():
             view.started.pop(e.task_id, None)
         case ac.AccountOpened():
@@ -181,14 +189,24 @@ def apply(view: EconomyView, stored: StoredEvent) -> None:
         case ac.TierChanged():
             view.tiers[e.account_id] = e.tier
         case ac.TransferSent():
-            _due(view, view.debits, view.credits_settled, stored.id,
-                 Debit(e.account_id, e.to, e.amount, e.kind, e.task_id))
+            _due(
+                view,
+                view.debits,
+                view.credits_settled,
+                stored.id,
+                Debit(e.account_id, e.to, e.amount, e.kind, e.task_id),
+            )
             if e.kind == "reward":
                 _settle(view.rewards, view.rewards_settled, e.cause)  # type: ignore[arg-type]
         case ac.StakeSlashed():
             view.staked[e.account_id] = view.staked.get(e.account_id, 0) - e.amount
-            _due(view, view.debits, view.credits_settled, stored.id,
-                 Debit(e.account_id, e.to, e.amount, "slash", e.task_id))
+            _due(
+                view,
+                view.debits,
+                view.credits_settled,
+                stored.id,
+                Debit(e.account_id, e.to, e.amount, "slash", e.task_id),
+            )
             _settle(view.slashes, view.slashes_settled, e.cause)  # type: ignore[arg-type]
         case ac.TransferReceived() | ac.RewardAccrued():
             _settle(view.debits, view.credits_settled, e.transfer_id)  # type: ignore[arg-type]
@@ -253,8 +271,15 @@ def plan(
         if cid in skip:
             continue
         reward = build(
-            failures, cid, ac.PayReward, account_id=TREASURY, to=r.agent_id, amount=r.amount,
-            task_id=r.task_id, cause=cause, at=now,
+            failures,
+            cid,
+            ac.PayReward,
+            account_id=TREASURY,
+            to=r.agent_id,
+            amount=r.amount,
+            task_id=r.task_id,
+            cause=cause,
+            at=now,
         )
         if reward is not None:
             out.append(Planned(cid, reward))
@@ -265,8 +290,14 @@ def plan(
         if cid in skip:
             continue
         slash = build(
-            failures, cid, ac.SlashStake, account_id=s.agent_id, rate_bp=s.rate_bp,
-            task_id=s.task_id, cause=cause, at=now,
+            failures,
+            cid,
+            ac.SlashStake,
+            account_id=s.agent_id,
+            rate_bp=s.rate_bp,
+            task_id=s.task_id,
+            cause=cause,
+            at=now,
         )
         if slash is not None:
             out.append(Planned(cid, slash))
@@ -275,9 +306,16 @@ def plan(
         if cid in skip:
             continue
         credit = build(
-            failures, cid, ac.AccrueReward if d.kind == "reward" else ac.ReceiveTransfer,
-            account_id=d.to, transfer_id=debit_id, from_account=d.source, amount=d.amount,
-            kind=d.kind, task_id=d.task_id, at=now,
+            failures,
+            cid,
+            ac.AccrueReward if d.kind == "reward" else ac.ReceiveTransfer,
+            account_id=d.to,
+            transfer_id=debit_id,
+            from_account=d.source,
+            amount=d.amount,
+            kind=d.kind,
+            task_id=d.task_id,
+            at=now,
         )
         if credit is not None:
             out.append(Planned(cid, credit))

@@ -216,8 +216,13 @@ class ElectedRunner(ABC):
             return
         self.dead_commands.add(command_id)
         letter = encode_dead_command(
-            self.topics.deadletter, command_id, reason, self.clock.now(), by=self.source,
-            command_type=command_type, command=command,
+            self.topics.deadletter,
+            command_id,
+            reason,
+            self.clock.now(),
+            by=self.source,
+            command_type=command_type,
+            command=command,
         )
         self._dead_out[f"command/{command_id}"] = letter
         log.warning(
@@ -391,9 +396,7 @@ class ElectedRunner(ABC):
         except Exception as exc:  # noqa: BLE001 - a fold that raises is this event's poison
             self.dead_letter(record, f"cannot fold {stored.type}: {type(exc).__name__}: {exc}")
 
-    async def _coordination(
-        self, election: AIOKafkaConsumer, batch: dict[Any, list[Any]]
-    ) -> None:
+    async def _coordination(self, election: AIOKafkaConsumer, batch: dict[Any, list[Any]]) -> None:
         """The coordination topic carries no records: dead-letter any there, and commit
         past them so that the next leader does not read them again."""
         if not batch:
@@ -424,9 +427,7 @@ class ElectedRunner(ABC):
                 await consumer.seek_to_beginning(tp)
             ends = await consumer.end_offsets(tps)
             while not stop.is_set() and self.leader.is_set():
-                batch = await consumer.getmany(
-                    timeout_ms=int(self.tick_s * 1000), max_records=5000
-                )
+                batch = await consumer.getmany(timeout_ms=int(self.tick_s * 1000), max_records=5000)
                 for records in batch.values():
                     for record in records:
                         if self._wanted(record):

@@ -236,25 +236,49 @@ def plan(
             reason = "lease_expired"
         if reason is not None:
             cid = derived_id("requeue", t.task_id, t.version)
-            requeue = None if cid in skip else build(
-                failures, cid, tk.RequeueTask,
-                task_id=t.task_id, agent_id=t.agent_id, reason=reason, at=now,
+            requeue = (
+                None
+                if cid in skip
+                else build(
+                    failures,
+                    cid,
+                    tk.RequeueTask,
+                    task_id=t.task_id,
+                    agent_id=t.agent_id,
+                    reason=reason,
+                    at=now,
+                )
             )
             if requeue is not None:
                 out.append(Planned(cid, requeue, t.version))
         elif t.status == "running" and held_s > t.run_timeout_s:
             cid = derived_id("run-timeout", t.task_id, t.version)
-            timeout = None if cid in skip else build(
-                failures, cid, tk.TimeOutTask, task_id=t.task_id, agent_id=t.agent_id, at=now
+            timeout = (
+                None
+                if cid in skip
+                else build(
+                    failures, cid, tk.TimeOutTask, task_id=t.task_id, agent_id=t.agent_id, at=now
+                )
             )
             if timeout is not None:
                 out.append(Planned(cid, timeout, t.version))
     for a in view.agents.values():
-        if a.lifecycle == "running" and (now - a.last_seen).total_seconds() > policy.heartbeat_timeout_s:
+        if (
+            a.lifecycle == "running"
+            and (now - a.last_seen).total_seconds() > policy.heartbeat_timeout_s
+        ):
             cid = derived_id("offline", a.agent_id, a.version)
-            offline = None if cid in skip else build(
-                failures, cid, ag.MarkAgentOffline,
-                agent_id=a.agent_id, reason="heartbeat_timeout", at=now,
+            offline = (
+                None
+                if cid in skip
+                else build(
+                    failures,
+                    cid,
+                    ag.MarkAgentOffline,
+                    agent_id=a.agent_id,
+                    reason="heartbeat_timeout",
+                    at=now,
+                )
             )
             if offline is not None:
                 out.append(Planned(cid, offline, a.version))
@@ -326,8 +350,10 @@ def _assignments(
             continue
         agent_id = best[1]
         cid = derived_id("assign", t.task_id, t.version)
-        assign = None if cid in skip else build(
-            failures, cid, tk.AssignTask, task_id=t.task_id, agent_id=agent_id, at=now
+        assign = (
+            None
+            if cid in skip
+            else build(failures, cid, tk.AssignTask, task_id=t.task_id, agent_id=agent_id, at=now)
         )
         if assign is None:
             continue  # it holds no slot of the agent

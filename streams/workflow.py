@@ -115,8 +115,19 @@ class Scheduled:
 def scheduled_tasks(e: wr.StepTasksScheduled) -> list[Scheduled]:
     """The tasks a scheduling event lists, one ``Scheduled`` each."""
     return [
-        Scheduled(e.run_id, e.step_id, u.index, u.attempt, u.task_id, e.task_type, u.payload,
-                  e.required_capabilities, e.priority, e.run_timeout_s, u.not_before)
+        Scheduled(
+            e.run_id,
+            e.step_id,
+            u.index,
+            u.attempt,
+            u.task_id,
+            e.task_type,
+            u.payload,
+            e.required_capabilities,
+            e.priority,
+            e.run_timeout_s,
+            u.not_before,
+        )
         for u in e.tasks
     ]
 
@@ -372,8 +383,16 @@ def plan(
             continue
         r: wf.WorkflowExecutionRequested = request.event  # type: ignore[assignment]
         start = build(
-            failures, cid, wr.StartWorkflowRun, run_id=run_id, workflow_id=r.workflow_id,
-            version=r.version, spec=r.spec, inputs=r.inputs, params=r.params, at=now,
+            failures,
+            cid,
+            wr.StartWorkflowRun,
+            run_id=run_id,
+            workflow_id=r.workflow_id,
+            version=r.version,
+            spec=r.spec,
+            inputs=r.inputs,
+            params=r.params,
+            at=now,
         )
         if start is not None:
             out.append(Planned(cid, start))
@@ -383,9 +402,17 @@ def plan(
         if (s.not_before is not None and now < s.not_before) or submit_id(tid) in skip:
             continue
         submit = build(
-            failures, submit_id(tid), tk.SubmitTask, task_id=tid, type=s.task_type,
-            payload=s.payload, required_capabilities=s.required_capabilities,
-            priority=s.priority, run_timeout_s=s.run_timeout_s, max_attempts=1, at=now,
+            failures,
+            submit_id(tid),
+            tk.SubmitTask,
+            task_id=tid,
+            type=s.task_type,
+            payload=s.payload,
+            required_capabilities=s.required_capabilities,
+            priority=s.priority,
+            run_timeout_s=s.run_timeout_s,
+            max_attempts=1,
+            at=now,
         )
         if submit is not None:
             out.append(Planned(submit_id(tid), submit))
@@ -398,8 +425,15 @@ def plan(
         if cid in skip:
             continue
         outcome = build(
-            failures, cid, wr.StepTaskOutcome, step_id=s.step_id, index=s.index,
-            attempt=s.attempt, task_id=tid, succeeded=end.succeeded, result=end.result,
+            failures,
+            cid,
+            wr.StepTaskOutcome,
+            step_id=s.step_id,
+            index=s.index,
+            attempt=s.attempt,
+            task_id=tid,
+            succeeded=end.succeeded,
+            result=end.result,
             error=end.error,
         )
         if outcome is not None:
@@ -410,8 +444,12 @@ def plan(
         if cancel_id(tid) in skip:
             continue
         cancel = build(
-            failures, cancel_id(tid), tk.CancelTask, task_id=tid,
-            reason=view.tasks[tid].cancel_reason, at=now,
+            failures,
+            cancel_id(tid),
+            tk.CancelTask,
+            task_id=tid,
+            reason=view.tasks[tid].cancel_reason,
+            at=now,
         )
         if cancel is not None:
             out.append(Planned(cancel_id(tid), cancel))
@@ -452,8 +490,12 @@ def _outcome_commands(
         cid = derived_id("workflow", "step-outcomes", *covers)
         tried: list[Unbuilt] = []
         outcomes = build(
-            tried if failures is not None else None, cid, wr.RecordStepTaskOutcomes,
-            run_id=run_id, outcomes=tuple(o for _, o in batch), at=now,
+            tried if failures is not None else None,
+            cid,
+            wr.RecordStepTaskOutcomes,
+            run_id=run_id,
+            outcomes=tuple(o for _, o in batch),
+            at=now,
         )
         if outcomes is not None:
             out.append(Planned(cid, outcomes, covers=covers))

@@ -49,7 +49,10 @@ async def grant(account_id: AccountIdPath, body: Grant, dispatch: DispatchDep): 
     The answer is the treasury's debit; the credit follows (the account's ledger shows it).
     """
     command = dispatch.command(
-        ac.GrantTokens, account_id=TREASURY, to=account_id, amount=to_micro(body.amount),
+        ac.GrantTokens,
+        account_id=TREASURY,
+        to=account_id,
+        amount=to_micro(body.amount),
         reason=body.reason,
     )
     return await dispatch.execute(command)
@@ -59,7 +62,10 @@ async def grant(account_id: AccountIdPath, body: Grant, dispatch: DispatchDep): 
 async def transfer(account_id: AccountIdPath, body: Transfer, dispatch: DispatchDep):  # type: ignore[no-untyped-def]
     """Send tokens of the balance to another account (409 insufficient_balance if short)."""
     command = dispatch.command(
-        ac.TransferTokens, account_id=account_id, to=body.to, amount=to_micro(body.amount),
+        ac.TransferTokens,
+        account_id=account_id,
+        to=body.to,
+        amount=to_micro(body.amount),
         memo=body.memo,
     )
     return await dispatch.execute(command)
@@ -74,14 +80,19 @@ async def stake(account_id: AccountIdPath, body: AmountIn, dispatch: DispatchDep
 
 @router.post("/{account_id}/unstake", response_model=CommandResult, responses=COMMAND_RESPONSES)
 async def unstake(  # type: ignore[no-untyped-def]
-    account_id: AccountIdPath, body: AmountIn, dispatch: DispatchDep, settings: SettingsDep,
+    account_id: AccountIdPath,
+    body: AmountIn,
+    dispatch: DispatchDep,
+    settings: SettingsDep,
     pool: PoolDep,
 ):
     """Start unstaking: withdrawable after the governed cooldown in force."""
     row = await queries.economy_parameters(pool, settings.db_schema)
     params = EconomyParameters.model_validate(row["params"]) if row else EconomyParameters()
     command = dispatch.command(
-        ac.RequestUnstake, account_id=account_id, amount=to_micro(body.amount),
+        ac.RequestUnstake,
+        account_id=account_id,
+        amount=to_micro(body.amount),
         cooldown_s=params.unstake_cooldown_s,
     )
     return await dispatch.execute(command)
@@ -93,10 +104,16 @@ async def withdraw(account_id: AccountIdPath, dispatch: DispatchDep):  # type: i
     return await dispatch.execute(dispatch.command(ac.WithdrawUnstaked, account_id=account_id))
 
 
-@router.get("/{account_id}", response_model=AccountPublic,
-            responses={404: {"description": "no such account"}})
+@router.get(
+    "/{account_id}",
+    response_model=AccountPublic,
+    responses={404: {"description": "no such account"}},
+)
 async def get_account(
-    account_id: AccountIdPath, settings: SettingsDep, pool: PoolDep, _fresh: FreshDep,
+    account_id: AccountIdPath,
+    settings: SettingsDep,
+    pool: PoolDep,
+    _fresh: FreshDep,
     response: Response,
 ) -> AccountPublic:
     """One account: balance, staked, unstaking, tier, earnings; ``ETag`` its version."""
@@ -109,8 +126,12 @@ async def get_account(
 
 @router.get("/{account_id}/ledger", response_model=Page[LedgerEntryPublic])
 async def get_ledger(
-    account_id: AccountIdPath, settings: SettingsDep, pool: PoolDep, _fresh: FreshDep,
-    limit: Limit = 50, cursor: Cursor = None,
+    account_id: AccountIdPath,
+    settings: SettingsDep,
+    pool: PoolDep,
+    _fresh: FreshDep,
+    limit: Limit = 50,
+    cursor: Cursor = None,
 ) -> Page[LedgerEntryPublic]:
     """The account's ledger legs in log order: every movement with its cause (kind,
     counterparty, task id, command id)."""
@@ -118,8 +139,6 @@ async def get_ledger(
     rows = await queries.account_ledger(
         pool, settings.db_schema, account_id, after=key[0] if key else None, limit=limit + 1
     )
-    items = [
-        LedgerEntryPublic(**{**r, "amount": format_tokens(r["amount"])}) for r in rows[:limit]
-    ]
+    items = [LedgerEntryPublic(**{**r, "amount": format_tokens(r["amount"])}) for r in rows[:limit]]
     more = len(rows) > limit
     return Page(items=items, next_cursor=encode_cursor("ledger", items[-1].seq) if more else None)

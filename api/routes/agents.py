@@ -22,11 +22,11 @@ from api.deps import (
     TopicsDep,
 )
 from api.dispatch import COMMAND_RESPONSES, DispatchDep
+from api.live import sse_response
 from api.pagination import TEXT, decode_cursor, encode_cursor
 from api.positions import Layout
 from api.problems import Problem
 from api.schemas import AgentCreate, AgentPublic, AgentUpdate, CommandResult, Page, to_micro
-from api.streams import sse_response
 from domain import agent as ag
 from domain import task as tk
 from infra.codec import StoredEvent, event_ce_type

@@ -40,10 +40,22 @@ class DeadLetterPublic(BaseModel):
     def from_row(cls, row: dict[str, Any]) -> DeadLetterPublic:
         """From a ``queries.list_dead_letters`` row."""
         return cls(
-            topic=row["source_topic"], partition=row["source_partition"],
+            topic=row["source_topic"],
+            partition=row["source_partition"],
             offset=row["source_offset"],
-            **{k: row[k] for k in ("id", "reason", "key", "dead_lettered_at", "letter_partition",
-                                   "letter_offset", "replayed_at", "replay_note")},
+            **{
+                k: row[k]
+                for k in (
+                    "id",
+                    "reason",
+                    "key",
+                    "dead_lettered_at",
+                    "letter_partition",
+                    "letter_offset",
+                    "replayed_at",
+                    "replay_note",
+                )
+            },
         )
 
 

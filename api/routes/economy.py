@@ -22,7 +22,8 @@ router = APIRouter(tags=["economy"])
 
 @router.get("/leaderboard", response_model=list[LeaderboardEntry])
 async def leaderboard(
-    settings: SettingsDep, redis: RedisDep,
+    settings: SettingsDep,
+    redis: RedisDep,
     limit: Annotated[int, Query(ge=1, le=500)] = 20,
 ) -> list[LeaderboardEntry]:
     """Accounts by rewards earned, highest first (the projector keeps it in Redis)."""
@@ -40,7 +41,9 @@ async def leaderboard(
 
 @router.get("/economy/summary", response_model=EconomySummary)
 async def summary(
-    settings: SettingsDep, pool: PoolDep, _fresh: FreshDep,
+    settings: SettingsDep,
+    pool: PoolDep,
+    _fresh: FreshDep,
     bucket: Annotated[Literal["minute", "hour", "day"], Query()] = "hour",
 ) -> EconomySummary:
     """Supply, treasury, balances, staked (by tier), unstaking, in flight; rewards and
@@ -50,15 +53,28 @@ async def summary(
     params = EconomyParameters.model_validate(row["params"]) if row else EconomyParameters()
     shown = params.model_dump(mode="json")
     shown["base_reward"] = format_tokens(params.base_reward)
-    money = {k: format_tokens(s[k]) or "0" for k in
-             ("supply", "treasury", "balances", "staked", "unstaking", "in_flight")}
+    money = {
+        k: format_tokens(s[k]) or "0"
+        for k in ("supply", "treasury", "balances", "staked", "unstaking", "in_flight")
+    }
     return EconomySummary(
         **money,
         accounts=s["accounts"],
         balanced=s["supply"] == s["balances"] + s["staked"] + s["unstaking"] + s["in_flight"],
-        tiers=[TierSummary(tier=t["tier"], accounts=t["accounts"],
-                           staked=format_tokens(t["staked"]) or "0") for t in s["tiers"]],
-        flows=[FlowSummary(at=f["at"], kind=f["kind"], amount=format_tokens(abs(f["amount"])) or "0",
-                           count=f["count"]) for f in s["flows"]],
+        tiers=[
+            TierSummary(
+                tier=t["tier"], accounts=t["accounts"], staked=format_tokens(t["staked"]) or "0"
+            )
+            for t in s["tiers"]
+        ],
+        flows=[
+            FlowSummary(
+                at=f["at"],
+                kind=f["kind"],
+                amount=format_tokens(abs(f["amount"])) or "0",
+                count=f["count"],
+            )
+            for f in s["flows"]
+        ],
         parameters=shown,
     )

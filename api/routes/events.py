@@ -16,8 +16,8 @@ from api.deps import (
     StreamFrom,
     TopicsDep,
 )
+from api.live import sse_response
 from api.positions import Layout
-from api.streams import sse_response
 from domain.workflow_run import RUN
 from infra.codec import StoredEvent, event_ce_type
 
@@ -49,8 +49,11 @@ async def follow_events(
     ] = None,
     run_id: Annotated[
         str | None,
-        Query(min_length=1, max_length=128,
-              description="only the events of this workflow run (io.swarmlog.workflow_run.*)"),
+        Query(
+            min_length=1,
+            max_length=128,
+            description="only the events of this workflow run (io.swarmlog.workflow_run.*)",
+        ),
     ] = None,
     last_event_id_header: LastEventIdHeader = None,
     last_event_id: LastEventIdQuery = None,

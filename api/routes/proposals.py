@@ -52,9 +52,15 @@ async def create_proposal(  # type: ignore[no-untyped-def]
         for r in await queries.stakes(pool, settings.db_schema)
     )
     command = dispatch.command(
-        pr.CreateProposal, proposal_id=proposal_id, title=body.title, proposer=body.proposer,
-        change=change, window_s=body.window_s, quorum_bp=body.quorum_bp,
-        threshold_bp=body.threshold_bp, powers=powers,
+        pr.CreateProposal,
+        proposal_id=proposal_id,
+        title=body.title,
+        proposer=body.proposer,
+        change=change,
+        window_s=body.window_s,
+        quorum_bp=body.quorum_bp,
+        threshold_bp=body.threshold_bp,
+        powers=powers,
     )
     return await dispatch.execute(command, created_at=f"/proposals/{proposal_id}")
 
@@ -62,33 +68,45 @@ async def create_proposal(  # type: ignore[no-untyped-def]
 @router.post("/{proposal_id}/votes", response_model=CommandResult, responses=COMMAND_RESPONSES)
 async def cast_vote(proposal_id: ProposalIdPath, body: VoteIn, dispatch: DispatchDep):  # type: ignore[no-untyped-def]
     """Vote once per account (409 already_voted; 403 no_voting_power)."""
-    command = dispatch.command(pr.CastVote, proposal_id=proposal_id, voter=body.voter,
-                               choice=body.choice)
+    command = dispatch.command(
+        pr.CastVote, proposal_id=proposal_id, voter=body.voter, choice=body.choice
+    )
     return await dispatch.execute(command)
 
 
 @router.get("", response_model=Page[ProposalPublic])
 async def list_proposals(
-    settings: SettingsDep, pool: PoolDep, _fresh: FreshDep,
+    settings: SettingsDep,
+    pool: PoolDep,
+    _fresh: FreshDep,
     status: Annotated[
         Literal["open", "passed", "rejected", "quorum_missed", "executed"] | None, Query()
     ] = None,
-    limit: Limit = 50, cursor: Cursor = None,
+    limit: Limit = 50,
+    cursor: Cursor = None,
 ) -> Page[ProposalPublic]:
     """Proposals by id, optionally of one status."""
     key = decode_cursor("proposals", cursor, TEXT)
-    rows = await queries.list_proposals(pool, settings.db_schema, status=status,
-                                        after=key[0] if key else None, limit=limit + 1)
+    rows = await queries.list_proposals(
+        pool, settings.db_schema, status=status, after=key[0] if key else None, limit=limit + 1
+    )
     items = [ProposalPublic.from_row(r) for r in rows[:limit]]
     more = len(rows) > limit
-    return Page(items=items,
-                next_cursor=encode_cursor("proposals", items[-1].proposal_id) if more else None)
+    return Page(
+        items=items, next_cursor=encode_cursor("proposals", items[-1].proposal_id) if more else None
+    )
 
 
-@router.get("/{proposal_id}", response_model=ProposalPublic,
-            responses={404: {"description": "no such proposal"}})
+@router.get(
+    "/{proposal_id}",
+    response_model=ProposalPublic,
+    responses={404: {"description": "no such proposal"}},
+)
 async def get_proposal(
-    proposal_id: ProposalIdPath, settings: SettingsDep, pool: PoolDep, _fresh: FreshDep,
+    proposal_id: ProposalIdPath,
+    settings: SettingsDep,
+    pool: PoolDep,
+    _fresh: FreshDep,
     response: Response,
 ) -> ProposalPublic:
     """One proposal with its tallies and votes."""

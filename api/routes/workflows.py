@@ -55,15 +55,11 @@ WorkflowIdPath = Annotated[
 RunIdPath = Annotated[
     str, Path(min_length=1, max_length=128, pattern=ID_PATTERN, description="the run id")
 ]
-TemplateNamePath = Annotated[
-    str, Path(pattern=wf.TEMPLATE_NAME, description="the template name")
-]
+TemplateNamePath = Annotated[str, Path(pattern=wf.TEMPLATE_NAME, description="the template name")]
 RunStatus = Literal["pending", "running", "compensating", "completed", "failed", "cancelled"]
 
 
-def checked_spec(
-    steps: list[wf.StepSpec], compensations: list[wf.StepSpec]
-) -> wf.WorkflowSpec:
+def checked_spec(steps: list[wf.StepSpec], compensations: list[wf.StepSpec]) -> wf.WorkflowSpec:
     """The definition made of ``steps`` and ``compensations``, or a 422 problem: a shape
     error, a definition too large for the log (``spec_too_large``), or the first
     ``check_spec`` problem, naming its field (``steps[2].depends_on``) and code."""
@@ -125,7 +121,10 @@ async def list_workflows(
     """Definitions newest first (by creation, then id, both descending), optionally of
     one status."""
     rows = await queries.list_workflows(
-        pool, settings.db_schema, status=status, after=_keyset("workflows", cursor),
+        pool,
+        settings.db_schema,
+        status=status,
+        after=_keyset("workflows", cursor),
         limit=limit + 1,
     )
     items = [WorkflowPublic.from_row(r) for r in rows[:limit]]
@@ -273,8 +272,12 @@ async def list_runs(
     """Runs newest first (by request time, then run id, both descending), filtered by
     workflow and/or status; without their steps."""
     rows = await queries.list_runs(
-        pool, settings.db_schema, workflow_id=workflow_id, status=status,
-        after=_keyset("workflow-runs", cursor), limit=limit + 1,
+        pool,
+        settings.db_schema,
+        workflow_id=workflow_id,
+        status=status,
+        after=_keyset("workflow-runs", cursor),
+        limit=limit + 1,
     )
     items = [RunPublic.from_row(r) for r in rows[:limit]]
     next_cursor = None
@@ -314,8 +317,9 @@ async def cancel_run(  # type: ignore[no-untyped-def]
     """Cancel a run that has not finished: no further step starts and its unfinished
     tasks are cancelled (409 ``run_finished`` once it has ended; 404 until it started)."""
     reason = (body or RunCancel()).reason
-    return await dispatch.execute(dispatch.command(wr.CancelWorkflowRun, run_id=run_id,
-                                                   reason=reason))
+    return await dispatch.execute(
+        dispatch.command(wr.CancelWorkflowRun, run_id=run_id, reason=reason)
+    )
 
 
 # templates --------------------------------------------------------------------------
@@ -372,7 +376,9 @@ async def _template(pool: Any, schema: str, name: str, version: int | None) -> d
     if row is None:
         what = f"template {name}" + (f" version {version}" if version is not None else "")
         raise Problem(
-            404, "template_not_found", f"no {what}",
+            404,
+            "template_not_found",
+            f"no {what}",
             field="version" if version is not None else "name",
         )
     return row

@@ -40,8 +40,8 @@ from infra.stack import StackInfo
 from infra.topics import Topics, ensure_topics
 from projections.projector import Projector
 from streams.economy_runner import EconomyRunner
-from streams.runner import SchedulerRunner
 from streams.scheduler import Policy
+from streams.scheduler_runner import SchedulerRunner
 
 T = TypeVar("T")
 
@@ -135,7 +135,11 @@ def _free_socket() -> socket.socket:
 async def swarm(services: StackInfo, request: pytest.FixtureRequest) -> AsyncIterator[Swarm]:
     """A fresh deployment for one test (see the module docstring)."""
     overrides: dict[str, Any] = dict(getattr(request, "param", None) or {})
-    clock: Clock = ManualClock(start=SystemClock().now()) if overrides.pop("manual_clock", False) else SystemClock()
+    clock: Clock = (
+        ManualClock(start=SystemClock().now())
+        if overrides.pop("manual_clock", False)
+        else SystemClock()
+    )
     prefix = f"t{uuid.uuid4().hex[:10]}"
     settings = Settings.model_validate(
         {

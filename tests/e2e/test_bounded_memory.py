@@ -23,8 +23,9 @@ async def test_a_command_gets_its_outcome_even_when_none_can_be_kept(swarm) -> N
     assert r.status_code == 200, r.text
     assert r.json()["version"] == started["version"] + 1
     # Answered from the outcome as it came; kept for later lookups it was not.
-    assert_problem(await c.get(f"/commands/{r.json()['command_id']}"), 404,
-                   code="outcome_not_found")
+    assert_problem(
+        await c.get(f"/commands/{r.json()['command_id']}"), 404, code="outcome_not_found"
+    )
 
 
 @pytest.mark.parametrize("swarm", [{"client_outcome_cache_bytes": 8_000}], indirect=True)
@@ -53,8 +54,10 @@ async def test_a_stream_resumes_with_no_gap_after_large_events_left_the_window(s
         assert es.response.status_code == 200
         events = es.aiter_sse()
         # The shared consumer started with this client, at the log's end: live from here.
-        r = await c.post("/tasks", json={"task_id": "win-t0", "type": "small",
-                                         "required_capabilities": ["nobody-has-it"]})
+        r = await c.post(
+            "/tasks",
+            json={"task_id": "win-t0", "type": "small", "required_capabilities": ["nobody-has-it"]},
+        )
         assert r.status_code == 201, r.text
         writes = [r.json()]
         (first,) = await take(events, 1)
@@ -64,9 +67,15 @@ async def test_a_stream_resumes_with_no_gap_after_large_events_left_the_window(s
     # after ``first`` are gone from it, so the resumed stream reads the log itself.
     big = [f"win-big{i}" for i in range(6)]
     for t in big:
-        r = await c.post("/tasks", json={"task_id": t, "type": "large",
-                                         "payload": {"blob": "x" * 8_000},
-                                         "required_capabilities": ["nobody-has-it"]})
+        r = await c.post(
+            "/tasks",
+            json={
+                "task_id": t,
+                "type": "large",
+                "payload": {"blob": "x" * 8_000},
+                "required_capabilities": ["nobody-has-it"],
+            },
+        )
         assert r.status_code == 201, r.text
         writes.append(r.json())
 

@@ -17,11 +17,22 @@ pytestmark = pytest.mark.e2e
 
 def _submitted(task_id: str, type_: str) -> StoredEvent:
     return StoredEvent(
-        id=derived_id("test-event", task_id, 1), aggregate_type=tk.TASK, aggregate_id=task_id,
-        version=1, time=now(), correlation_id=task_id, causation_id=task_id,
+        id=derived_id("test-event", task_id, 1),
+        aggregate_type=tk.TASK,
+        aggregate_id=task_id,
+        version=1,
+        time=now(),
+        correlation_id=task_id,
+        causation_id=task_id,
         event=tk.TaskSubmitted(
-            task_id=task_id, type=type_, payload={}, required_capabilities=(),
-            priority="normal", max_cost=None, lease_timeout_s=30.0, run_timeout_s=600.0,
+            task_id=task_id,
+            type=type_,
+            payload={},
+            required_capabilities=(),
+            priority="normal",
+            max_cost=None,
+            lease_timeout_s=30.0,
+            run_timeout_s=600.0,
             max_attempts=3,
         ),
     )
@@ -35,8 +46,9 @@ async def test_dead_letters_are_listed_newest_first_page_by_page(swarm) -> None:
     try:
         for task_id in ids:  # past the API, as another producer could
             record = encode_event(swarm.topics.events(tk.TASK), _submitted(task_id, "a\x00b"))
-            await raw.send_and_wait(record.topic, record.value, key=record.key,
-                                    headers=record.headers)
+            await raw.send_and_wait(
+                record.topic, record.value, key=record.key, headers=record.headers
+            )
     finally:
         await raw.stop()
 

@@ -34,7 +34,10 @@ async def test_demo_swarm_finishes_every_module_despite_a_killed_agent(
 ) -> None:
     console = Console(record=True, width=140)
     summary = await run_demo(
-        state_dir=tmp_path, packages=("json", "email"), kill_at=0.25, pace_ms=400,
+        state_dir=tmp_path,
+        packages=("json", "email"),
+        kill_at=0.25,
+        pace_ms=400,
         console=console,
     )
     modules = discover_modules("json") + discover_modules("email")
@@ -80,7 +83,9 @@ async def test_demo_swarm_finishes_every_module_despite_a_killed_agent(
         await conn.close()
 
     # The summary's per-agent counts are the read model's, and add up to the modules.
-    assert {a["agent_id"]: a["tasks_completed"] for a in summary["agents"] if a["tasks_completed"]} == per_agent
+    assert {
+        a["agent_id"]: a["tasks_completed"] for a in summary["agents"] if a["tasks_completed"]
+    } == per_agent
     assert sum(per_agent.values()) == len(modules) + 2
     # The killed agent lost its work to the others and was marked offline.
     assert lost_by_killed >= 1

@@ -50,21 +50,37 @@ async def test_grant_transfer_stake_unstake_and_the_ledger(swarm) -> None:
     r = await c.post("/accounts/alice/stake", json={"amount": "600"})
     assert r.status_code == 200, r.text
     assert [e["type"] for e in r.json()["events"]] == [
-        "io.swarmlog.account.tokens_staked", "io.swarmlog.account.tier_changed"]
+        "io.swarmlog.account.tokens_staked",
+        "io.swarmlog.account.tier_changed",
+    ]
     alice = await account_where(swarm, "alice", staked="600.000000")
     assert alice["tier"] == "silver" and alice["balance"] == "149.500000"
 
-    assert_problem(await c.post("/accounts/alice/transfer", json={"to": "bob", "amount": "149.500001"}),
-                   409, code="insufficient_balance", field="amount")
-    assert_problem(await c.post("/accounts/alice/stake", json={"amount": "-1"}), 422, field="amount")
-    assert_problem(await c.post("/accounts/alice/stake", json={"amount": "0.0000001"}), 422,
-                   field="amount")
-    assert_problem(await c.post("/accounts/alice/stake", json={"amount": "1e30"}), 422, field="amount")
+    assert_problem(
+        await c.post("/accounts/alice/transfer", json={"to": "bob", "amount": "149.500001"}),
+        409,
+        code="insufficient_balance",
+        field="amount",
+    )
+    assert_problem(
+        await c.post("/accounts/alice/stake", json={"amount": "-1"}), 422, field="amount"
+    )
+    assert_problem(
+        await c.post("/accounts/alice/stake", json={"amount": "0.0000001"}), 422, field="amount"
+    )
+    assert_problem(
+        await c.post("/accounts/alice/stake", json={"amount": "1e30"}), 422, field="amount"
+    )
     assert_problem(await c.post("/accounts/alice/stake", json={"amount": "0"}), 422, field="amount")
-    assert_problem(await c.post("/accounts/alice/transfer", json={"to": "alice", "amount": "1"}),
-                   422, code="self_transfer", field="to")
-    assert_problem(await c.post("/accounts/nobody/stake", json={"amount": "1"}), 404,
-                   code="account_not_found")
+    assert_problem(
+        await c.post("/accounts/alice/transfer", json={"to": "alice", "amount": "1"}),
+        422,
+        code="self_transfer",
+        field="to",
+    )
+    assert_problem(
+        await c.post("/accounts/nobody/stake", json={"amount": "1"}), 404, code="account_not_found"
+    )
 
     r = await c.post("/accounts/alice/unstake", json={"amount": "101"})
     assert r.status_code == 200, r.text
@@ -97,12 +113,18 @@ async def test_grant_transfer_stake_unstake_and_the_ledger(swarm) -> None:
     assert entries[1]["counterparty"] == "bob" and entries[1]["command_id"]
 
     # The economy's events are on the SSE feed, as CloudEvents.
-    async with aconnect_sse(c, "GET", "/events", params={
-            "from": "beginning", "subject": "alice", "type": "io.swarmlog.account.*"}) as es:
+    async with aconnect_sse(
+        c,
+        "GET",
+        "/events",
+        params={"from": "beginning", "subject": "alice", "type": "io.swarmlog.account.*"},
+    ) as es:
         got = await take(es.aiter_sse(), 3)
-    assert [s.event for s in got] == ["io.swarmlog.account.opened",
-                                      "io.swarmlog.account.transfer_received",
-                                      "io.swarmlog.account.transfer_sent"]
+    assert [s.event for s in got] == [
+        "io.swarmlog.account.opened",
+        "io.swarmlog.account.transfer_received",
+        "io.swarmlog.account.transfer_sent",
+    ]
     assert cloudevent(got[1])["data"]["amount"] == 1_000_000_000
 
     summary = (await c.get("/economy/summary")).json()
@@ -115,6 +137,7 @@ async def test_grant_transfer_stake_unstake_and_the_ledger(swarm) -> None:
     r = aioredis.from_url(swarm.settings.require_services()[2])
     key = f"{swarm.settings.redis_prefix}:economy:stake_by_tier"
     try:
+
         async def bronze() -> bytes | None:
             value: bytes | None = await r.hget(key, "bronze")
             return value if value == b"499000000" else None
@@ -131,15 +154,20 @@ async def test_work_earns_rewards_by_tier_and_fills_the_leaderboard(swarm) -> No
         await register(c, agent_id, capabilities={"python": 0.9}, start=True)
         await account_where(swarm, agent_id, balance="0.000000")
         if stake:
-            assert (await c.post(f"/accounts/{agent_id}/grant", json={"amount": stake})).status_code == 200
+            assert (
+                await c.post(f"/accounts/{agent_id}/grant", json={"amount": stake})
+            ).status_code == 200
             await account_where(swarm, agent_id, balance=f"{stake}.000000")
-            assert (await c.post(f"/accounts/{agent_id}/stake", json={"amount": stake})).status_code == 200
+            assert (
+                await c.post(f"/accounts/{agent_id}/stake", json={"amount": stake})
+            ).status_code == 200
             await account_where(swarm, agent_id, tier="gold")
     await asyncio.sleep(0.5)  # the economy runner folds the tier
     for agent_id in ("gold-agent", "plain-agent"):
         task_id = f"job-{agent_id}"
-        r = await c.post("/tasks", json={"task_id": task_id, "type": "lint",
-                                         "required_capabilities": ["python"]})
+        r = await c.post(
+            "/tasks", json={"task_id": task_id, "type": "lint", "required_capabilities": ["python"]}
+        )
         assert r.status_code == 201, r.text
 
     async def assigned() -> list[dict[str, Any]] | None:
@@ -150,8 +178,12 @@ async def test_work_earns_rewards_by_tier_and_fills_the_leaderboard(swarm) -> No
     for task in await swarm.eventually(assigned, what="both tasks assigned"):
         holder = task["agent_id"]
         held[holder] = task["task_id"]
-        assert (await c.post(f"/tasks/{task['task_id']}/start", json={"agent_id": holder})).status_code == 200
-        r = await c.post(f"/tasks/{task['task_id']}/complete", json={"agent_id": holder, "quality": 0.5})
+        assert (
+            await c.post(f"/tasks/{task['task_id']}/start", json={"agent_id": holder})
+        ).status_code == 200
+        r = await c.post(
+            f"/tasks/{task['task_id']}/complete", json={"agent_id": holder, "quality": 0.5}
+        )
         assert r.status_code == 200, r.text
     gold = await account_where(swarm, "gold-agent", earned="7.500000")  # 10 x 1.5 x 0.5
     plain = await account_where(swarm, "plain-agent", earned="5.000000")
@@ -163,7 +195,9 @@ async def test_work_earns_rewards_by_tier_and_fills_the_leaderboard(swarm) -> No
 
     rows = await swarm.eventually(board, what="the leaderboard")
     assert [(r["rank"], r["account_id"], r["earned"]) for r in rows] == [
-        (1, "gold-agent", "7.500000"), (2, "plain-agent", "5.000000")]
+        (1, "gold-agent", "7.500000"),
+        (2, "plain-agent", "5.000000"),
+    ]
     r = await c.get("/accounts/gold-agent/ledger")
     reward = [e for e in r.json()["items"] if e["kind"] == "reward"]
     assert reward and reward[0]["task_id"] == held["gold-agent"]
@@ -176,27 +210,51 @@ async def test_work_earns_rewards_by_tier_and_fills_the_leaderboard(swarm) -> No
 async def test_governance_passed_rejected_and_quorum_missed(swarm) -> None:
     c = swarm.client
     for holder, stake in (("a", "600"), ("b", "300"), ("c", "100")):
-        assert (await c.post(f"/accounts/{holder}/grant", json={"amount": stake})).status_code == 200
+        assert (
+            await c.post(f"/accounts/{holder}/grant", json={"amount": stake})
+        ).status_code == 200
         await account_where(swarm, holder, balance=f"{stake}.000000")
-        assert (await c.post(f"/accounts/{holder}/stake", json={"amount": stake})).status_code == 200
+        assert (
+            await c.post(f"/accounts/{holder}/stake", json={"amount": stake})
+        ).status_code == 200
         await account_where(swarm, holder, staked=f"{stake}.000000")
     for pid in ("passes", "fails", "quiet"):
-        r = await c.post("/proposals", json={
-            "proposal_id": pid, "title": f"{pid}: double the base reward", "proposer": "a",
-            "change": {"base_reward": "20"}, "window_s": 3600, "quorum_bp": 5000,
-            "threshold_bp": 5000})
+        r = await c.post(
+            "/proposals",
+            json={
+                "proposal_id": pid,
+                "title": f"{pid}: double the base reward",
+                "proposer": "a",
+                "change": {"base_reward": "20"},
+                "window_s": 3600,
+                "quorum_bp": 5000,
+                "threshold_bp": 5000,
+            },
+        )
         assert r.status_code == 201, r.text
     # Stake moved after creation does not change power: a unstakes nearly everything.
     assert (await c.post("/accounts/a/unstake", json={"amount": "599"})).status_code == 200
-    votes = [("passes", "a", "for"), ("fails", "a", "against"), ("fails", "b", "for"),
-             ("quiet", "c", "for")]
+    votes = [
+        ("passes", "a", "for"),
+        ("fails", "a", "against"),
+        ("fails", "b", "for"),
+        ("quiet", "c", "for"),
+    ]
     for pid, voter, choice in votes:
         r = await c.post(f"/proposals/{pid}/votes", json={"voter": voter, "choice": choice})
         assert r.status_code == 200, r.text
-    assert_problem(await c.post("/proposals/passes/votes", json={"voter": "a", "choice": "against"}),
-                   409, code="already_voted", field="voter")
-    assert_problem(await c.post("/proposals/passes/votes", json={"voter": "zed", "choice": "for"}),
-                   403, code="no_voting_power", field="voter")
+    assert_problem(
+        await c.post("/proposals/passes/votes", json={"voter": "a", "choice": "against"}),
+        409,
+        code="already_voted",
+        field="voter",
+    )
+    assert_problem(
+        await c.post("/proposals/passes/votes", json={"voter": "zed", "choice": "for"}),
+        403,
+        code="no_voting_power",
+        field="voter",
+    )
 
     async def proposal(pid: str, status: str) -> dict[str, Any] | None:
         r = await c.get(f"/proposals/{pid}")
@@ -242,12 +300,23 @@ async def _params_in_force(swarm: Any) -> bool:
 def _audit(swarm: Any) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ)
     kafka_url, database_url, redis_url = swarm.settings.require_services()
-    env.update(KAFKA_BOOTSTRAP_SERVERS=kafka_url, DATABASE_URL=database_url, REDIS_URL=redis_url,
-               SWARMLOG_TOPIC_PREFIX=swarm.topics.prefix, SWARMLOG_DB_SCHEMA=swarm.settings.db_schema,
-               SWARMLOG_PARTITIONS=str(swarm.topics.partitions))
-    return subprocess.run([sys.executable, "-m", "infra.cli", "audit", "ledger"], cwd=ROOT, env=env,
-                          check=False,
-                          capture_output=True, text=True, timeout=120)
+    env.update(
+        KAFKA_BOOTSTRAP_SERVERS=kafka_url,
+        DATABASE_URL=database_url,
+        REDIS_URL=redis_url,
+        SWARMLOG_TOPIC_PREFIX=swarm.topics.prefix,
+        SWARMLOG_DB_SCHEMA=swarm.settings.db_schema,
+        SWARMLOG_PARTITIONS=str(swarm.topics.partitions),
+    )
+    return subprocess.run(
+        [sys.executable, "-m", "infra.cli", "audit", "ledger"],
+        cwd=ROOT,
+        env=env,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 async def test_audit_ledger_passes_on_a_true_ledger_and_fails_on_a_tampered_one(swarm) -> None:
@@ -264,7 +333,8 @@ async def test_audit_ledger_passes_on_a_true_ledger_and_fails_on_a_tampered_one(
     try:
         await conn.execute(
             f"UPDATE {swarm.settings.db_schema}.accounts SET balance = balance + 1"
-            " WHERE account_id = 'alice'")
+            " WHERE account_id = 'alice'"
+        )
     finally:
         await conn.close()
     tampered = await asyncio.to_thread(_audit, swarm)

@@ -92,9 +92,7 @@ async def test_events_stream_resumes_from_last_event_id_with_no_gap_and_no_dupli
     # Agent and task events only: the economy answers each registration with an account
     # of its own, which this test of resumption does not count.
     swarm_types = {"type": ["io.swarmlog.agent.*", "io.swarmlog.task.*"]}
-    async with aconnect_sse(
-        c, "GET", "/events", params={"from": "beginning", **swarm_types}
-    ) as es:
+    async with aconnect_sse(c, "GET", "/events", params={"from": "beginning", **swarm_types}) as es:
         assert es.response.status_code == 200
         first = await take(es.aiter_sse(), 2)
     # 2 of the 4 events read; the stream is dropped. More happen while nobody listens.
@@ -133,7 +131,9 @@ async def test_events_stream_resumes_from_last_event_id_with_no_gap_and_no_dupli
     # Every id is a vector over every partition of every event topic that only moves
     # forward.
     vectors = [vector(s) for s in first + rest]
-    assert all(len(v) == len(swarm.topics.event_topics) * swarm.settings.partitions for v in vectors)
+    assert all(
+        len(v) == len(swarm.topics.event_topics) * swarm.settings.partitions for v in vectors
+    )
     for before, after in zip(vectors, vectors[1:], strict=False):
         assert sum(after) > sum(before) and all(a >= b for a, b in zip(after, before, strict=True))
 
@@ -247,7 +247,10 @@ async def test_a_live_stream_resumes_from_the_shared_window_with_no_gap_and_no_d
     writes.append(r.json())
 
     async with aconnect_sse(
-        c, "GET", "/events", params={"type": "io.swarmlog.agent.*"},
+        c,
+        "GET",
+        "/events",
+        params={"type": "io.swarmlog.agent.*"},
         headers={"Last-Event-ID": first.id},
     ) as es:
         events = es.aiter_sse()

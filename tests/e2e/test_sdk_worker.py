@@ -34,14 +34,27 @@ async def running(worker: Worker):  # type: ignore[no-untyped-def]
 
 async def test_a_worker_runs_its_assignments_to_completion_with_their_payloads(swarm) -> None:
     c = swarm.client
-    worker = Worker(swarm.base_url, agent_id="w1", name="echo", capabilities={"echo": 1.0},
-                    handler=_echo, max_concurrent_tasks=2, heartbeat_interval_s=1.0)
+    worker = Worker(
+        swarm.base_url,
+        agent_id="w1",
+        name="echo",
+        capabilities={"echo": 1.0},
+        handler=_echo,
+        max_concurrent_tasks=2,
+        heartbeat_interval_s=1.0,
+    )
     async with running(worker):
         ids = [f"job-{i}" for i in range(5)]
         for i, task_id in enumerate(ids):
-            r = await c.post("/tasks", json={"task_id": task_id, "type": "echo",
-                                             "payload": {"n": i},
-                                             "required_capabilities": ["echo"]})
+            r = await c.post(
+                "/tasks",
+                json={
+                    "task_id": task_id,
+                    "type": "echo",
+                    "payload": {"n": i},
+                    "required_capabilities": ["echo"],
+                },
+            )
             assert r.status_code == 201, r.text
 
         async def all_done() -> list[dict[str, Any]] | None:
@@ -60,8 +73,15 @@ async def test_a_worker_runs_its_assignments_to_completion_with_their_payloads(s
 async def test_a_restarted_worker_hands_back_work_its_dead_process_left_running(swarm) -> None:
     c = swarm.client
     await register(c, "w2", capabilities={"echo": 1.0}, start=True)
-    r = await c.post("/tasks", json={"task_id": "orphan", "type": "echo", "payload": {"n": 7},
-                                     "required_capabilities": ["echo"]})
+    r = await c.post(
+        "/tasks",
+        json={
+            "task_id": "orphan",
+            "type": "echo",
+            "payload": {"n": 7},
+            "required_capabilities": ["echo"],
+        },
+    )
     assert r.status_code == 201, r.text
 
     async def assigned() -> bool:
@@ -73,8 +93,14 @@ async def test_a_restarted_worker_hands_back_work_its_dead_process_left_running(
     assert r.status_code == 200, r.text
     await c.post("/agents/w2/heartbeat")
 
-    worker = Worker(swarm.base_url, agent_id="w2", name="echo", capabilities={"echo": 1.0},
-                    handler=_echo, heartbeat_interval_s=1.0)
+    worker = Worker(
+        swarm.base_url,
+        agent_id="w2",
+        name="echo",
+        capabilities={"echo": 1.0},
+        handler=_echo,
+        heartbeat_interval_s=1.0,
+    )
     async with running(worker):
 
         async def completed() -> dict[str, Any] | None:

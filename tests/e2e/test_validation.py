@@ -171,10 +171,20 @@ BAD_REQUESTS: list[tuple[str, str, Any, dict[str, str], str]] = [
     ("POST", "/accounts/bad-a/unstake", {"amount": "0"}, {}, "amount"),
     ("POST", "/accounts/bad-a/withdraw", None, {"If-Match": "x"}, "If-Match"),
     ("POST", "/accounts/bad-a/transfer", {"to": "bad b", "amount": "1"}, {}, "to"),
-    ("POST", "/proposals", {"title": "t", "proposer": "p", "change": {}, "window_s": 0},
-     {}, "window_s"),
-    ("POST", "/proposals", {"title": "t", "proposer": "p", "window_s": 60,
-                            "change": {"base_reward": "-2"}}, {}, "change.base_reward"),
+    (
+        "POST",
+        "/proposals",
+        {"title": "t", "proposer": "p", "change": {}, "window_s": 0},
+        {},
+        "window_s",
+    ),
+    (
+        "POST",
+        "/proposals",
+        {"title": "t", "proposer": "p", "window_s": 60, "change": {"base_reward": "-2"}},
+        {},
+        "change.base_reward",
+    ),
     ("POST", "/proposals/bad-p/votes", {"voter": "v", "choice": "maybe"}, {}, "choice"),
 ]
 
@@ -214,31 +224,77 @@ async def test_bad_input_at_every_command_route_is_a_422_problem_and_writes_noth
 DEEP = '{"task_id": "deep-t", "type": "x", "payload": ' + '{"a": ' * 40 + "1" + "}" * 40 + "}"
 UNSTORABLE: list[tuple[str, str, str | None, dict[str, Any], str]] = [
     ("POST", "/tasks", '{"task_id": "nul-t", "type": "a\\u0000b"}', {}, "type"),
-    ("POST", "/tasks", '{"task_id": "nul-t", "type": "x", "payload": {"k": ["ok", "a\\u0000"]}}',
-     {}, "payload.k.1"),
-    ("POST", "/tasks", '{"task_id": "nul-t", "type": "x", "payload": {"a\\u0000": 1}}',
-     {}, "payload"),
-    ("POST", "/tasks", '{"task_id": "nul-t", "type": "x", "payload": {"s": "\\ud800"}}',
-     {}, "payload.s"),
-    ("POST", "/tasks", '{"task_id": "big-t", "type": "x", "payload": {"n": 9223372036854775808}}',
-     {}, "payload.n"),
-    ("POST", "/tasks", '{"task_id": "big-t", "type": "x", "payload": {"n": -9223372036854775809}}',
-     {}, "payload.n"),
-    ("POST", "/tasks", '{"task_id": "big-t", "type": "x", "payload": {"n": 1e400}}',
-     {}, "payload.n"),
-    ("POST", "/tasks", '{"task_id": "big-t", "type": "x", "payload": {"n": NaN}}',
-     {}, "payload.n"),
+    (
+        "POST",
+        "/tasks",
+        '{"task_id": "nul-t", "type": "x", "payload": {"k": ["ok", "a\\u0000"]}}',
+        {},
+        "payload.k.1",
+    ),
+    (
+        "POST",
+        "/tasks",
+        '{"task_id": "nul-t", "type": "x", "payload": {"a\\u0000": 1}}',
+        {},
+        "payload",
+    ),
+    (
+        "POST",
+        "/tasks",
+        '{"task_id": "nul-t", "type": "x", "payload": {"s": "\\ud800"}}',
+        {},
+        "payload.s",
+    ),
+    (
+        "POST",
+        "/tasks",
+        '{"task_id": "big-t", "type": "x", "payload": {"n": 9223372036854775808}}',
+        {},
+        "payload.n",
+    ),
+    (
+        "POST",
+        "/tasks",
+        '{"task_id": "big-t", "type": "x", "payload": {"n": -9223372036854775809}}',
+        {},
+        "payload.n",
+    ),
+    (
+        "POST",
+        "/tasks",
+        '{"task_id": "big-t", "type": "x", "payload": {"n": 1e400}}',
+        {},
+        "payload.n",
+    ),
+    ("POST", "/tasks", '{"task_id": "big-t", "type": "x", "payload": {"n": NaN}}', {}, "payload.n"),
     ("POST", "/tasks", DEEP, {}, "payload" + ".a" * 31),
-    ("POST", "/tasks:batch", ('{"tasks": [{"type": "x"}, {"type": "x", "payload": {"v": '
-                              '123456789012345678901234567890}}]}'), {}, "tasks.1.payload.v"),
-    ("POST", "/tasks/t1/complete", '{"agent_id": "a", "result": {"r": "\\u0000"}}', {},
-     "result.r"),
+    (
+        "POST",
+        "/tasks:batch",
+        (
+            '{"tasks": [{"type": "x"}, {"type": "x", "payload": {"v": '
+            "123456789012345678901234567890}}]}"
+        ),
+        {},
+        "tasks.1.payload.v",
+    ),
+    ("POST", "/tasks/t1/complete", '{"agent_id": "a", "result": {"r": "\\u0000"}}', {}, "result.r"),
     ("POST", "/tasks/t1/fail", '{"agent_id": "a", "error": "boom\\u0000"}', {}, "error"),
     ("POST", "/agents", '{"agent_id": "nul-a", "name": "\\u0000"}', {}, "name"),
-    ("POST", "/workflows", '{"name": "w", "steps": [{"id": "s", "task_type": "t\\u0000"}]}',
-     {}, "steps.0.task_type"),
-    ("POST", "/workflow-templates/t/instantiate", '{"params": {"p": 18446744073709551616}}',
-     {}, "params.p"),
+    (
+        "POST",
+        "/workflows",
+        '{"name": "w", "steps": [{"id": "s", "task_type": "t\\u0000"}]}',
+        {},
+        "steps.0.task_type",
+    ),
+    (
+        "POST",
+        "/workflow-templates/t/instantiate",
+        '{"params": {"p": 18446744073709551616}}',
+        {},
+        "params.p",
+    ),
     ("GET", "/tasks", None, {"type": "a\x00b"}, "type"),
     ("GET", "/tasks", None, {"after": "a\x00"}, "after"),
     ("GET", "/aggregates/task/a%00b/events", None, {}, "aggregate_id"),
@@ -248,10 +304,20 @@ UNSTORABLE: list[tuple[str, str, str | None, dict[str, Any], str]] = [
     ("GET", "/tasks", None, {"after": "nosuchtopic:0:0"}, "after"),
     ("GET", "/tasks", None, {"cursor": "WyJ0YXNrcyIsInNvb24iLCJ4Il0"}, "cursor"),
     ("GET", "/agents", None, {"cursor": "WyJhZ2VudHMiLHsiYSI6MX1d"}, "cursor"),
-    ("GET", "/accounts/a1/ledger", None, {"cursor": "WyJsZWRnZXIiLDk5OTk5OTk5OTk5OTk5OTk5OTk5XQ"},
-     "cursor"),
-    ("GET", "/aggregates/task/t1/events", None, {"cursor": "WyJldmVudHMiLDk5OTk5OTk5OTk5XQ"},
-     "cursor"),
+    (
+        "GET",
+        "/accounts/a1/ledger",
+        None,
+        {"cursor": "WyJsZWRnZXIiLDk5OTk5OTk5OTk5OTk5OTk5OTk5XQ"},
+        "cursor",
+    ),
+    (
+        "GET",
+        "/aggregates/task/t1/events",
+        None,
+        {"cursor": "WyJldmVudHMiLDk5OTk5OTk5OTk5XQ"},
+        "cursor",
+    ),
     ("GET", "/workflow-templates/t", None, {"version": "8589934591"}, "version"),
 ]
 
@@ -262,7 +328,10 @@ async def test_input_that_cannot_be_stored_is_a_422_naming_the_field_and_writes_
     c = swarm.client
     for method, path, body, params, field in UNSTORABLE:
         r = await c.request(
-            method, path, content=body, params=params,
+            method,
+            path,
+            content=body,
+            params=params,
             headers={"Content-Type": "application/json"} if body is not None else {},
         )
         assert_problem(r, 422, field=field)
@@ -271,7 +340,9 @@ async def test_input_that_cannot_be_stored_is_a_422_naming_the_field_and_writes_
     assert await swarm.commands_on_log() == 0
 
     # The API, the processor and the projector carry on: a good task is readable at once.
-    r = await c.post("/tasks", json={"task_id": "good-t", "type": "ok", "payload": {"n": 2**63 - 1}})
+    r = await c.post(
+        "/tasks", json={"task_id": "good-t", "type": "ok", "payload": {"n": 2**63 - 1}}
+    )
     assert r.status_code == 201, r.text
     after = [e["position"] for e in r.json()["events"]]
     r = await c.get("/tasks/good-t", params={"after": after}, timeout=1.0)
@@ -283,19 +354,23 @@ async def test_input_that_cannot_be_stored_is_a_422_naming_the_field_and_writes_
 async def test_a_body_over_the_limit_is_a_413_problem_even_without_content_length(swarm) -> None:
     limit = swarm.settings.max_request_bytes
     big = b'{"type": "x", "payload": {"blob": "' + b"x" * limit + b'"}}'
-    assert_problem(await swarm.client.post("/tasks", content=big,
-                                           headers={"Content-Type": "application/json"}), 413)
+    assert_problem(
+        await swarm.client.post(
+            "/tasks", content=big, headers={"Content-Type": "application/json"}
+        ),
+        413,
+    )
 
     async def chunks():  # streamed: no Content-Length, the body is counted as it comes
         for i in range(0, len(big), 64 * 1024):
             yield big[i : i + 64 * 1024]
 
-    r = await swarm.client.post("/tasks", content=chunks(),
-                                headers={"Content-Type": "application/json"})
+    r = await swarm.client.post(
+        "/tasks", content=chunks(), headers={"Content-Type": "application/json"}
+    )
     assert "content-length" not in r.request.headers
     assert_problem(r, 413, code="request_too_large")
-    r = await swarm.client.post("/tasks", content=b"type=x",
-                                headers={"Content-Type": "text/plain"})
+    r = await swarm.client.post("/tasks", content=b"type=x", headers={"Content-Type": "text/plain"})
     assert_problem(r, 415, field="Content-Type")
     assert await swarm.commands_on_log() == 0
 
@@ -306,15 +381,22 @@ async def test_an_idempotency_key_reused_for_another_batch_answers_each_task_its
     c = swarm.client
     key = {"Idempotency-Key": "batch-key-1"}
     first = await c.post(
-        "/tasks:batch", headers=key,
+        "/tasks:batch",
+        headers=key,
         json={"tasks": [{"task_id": "ik-a", "type": "x"}, {"task_id": "ik-b", "type": "x"}]},
     )
     assert first.status_code == 200, first.text
     # Same key, another batch: ik-b again (in another place), and two new tasks.
     second = await c.post(
-        "/tasks:batch", headers=key,
-        json={"tasks": [{"task_id": "ik-c", "type": "y"}, {"task_id": "ik-b", "type": "x"},
-                        {"task_id": "ik-d", "type": "y"}]},
+        "/tasks:batch",
+        headers=key,
+        json={
+            "tasks": [
+                {"task_id": "ik-c", "type": "y"},
+                {"task_id": "ik-b", "type": "x"},
+                {"task_id": "ik-d", "type": "y"},
+            ]
+        },
     )
     assert second.status_code == 200, second.text
     items = second.json()["items"]
@@ -327,7 +409,10 @@ async def test_an_idempotency_key_reused_for_another_batch_answers_each_task_its
     events = await read_events(swarm.bootstrap, swarm.topics)
     submitted = [e for e in events if e.aggregate_id.startswith("ik-")]
     assert sorted(e.aggregate_id for e in submitted if e.version == 1) == [
-        "ik-a", "ik-b", "ik-c", "ik-d"
+        "ik-a",
+        "ik-b",
+        "ik-c",
+        "ik-d",
     ]
     ids = [e.id for e in events]
     assert len(ids) == len(set(ids)), "duplicate CloudEvent ids on the log"
@@ -336,6 +421,8 @@ async def test_an_idempotency_key_reused_for_another_batch_answers_each_task_its
         assert r.status_code == 200 and r.json()["type"] == task_type, r.text
 
     # A task id twice in one batch is refused before anything is sent.
-    r = await c.post("/tasks:batch", json={"tasks": [{"task_id": "ik-e", "type": "x"},
-                                                     {"task_id": "ik-e", "type": "x"}]})
+    r = await c.post(
+        "/tasks:batch",
+        json={"tasks": [{"task_id": "ik-e", "type": "x"}, {"task_id": "ik-e", "type": "x"}]},
+    )
     assert_problem(r, 422, code="duplicate_task_id", field="tasks.1.task_id")

@@ -53,7 +53,9 @@ class World:
     clock: ManualClock
 
     def runner(self) -> EconomyRunner:
-        return EconomyRunner(self.bootstrap, self.topics, clock=self.clock, tick_s=0.05, resend_s=1.0)
+        return EconomyRunner(
+            self.bootstrap, self.topics, clock=self.clock, tick_s=0.05, resend_s=1.0
+        )
 
     async def do(self, *commands: Command) -> None:
         envs = [envelope(c) for c in commands]
@@ -91,8 +93,9 @@ async def world(services: StackInfo) -> AsyncIterator[World]:
 
 
 async def leading(runner: EconomyRunner, running: Running) -> None:
-    await wait_until(lambda: running.check() or runner.caught_up.is_set(), 30,
-                     what="the economy runner to lead")
+    await wait_until(
+        lambda: running.check() or runner.caught_up.is_set(), 30, what="the economy runner to lead"
+    )
 
 
 def ledger_of(events: list) -> ac.LedgerTotals:  # type: ignore[type-arg]
@@ -131,8 +134,14 @@ async def test_rewards_are_paid_once_even_when_the_log_is_replayed(world: World)
     # Replaying the reward command itself (same derived id) writes nothing.
     completed = world.log.of(tk.TaskCompleted, task_id="t1")[0]
     replay = envelope(
-        ac.PayReward(account_id=TREASURY, to="a1", amount=12 * MICRO, task_id="t1",
-                     cause=completed.id, at=world.clock.now()),
+        ac.PayReward(
+            account_id=TREASURY,
+            to="a1",
+            amount=12 * MICRO,
+            task_id="t1",
+            cause=completed.id,
+            at=world.clock.now(),
+        ),
         derived_id("reward", completed.id),
     )
     [outcome] = await world.client.execute_many([replay], WAIT)
@@ -166,10 +175,18 @@ async def test_a_timed_out_started_task_slashes_into_the_treasury(world: World) 
 async def create_proposal(world: World, pid: str, window_s: int) -> None:
     await world.do(
         pr.CreateProposal(
-            proposal_id=pid, title=pid, proposer="a", change=ParameterChange(base_reward=20 * MICRO),
-            window_s=window_s, quorum_bp=5_000, threshold_bp=5_000,
-            powers=(pr.VoterPower(account_id="a", power=600), pr.VoterPower(account_id="b", power=300),
-                    pr.VoterPower(account_id="c", power=100)),
+            proposal_id=pid,
+            title=pid,
+            proposer="a",
+            change=ParameterChange(base_reward=20 * MICRO),
+            window_s=window_s,
+            quorum_bp=5_000,
+            threshold_bp=5_000,
+            powers=(
+                pr.VoterPower(account_id="a", power=600),
+                pr.VoterPower(account_id="b", power=300),
+                pr.VoterPower(account_id="c", power=100),
+            ),
             at=world.clock.now(),
         )
     )
@@ -197,8 +214,11 @@ async def test_governance_passed_rejected_and_quorum_missed_on_a_manual_clock(wo
         assert outcomes == {"passes": "passed", "fails": "rejected", "quiet": "quorum_missed"}
         [executed] = await world.log.wait_for(pr.ProposalExecuted)
         assert executed.aggregate_id == "passes"
-        await wait_until(lambda: runner.view.params.base_reward == 20 * MICRO, 10,
-                         what="the new base reward in force")
+        await wait_until(
+            lambda: runner.view.params.base_reward == 20 * MICRO,
+            10,
+            what="the new base reward in force",
+        )
         # Rewards from now on use it.
         await world.agent_with_stake("a1", 1)
         await world.run_task("t1", "a1")
@@ -240,7 +260,8 @@ async def test_kill_9_of_the_streams_worker_mid_stream_leaves_the_ledger_exact(
         worker.terminate()
     events = await read_events(world.bootstrap, world.topics)
     paid = Counter(
-        e.event.task_id for e in events
+        e.event.task_id
+        for e in events
         if isinstance(e.event, ac.TransferSent) and e.event.kind == "reward"
     )
     assert len(paid) == 40 and set(paid.values()) == {1}, paid

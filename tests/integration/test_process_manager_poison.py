@@ -28,8 +28,8 @@ from infra.codec import StoredEvent, derived_id, encode_event
 from infra.stack import StackInfo
 from infra.topics import Topics
 from streams.economy_runner import EconomyRunner
-from streams.runner import SchedulerRunner
 from streams.scheduler import Policy
+from streams.scheduler_runner import SchedulerRunner
 from streams.workflow import start_id
 from streams.workflow_runner import WorkflowRunner
 from tests.integration.helpers import (
@@ -73,8 +73,10 @@ class FragileWorkflow(_Fragile, WorkflowRunner):
 # Which runners fold which event topic, and a CloudEvent type on it that each of them
 # wants (so the record is not skipped before it is decoded).
 READERS = {
-    "task": ({"/swarmlog/scheduler", "/swarmlog/economy", "/swarmlog/workflow"},
-             b"io.swarmlog.task.submitted"),
+    "task": (
+        {"/swarmlog/scheduler", "/swarmlog/economy", "/swarmlog/workflow"},
+        b"io.swarmlog.task.submitted",
+    ),
     "agent": ({"/swarmlog/scheduler", "/swarmlog/economy"}, b"io.swarmlog.agent.registered"),
     "account": ({"/swarmlog/scheduler", "/swarmlog/economy"}, b"io.swarmlog.account.tier_changed"),
     "proposal": ({"/swarmlog/economy"}, b"io.swarmlog.proposal.created"),
@@ -111,7 +113,9 @@ def _garbage(ce_type: bytes) -> dict[str, tuple[list[tuple[str, Any]], bytes, st
         "no time": (_headers(ce_type, ce_time=b"drop"), b"{}", "ce_time"),
         "sequence not an integer": (_headers(ce_type, ce_sequence=b"abc"), b"{}", "sequence"),
         "schema version too large": (
-            _headers(ce_type, ce_schemaversion=b"99999999999999999999"), b"{}", "schemaversion"
+            _headers(ce_type, ce_schemaversion=b"99999999999999999999"),
+            b"{}",
+            "schemaversion",
         ),
         "header with no value": (_headers(ce_type, ce_subject=None), b"{}", "no bytes value"),
         "type not UTF-8": (_headers(b"\xff\xfe"), b"{}", "invalid CloudEvent"),
@@ -122,18 +126,27 @@ def _garbage(ce_type: bytes) -> dict[str, tuple[list[tuple[str, Any]], bytes, st
 
 def _stored(aggregate_type: str, aggregate_id: str, event: Event) -> StoredEvent:
     return StoredEvent(
-        id=str(uuid.uuid4()), aggregate_type=aggregate_type, aggregate_id=aggregate_id,
-        version=1, time=now(), correlation_id="elsewhere", causation_id="elsewhere", event=event,
+        id=str(uuid.uuid4()),
+        aggregate_type=aggregate_type,
+        aggregate_id=aggregate_id,
+        version=1,
+        time=now(),
+        correlation_id="elsewhere",
+        causation_id="elsewhere",
+        event=event,
     )
 
 
-async def _write(producer: AIOKafkaProducer, topic: str, headers: Any, value: bytes,
-                 key: bytes | None = b"x-1") -> tuple[str, int, int]:
+async def _write(
+    producer: AIOKafkaProducer, topic: str, headers: Any, value: bytes, key: bytes | None = b"x-1"
+) -> tuple[str, int, int]:
     meta = await (await producer.send(topic, value=value, key=key, headers=headers))
     return (topic, meta.partition, meta.offset)
 
 
-async def _dead_letters(bootstrap: str, topics: Topics) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+async def _dead_letters(
+    bootstrap: str, topics: Topics
+) -> list[tuple[dict[str, Any], dict[str, Any]]]:
     """(headers, data) of every dead letter."""
     return [
         ({k: v.decode() for k, v in r.headers}, orjson.loads(r.value))
@@ -155,13 +168,18 @@ async def test_poison_on_every_topic_a_process_manager_reads_is_dead_lettered_an
 
         t = clock.now()
         await do(
-            ag.RegisterAgent(agent_id="a1", name="a1", at=t,
-                             capabilities=(ag.Capability(name="python", level=1.0),)),
+            ag.RegisterAgent(
+                agent_id="a1",
+                name="a1",
+                at=t,
+                capabilities=(ag.Capability(name="python", level=1.0),),
+            ),
             ag.StartAgent(agent_id="a1", at=t),
         )
         runners = [
-            FragileScheduler(bootstrap, topics, policy=Policy(heartbeat_timeout_s=3600),
-                             clock=clock, tick_s=0.05),
+            FragileScheduler(
+                bootstrap, topics, policy=Policy(heartbeat_timeout_s=3600), clock=clock, tick_s=0.05
+            ),
             FragileEconomy(bootstrap, topics, clock=clock, tick_s=0.05, resend_s=1.0),
             FragileWorkflow(bootstrap, topics, clock=clock, tick_s=0.05, resend_s=2.0),
         ]
@@ -170,8 +188,11 @@ async def test_poison_on_every_topic_a_process_manager_reads_is_dead_lettered_an
         await producer.start()
         try:
             for r in running:
-                await wait_until(lambda r=r: r.check() or r.role.caught_up.is_set(), WAIT,  # type: ignore[misc]
-                                 what=f"the {r.task.get_name()} runner to lead")
+                await wait_until(
+                    lambda r=r: r.check() or r.role.caught_up.is_set(),
+                    WAIT,  # type: ignore[misc]
+                    what=f"the {r.task.get_name()} runner to lead",
+                )
 
             # 1. Records that do not decode, on every topic a runner follows.
             expected: dict[tuple[str, str], str] = {}  # (record, runner) -> reason word
@@ -187,34 +208,87 @@ async def test_poison_on_every_topic_a_process_manager_reads_is_dead_lettered_an
                     expected[("/".join(map(str, at)), source)] = "coordination topic"
 
             # 2. Events that decode but whose fold raises.
-            explode = _stored("task", "t-explode", tk.TaskSubmitted(
-                task_id="t-explode", type=EXPLODE, payload={}, required_capabilities=(),
-                priority="normal", max_cost=None, lease_timeout_s=30, run_timeout_s=60,
-                max_attempts=1))
+            explode = _stored(
+                "task",
+                "t-explode",
+                tk.TaskSubmitted(
+                    task_id="t-explode",
+                    type=EXPLODE,
+                    payload={},
+                    required_capabilities=(),
+                    priority="normal",
+                    max_cost=None,
+                    lease_timeout_s=30,
+                    run_timeout_s=60,
+                    max_attempts=1,
+                ),
+            )
             at = await _write(producer, topics.events("task"), *_record(topics, explode))
             for source in EVERY_RUNNER:
                 expected[("/".join(map(str, at)), source)] = "cannot fold"
             # A quality of 1e308 overflows the economy's reward arithmetic (a real fold).
-            infinite = _stored("task", "t-inf", tk.TaskCompleted(
-                task_id="t-inf", agent_id="a1", result={}, quality=1e308))
+            infinite = _stored(
+                "task",
+                "t-inf",
+                tk.TaskCompleted(task_id="t-inf", agent_id="a1", result={}, quality=1e308),
+            )
             at = await _write(producer, topics.events("task"), *_record(topics, infinite))
             expected[("/".join(map(str, at)), "/swarmlog/economy")] = "OverflowError"
 
             # 3. Events from which a runner cannot build the command it owes.
             long_id = "t" * 200  # AssignTask takes at most 128 characters
-            await _write(producer, topics.events("task"), *_record(topics, _stored(
-                "task", long_id, tk.TaskSubmitted(
-                    task_id=long_id, type="job", payload={}, required_capabilities=("python",),
-                    priority="normal", max_cost=None, lease_timeout_s=30, run_timeout_s=60,
-                    max_attempts=1))))
-            await _write(producer, topics.events("agent"), *_record(topics, _stored(
-                "agent", "bad agent!", ag.AgentRegistered(  # not an account id OpenAccount takes
-                    agent_id="bad agent!", name="b", capabilities=(), max_concurrent_tasks=1,
-                    cost_per_task=0))))
+            await _write(
+                producer,
+                topics.events("task"),
+                *_record(
+                    topics,
+                    _stored(
+                        "task",
+                        long_id,
+                        tk.TaskSubmitted(
+                            task_id=long_id,
+                            type="job",
+                            payload={},
+                            required_capabilities=("python",),
+                            priority="normal",
+                            max_cost=None,
+                            lease_timeout_s=30,
+                            run_timeout_s=60,
+                            max_attempts=1,
+                        ),
+                    ),
+                ),
+            )
+            await _write(
+                producer,
+                topics.events("agent"),
+                *_record(
+                    topics,
+                    _stored(
+                        "agent",
+                        "bad agent!",
+                        ag.AgentRegistered(  # not an account id OpenAccount takes
+                            agent_id="bad agent!",
+                            name="b",
+                            capabilities=(),
+                            max_concurrent_tasks=1,
+                            cost_per_task=0,
+                        ),
+                    ),
+                ),
+            )
             long_run = "r" * 200
-            request = _stored("workflow", "def-x", wf.WorkflowExecutionRequested(
-                workflow_id="def-x", run_id=long_run, version=1, inputs={},
-                spec=wf.WorkflowSpec(steps=(wf.StepSpec(id="a", task_type="a"),))))
+            request = _stored(
+                "workflow",
+                "def-x",
+                wf.WorkflowExecutionRequested(
+                    workflow_id="def-x",
+                    run_id=long_run,
+                    version=1,
+                    inputs={},
+                    spec=wf.WorkflowSpec(steps=(wf.StepSpec(id="a", task_type="a"),)),
+                ),
+            )
             await _write(producer, topics.events("workflow"), *_record(topics, request))
             unbuilt = {
                 (derived_id("assign", long_id, 1), "/swarmlog/scheduler", "AssignTask"),
@@ -224,14 +298,17 @@ async def test_poison_on_every_topic_a_process_manager_reads_is_dead_lettered_an
 
             # 4. Every runner still does its job.
             t = clock.now()
-            await do(tk.SubmitTask(task_id="after", type="job", required_capabilities=("python",),
-                                   at=t))
+            await do(
+                tk.SubmitTask(task_id="after", type="job", required_capabilities=("python",), at=t)
+            )
             await log.wait_for(tk.TaskAssigned, task_id="after", agent_id="a1", timeout=WAIT)
             await do(ag.RegisterAgent(agent_id="a2", name="a2", at=t))
             await log.wait_for(ac.AccountOpened, account_id="a2", timeout=WAIT)
             spec = wf.WorkflowSpec(steps=(wf.StepSpec(id="a", task_type="a"),))
-            await do(wf.CreateWorkflow(workflow_id="def-1", name="d", spec=spec, at=t),
-                     wf.ExecuteWorkflow(workflow_id="def-1", run_id="run-after", at=t))
+            await do(
+                wf.CreateWorkflow(workflow_id="def-1", name="d", spec=spec, at=t),
+                wf.ExecuteWorkflow(workflow_id="def-1", run_id="run-after", at=t),
+            )
             await log.wait_for(wr.WorkflowRunStarted, run_id="run-after", timeout=WAIT)
 
             def complete(letters: list[tuple[dict[str, Any], dict[str, Any]]]) -> bool:
@@ -239,8 +316,11 @@ async def test_poison_on_every_topic_a_process_manager_reads_is_dead_lettered_an
                 commands = {(d.get("command_id"), h["ce_source"]) for h, d in letters}
                 return set(expected) <= records and {(c, s) for c, s, _ in unbuilt} <= commands
 
-            await wait_until(lambda: _complete_now(bootstrap, topics, complete), WAIT,
-                             what="every poison dead-lettered")
+            await wait_until(
+                lambda: _complete_now(bootstrap, topics, complete),
+                WAIT,
+                what="every poison dead-lettered",
+            )
             await asyncio.sleep(1.0)  # 20 ticks: nothing may be dead-lettered again
             letters = await _dead_letters(bootstrap, topics)
             for r in running:
@@ -251,15 +331,21 @@ async def test_poison_on_every_topic_a_process_manager_reads_is_dead_lettered_an
                 if not r.task.done():
                     await r.stop()
 
-    by_record = {(h["ce_subject"], h["ce_source"]): d for h, d in letters
-                 if h["ce_type"] == "io.swarmlog.deadletter"}
+    by_record = {
+        (h["ce_subject"], h["ce_source"]): d
+        for h, d in letters
+        if h["ce_type"] == "io.swarmlog.deadletter"
+    }
     for key, word in expected.items():
         assert word in by_record[key]["reason"], (key, by_record[key]["reason"])
     counts = Counter((h["ce_subject"], h["ce_source"]) for h, _ in letters)
     assert max(counts.values()) == 1, [k for k, n in counts.items() if n > 1]
     assert set(by_record) == set(expected), set(by_record) ^ set(expected)
-    commands = {(d["command_id"], h["ce_source"]): d for h, d in letters
-                if h["ce_type"] == "io.swarmlog.deadletter.command"}
+    commands = {
+        (d["command_id"], h["ce_source"]): d
+        for h, d in letters
+        if h["ce_type"] == "io.swarmlog.deadletter.command"
+    }
     assert set(commands) == {(c, s) for c, s, _ in unbuilt}
     for cid, source, command_type in unbuilt:
         letter = commands[(cid, source)]

@@ -295,7 +295,9 @@ async def test_an_unreadable_command_that_names_its_id_gets_a_rejected_outcome_a
     await raw.start()
     try:
         await raw.send_and_wait(
-            record.topic, record.value, key=record.key,
+            record.topic,
+            record.value,
+            key=record.key,
             headers=[("ce_expectedversion", b"abc"), *headers],
         )
     finally:
@@ -308,7 +310,9 @@ async def test_an_unreadable_command_that_names_its_id_gets_a_rejected_outcome_a
     assert refused.rejection.kind == "invalid" and "abc" in refused.rejection.detail
     assert refused.rejection.code in ("malformed_command", "internal_error")
     assert (refused.command_type, refused.aggregate_type, refused.aggregate_id) == (
-        "RegisterAgent", "agent", "a1",
+        "RegisterAgent",
+        "agent",
+        "a1",
     )
     assert (after.status, after.version) == ("accepted", 1)
     letters = [json.loads(r.value) for r in await read_records(h.bootstrap, h.topics.deadletter)]

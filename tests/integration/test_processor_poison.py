@@ -101,7 +101,10 @@ async def test_a_raising_decider_and_a_too_large_event_amid_1000_commands_end_th
     await client.start()
     processor, r = await start(bootstrap, topics, record_max_bytes=LIMIT)
     try:
-        good = [envelope(register("poison-1")), envelope(ag.StartAgent(agent_id="poison-1", at=now()))]
+        good = [
+            envelope(register("poison-1")),
+            envelope(ag.StartAgent(agent_id="poison-1", at=now())),
+        ]
         good += [envelope(register(f"agent-{i}")) for i in range(499)]
         good += [envelope(submit(f"task-{i}")) for i in range(498)]
         good.append(envelope(ag.StopAgent(agent_id="poison-1", at=now())))
@@ -152,7 +155,9 @@ async def test_a_raising_decider_and_a_too_large_event_amid_1000_commands_end_th
     groups = by_aggregate(events)
     assert ("task", "big-task") not in groups
     assert [e.event.event_type for e in groups[("agent", "poison-1")]] == [
-        "registered", "started", "stopped",
+        "registered",
+        "started",
+        "stopped",
     ]
     assert committed == {tp: ends[tp] for tp in ends}
 
@@ -217,7 +222,10 @@ async def test_a_repeat_older_than_the_outcome_cache_gets_the_first_outcome_also
     for repeat in (again, after_restart, from_cache):
         assert repeat is not None and repeat.duplicate
         assert (repeat.status, repeat.version, repeat.events, repeat.decided_at) == (
-            first.status, first.version, first.events, first.decided_at,
+            first.status,
+            first.version,
+            first.events,
+            first.decided_at,
         )
     for repeat in (again_refusal, refusal_after_restart):
         assert repeat is not None and repeat.duplicate
@@ -236,12 +244,16 @@ async def test_an_event_the_broker_refuses_as_too_large_is_rejected_on_the_retry
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
     try:  # a task topic whose limit is below the processor's: only the broker refuses
-        await admin.create_topics([
-            NewTopic(
-                topics.events("task"), 3, 1,
-                topic_configs={"max.message.bytes": "50000", "retention.ms": "-1"},
-            )
-        ])
+        await admin.create_topics(
+            [
+                NewTopic(
+                    topics.events("task"),
+                    3,
+                    1,
+                    topic_configs={"max.message.bytes": "50000", "retention.ms": "-1"},
+                )
+            ]
+        )
     finally:
         await admin.close()
     await ensure_topics(bootstrap, topics)

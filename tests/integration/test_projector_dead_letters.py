@@ -58,9 +58,15 @@ world = test_projector.world  # the fixture: fresh topics, schema, a running pro
 def submitted(task_id: str, **spec: Any) -> StoredEvent:
     """A task's first event, as the processor would have written it (version 1)."""
     fields: dict[str, Any] = {
-        "task_id": task_id, "type": "job", "payload": {}, "required_capabilities": (),
-        "priority": "normal", "max_cost": None, "lease_timeout_s": 30.0,
-        "run_timeout_s": 600.0, "max_attempts": 3,
+        "task_id": task_id,
+        "type": "job",
+        "payload": {},
+        "required_capabilities": (),
+        "priority": "normal",
+        "max_cost": None,
+        "lease_timeout_s": 30.0,
+        "run_timeout_s": 600.0,
+        "max_attempts": 3,
     }
     fields.update(spec)
     return StoredEvent(
@@ -113,7 +119,10 @@ async def dead_letters(w: World) -> list[dict[str, Any]]:
 async def cli(w: World, *args: str) -> tuple[int, str, str]:
     """Run ``swarmlog <args>`` on this test's topics and schema: (exit code, out, err)."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "infra.cli", *args,
+        sys.executable,
+        "-m",
+        "infra.cli",
+        *args,
         cwd=ROOT,
         env=role_env(w.services, w.topics.prefix, COLUMNS="200"),
         stdout=asyncio.subprocess.PIPE,
@@ -148,12 +157,14 @@ async def test_events_postgresql_refuses_are_dead_lettered_and_the_events_after_
         accepted = time.monotonic()
 
         async def projected(task_id: str) -> bool:
-            return await world.pool.fetchval(
-                f"SELECT count(*) FROM {world.schema}.tasks WHERE task_id = $1", task_id
-            ) == 1
+            return (
+                await world.pool.fetchval(
+                    f"SELECT count(*) FROM {world.schema}.tasks WHERE task_id = $1", task_id
+                )
+                == 1
+            )
 
-        await wait_until(lambda: projected(good_id), 10, interval=0.02,
-                         what="the good task's row")
+        await wait_until(lambda: projected(good_id), 10, interval=0.02, what="the good task's row")
         took = time.monotonic() - accepted
         assert took < 1.0, f"the good task's row took {took:.2f} s"
         assert await projected(good_before.aggregate_id)
@@ -185,9 +196,13 @@ async def test_events_postgresql_refuses_are_dead_lettered_and_the_events_after_
     assert {(r["source_topic"], r["source_partition"], r["source_offset"]) for r in listed} == (
         bad_positions
     )
-    assert all(r["reason"] == reasons[(r["source_topic"], r["source_partition"],
-                                        r["source_offset"])].replace("\x00", "\\u0000")
-               for r in listed)
+    assert all(
+        r["reason"]
+        == reasons[(r["source_topic"], r["source_partition"], r["source_offset"])].replace(
+            "\x00", "\\u0000"
+        )
+        for r in listed
+    )
     stored = await world.stored_offsets()
     for topic, partition, offset in bad_positions:
         assert stored[TopicPartition(topic, partition)] > offset
@@ -243,10 +258,12 @@ async def test_an_event_whose_view_raises_is_dead_lettered(
     monkeypatch.setattr(views, "evolve_task", evolve_task)
     projector = Running(world.projector(), "projector")
     try:
-        await world.run_all([
-            envelope(tk.SubmitTask(task_id="p", type="poison", at=now())),
-            envelope(tk.SubmitTask(task_id="q", type="job", at=now())),
-        ])
+        await world.run_all(
+            [
+                envelope(tk.SubmitTask(task_id="p", type="poison", at=now())),
+                envelope(tk.SubmitTask(task_id="q", type="job", at=now())),
+            ]
+        )
         await world.caught_up()
         projector.check()
         letters = await wait_until(lambda: dead_letters(world), 10, what="a dead letter")
@@ -283,9 +300,11 @@ async def test_killed_postgresql_connections_are_retried_and_nothing_is_dead_let
         killer = asyncio.create_task(kill_connections())
         try:
             for _ in range(4):
-                await world.run_all(_interleave(
-                    agent_commands(agents, 3, register=False) + task_commands(agents, 30)
-                ))
+                await world.run_all(
+                    _interleave(
+                        agent_commands(agents, 3, register=False) + task_commands(agents, 30)
+                    )
+                )
                 await asyncio.sleep(0.5)
         finally:
             killer.cancel()
@@ -353,8 +372,11 @@ async def test_redis_down_holds_back_only_the_redis_views(world: World, tmp_path
         port = s.getsockname()[1]
     url = f"redis://127.0.0.1:{port}/0"
     projector = Projector(
-        bootstrap_servers=world.bootstrap, topics=world.topics,
-        database_url=world.services.database_url, schema=world.schema, redis_url=url,
+        bootstrap_servers=world.bootstrap,
+        topics=world.topics,
+        database_url=world.services.database_url,
+        schema=world.schema,
+        redis_url=url,
         redis_prefix=world.topics.prefix,
     )
     running = Running(projector, "projector")
@@ -372,9 +394,19 @@ async def test_redis_down_holds_back_only_the_redis_views(world: World, tmp_path
         running.check()
         assert projector.retries == 0
         server = await asyncio.create_subprocess_exec(
-            "redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-            "--appendonly", "no", "--dir", str(tmp_path),
-            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+            "redis-server",
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(tmp_path),
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
         )
         await wait_until(answers, 10, what="the new Redis")
         await assert_redis_matches_the_rows(dataclasses.replace(world, redis=red), 20.0)
@@ -395,7 +427,9 @@ async def test_a_dead_lettered_command_is_replayed_by_producing_it_again(world: 
     await raw.start()
     try:
         meta = await raw.send_and_wait(
-            world.topics.commands, b"not a command", key=b"k-1",
+            world.topics.commands,
+            b"not a command",
+            key=b"k-1",
             headers=[("x-test", b"1"), ("ce_id", b"cmd-1")],
         )
     finally:
@@ -422,9 +456,14 @@ async def test_a_dead_lettered_command_is_replayed_by_producing_it_again(world: 
     ]
     assert [(r.value, list(r.headers)) for r in copies] == [
         (b"not a command", [("x-test", b"1"), ("ce_id", b"cmd-1")]),
-        (b"not a command", [
-            ("x-test", b"1"), ("ce_id", replay_id.encode()), ("ce_causationid", b"cmd-1"),
-        ]),
+        (
+            b"not a command",
+            [
+                ("x-test", b"1"),
+                ("ce_id", replay_id.encode()),
+                ("ce_causationid", b"cmd-1"),
+            ],
+        ),
     ]
     assert copies[1].offset > copies[0].offset
     first = next(r for r in rows if r["source_offset"] == meta.offset)

@@ -23,8 +23,8 @@ from domain import task as tk
 from infra.clock import Clock, ManualClock
 from infra.stack import StackInfo
 from infra.topics import Topics
-from streams.runner import SchedulerRunner
 from streams.scheduler import Policy
+from streams.scheduler_runner import SchedulerRunner
 from tests.integration.helpers import (
     EventFollower,
     Running,

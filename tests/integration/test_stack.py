@@ -33,9 +33,7 @@ async def _create_topic(bootstrap: str, name: str) -> None:
         await admin.close()
 
 
-async def _read_until(
-    bootstrap: str, topic: str, isolation_level: str, last: bytes
-) -> list[bytes]:
+async def _read_until(bootstrap: str, topic: str, isolation_level: str, last: bytes) -> list[bytes]:
     """Read ``topic`` from the start until the value ``last`` arrives; return the values read."""
     consumer = AIOKafkaConsumer(
         topic,

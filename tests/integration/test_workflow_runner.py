@@ -32,8 +32,8 @@ from infra.clock import Clock, ManualClock
 from infra.codec import StoredEvent, decode_command
 from infra.stack import StackInfo
 from infra.topics import Topics
-from streams.runner import SchedulerRunner
 from streams.scheduler import Policy
+from streams.scheduler_runner import SchedulerRunner
 from streams.workflow import Scheduled, scheduled_tasks, submit_id
 from streams.workflow_runner import WorkflowRunner
 from tests.integration.helpers import (
@@ -71,7 +71,10 @@ class Agents:
     as ``behaviour(assignment)`` says; held tasks wait for ``release``."""
 
     def __init__(
-        self, client: CommandClient, log: EventFollower, ids: set[str],
+        self,
+        client: CommandClient,
+        log: EventFollower,
+        ids: set[str],
         behaviour: Callable[[tk.TaskAssigned], Action],
     ) -> None:
         self.client = client
@@ -88,8 +91,9 @@ class Agents:
             case "complete":
                 return tk.CompleteTask(task_id=task_id, agent_id=agent_id, result=arg or {}, at=at)
             case "fail" | "fail_hard":
-                return tk.FailTask(task_id=task_id, agent_id=agent_id, error=arg,
-                                   retryable=what == "fail", at=at)
+                return tk.FailTask(
+                    task_id=task_id, agent_id=agent_id, error=arg, retryable=what == "fail", at=at
+                )
         self.held[task_id] = agent_id
         return None
 
@@ -129,8 +133,12 @@ def completing(assignment: tk.TaskAssigned) -> Action:
 
 def scheduled_units(events: list[StoredEvent]) -> list[Scheduled]:
     """Every task the run events in ``events`` scheduled, one entry per unit attempt."""
-    return [s for e in events if isinstance(e.event, wr.StepTasksScheduled)
-            for s in scheduled_tasks(e.event)]
+    return [
+        s
+        for e in events
+        if isinstance(e.event, wr.StepTasksScheduled)
+        for s in scheduled_tasks(e.event)
+    ]
 
 
 @dataclass
@@ -152,20 +160,25 @@ class Flow:
             assert o is not None, f"no outcome for {env.command!r}"
             assert o.status == "accepted", f"{env.command!r}: {o.rejection}"
 
-    async def register(self, *agent_ids: str, max_concurrent: int = 4,
-                       capabilities: tuple[str, ...] = ()) -> None:
+    async def register(
+        self, *agent_ids: str, max_concurrent: int = 4, capabilities: tuple[str, ...] = ()
+    ) -> None:
         t = now()
         caps = tuple(ag.Capability(name=c, level=1.0) for c in capabilities)
         for a in agent_ids:
             await self.do(
-                ag.RegisterAgent(agent_id=a, name=a, capabilities=caps,
-                                 max_concurrent_tasks=max_concurrent, at=t),
+                ag.RegisterAgent(
+                    agent_id=a, name=a, capabilities=caps, max_concurrent_tasks=max_concurrent, at=t
+                ),
                 ag.StartAgent(agent_id=a, at=t),
             )
 
     async def start(
-        self, behaviour: Callable[[tk.TaskAssigned], Action] = completing,
-        clock: Clock | None = None, agents: int = 3, runners: bool = True,
+        self,
+        behaviour: Callable[[tk.TaskAssigned], Action] = completing,
+        clock: Clock | None = None,
+        agents: int = 3,
+        runners: bool = True,
     ) -> None:
         """Register ``agents`` agents (4 tasks each) playing ``behaviour``, and (if
         ``runners``) start the scheduler and workflow runners; wait until they lead."""
@@ -174,15 +187,19 @@ class Flow:
         self.agents = Agents(self.client, self.log, ids, behaviour)
         if not runners:
             return
-        self.workflow = WorkflowRunner(self.bootstrap, self.topics, clock=clock, tick_s=0.05,
-                                       resend_s=2.0)
+        self.workflow = WorkflowRunner(
+            self.bootstrap, self.topics, clock=clock, tick_s=0.05, resend_s=2.0
+        )
         scheduler = SchedulerRunner(
             self.bootstrap, self.topics, policy=Policy(heartbeat_timeout_s=3600), tick_s=0.05
         )
         self.running = [Running(r, r.name) for r in (scheduler, self.workflow)]
         for r in self.running:
-            await wait_until(lambda r=r: r.check() or r.role.caught_up.is_set(), 30,  # type: ignore[misc]
-                             what=f"the {r.task.get_name()} runner to lead")
+            await wait_until(
+                lambda r=r: r.check() or r.role.caught_up.is_set(),
+                30,  # type: ignore[misc]
+                what=f"the {r.task.get_name()} runner to lead",
+            )
 
     async def stop(self) -> None:
         if self.agents is not None:
@@ -201,9 +218,17 @@ class Flow:
 
     async def ended(self, run_id: str = "run-1", timeout: float = WAIT) -> Any:
         """Wait for the run's end event; return it (the domain event)."""
+
         def end() -> Any:
-            return next((e.event for e in self.log.events
-                         if isinstance(e.event, RUN_END) and e.aggregate_id == run_id), None)
+            return next(
+                (
+                    e.event
+                    for e in self.log.events
+                    if isinstance(e.event, RUN_END) and e.aggregate_id == run_id
+                ),
+                None,
+            )
+
         return await wait_until(end, timeout, what=f"run {run_id} to end")
 
     def result(self, run_id: str = "run-1") -> dict[str, Any]:
@@ -219,8 +244,11 @@ class Flow:
         return [e.event for e in self.log.of(cls, **fields) if e.aggregate_id == run_id]
 
     def submitted(self, task_type: str | None = None) -> list[StoredEvent]:
-        return [e for e in self.log.of(tk.TaskSubmitted)
-                if task_type is None or e.event.type == task_type]  # type: ignore[attr-defined]
+        return [
+            e
+            for e in self.log.of(tk.TaskSubmitted)
+            if task_type is None or e.event.type == task_type
+        ]  # type: ignore[attr-defined]
 
     async def clean_log(self) -> list[StoredEvent]:
         events = await read_events(self.bootstrap, self.topics)
@@ -265,32 +293,47 @@ def max_in_flight(events: list[StoredEvent], task_ids: set[str]) -> int:
 
 async def test_a_sequence_runs_each_step_after_the_one_before_with_its_result(flow: Flow) -> None:
     await flow.start(lambda a: ("complete", {"n": a.payload.get("n", 0) + 1}))  # type: ignore[union-attr]
-    spec = wf.WorkflowSpec(steps=(
-        step("a", payload={"n": 10}),
-        step("b", depends_on=("a",), payload_from={"n": "steps.a.result.n"}),
-        step("c", depends_on=("b",), payload_from={"n": "steps.b.result.n"}),
-    ))
+    spec = wf.WorkflowSpec(
+        steps=(
+            step("a", payload={"n": 10}),
+            step("b", depends_on=("a",), payload_from={"n": "steps.a.result.n"}),
+            step("c", depends_on=("b",), payload_from={"n": "steps.b.result.n"}),
+        )
+    )
     await flow.execute(spec)
     end = await flow.ended()
     assert isinstance(end, wr.WorkflowRunCompleted) and flow.result() == {"c": {"n": 13}}
     events = await flow.clean_log()
     submitted = {e.event.type: e for e in events if isinstance(e.event, tk.TaskSubmitted)}
-    completed = {submitted_type: next(x for x in events if isinstance(x.event, tk.TaskCompleted)
-                                      and x.aggregate_id == s.aggregate_id)
-                 for submitted_type, s in submitted.items()}
+    completed = {
+        submitted_type: next(
+            x
+            for x in events
+            if isinstance(x.event, tk.TaskCompleted) and x.aggregate_id == s.aggregate_id
+        )
+        for submitted_type, s in submitted.items()
+    }
     assert sorted(submitted) == ["a", "b", "c"]
     assert submitted["b"].time > completed["a"].time and submitted["c"].time > completed["b"].time
     assert submitted["c"].event.payload == {"n": 12}  # type: ignore[attr-defined]
 
 
 async def test_independent_steps_are_submitted_together(flow: Flow) -> None:
-    await flow.start(lambda a: ("hold", None) if a.type == "branch" else ("complete", {"t": a.type}))
-    spec = wf.WorkflowSpec(steps=(
-        step("a"),
-        step("b", task_type="branch", depends_on=("a",)),
-        step("c", task_type="branch", depends_on=("a",)),
-        step("d", depends_on=("b", "c"), payload_from={"seen": "[steps.b.result, steps.c.result]"}),
-    ))
+    await flow.start(
+        lambda a: ("hold", None) if a.type == "branch" else ("complete", {"t": a.type})
+    )
+    spec = wf.WorkflowSpec(
+        steps=(
+            step("a"),
+            step("b", task_type="branch", depends_on=("a",)),
+            step("c", task_type="branch", depends_on=("a",)),
+            step(
+                "d",
+                depends_on=("b", "c"),
+                payload_from={"seen": "[steps.b.result, steps.c.result]"},
+            ),
+        )
+    )
     await flow.execute(spec)
     # Both branches are out while neither has finished (the agents hold them).
     await wait_until(lambda: len(flow.submitted("branch")) == 2, WAIT, what="both branches out")
@@ -306,13 +349,17 @@ async def test_independent_steps_are_submitted_together(flow: Flow) -> None:
 
 
 async def test_a_false_condition_skips_the_step_and_its_dependents(flow: Flow) -> None:
-    await flow.start(lambda a: ("complete", {"go": False} if a.type == "check" else {"ran": a.type}))
-    spec = wf.WorkflowSpec(steps=(
-        step("check"),
-        step("deploy", depends_on=("check",), when="steps.check.result.go"),
-        step("announce", depends_on=("deploy",)),
-        step("notify", depends_on=("check",), when="!(steps.check.result.go)"),
-    ))
+    await flow.start(
+        lambda a: ("complete", {"go": False} if a.type == "check" else {"ran": a.type})
+    )
+    spec = wf.WorkflowSpec(
+        steps=(
+            step("check"),
+            step("deploy", depends_on=("check",), when="steps.check.result.go"),
+            step("announce", depends_on=("deploy",)),
+            step("notify", depends_on=("check",), when="!(steps.check.result.go)"),
+        )
+    )
     await flow.execute(spec)
     end = await flow.ended()
     assert isinstance(end, wr.WorkflowRunCompleted)
@@ -322,12 +369,20 @@ async def test_a_false_condition_skips_the_step_and_its_dependents(flow: Flow) -
 
 
 async def test_a_map_of_100_items_keeps_to_its_parallelism_and_fans_in(flow: Flow) -> None:
-    await flow.start(lambda a: ("complete", {"sq": (a.payload or {})["item"] ** 2}
-                                if a.type == "fan" else {"count": len((a.payload or {})["all"])}))
-    spec = wf.WorkflowSpec(steps=(
-        step("fan", map=wf.MapSpec(items="inputs.numbers", max_parallelism=5)),
-        step("report", depends_on=("fan",), payload_from={"all": "steps.fan.result"}),
-    ))
+    await flow.start(
+        lambda a: (
+            "complete",
+            {"sq": (a.payload or {})["item"] ** 2}
+            if a.type == "fan"
+            else {"count": len((a.payload or {})["all"])},
+        )
+    )
+    spec = wf.WorkflowSpec(
+        steps=(
+            step("fan", map=wf.MapSpec(items="inputs.numbers", max_parallelism=5)),
+            step("report", depends_on=("fan",), payload_from={"all": "steps.fan.result"}),
+        )
+    )
     await flow.execute(spec, numbers=list(range(100)))
     end = await flow.ended(timeout=60)
     assert isinstance(end, wr.WorkflowRunCompleted), end
@@ -335,11 +390,17 @@ async def test_a_map_of_100_items_keeps_to_its_parallelism_and_fans_in(flow: Flo
     events = await flow.clean_log()
     fan = {s.task_id for s in scheduled_units(events) if s.step_id == "fan"}
     assert len(fan) == 100
-    assert Counter(e.aggregate_id for e in events if isinstance(e.event, tk.TaskSubmitted)
-                   and e.aggregate_id in fan) == Counter(fan)
+    assert Counter(
+        e.aggregate_id
+        for e in events
+        if isinstance(e.event, tk.TaskSubmitted) and e.aggregate_id in fan
+    ) == Counter(fan)
     assert max_in_flight(events, fan) == 5
-    [report] = [e.event for e in events if isinstance(e.event, tk.TaskSubmitted)
-                and e.event.type == "report"]
+    [report] = [
+        e.event
+        for e in events
+        if isinstance(e.event, tk.TaskSubmitted) and e.event.type == "report"
+    ]
     assert report.payload["all"] == [{"sq": i * i} for i in range(100)]
 
 
@@ -359,8 +420,11 @@ async def test_a_retry_waits_for_its_backoff_on_the_engine_clock(flow: Flow) -> 
     assert retry_at is not None
     assert 15 <= (retry_at - clock.now()).total_seconds() <= 30
     second = wr.step_task_id("run-1", "fetch", 0, 2)
-    await wait_until(lambda: second in {s.task_id for s in scheduled_units(flow.log.events)},
-                     20, what="the second attempt scheduled")
+    await wait_until(
+        lambda: second in {s.task_id for s in scheduled_units(flow.log.events)},
+        20,
+        what="the second attempt scheduled",
+    )
     await asyncio.sleep(1.0)  # many ticks of the engine: the backoff is not over
     assert flow.log.of(tk.TaskSubmitted, task_id=second) == []
     clock.advance((retry_at - clock.now()).total_seconds())
@@ -374,9 +438,14 @@ async def test_a_retry_waits_for_its_backoff_on_the_engine_clock(flow: Flow) -> 
 async def test_a_result_that_fails_its_gate_is_retried_then_fails_the_run(flow: Flow) -> None:
     await flow.start(lambda a: ("complete", {"ok": False}))
     policy = wf.RetryPolicy(max_attempts=2, backoff_base_s=0.1)
-    await flow.execute(wf.WorkflowSpec(steps=(
-        step("check", gate="result.ok", retry=policy), step("after", depends_on=("check",)),
-    )))
+    await flow.execute(
+        wf.WorkflowSpec(
+            steps=(
+                step("check", gate="result.ok", retry=policy),
+                step("after", depends_on=("check",)),
+            )
+        )
+    )
     end = await flow.ended()
     assert isinstance(end, wr.WorkflowRunFailed) and end.step_id == "check"
     assert "gate failed: result.ok" in end.error and "after 2 of 2 attempts" in end.error
@@ -387,17 +456,28 @@ async def test_a_result_that_fails_its_gate_is_retried_then_fails_the_run(flow: 
 async def test_a_failed_step_runs_its_compensation_and_the_run_fails_compensated(
     flow: Flow,
 ) -> None:
-    await flow.start(lambda a: ("fail_hard", "card declined") if a.type == "charge"
-                     else ("complete", {"refunded": True}))
-    await flow.execute(wf.WorkflowSpec(
-        steps=(
-            step("reserve"),
-            step("charge", depends_on=("reserve",), on_failure="compensate",
-                 compensation="refund"),
-            step("ship", depends_on=("charge",)),
-        ),
-        compensations=(step("refund"),),
-    ))
+    await flow.start(
+        lambda a: (
+            ("fail_hard", "card declined")
+            if a.type == "charge"
+            else ("complete", {"refunded": True})
+        )
+    )
+    await flow.execute(
+        wf.WorkflowSpec(
+            steps=(
+                step("reserve"),
+                step(
+                    "charge",
+                    depends_on=("reserve",),
+                    on_failure="compensate",
+                    compensation="refund",
+                ),
+                step("ship", depends_on=("charge",)),
+            ),
+            compensations=(step("refund"),),
+        )
+    )
     end = await flow.ended()
     assert isinstance(end, wr.WorkflowRunFailed)
     assert (end.step_id, end.compensated) == ("charge", True)
@@ -412,13 +492,21 @@ async def test_cancelling_a_run_cancels_its_running_and_queued_tasks(flow: Flow)
     await flow.register("slow-0", max_concurrent=2, capabilities=("slow",))
     assert flow.agents is not None
     flow.agents.ids.add("slow-0")
-    spec = wf.WorkflowSpec(steps=(
-        step("fan", required_capabilities=("slow",),
-             map=wf.MapSpec(items="inputs.items", max_parallelism=4)),
-    ))
+    spec = wf.WorkflowSpec(
+        steps=(
+            step(
+                "fan",
+                required_capabilities=("slow",),
+                map=wf.MapSpec(items="inputs.items", max_parallelism=4),
+            ),
+        )
+    )
     await flow.execute(spec, items=list(range(6)))
-    await wait_until(lambda: len(flow.agents.held) == 2 and len(flow.submitted()) == 4,  # type: ignore[union-attr]
-                     WAIT, what="2 running and 2 queued")
+    await wait_until(
+        lambda: len(flow.agents.held) == 2 and len(flow.submitted()) == 4,  # type: ignore[union-attr]
+        WAIT,
+        what="2 running and 2 queued",
+    )
     await asyncio.sleep(0.3)
     assert len(flow.log.of(tk.TaskAssigned)) == 2  # the agent has 2 slots: 2 wait queued
     await flow.do(wr.CancelWorkflowRun(run_id="run-1", reason="changed my mind", at=now()))
@@ -447,20 +535,34 @@ async def test_kill_9_of_the_streams_worker_mid_run_finishes_the_run_submitting_
         return ("complete", {"item": item})
 
     await flow.start(every_fourth_fails_once, runners=False)
-    env = role_env(flow.services, flow.topics.prefix, SWARMLOG_HEARTBEAT_TIMEOUT_S="3600",
-                   SWARMLOG_SCHEDULER_TICK_S="0.05")
+    env = role_env(
+        flow.services,
+        flow.topics.prefix,
+        SWARMLOG_HEARTBEAT_TIMEOUT_S="3600",
+        SWARMLOG_SCHEDULER_TICK_S="0.05",
+    )
     worker = RoleProcess("streams", env, tmp_path / "streams-1.log")
     policy = wf.RetryPolicy(max_attempts=2, backoff_base_s=0.2, backoff_max_s=0.5)
-    spec = wf.WorkflowSpec(steps=(
-        step("fan", map=wf.MapSpec(items="inputs.items", max_parallelism=6), retry=policy),
-        step("report", depends_on=("fan",), payload_from={"all": "steps.fan.result"}),
-    ))
+    spec = wf.WorkflowSpec(
+        steps=(
+            step("fan", map=wf.MapSpec(items="inputs.items", max_parallelism=6), retry=policy),
+            step("report", depends_on=("fan",), payload_from={"all": "steps.fan.result"}),
+        )
+    )
     n = 40
     try:
         await flow.execute(spec, items=list(range(n)))
-        await wait_until(lambda: sum(len(e.event.tasks)  # type: ignore[attr-defined]
-                                     for e in flow.log.of(wr.StepTasksSucceeded)) >= 12,
-                         60, what="12 units succeeded")
+        await wait_until(
+            lambda: (
+                sum(
+                    len(e.event.tasks)  # type: ignore[attr-defined]
+                    for e in flow.log.of(wr.StepTasksSucceeded)
+                )
+                >= 12
+            ),
+            60,
+            what="12 units succeeded",
+        )
         assert worker.alive(), worker.output()
         worker.kill9()
         worker = RoleProcess("streams", env, tmp_path / "streams-2.log")
@@ -470,8 +572,11 @@ async def test_kill_9_of_the_streams_worker_mid_run_finishes_the_run_submitting_
         worker.terminate()
     assert isinstance(end, wr.WorkflowRunCompleted), end
     events = await flow.clean_log()
-    [report] = [e.event for e in events if isinstance(e.event, tk.TaskSubmitted)
-                and e.event.type == "report"]
+    [report] = [
+        e.event
+        for e in events
+        if isinstance(e.event, tk.TaskSubmitted) and e.event.type == "report"
+    ]
     assert report.payload["all"] == [{"item": i} for i in range(n)]
     # Each unit's attempts are the run's task ids, each submitted once, within the policy.
     scheduled = scheduled_units(events)
@@ -491,6 +596,9 @@ async def test_kill_9_of_the_streams_worker_mid_run_finishes_the_run_submitting_
         if isinstance(command.command, tk.SubmitTask):
             assert command.command_id == submit_id(command.command.task_id)
     engine = {"StartWorkflowRun", "SubmitTask", "RecordStepTaskOutcome"}
-    refused = [o for o in await read_outcomes(flow.bootstrap, flow.topics)
-               if o.command_type in engine and o.status != "accepted"]
+    refused = [
+        o
+        for o in await read_outcomes(flow.bootstrap, flow.topics)
+        if o.command_type in engine and o.status != "accepted"
+    ]
     assert refused == [], refused[:3]

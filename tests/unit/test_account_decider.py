@@ -165,7 +165,9 @@ def test_a_credit_opens_an_unopened_account() -> None:
 
 def test_a_reward_credit_accrues_earnings() -> None:
     given(ACCOUNT_DECIDER, opened).when(
-        AccrueReward(account_id=A, transfer_id="x", from_account=TREASURY, amount=7, task_id="t1", at=at())
+        AccrueReward(
+            account_id=A, transfer_id="x", from_account=TREASURY, amount=7, task_id="t1", at=at()
+        )
     ).then(
         RewardAccrued(account_id=A, transfer_id="x", from_account=TREASURY, amount=7, task_id="t1")
     ).and_state(balance=7, earned=7)
@@ -192,8 +194,12 @@ def test_staking_more_than_the_balance_is_rejected() -> None:
     ).then_rejected("insufficient_balance", field="amount")
 
 
-staked = (opened, funded, TokensStaked(account_id=A, amount=1_000 * MICRO),
-          TierChanged(account_id=A, previous="none", tier="gold"))
+staked = (
+    opened,
+    funded,
+    TokensStaked(account_id=A, amount=1_000 * MICRO),
+    TierChanged(account_id=A, previous="none", tier="gold"),
+)
 
 
 def test_unstake_starts_a_cooldown_and_lowers_the_tier() -> None:
@@ -218,9 +224,11 @@ def test_withdraw_takes_only_matured_unstakes() -> None:
     g.when(WithdrawUnstaked(account_id=A, at=at(5))).then_rejected(
         "unstake_not_ready", kind="conflict"
     )
-    s = g.when(WithdrawUnstaked(account_id=A, at=at(15))).then(
-        TokensUnstaked(account_id=A, amount=100)
-    ).and_state(balance=100)
+    s = (
+        g.when(WithdrawUnstaked(account_id=A, at=at(15)))
+        .then(TokensUnstaked(account_id=A, amount=100))
+        .and_state(balance=100)
+    )
     assert [p.amount for p in s.unstaking] == [50]
     g.when(WithdrawUnstaked(account_id=A, at=at(20))).then(TokensUnstaked(account_id=A, amount=150))
 
@@ -260,7 +268,9 @@ def test_ledger_counts_debits_in_flight_until_credited() -> None:
     t_after = ACCOUNT_DECIDER.evolve(t_state, sent)
     mid = ledger_totals([t_after], [sent])
     assert mid.in_flight == 4 and mid.balanced
-    credit = TransferReceived(account_id=A, transfer_id="x", from_account=TREASURY, amount=4, kind="grant")
+    credit = TransferReceived(
+        account_id=A, transfer_id="x", from_account=TREASURY, amount=4, kind="grant"
+    )
     a_state = ACCOUNT_DECIDER.fold([opened, credit])
     done = ledger_totals([t_after, a_state], [sent, credit])
     assert done.in_flight == 0 and done.balanced and done.balances == 10

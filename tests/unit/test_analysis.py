@@ -32,29 +32,37 @@ def complexities(result: dict[str, Any]) -> dict[str, int]:
 
 
 def test_two_ifs_and_an_and_make_four(tmp_path: Path) -> None:
-    result = analyse(tmp_path, """
+    result = analyse(
+        tmp_path,
+        """
         def f(a, b):
             if a and b:
                 return 1
             if b:
                 return 2
             return 3
-    """)
+    """,
+    )
     assert complexities(result) == {"f": 4}
 
 
 def test_straight_line_code_is_one(tmp_path: Path) -> None:
-    result = analyse(tmp_path, """
+    result = analyse(
+        tmp_path,
+        """
         def f(x):
             y = x + 1
             with open(x) as fh:
                 return fh.read(y)
-    """)
+    """,
+    )
     assert complexities(result) == {"f": 1}
 
 
 def test_elif_counts_and_else_does_not(tmp_path: Path) -> None:
-    result = analyse(tmp_path, """
+    result = analyse(
+        tmp_path,
+        """
         def f(x):
             if x == 1:
                 return "a"
@@ -64,12 +72,15 @@ def test_elif_counts_and_else_does_not(tmp_path: Path) -> None:
                 return "c"
             else:
                 return "d"
-    """)
+    """,
+    )
     assert complexities(result) == {"f": 4}
 
 
 def test_loops_and_their_else_clauses_count(tmp_path: Path) -> None:
-    result = analyse(tmp_path, """
+    result = analyse(
+        tmp_path,
+        """
         async def f(xs, it):
             for x in xs:
                 pass
@@ -79,13 +90,16 @@ def test_loops_and_their_else_clauses_count(tmp_path: Path) -> None:
                 xs.pop()
             async for y in it:
                 pass
-    """)
+    """,
+    )
     # 1 + for + for-else + while + async for
     assert complexities(result) == {"f": 5}
 
 
 def test_each_except_handler_counts_but_not_finally(tmp_path: Path) -> None:
-    result = analyse(tmp_path, """
+    result = analyse(
+        tmp_path,
+        """
         def f():
             try:
                 g()
@@ -97,31 +111,40 @@ def test_each_except_handler_counts_but_not_finally(tmp_path: Path) -> None:
                 pass
             finally:
                 pass
-    """)
+    """,
+    )
     assert complexities(result) == {"f": 3}
 
 
 def test_boolean_operators_count_each_extra_operand(tmp_path: Path) -> None:
-    result = analyse(tmp_path, """
+    result = analyse(
+        tmp_path,
+        """
         def f(a, b, c, d):
             return (a and b and c) or d
-    """)
+    """,
+    )
     # and of 3 operands: +2; or of 2 operands: +1
     assert complexities(result) == {"f": 4}
 
 
 def test_comprehension_fors_and_ifs_and_ternaries_count(tmp_path: Path) -> None:
-    result = analyse(tmp_path, """
+    result = analyse(
+        tmp_path,
+        """
         def f(rows):
             pairs = [(x, y) for x in rows if x for y in x if y if y > 1]
             return pairs if pairs else None
-    """)
+    """,
+    )
     # two fors + three ifs in the comprehension, one ternary
     assert complexities(result) == {"f": 7}
 
 
 def test_match_cases_count_except_a_final_wildcard(tmp_path: Path) -> None:
-    result = analyse(tmp_path, """
+    result = analyse(
+        tmp_path,
+        """
         def with_wildcard(cmd):
             match cmd:
                 case "start":
@@ -144,7 +167,8 @@ def test_match_cases_count_except_a_final_wildcard(tmp_path: Path) -> None:
                     return n
                 case other:
                     return other
-    """)
+    """,
+    )
     assert complexities(result) == {
         "with_wildcard": 3,
         "without_wildcard": 3,
@@ -153,18 +177,23 @@ def test_match_cases_count_except_a_final_wildcard(tmp_path: Path) -> None:
 
 
 def test_assert_counts(tmp_path: Path) -> None:
-    result = analyse(tmp_path, """
+    result = analyse(
+        tmp_path,
+        """
         def f(x):
             assert x, "x is required"
             return x
-    """)
+    """,
+    )
     assert complexities(result) == {"f": 2}
 
 
 def test_nested_functions_are_measured_apart_and_lambdas_belong_to_their_function(
     tmp_path: Path,
 ) -> None:
-    result = analyse(tmp_path, """
+    result = analyse(
+        tmp_path,
+        """
         def outer(xs):
             key = lambda x: x if x else 0
             def inner(y):
@@ -181,7 +210,8 @@ def test_nested_functions_are_measured_apart_and_lambdas_belong_to_their_functio
                 async def go(self, x):
                     if x or not x:
                         return 1
-    """)
+    """,
+    )
     assert complexities(result) == {
         "outer": 2,
         "outer.<locals>.inner": 2,
@@ -195,7 +225,8 @@ def test_nested_functions_are_measured_apart_and_lambdas_belong_to_their_functio
 
 def test_most_complex_lists_the_top_five_by_complexity_then_line(tmp_path: Path) -> None:
     funcs = "\n".join(
-        f"def f{i}(x):\n" + "".join(f"    if x == {j}:\n        return {j}\n" for j in range(i))
+        f"def f{i}(x):\n"
+        + "".join(f"    if x == {j}:\n        return {j}\n" for j in range(i))
         + "    return -1\n"
         for i in range(7)
     )
@@ -211,7 +242,9 @@ def test_most_complex_lists_the_top_five_by_complexity_then_line(tmp_path: Path)
 
 
 def test_lines_are_counted_once_each_by_kind(tmp_path: Path) -> None:
-    result = analyse(tmp_path, '''\
+    result = analyse(
+        tmp_path,
+        '''\
         """Module docstring
         on two lines."""
         # a comment
@@ -227,9 +260,14 @@ def test_lines_are_counted_once_each_by_kind(tmp_path: Path) -> None:
         def f():  # trailing comment: still code
             """One-line docstring."""
             return os.sep
-    ''')
+    ''',
+    )
     assert result["lines"] == {
-        "total": 15, "code": 8, "docstring": 3, "comment": 1, "blank": 3,
+        "total": 15,
+        "code": 8,
+        "docstring": 3,
+        "comment": 1,
+        "blank": 3,
     }
     assert result["imports"] == 3
     assert result["imported_modules"] == [".pkg.mod", ".sibling", "os", "sys"]
@@ -255,9 +293,7 @@ def test_maintainability_hint_names_the_worst_function_over_mccabes_limit(
 
 
 def test_grades_follow_radon_bands() -> None:
-    assert [grade(c) for c in (1, 5, 6, 10, 11, 20, 21, 30, 31, 40, 41)] == list(
-        "AABBCCDDEEF"
-    )
+    assert [grade(c) for c in (1, 5, 6, 10, 11, 20, 21, 30, 31, 40, 41)] == list("AABBCCDDEEF")
 
 
 # -- errors -------------------------------------------------------------------------------
@@ -339,19 +375,30 @@ def test_a_malformed_name_is_a_value_error() -> None:
 
 def test_rank_findings_looks_at_every_function_not_only_each_modules_top() -> None:
     results = [
-        {"module": "b", "path": "b.py", "function_complexities": [
-            {"name": "b1", "line": 1, "complexity": 9},
-            {"name": "b2", "line": 5, "complexity": 8},
-            {"name": "b3", "line": 9, "complexity": 8},
-        ]},
-        {"module": "a", "path": "a.py", "function_complexities": [
-            {"name": "a1", "line": 3, "complexity": 8},
-            {"name": "a2", "line": 7, "complexity": 1},
-        ]},
+        {
+            "module": "b",
+            "path": "b.py",
+            "function_complexities": [
+                {"name": "b1", "line": 1, "complexity": 9},
+                {"name": "b2", "line": 5, "complexity": 8},
+                {"name": "b3", "line": 9, "complexity": 8},
+            ],
+        },
+        {
+            "module": "a",
+            "path": "a.py",
+            "function_complexities": [
+                {"name": "a1", "line": 3, "complexity": 8},
+                {"name": "a2", "line": 7, "complexity": 1},
+            ],
+        },
     ]
     ranked = rank_findings(results, top=4)
     assert [(f["module"], f["function"]) for f in ranked] == [
-        ("b", "b1"), ("a", "a1"), ("b", "b2"), ("b", "b3"),
+        ("b", "b1"),
+        ("a", "a1"),
+        ("b", "b2"),
+        ("b", "b3"),
     ]
     assert rank_findings(results, top=0) == []
     assert len(rank_findings(results)) == 5

@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 from aiokafka.structs import ConsumerRecord
 
+from api.live import StreamHub, Tap, TapStream
 from api.metrics import Metrics
 from api.positions import Layout
-from api.streams import StreamHub, Tap, TapStream
 from commands.client import RecentOutcomes
 from domain import task as tk
 from infra import kafka
@@ -27,27 +27,54 @@ P0, P1 = LAYOUT.partitions
 def consumer_record(r: Record, partition: int = 0, offset: int = 0) -> Any:
     """``r`` as a consumer would read it back (fresh header strs and bytes, as aiokafka)."""
     headers = tuple((str(k), bytes(v)) for k, v in r.headers)
-    return ConsumerRecord(r.topic, partition, offset, 0, 0, bytes(r.key), bytes(r.value),
-                          None, len(r.key), len(r.value), headers)
+    return ConsumerRecord(
+        r.topic,
+        partition,
+        offset,
+        0,
+        0,
+        bytes(r.key),
+        bytes(r.value),
+        None,
+        len(r.key),
+        len(r.value),
+        headers,
+    )
 
 
 def outcome_record(command_id: str, note_bytes: int = 0) -> Any:
     outcome = Outcome(
-        command_id=command_id, command_type="RecordHeartbeat", aggregate_type="agent",
-        aggregate_id="agent-1", status="accepted", version=1,
-        state={"note": "x" * note_bytes}, decided_at=AT,
+        command_id=command_id,
+        command_type="RecordHeartbeat",
+        aggregate_type="agent",
+        aggregate_id="agent-1",
+        status="accepted",
+        version=1,
+        state={"note": "x" * note_bytes},
+        decided_at=AT,
     )
     return consumer_record(encode_outcome("t.outcomes", outcome))
 
 
 def event_record(task_id: str, partition: int, offset: int, payload_bytes: int = 0) -> Any:
     stored = StoredEvent(
-        id=f"ev-{task_id}", aggregate_type=tk.TASK, aggregate_id=task_id, version=1, time=AT,
-        correlation_id=task_id, causation_id=task_id,
+        id=f"ev-{task_id}",
+        aggregate_type=tk.TASK,
+        aggregate_id=task_id,
+        version=1,
+        time=AT,
+        correlation_id=task_id,
+        causation_id=task_id,
         event=tk.TaskSubmitted(
-            task_id=task_id, type="work", payload={"blob": "x" * payload_bytes},
-            required_capabilities=(), priority="normal", max_cost=None,
-            lease_timeout_s=30.0, run_timeout_s=600.0, max_attempts=3,
+            task_id=task_id,
+            type="work",
+            payload={"blob": "x" * payload_bytes},
+            required_capabilities=(),
+            priority="normal",
+            max_cost=None,
+            lease_timeout_s=30.0,
+            run_timeout_s=600.0,
+            max_attempts=3,
         ),
     )
     return consumer_record(encode_event(TASKS, stored), partition, offset)
@@ -144,12 +171,17 @@ async def taps() -> AsyncIterator[TapFactory]:
 async def test_a_few_large_events_evict_many_small_ones_from_the_window(taps: TapFactory) -> None:
     small = kafka.record_bytes(event_record("s99", 1, 49))  # the largest small one
     tap = taps(window_bytes=100 * small)
-    tap.take_in({P0: [event_record(f"s{i}", 0, i) for i in range(50)],
-                 P1: [event_record(f"s{50 + i}", 1, i) for i in range(50)]})
+    tap.take_in(
+        {
+            P0: [event_record(f"s{i}", 0, i) for i in range(50)],
+            P1: [event_record(f"s{50 + i}", 1, i) for i in range(50)],
+        }
+    )
     assert len(tap.entries) == 100 and tap.floor == {P0: 0, P1: 0}
 
-    tap.take_in({P1: [event_record(f"big{i}", 1, 50 + i, payload_bytes=20 * small)
-                      for i in range(3)]})
+    tap.take_in(
+        {P1: [event_record(f"big{i}", 1, 50 + i, payload_bytes=20 * small) for i in range(3)]}
+    )
 
     assert tap.bytes <= tap.window_bytes
     assert len(tap.entries) < 45
@@ -200,8 +232,7 @@ async def test_a_client_left_behind_by_the_byte_bound_is_dropped_where_it_can_re
     assert first.id == LAYOUT.encode({P0: 1, P1: 0})
 
     # While the client reads nothing more, a few large events push the window past it.
-    tap.take_in({P1: [event_record(f"big{i}", 1, i, payload_bytes=10 * small)
-                      for i in range(4)]})
+    tap.take_in({P1: [event_record(f"big{i}", 1, i, payload_bytes=10 * small) for i in range(4)]})
     assert tap.floor[P0] == 5
 
     rest = [m async for m in messages]  # what it already took, then the end of the stream

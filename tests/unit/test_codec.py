@@ -56,10 +56,21 @@ class ConsumerRecord:
 
 def _event() -> StoredEvent:
     return StoredEvent(
-        id=event_id("cmd-1", 0), aggregate_type="account", aggregate_id=TREASURY, version=9,
-        time=AT, correlation_id="corr-1", causation_id="cmd-1",
-        event=TransferSent(account_id=TREASURY, to="acct-é", amount=10**18, kind="reward",
-                           task_id="task-1", cause="c"),
+        id=event_id("cmd-1", 0),
+        aggregate_type="account",
+        aggregate_id=TREASURY,
+        version=9,
+        time=AT,
+        correlation_id="corr-1",
+        causation_id="cmd-1",
+        event=TransferSent(
+            account_id=TREASURY,
+            to="acct-é",
+            amount=10**18,
+            kind="reward",
+            task_id="task-1",
+            cause="c",
+        ),
     )
 
 
@@ -67,15 +78,22 @@ def _command(**kw: Any) -> CommandEnvelope:
     return CommandEnvelope(
         command_id="cmd-1",
         command=PayReward(account_id=TREASURY, to="acct-1", amount=3, task_id="t", at=AT),
-        correlation_id="corr-1", source="/tests", **kw,
+        correlation_id="corr-1",
+        source="/tests",
+        **kw,
     )
 
 
 def _outcome(**kw: Any) -> Outcome:
     return Outcome(
-        command_id="cmd-1", command_type="PayReward", aggregate_type="account",
-        aggregate_id=TREASURY, version=3, decided_at=AT + timedelta(microseconds=1),
-        state=AccountState(account_id=TREASURY, balance=5).model_dump(mode="json"), **kw,
+        command_id="cmd-1",
+        command_type="PayReward",
+        aggregate_type="account",
+        aggregate_id=TREASURY,
+        version=3,
+        decided_at=AT + timedelta(microseconds=1),
+        state=AccountState(account_id=TREASURY, balance=5).model_dump(mode="json"),
+        **kw,
     )
 
 
@@ -86,8 +104,12 @@ def _records() -> list[Any]:
         encode_command("commands", _command()),
         encode_command("commands", _command(causation_id="ev-1", expected_version=4)),
         encode_outcome("outcomes", _outcome(status="accepted", events=[{"id": "e", "offset": 1}])),
-        encode_outcome("outcomes", _outcome(
-            status="rejected", rejection=rejected("conflict", "insufficient_balance", "no"))),
+        encode_outcome(
+            "outcomes",
+            _outcome(
+                status="rejected", rejection=rejected("conflict", "insufficient_balance", "no")
+            ),
+        ),
         encode_dead_letter("deadletter", bad, "unreadable", AT),
     ]
 
@@ -133,12 +155,14 @@ def test_messages_round_trip() -> None:
 
 def test_a_time_in_another_offset_reads_as_the_sdk_reads_it() -> None:
     record = encode_event("events", _event())
-    headers = [(k, b"2025-03-04T07:06:07.5+02:00" if k == "ce_time" else v)
-               for k, v in record.headers]
+    headers = [
+        (k, b"2025-03-04T07:06:07.5+02:00" if k == "ce_time" else v) for k, v in record.headers
+    ]
     consumed = ConsumerRecord(key=record.key, value=record.value, headers=headers)
     attributes, _ = _ce_message(consumed)
-    assert attributes["time"] == datetime(2025, 3, 4, 7, 6, 7, 500000,
-                                          tzinfo=timezone(timedelta(hours=2)))
+    assert attributes["time"] == datetime(
+        2025, 3, 4, 7, 6, 7, 500000, tzinfo=timezone(timedelta(hours=2))
+    )
     assert attributes == _sdk_attributes(consumed)[0]
 
 
@@ -163,8 +187,9 @@ def test_a_record_that_is_not_a_valid_cloudevent_with_a_json_object_is_a_decode_
     record = encode_event("events", _event())
     headers = [(k, change.get(k, v)) for k, v in record.headers]
     headers += [(k, v) for k, v in change.items() if k not in dict(record.headers)]
-    consumed = ConsumerRecord(key=record.key, value=record.value if value is None else value,
-                              headers=headers)
+    consumed = ConsumerRecord(
+        key=record.key, value=record.value if value is None else value, headers=headers
+    )
     with pytest.raises(DecodeError):
         decode_event(consumed)
 

@@ -63,11 +63,17 @@ def _consumed(r: Any) -> ConsumerRecord:
 
 def _event(event: Any = None, version: int = 9) -> StoredEvent:
     return StoredEvent(
-        id=event_id("cmd-1", 0), aggregate_type=event.aggregate_type if event else "account",
+        id=event_id("cmd-1", 0),
+        aggregate_type=event.aggregate_type if event else "account",
         aggregate_id=TREASURY,
-        version=version, time=AT, correlation_id="corr-1", causation_id="cmd-1",
-        event=event or TransferSent(account_id=TREASURY, to="acct-1", amount=10, kind="reward",
-                                    task_id="task-1", cause="c"),
+        version=version,
+        time=AT,
+        correlation_id="corr-1",
+        causation_id="cmd-1",
+        event=event
+        or TransferSent(
+            account_id=TREASURY, to="acct-1", amount=10, kind="reward", task_id="task-1", cause="c"
+        ),
     )
 
 
@@ -76,11 +82,28 @@ def _good() -> list[ConsumerRecord]:
     command = PayReward(account_id=TREASURY, to="acct-1", amount=3, task_id="t", at=AT)
     return [
         _consumed(encode_event("events", _event())),
-        _consumed(encode_command("commands", CommandEnvelope(
-            command_id="cmd-1", command=command, correlation_id="c", expected_version=4))),
-        _consumed(encode_outcome("outcomes", Outcome(
-            command_id="cmd-1", command_type="PayReward", aggregate_type="account",
-            aggregate_id=TREASURY, status="accepted", version=3, decided_at=AT))),
+        _consumed(
+            encode_command(
+                "commands",
+                CommandEnvelope(
+                    command_id="cmd-1", command=command, correlation_id="c", expected_version=4
+                ),
+            )
+        ),
+        _consumed(
+            encode_outcome(
+                "outcomes",
+                Outcome(
+                    command_id="cmd-1",
+                    command_type="PayReward",
+                    aggregate_type="account",
+                    aggregate_id=TREASURY,
+                    status="accepted",
+                    version=3,
+                    decided_at=AT,
+                ),
+            )
+        ),
     ]
 
 
@@ -98,25 +121,64 @@ def _only_decode_errors(record: Any) -> None:
 
 
 HEADER_NAMES = st.one_of(
-    st.sampled_from([
-        "ce_specversion", "ce_id", "ce_time", "ce_type", "ce_source", "ce_subject",
-        "ce_sequence", "ce_schemaversion", "ce_expectedversion", "ce_partitionkey",
-        "ce_correlationid", "ce_causationid", "content-type", "CE_TYPE", "Content-Type",
-        "ce_data", "ce_", "ce_Bad-Name", "traceparent",
-    ]),
+    st.sampled_from(
+        [
+            "ce_specversion",
+            "ce_id",
+            "ce_time",
+            "ce_type",
+            "ce_source",
+            "ce_subject",
+            "ce_sequence",
+            "ce_schemaversion",
+            "ce_expectedversion",
+            "ce_partitionkey",
+            "ce_correlationid",
+            "ce_causationid",
+            "content-type",
+            "CE_TYPE",
+            "Content-Type",
+            "ce_data",
+            "ce_",
+            "ce_Bad-Name",
+            "traceparent",
+        ]
+    ),
     st.text(max_size=20),
 )
 HEADER_VALUES = st.one_of(
     st.none(),
     st.binary(max_size=40),
-    st.sampled_from([
-        b"1.0", b"0.3", b"", b"application/json", b"text/plain", b"application/cloudevents+json",
-        b"io.swarmlog.account.transfer_sent", b"io.swarmlog.task.queued",
-        b"io.swarmlog.command.account.PayReward", b"io.swarmlog.command.accepted",
-        b"2025-03-04T05:06:07Z", b"2025-03-04T05:06:07", b"yesterday",
-        b"1", b"0", b"-1", b"abc", b"1_000", b" 7", b"9" * 19, b"9" * 30, b"9" * 5000,
-        str(2**63).encode(), str(2**63 - 1).encode(), "\uff15".encode(), b"\xff\xfe",
-    ]),
+    st.sampled_from(
+        [
+            b"1.0",
+            b"0.3",
+            b"",
+            b"application/json",
+            b"text/plain",
+            b"application/cloudevents+json",
+            b"io.swarmlog.account.transfer_sent",
+            b"io.swarmlog.task.queued",
+            b"io.swarmlog.command.account.PayReward",
+            b"io.swarmlog.command.accepted",
+            b"2025-03-04T05:06:07Z",
+            b"2025-03-04T05:06:07",
+            b"yesterday",
+            b"1",
+            b"0",
+            b"-1",
+            b"abc",
+            b"1_000",
+            b" 7",
+            b"9" * 19,
+            b"9" * 30,
+            b"9" * 5000,
+            str(2**63).encode(),
+            str(2**63 - 1).encode(),
+            "\uff15".encode(),
+            b"\xff\xfe",
+        ]
+    ),
     st.text(max_size=10),  # not bytes at all
 )
 VALUES = st.one_of(
@@ -125,7 +187,9 @@ VALUES = st.one_of(
     st.sampled_from([b"", b"{}", b"[]", b"null", b'"x"', b"1", b"{", b'{"a": 1}', b"\xff{"]),
     st.recursive(
         st.none() | st.booleans() | st.integers() | st.text(max_size=10),
-        lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+        lambda inner: (
+            st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3)
+        ),
         max_leaves=10,
     ).map(lambda v: orjson.dumps(v, option=orjson.OPT_NON_STR_KEYS) if _small_ints(v) else b"{}"),
     st.text(max_size=20),
@@ -168,11 +232,13 @@ def test_a_record_we_wrote_with_headers_key_or_value_changed_gives_only_decode_e
         headers = [(k, v) for k, v in headers if k != name]
         if new != "drop":
             headers.append((name, new))
-    _only_decode_errors(ConsumerRecord(
-        key=record.key if key == "keep" else key,
-        value=record.value if value == "keep" else value,
-        headers=headers,
-    ))
+    _only_decode_errors(
+        ConsumerRecord(
+            key=record.key if key == "keep" else key,
+            value=record.value if value == "keep" else value,
+            headers=headers,
+        )
+    )
 
 
 def test_records_we_wrote_still_decode() -> None:
@@ -180,7 +246,11 @@ def test_records_we_wrote_still_decode() -> None:
     assert decode_event(event).version == 9
     assert decode_command(command).expected_version == 4
     assert decode_outcome(outcome).version == 3
-    for decode, record in ((decode_event, command), (decode_command, outcome), (decode_outcome, event)):
+    for decode, record in (
+        (decode_event, command),
+        (decode_command, outcome),
+        (decode_outcome, event),
+    ):
         with pytest.raises(DecodeError):
             decode(record)
 
@@ -306,8 +376,9 @@ def test_event_data_that_does_not_validate_is_a_decode_error() -> None:
 
 
 def test_a_time_without_a_zone_in_event_data_is_a_decode_error() -> None:
-    queued = encode_event("events", _event(tk.TaskQueued(task_id="t-1", reason="retry",
-                                                          not_before=AT)))
+    queued = encode_event(
+        "events", _event(tk.TaskQueued(task_id="t-1", reason="retry", not_before=AT))
+    )
     good = _consumed(queued)
     assert decode_event(good).event.not_before == AT  # type: ignore[attr-defined]
     naive = orjson.loads(good.value) | {"not_before": "2025-03-04T05:06:07"}
@@ -351,8 +422,13 @@ def test_a_command_at_without_a_zone_is_a_decode_error() -> None:
 
 @pytest.mark.parametrize(
     "change",
-    [{"version": 2**63}, {"version": -1}, {"version": "x"}, {"decided_at": "2025-03-04T05:06:07"},
-     {"status": None}],
+    [
+        {"version": 2**63},
+        {"version": -1},
+        {"version": "x"},
+        {"decided_at": "2025-03-04T05:06:07"},
+        {"status": None},
+    ],
 )
 def test_an_outcome_with_bad_data_is_a_decode_error(change: dict[str, Any]) -> None:
     data = orjson.loads(_good()[2].value) | change
@@ -367,7 +443,9 @@ def test_an_outcome_with_bad_data_is_a_decode_error(change: dict[str, Any]) -> N
     "record",
     [
         ConsumerRecord(key=None, value=None, headers=None),
-        ConsumerRecord(key=b"\xff\xfe", value=b"\x00\xff" * 10, headers=[("h", None), ("g", b"\xff")]),
+        ConsumerRecord(
+            key=b"\xff\xfe", value=b"\x00\xff" * 10, headers=[("h", None), ("g", b"\xff")]
+        ),
         ConsumerRecord(key="text", value="text", headers=[(b"\xff", 1), ("x", object())]),
         ConsumerRecord(key=b"k", value=b"v", headers=[("one",), 5]),
         ConsumerRecord(key=b"k", value=b"v", headers=7),
@@ -382,12 +460,24 @@ def test_a_dead_letter_is_written_for_any_record_shape(record: Any) -> None:
 
 
 def test_a_dead_letter_keeps_the_record_and_names_who_wrote_it() -> None:
-    record = ConsumerRecord(key=b"k-1", value=b"\xffgarbage", headers=[("ce_id", b"x"), ("n", None)],
-                            topic="p.task.events", partition=2, offset=41)
+    record = ConsumerRecord(
+        key=b"k-1",
+        value=b"\xffgarbage",
+        headers=[("ce_id", b"x"), ("n", None)],
+        topic="p.task.events",
+        partition=2,
+        offset=41,
+    )
     _, data = _ce_message(_consumed(encode_dead_letter("dl", record, "why", AT, by="/swarmlog/x")))
     assert data == {
-        "reason": "why", "topic": "p.task.events", "partition": 2, "offset": 41, "key": "k-1",
-        "value": "\xffgarbage", "headers": {"ce_id": "x", "n": None}, "by": "/swarmlog/x",
+        "reason": "why",
+        "topic": "p.task.events",
+        "partition": 2,
+        "offset": 41,
+        "key": "k-1",
+        "value": "\xffgarbage",
+        "headers": {"ce_id": "x", "n": None},
+        "by": "/swarmlog/x",
     }
     plain = encode_dead_letter("dl", record, "why", AT)
     by_x = encode_dead_letter("dl", record, "why", AT, by="/swarmlog/x")
@@ -396,8 +486,11 @@ def test_a_dead_letter_keeps_the_record_and_names_who_wrote_it() -> None:
 
 
 def test_a_dead_letter_of_a_huge_record_is_cut_below_the_broker_limit() -> None:
-    record = ConsumerRecord(key=b"k" * 100_000, value=b"\x01" * 2_000_000,
-                            headers=[(f"h{i}", b"\x02" * 50_000) for i in range(300)])
+    record = ConsumerRecord(
+        key=b"k" * 100_000,
+        value=b"\x01" * 2_000_000,
+        headers=[(f"h{i}", b"\x02" * 50_000) for i in range(300)],
+    )
     letter = encode_dead_letter("dl", record, "r" * 100_000, AT)
     assert len(letter.value) < 1024 * 1024
     _, data = _ce_message(_consumed(letter))
@@ -407,8 +500,13 @@ def test_a_dead_letter_of_a_huge_record_is_cut_below_the_broker_limit() -> None:
 
 def test_a_dead_letter_of_a_command_that_could_not_be_built_carries_its_fields() -> None:
     letter = encode_dead_command(
-        "dl", "cmd-1", "ValidationError: task_id too long", AT, by="/swarmlog/scheduler",
-        command_type="AssignTask", command={"task_id": "t" * 200, "at": AT, "n": 2**70},
+        "dl",
+        "cmd-1",
+        "ValidationError: task_id too long",
+        AT,
+        by="/swarmlog/scheduler",
+        command_type="AssignTask",
+        command={"task_id": "t" * 200, "at": AT, "n": 2**70},
     )
     attributes, data = _ce_message(_consumed(letter))
     assert attributes["type"] == "io.swarmlog.deadletter.command"
@@ -416,8 +514,13 @@ def test_a_dead_letter_of_a_command_that_could_not_be_built_carries_its_fields()
     assert data["by"] == "/swarmlog/scheduler"
     assert "task_id" in str(data["command"])
     built = PayReward(account_id=TREASURY, to="a", amount=1, task_id="t", at=AT)
-    _, data = _ce_message(_consumed(encode_dead_command(
-        "dl", "cmd-2", "too large", AT, by="/x", command_type="PayReward", command=built)))
+    _, data = _ce_message(
+        _consumed(
+            encode_dead_command(
+                "dl", "cmd-2", "too large", AT, by="/x", command_type="PayReward", command=built
+            )
+        )
+    )
     assert data["command"]["amount"] == 1
 
 

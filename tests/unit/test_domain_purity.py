@@ -12,7 +12,11 @@ import pytest
 DOMAIN = Path(__file__).resolve().parents[2] / "domain"
 # jmespath is a pure expression evaluator (no IO, no clock): workflow conditions use it.
 ALLOWED_THIRD_PARTY = {
-    "pydantic", "pydantic_core", "annotated_types", "typing_extensions", "jmespath"
+    "pydantic",
+    "pydantic_core",
+    "annotated_types",
+    "typing_extensions",
+    "jmespath",
 }
 # Standard library, but IO, clocks or randomness: the domain gets these handed in instead.
 FORBIDDEN_STDLIB = {

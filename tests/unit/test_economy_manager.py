@@ -42,8 +42,9 @@ class World:
         self.rejections: list[Rejection] = []
         self.n = 0
 
-    def send(self, command: Command, command_id: str | None = None,
-             expected: int | None = None) -> list[StoredEvent] | Rejection:
+    def send(
+        self, command: Command, command_id: str | None = None, expected: int | None = None
+    ) -> list[StoredEvent] | Rejection:
         self.n += 1
         cid = command_id or f"cmd-{self.n}"
         if cid in self.decided:
@@ -62,9 +63,14 @@ class World:
             self.versions[key] += 1
             self.states[key] = decider.evolve(self.states.get(key), e)
             stored = StoredEvent(
-                id=event_id(cid, i), aggregate_type=key[0], aggregate_id=key[1],
-                version=self.versions[key], time=command.at, correlation_id=cid,
-                causation_id=cid, event=e,
+                id=event_id(cid, i),
+                aggregate_type=key[0],
+                aggregate_id=key[1],
+                version=self.versions[key],
+                time=command.at,
+                correlation_id=cid,
+                causation_id=cid,
+                event=e,
             )
             out.append(stored)
             self.log.append(stored)
@@ -97,22 +103,28 @@ class World:
     def agent_with_stake(self, agent_id: str, stake: int) -> None:
         self.send(ag.RegisterAgent(agent_id=agent_id, name=agent_id, at=t(0)))
         self.settle(t(0))
-        self.send(ac.GrantTokens(account_id=TREASURY, to=agent_id, amount=stake + 5 * MICRO, at=t(0)))
+        self.send(
+            ac.GrantTokens(account_id=TREASURY, to=agent_id, amount=stake + 5 * MICRO, at=t(0))
+        )
         self.settle(t(0))
         self.send(ac.StakeTokens(account_id=agent_id, amount=stake, at=t(0)))
 
-    def run_task(self, task_id: str, agent_id: str, quality: float = 1.0,
-                 finish: str = "complete") -> StoredEvent:
+    def run_task(
+        self, task_id: str, agent_id: str, quality: float = 1.0, finish: str = "complete"
+    ) -> StoredEvent:
         self.send(tk.SubmitTask(task_id=task_id, type="x", at=t(1)))
         self.send(tk.AssignTask(task_id=task_id, agent_id=agent_id, at=t(1)))
         self.send(tk.StartTask(task_id=task_id, agent_id=agent_id, at=t(2)))
         if finish == "complete":
-            out = self.send(tk.CompleteTask(task_id=task_id, agent_id=agent_id, quality=quality, at=t(3)))
+            out = self.send(
+                tk.CompleteTask(task_id=task_id, agent_id=agent_id, quality=quality, at=t(3))
+            )
         elif finish == "timeout":
             out = self.send(tk.TimeOutTask(task_id=task_id, agent_id=agent_id, at=t(3)))
         else:
-            out = self.send(tk.RequeueTask(task_id=task_id, agent_id=agent_id,
-                                           reason="agent_offline", at=t(3)))
+            out = self.send(
+                tk.RequeueTask(task_id=task_id, agent_id=agent_id, reason="agent_offline", at=t(3))
+            )
         assert isinstance(out, list)
         return out[0]
 
@@ -216,12 +228,22 @@ def test_a_credit_read_before_its_debit_settles_it() -> None:
 
 
 def governed(w: World, votes: dict[str, str], window: int = 60) -> None:
-    powers = tuple(pr.VoterPower(account_id=a, power=p) for a, p in
-                   (("a", 600), ("b", 300), ("c", 100)))
-    w.send(pr.CreateProposal(
-        proposal_id="p1", title="t", proposer="a", change=ParameterChange(base_reward=20 * MICRO),
-        window_s=window, quorum_bp=5_000, threshold_bp=5_000, powers=powers, at=t(0),
-    ))
+    powers = tuple(
+        pr.VoterPower(account_id=a, power=p) for a, p in (("a", 600), ("b", 300), ("c", 100))
+    )
+    w.send(
+        pr.CreateProposal(
+            proposal_id="p1",
+            title="t",
+            proposer="a",
+            change=ParameterChange(base_reward=20 * MICRO),
+            window_s=window,
+            quorum_bp=5_000,
+            threshold_bp=5_000,
+            powers=powers,
+            at=t(0),
+        )
+    )
     for voter, choice in votes.items():
         w.send(pr.CastVote(proposal_id="p1", voter=voter, choice=choice, at=t(1)))  # type: ignore[arg-type]
 
@@ -241,7 +263,10 @@ def test_governance_closes_at_the_deadline_and_executes_a_passed_proposal() -> N
 
 
 def test_governance_rejected_and_quorum_missed_change_nothing() -> None:
-    for votes, outcome in (({"a": "against", "b": "for"}, "rejected"), ({"c": "for"}, "quorum_missed")):
+    for votes, outcome in (
+        ({"a": "against", "b": "for"}, "rejected"),
+        ({"c": "for"}, "quorum_missed"),
+    ):
         w = World()
         governed(w, votes)
         w.settle(t(61))

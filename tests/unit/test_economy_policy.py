@@ -13,9 +13,15 @@ from domain.messages import MICRO
 @pytest.mark.parametrize(
     ("staked", "tier"),
     [
-        (0, "none"), (100 * MICRO - 1, "none"), (100 * MICRO, "bronze"), (500 * MICRO, "silver"),
-        (1_000 * MICRO - 1, "silver"), (1_000 * MICRO, "gold"), (5_000 * MICRO, "platinum"),
-        (10_000 * MICRO, "diamond"), (10**18, "diamond"),
+        (0, "none"),
+        (100 * MICRO - 1, "none"),
+        (100 * MICRO, "bronze"),
+        (500 * MICRO, "silver"),
+        (1_000 * MICRO - 1, "silver"),
+        (1_000 * MICRO, "gold"),
+        (5_000 * MICRO, "platinum"),
+        (10_000 * MICRO, "diamond"),
+        (10**18, "diamond"),
     ],
 )
 def test_tier_thresholds_are_inclusive(staked: int, tier: str) -> None:
@@ -31,8 +37,11 @@ def test_reward_is_base_times_multiplier_times_quality_rounded_down() -> None:
     assert reward_amount(p, "diamond", 0.0) == 0
 
 
-@given(base=st.integers(0, 10**12), quality=st.floats(0, 1), tier=st.sampled_from(
-    ["none", "bronze", "silver", "gold", "platinum", "diamond"]))
+@given(
+    base=st.integers(0, 10**12),
+    quality=st.floats(0, 1),
+    tier=st.sampled_from(["none", "bronze", "silver", "gold", "platinum", "diamond"]),
+)
 def test_reward_never_exceeds_the_exact_product(base: int, quality: float, tier: str) -> None:
     p = EconomyParameters(base_reward=base, multipliers=TierMultipliers())
     r = reward_amount(p, tier, quality)  # type: ignore[arg-type]

@@ -17,7 +17,9 @@ from commands.idempotency import (
 )
 
 
-def test_the_outcome_cache_never_holds_more_than_its_byte_budget_and_evicts_the_least_recent() -> None:
+def test_the_outcome_cache_never_holds_more_than_its_byte_budget_and_evicts_the_least_recent() -> (
+    None
+):
     cache = OutcomeCache(budget_bytes=3 * (100 + CACHE_ENTRY_OVERHEAD))
     for i in range(3):
         cache.put(command_digest(f"c{i}"), bytes(100))
@@ -33,7 +35,9 @@ def test_the_outcome_cache_never_holds_more_than_its_byte_budget_and_evicts_the_
         assert cache.used_bytes <= cache.budget_bytes
 
 
-def test_a_value_larger_than_the_whole_budget_is_not_cached_and_replacing_keeps_the_count_right() -> None:
+def test_a_value_larger_than_the_whole_budget_is_not_cached_and_replacing_keeps_the_count_right() -> (
+    None
+):
     cache = OutcomeCache(budget_bytes=1000)
     d = command_digest("big")
     cache.put(d, bytes(2000))
@@ -107,8 +111,7 @@ def test_sealed_and_merged_segments_answer_like_a_dict_and_the_newest_entry_wins
     assert decided.position(command_digest("c7")) is None
     assert decided.position(command_digest(f"c{n - 1}")) == ((n - 1) % 3, 1_000 + n - 1)
     assert all(
-        decided.position(command_digest(f"c{i}")) == (i % 3, 1_000 + i)
-        for i in range(8, n - 1, 97)
+        decided.position(command_digest(f"c{i}")) == (i % 3, 1_000 + i) for i in range(8, n - 1, 97)
     )
     assert decided.position(command_digest("never")) is None
 

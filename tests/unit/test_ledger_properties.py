@@ -90,7 +90,9 @@ class Ledger(RuleBasedStateMachine):
 
     @rule(holder=holders, amount=amounts, cooldown=st.integers(0, 100))
     def unstake(self, holder: str, amount: int, cooldown: int) -> None:
-        self._run(RequestUnstake(account_id=holder, amount=amount, cooldown_s=cooldown, at=self.now))
+        self._run(
+            RequestUnstake(account_id=holder, amount=amount, cooldown_s=cooldown, at=self.now)
+        )
 
     @rule(holder=holders)
     def withdraw(self, holder: str) -> None:
@@ -122,9 +124,7 @@ class Ledger(RuleBasedStateMachine):
 
     @invariant()
     def balanced(self) -> None:
-        totals = ledger_totals(
-            [s for s in self.states.values() if s is not None], self.events
-        )
+        totals = ledger_totals([s for s in self.states.values() if s is not None], self.events)
         assert totals.balanced, totals
         assert totals.in_flight == sum(d.amount for _, d in self.pending)  # type: ignore[attr-defined]
 

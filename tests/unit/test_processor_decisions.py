@@ -171,11 +171,24 @@ async def test_an_outcome_too_large_for_a_record_is_written_without_its_state(
     processor: CommandProcessor,
 ) -> None:
     outcome = Outcome(
-        command_id="c1", command_type="SubmitTask", aggregate_type="task", aggregate_id="t1",
-        status="accepted", version=2,
-        events=[{"id": "e1", "type": "io.swarmlog.task.submitted", "version": 1,
-                 "topic": "unit.task.events", "partition": 0, "offset": 5}],
-        state={"payload": "y" * 100_000}, decided_at=AT,
+        command_id="c1",
+        command_type="SubmitTask",
+        aggregate_type="task",
+        aggregate_id="t1",
+        status="accepted",
+        version=2,
+        events=[
+            {
+                "id": "e1",
+                "type": "io.swarmlog.task.submitted",
+                "version": 1,
+                "topic": "unit.task.events",
+                "partition": 0,
+                "offset": 5,
+            }
+        ],
+        state={"payload": "y" * 100_000},
+        decided_at=AT,
     )
 
     record = processor._outcome_record(outcome)
@@ -190,8 +203,13 @@ async def test_a_rejection_with_a_huge_detail_is_cut_short_to_fit(
     processor: CommandProcessor,
 ) -> None:
     outcome = Outcome(
-        command_id="c1", command_type="StartAgent", aggregate_type="agent", aggregate_id="a1",
-        status="rejected", version=0, rejection=internal_error(ValueError("z" * 200_000)),
+        command_id="c1",
+        command_type="StartAgent",
+        aggregate_type="agent",
+        aggregate_id="a1",
+        status="rejected",
+        version=0,
+        rejection=internal_error(ValueError("z" * 200_000)),
         decided_at=AT,
     )
 
@@ -265,9 +283,17 @@ async def test_an_unreadable_command_record_that_names_its_id_and_type_gets_an_o
     processor: CommandProcessor,
 ) -> None:
     ps = PartitionState(producer=None)  # type: ignore[arg-type]
-    rec = _ConsumerRecord("t.commands", 0, 3, b"a1", b"{}", [
-        ("ce_id", b"c-7"), ("ce_type", b"io.swarmlog.command.agent.StartAgent"),
-    ])
+    rec = _ConsumerRecord(
+        "t.commands",
+        0,
+        3,
+        b"a1",
+        b"{}",
+        [
+            ("ce_id", b"c-7"),
+            ("ce_type", b"io.swarmlog.command.agent.StartAgent"),
+        ],
+    )
     rejection = internal_error(ValueError("invalid literal for int() with base 10: 'abc'"))
 
     outcome = processor._unreadable_outcome(ps, rec, rejection)
@@ -277,7 +303,9 @@ async def test_an_unreadable_command_record_that_names_its_id_and_type_gets_an_o
 
     assert outcome is not None and nameless is None
     assert (outcome.command_id, outcome.command_type, outcome.aggregate_id) == (
-        "c-7", "StartAgent", "a1",
+        "c-7",
+        "StartAgent",
+        "a1",
     )
     assert outcome.status == "rejected" and outcome.rejection == rejection
 

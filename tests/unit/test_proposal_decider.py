@@ -39,12 +39,27 @@ def at(seconds: float = 0) -> datetime:
 
 
 create = CreateProposal(
-    proposal_id=P, title="double the base", proposer="a", change=CHANGE, window_s=60,
-    quorum_bp=5_000, threshold_bp=5_000, powers=POWERS, at=at(),
+    proposal_id=P,
+    title="double the base",
+    proposer="a",
+    change=CHANGE,
+    window_s=60,
+    quorum_bp=5_000,
+    threshold_bp=5_000,
+    powers=POWERS,
+    at=at(),
 )
 created = ProposalCreated(
-    proposal_id=P, title="double the base", proposer="a", change=CHANGE, opened_at=at(),
-    closes_at=at(60), quorum_bp=5_000, threshold_bp=5_000, powers=POWERS, total_power=1_000,
+    proposal_id=P,
+    title="double the base",
+    proposer="a",
+    change=CHANGE,
+    opened_at=at(),
+    closes_at=at(60),
+    quorum_bp=5_000,
+    threshold_bp=5_000,
+    powers=POWERS,
+    total_power=1_000,
 )
 
 
@@ -63,9 +78,9 @@ def test_a_second_create_is_rejected() -> None:
 
 
 def test_an_empty_change_is_rejected() -> None:
-    given(PROPOSAL_DECIDER).when(create.model_copy(update={"change": ParameterChange()})).then_rejected(
-        "empty_change", kind="invalid", field="change"
-    )
+    given(PROPOSAL_DECIDER).when(
+        create.model_copy(update={"change": ParameterChange()})
+    ).then_rejected("empty_change", kind="invalid", field="change")
 
 
 def test_commands_on_a_missing_proposal_are_not_found() -> None:
@@ -109,7 +124,11 @@ def test_close_before_the_deadline_is_rejected() -> None:
 
 def closed(outcome: str, f: int, a: int, ab: int) -> ProposalClosed:
     return ProposalClosed(
-        proposal_id=P, outcome=outcome, votes_for=f, votes_against=a, votes_abstain=ab,  # type: ignore[arg-type]
+        proposal_id=P,
+        outcome=outcome,
+        votes_for=f,
+        votes_against=a,
+        votes_abstain=ab,  # type: ignore[arg-type]
         total_power=1_000,
     )
 
@@ -134,7 +153,9 @@ def test_closes_with_quorum_missed() -> None:
 
 def test_a_closed_proposal_takes_no_votes_and_no_second_close() -> None:
     g = given(PROPOSAL_DECIDER, created, closed("quorum_missed", 0, 0, 0))
-    g.when(CastVote(proposal_id=P, voter="a", choice="for", at=at(1))).then_rejected("voting_closed")
+    g.when(CastVote(proposal_id=P, voter="a", choice="for", at=at(1))).then_rejected(
+        "voting_closed"
+    )
     g.when(CloseProposal(proposal_id=P, at=at(70))).then_rejected("proposal_closed")
 
 
@@ -150,9 +171,9 @@ def test_executes_a_passed_proposal_once() -> None:
 
 def test_a_proposal_not_passed_is_not_executed() -> None:
     for history in ((created,), (created, closed("rejected", 0, 600, 0))):
-        given(PROPOSAL_DECIDER, *history).when(ExecuteProposal(proposal_id=P, at=at(61))).then_rejected(
-            "proposal_not_passed", kind="conflict"
-        )
+        given(PROPOSAL_DECIDER, *history).when(
+            ExecuteProposal(proposal_id=P, at=at(61))
+        ).then_rejected("proposal_not_passed", kind="conflict")
 
 
 def test_the_threshold_is_strict_and_abstentions_only_count_to_quorum() -> None:

@@ -22,7 +22,7 @@ from infra.clock import ManualClock
 from infra.codec import StoredEvent, encode_event
 from infra.topics import Topics
 from streams.leader import raw_ce_type, record_fault
-from streams.runner import SchedulerRunner
+from streams.scheduler_runner import SchedulerRunner
 
 AT = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 
@@ -89,14 +89,33 @@ async def test_a_refused_command_is_dead_lettered_once_and_an_unsent_one_is_retr
 
 async def test_an_event_that_does_not_decode_or_fold_is_dead_lettered_once() -> None:
     runner, client, producer = _runner()
-    garbage = SimpleNamespace(topic="u.task.events", partition=1, offset=5, key=None,
-                              value=b"\xff", headers=[("ce_type", None)])
-    stored = StoredEvent(id="e-1", aggregate_type="task", aggregate_id="t-1", version=1,
-                         time=AT, correlation_id="c", causation_id="c",
-                         event=tk.TaskQueued(task_id="t-1"))
+    garbage = SimpleNamespace(
+        topic="u.task.events",
+        partition=1,
+        offset=5,
+        key=None,
+        value=b"\xff",
+        headers=[("ce_type", None)],
+    )
+    stored = StoredEvent(
+        id="e-1",
+        aggregate_type="task",
+        aggregate_id="t-1",
+        version=1,
+        time=AT,
+        correlation_id="c",
+        causation_id="c",
+        event=tk.TaskQueued(task_id="t-1"),
+    )
     record = encode_event("u.task.events", stored)
-    folded = SimpleNamespace(topic="u.task.events", partition=1, offset=6, key=record.key,
-                             value=record.value, headers=record.headers)
+    folded = SimpleNamespace(
+        topic="u.task.events",
+        partition=1,
+        offset=6,
+        key=record.key,
+        value=record.value,
+        headers=record.headers,
+    )
 
     def explode(_: StoredEvent) -> None:
         raise KeyError("no such task")
@@ -111,6 +130,7 @@ async def test_an_event_that_does_not_decode_or_fold_is_dead_lettered_once() -> 
 
     letters = [orjson.loads(v) for v in producer.values["u.deadletter"]]
     assert [(d["offset"], d["reason"].split(":")[0]) for d in letters] == [
-        (5, "undecodable event"), (6, "cannot fold io.swarmlog.task.queued")
+        (5, "undecodable event"),
+        (6, "cannot fold io.swarmlog.task.queued"),
     ]
     assert all(d["by"] == "/swarmlog/scheduler" for d in letters)

@@ -356,8 +356,12 @@ def test_a_higher_staking_tier_raises_an_agent_s_standing() -> None:
     def swarm_with(tier: str | None) -> Swarm:
         swarm = Swarm().agent("a-staker").agent("b-plain")
         if tier is not None:
-            swarm._emit("account", "a-staker", 0,
-                        ac.TierChanged(account_id="a-staker", previous="none", tier=tier))
+            swarm._emit(
+                "account",
+                "a-staker",
+                0,
+                ac.TierChanged(account_id="a-staker", previous="none", tier=tier),
+            )
         return swarm.task("t1")
 
     # Equal fits: the tie goes to the higher id, unless a tier lifts the other.
@@ -371,8 +375,12 @@ def test_standing_does_not_outweigh_a_much_better_skill() -> None:
         .agent("a-diamond", skills={"python": 0.2})
         .agent("b-skilled", skills={"python": 0.9})
     )
-    swarm._emit("account", "a-diamond", 0,
-                ac.TierChanged(account_id="a-diamond", previous="none", tier="diamond"))
+    swarm._emit(
+        "account",
+        "a-diamond",
+        0,
+        ac.TierChanged(account_id="a-diamond", previous="none", tier="diamond"),
+    )
     swarm.task("t1", required=("python",))
     assert assignments(swarm.plan(1)) == {"t1": "b-skilled"}
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from sdk.errors import (
     SwarmConnectionError,
@@ -15,15 +15,22 @@ from sdk.errors import (
 
 
 def problem(status: int, code: str, detail: str, field: str | None = None) -> bytes:
-    return json.dumps({
-        "type": f"urn:swarmlog:problem:{code}", "title": "Conflict", "status": status,
-        "detail": detail, "code": code, "field": field,
-    }).encode()
+    return json.dumps(
+        {
+            "type": f"urn:swarmlog:problem:{code}",
+            "title": "Conflict",
+            "status": status,
+            "detail": detail,
+            "code": code,
+            "field": field,
+        }
+    ).encode()
 
 
 def test_a_problem_body_gives_status_code_detail_and_field() -> None:
     error = problem_from_response(
-        403, "application/problem+json",
+        403,
+        "application/problem+json",
         problem(403, "not_assigned_agent", "task t1 is not assigned to agent a1", "agent_id"),
     )
     assert isinstance(error, SwarmError)
@@ -35,11 +42,17 @@ def test_a_problem_body_gives_status_code_detail_and_field() -> None:
 
 
 def test_validation_problems_keep_their_error_list() -> None:
-    body = json.dumps({
-        "type": "urn:swarmlog:problem:validation_error", "title": "Unprocessable Content",
-        "status": 422, "detail": "progress: too big", "code": "validation_error",
-        "field": "progress", "errors": [{"field": "progress", "message": "too big"}],
-    }).encode()
+    body = json.dumps(
+        {
+            "type": "urn:swarmlog:problem:validation_error",
+            "title": "Unprocessable Content",
+            "status": 422,
+            "detail": "progress: too big",
+            "code": "validation_error",
+            "field": "progress",
+            "errors": [{"field": "progress", "message": "too big"}],
+        }
+    ).encode()
     error = problem_from_response(422, "application/problem+json; charset=utf-8", body)
     assert error.code == "validation_error"
     assert error.problem["errors"] == [{"field": "progress", "message": "too big"}]
@@ -66,8 +79,9 @@ def test_a_plain_json_error_without_code_falls_back_to_the_status() -> None:
 
 
 def test_retry_after_is_read_from_the_header() -> None:
-    error = problem_from_response(429, "application/problem+json",
-                                  problem(429, "rate_limited", "slow down"), retry_after="3")
+    error = problem_from_response(
+        429, "application/problem+json", problem(429, "rate_limited", "slow down"), retry_after="3"
+    )
     assert error.retry_after_s == 3.0
     assert error.retryable
 
@@ -82,7 +96,7 @@ def test_only_undecided_answers_are_retryable() -> None:
 
 
 def test_retry_after_seconds_reads_delta_seconds_and_http_dates() -> None:
-    now = datetime(2025, 1, 1, 12, 0, 0, tzinfo=timezone.utc)
+    now = datetime(2025, 1, 1, 12, 0, 0, tzinfo=UTC)
     assert retry_after_seconds("120", now=now) == 120.0
     assert retry_after_seconds("Wed, 01 Jan 2025 12:00:30 GMT", now=now) == 30.0
     assert retry_after_seconds("Wed, 01 Jan 2025 11:00:00 GMT", now=now) == 0.0

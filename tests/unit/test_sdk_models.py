@@ -22,12 +22,18 @@ from sdk.models import (
 
 
 def cloud_event(task_id: str = "t1", agent_id: str = "a1", attempt: int = 1) -> str:
-    return json.dumps({
-        "specversion": "1.0", "id": "e1", "source": "swarmlog", "type": ASSIGNED_TYPE,
-        "subject": task_id, "time": "2025-01-01T00:00:00Z",
-        "datacontenttype": "application/json",
-        "data": {"task_id": task_id, "agent_id": agent_id, "attempt": attempt},
-    })
+    return json.dumps(
+        {
+            "specversion": "1.0",
+            "id": "e1",
+            "source": "swarmlog",
+            "type": ASSIGNED_TYPE,
+            "subject": task_id,
+            "time": "2025-01-01T00:00:00Z",
+            "datacontenttype": "application/json",
+            "data": {"task_id": task_id, "agent_id": agent_id, "attempt": attempt},
+        }
+    )
 
 
 def test_an_assignment_message_gives_task_agent_attempt_and_position() -> None:
@@ -56,15 +62,23 @@ def test_a_malformed_assignment_is_a_value_error_naming_its_position() -> None:
     with pytest.raises(ValueError, match="p7"):
         parse_assignment(ASSIGNED_TYPE, "{not json", "p7")
     with pytest.raises(ValueError, match="agent_id"):
-        parse_assignment(ASSIGNED_TYPE, json.dumps({"type": ASSIGNED_TYPE, "data": {
-            "task_id": "t1"}}), "p8")
+        parse_assignment(
+            ASSIGNED_TYPE, json.dumps({"type": ASSIGNED_TYPE, "data": {"task_id": "t1"}}), "p8"
+        )
     with pytest.raises(ValueError, match="data"):
         parse_assignment(ASSIGNED_TYPE, json.dumps({"type": ASSIGNED_TYPE}), "p9")
 
 
 def test_a_polled_task_item_is_an_assignment_carrying_the_task() -> None:
-    item = {"task_id": "t1", "type": "analyse", "payload": {"module": "json"},
-            "status": "assigned", "agent_id": "a1", "attempts": 2, "version": 4}
+    item = {
+        "task_id": "t1",
+        "type": "analyse",
+        "payload": {"module": "json"},
+        "status": "assigned",
+        "agent_id": "a1",
+        "attempts": 2,
+        "version": 4,
+    }
     assignment = assignment_from_task(item)
     assert assignment == Assignment("t1", "a1", 2)
     assert assignment is not None and assignment.task == item
@@ -73,7 +87,8 @@ def test_a_polled_task_item_is_an_assignment_carrying_the_task() -> None:
 
 def test_capabilities_map_to_the_api_list() -> None:
     assert capabilities_body({"python": 0.9, "sql": 1}) == [
-        {"name": "python", "level": 0.9}, {"name": "sql", "level": 1.0},
+        {"name": "python", "level": 0.9},
+        {"name": "sql", "level": 1.0},
     ]
     assert capabilities_body([{"name": "go", "level": 0.5}]) == [{"name": "go", "level": 0.5}]
     with pytest.raises(ValueError, match="python"):

@@ -17,8 +17,9 @@ def test_a_bare_dict_means_full_quality() -> None:
     assert normalize_result({"n": 1}) == ({"n": 1}, 1.0)
 
 
-@pytest.mark.parametrize("value", [None, 42, ({"n": 1},), ("text", 0.5), ({"n": 1}, "high"),
-                                   ({"n": 1}, True)])
+@pytest.mark.parametrize(
+    "value", [None, 42, ({"n": 1},), ("text", 0.5), ({"n": 1}, "high"), ({"n": 1}, True)]
+)
 def test_other_shapes_are_type_errors(value: object) -> None:
     with pytest.raises(TypeError):
         normalize_result(value)

@@ -29,8 +29,14 @@ LONG = "t" * 200  # commands take ids of at most 128 characters
 
 def _stored(aggregate_type: str, aggregate_id: str, event: Event, event_id: str) -> StoredEvent:
     return StoredEvent(
-        id=event_id, aggregate_type=aggregate_type, aggregate_id=aggregate_id, version=1,
-        time=NOW, correlation_id="c", causation_id="c", event=event,
+        id=event_id,
+        aggregate_type=aggregate_type,
+        aggregate_id=aggregate_id,
+        version=1,
+        time=NOW,
+        correlation_id="c",
+        causation_id="c",
+        event=event,
     )
 
 
@@ -65,9 +71,21 @@ def test_the_scheduler_assigns_the_others_and_reports_an_assignment_it_cannot_bu
 def test_the_economy_opens_the_other_accounts_and_reports_one_it_cannot_build() -> None:
     view = economy.EconomyView()
     for agent_id in ("bad agent!", "good"):
-        economy.apply(view, _stored("agent", agent_id, ag.AgentRegistered(
-            agent_id=agent_id, name="x", capabilities=(), max_concurrent_tasks=1, cost_per_task=0,
-        ), event_id=agent_id))
+        economy.apply(
+            view,
+            _stored(
+                "agent",
+                agent_id,
+                ag.AgentRegistered(
+                    agent_id=agent_id,
+                    name="x",
+                    capabilities=(),
+                    max_concurrent_tasks=1,
+                    cost_per_task=0,
+                ),
+                event_id=agent_id,
+            ),
+        )
     failures: list[Unbuilt] = []
     planned = economy.plan(view, NOW, failures=failures)
     assert [p.command.account_id for p in planned] == ["good"]  # type: ignore[attr-defined]
@@ -81,12 +99,17 @@ def test_the_workflow_engine_starts_the_other_runs_and_reports_one_it_cannot_bui
     view = workflow.WorkflowView()
     spec = wf.WorkflowSpec(steps=(wf.StepSpec(id="a", task_type="a"),))
     for run_id in (LONG, "run-ok"):
-        workflow.apply(view, _stored(
-            "workflow", "def-1",
-            wf.WorkflowExecutionRequested(run_id=run_id, version=1, spec=spec, inputs={},
-                                          workflow_id="def-1"),
-            event_id=f"request-{run_id[:8]}",
-        ))
+        workflow.apply(
+            view,
+            _stored(
+                "workflow",
+                "def-1",
+                wf.WorkflowExecutionRequested(
+                    run_id=run_id, version=1, spec=spec, inputs={}, workflow_id="def-1"
+                ),
+                event_id=f"request-{run_id[:8]}",
+            ),
+        )
     failures: list[Unbuilt] = []
     planned = workflow.plan(view, NOW, failures=failures)
     assert [p.command.run_id for p in planned] == ["run-ok"]  # type: ignore[attr-defined]

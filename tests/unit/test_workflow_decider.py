@@ -269,8 +269,16 @@ def test_the_run_completes_with_the_results_of_its_final_steps() -> None:
         StepCompleted(run_id=R, step_id="b", result=2),
         WorkflowRunCompleted(run_id=R, result_steps=("b",)),
     ).and_state(status="completed")
-    assert run_result(RUN_DECIDER.fold([*history, *RUN_DECIDER.decide(  # type: ignore[misc]
-        outcome("b", result=2), RUN_DECIDER.fold(history))])) == {"b": 2}
+    assert run_result(
+        RUN_DECIDER.fold(
+            [
+                *history,
+                *RUN_DECIDER.decide(  # type: ignore[misc]
+                    outcome("b", result=2), RUN_DECIDER.fold(history)
+                ),
+            ]
+        )
+    ) == {"b": 2}
 
 
 def test_a_false_condition_skips_the_step_and_its_dependents() -> None:
@@ -626,9 +634,14 @@ def test_a_unit_scheduled_and_succeeded_in_one_decision_is_listed_in_that_order(
     events = start(spec, {"xs": [1, 2]})
 
     def item(index: int) -> StepTaskOutcome:
-        return StepTaskOutcome(step_id="a", index=index, attempt=1,
-                               task_id=step_task_id(R, "a", index, 1), succeeded=True,
-                               result=index)
+        return StepTaskOutcome(
+            step_id="a",
+            index=index,
+            attempt=1,
+            task_id=step_task_id(R, "a", index, 1),
+            succeeded=True,
+            result=index,
+        )
 
     when = given(RUN_DECIDER, *events).when(
         RecordStepTaskOutcomes(run_id=R, outcomes=(item(0), item(1)), at=AT)

@@ -64,8 +64,9 @@ def quickly(limit_s: float = 0.5) -> Iterator[None]:
 
 def start(spec: wf.WorkflowSpec, inputs: dict[str, Any] | None = None) -> list[wr.RunEvent]:
     out = wr.decide(
-        wr.StartWorkflowRun(run_id=R, workflow_id="w", version=1, spec=spec,
-                            inputs=inputs or {}, at=AT),
+        wr.StartWorkflowRun(
+            run_id=R, workflow_id="w", version=1, spec=spec, inputs=inputs or {}, at=AT
+        ),
         None,
     )
     assert isinstance(out, list), out
@@ -87,13 +88,17 @@ def test_a_when_of_a_thousand_pipes_is_refused_at_definition_naming_the_field() 
     assert (p.code, p.field) == ("expression_too_deep", "steps[0].when")
     assert "nests 1,000 levels deep; the limit is 40" in p.detail
     rejected = wf.decide_workflow(
-        wf.CreateWorkflow(workflow_id="w", name="w", spec=wf.WorkflowSpec(
-            steps=(step("a", when=PIPES),)), at=AT),
+        wf.CreateWorkflow(
+            workflow_id="w", name="w", spec=wf.WorkflowSpec(steps=(step("a", when=PIPES),)), at=AT
+        ),
         None,
     )
     assert isinstance(rejected, Rejection)
     assert (rejected.kind, rejected.code, rejected.field) == (
-        "invalid", "expression_too_deep", "steps[0].when")
+        "invalid",
+        "expression_too_deep",
+        "steps[0].when",
+    )
 
 
 def test_an_expression_over_the_length_limit_is_refused_before_it_is_parsed() -> None:
@@ -117,8 +122,7 @@ def test_an_expression_that_overflows_the_parser_is_invalid_not_a_crash() -> Non
 def test_doubling_forty_times_is_refused_at_definition_and_twenty_two_times_is_not() -> None:
     p = problem_of(step("a", payload_from={"x": DOUBLE_40}))
     assert (p.code, p.field) == ("expression_too_deep", "steps[0].payload_from.x")
-    assert wf.check_spec(wf.WorkflowSpec(steps=(step("a", payload_from={"x": DOUBLE_22}),))) \
-        is None
+    assert wf.check_spec(wf.WorkflowSpec(steps=(step("a", payload_from={"x": DOUBLE_22}),))) is None
 
 
 def test_every_expression_field_is_bounded_in_steps_and_compensations() -> None:
@@ -137,9 +141,7 @@ def test_every_expression_field_is_bounded_in_steps_and_compensations() -> None:
     for spec, field in cases:
         p = wf.check_spec(spec)
         assert p is not None and (p.code, p.field) == ("expression_too_deep", field)
-    published = wf.decide_template(
-        wf.PublishTemplate(name="t", spec=cases[0][0], at=AT), None
-    )
+    published = wf.decide_template(wf.PublishTemplate(name="t", spec=cases[0][0], at=AT), None)
     assert isinstance(published, Rejection) and published.field == "steps[0].map.items"
 
 
@@ -152,8 +154,9 @@ def test_a_definitions_expressions_are_bounded_together() -> None:
 def test_the_demo_template_is_within_the_bounds() -> None:
     path = Path(__file__).resolve().parents[2] / "demo" / "templates" / "package-analysis.json"
     body = json.loads(path.read_text())
-    spec = wf.WorkflowSpec(steps=tuple(body["steps"]),
-                           compensations=tuple(body.get("compensations", ())))
+    spec = wf.WorkflowSpec(
+        steps=tuple(body["steps"]), compensations=tuple(body.get("compensations", ()))
+    )
     assert wf.check_spec(spec) is None
 
 
@@ -172,12 +175,17 @@ def test_doubling_under_the_definition_bounds_fails_the_step_quickly_with_the_si
 
 def test_a_short_doubling_of_a_large_input_fails_the_step_quickly() -> None:
     blob = {"blob": "x" * 100_000}
-    spec = wf.WorkflowSpec(steps=(
-        step("a", payload_from={"x": doubling(4, "inputs.blob")}, on_failure="continue"),
-        step("b", when=f"length(to_string({doubling(3, 'inputs.blob')})) > `0`",
-             on_failure="continue"),
-        step("c", map=wf.MapSpec(items=doubling(5, "inputs.blob"))),
-    ))
+    spec = wf.WorkflowSpec(
+        steps=(
+            step("a", payload_from={"x": doubling(4, "inputs.blob")}, on_failure="continue"),
+            step(
+                "b",
+                when=f"length(to_string({doubling(3, 'inputs.blob')})) > `0`",
+                on_failure="continue",
+            ),
+            step("c", map=wf.MapSpec(items=doubling(5, "inputs.blob"))),
+        )
+    )
     assert wf.check_spec(spec) is None
     with quickly():
         events = start(spec, blob)
@@ -188,12 +196,14 @@ def test_a_short_doubling_of_a_large_input_fails_the_step_quickly() -> None:
 
 def test_an_old_definition_with_a_deep_expression_fails_the_step_and_never_raises() -> None:
     # Definitions on the log from before the bounds: the run still must not raise.
-    spec = wf.WorkflowSpec(steps=(
-        step("a", when=PIPES, on_failure="continue"),
-        step("b", payload_from={"x": NOT_NOT}, on_failure="continue"),
-        step("c", payload_from={"x": "x" * 3000}, on_failure="continue"),
-        step("d", gate=PIPES),
-    ))
+    spec = wf.WorkflowSpec(
+        steps=(
+            step("a", when=PIPES, on_failure="continue"),
+            step("b", payload_from={"x": NOT_NOT}, on_failure="continue"),
+            step("c", payload_from={"x": "x" * 3000}, on_failure="continue"),
+            step("d", gate=PIPES),
+        )
+    )
     with quickly():
         events = start(spec)
     assert "nests 1,000 levels deep" in failed_step(events, "a")
@@ -201,9 +211,19 @@ def test_an_old_definition_with_a_deep_expression_fails_the_step_and_never_raise
     assert "3,000 characters" in failed_step(events, "c")
     state = wr.RUN_DECIDER.fold(events)
     unit = state.steps["d"].units[0]
-    out = wr.decide(wr.RecordStepTaskOutcome(run_id=R, step_id="d", index=0, attempt=1,
-                                             task_id=unit.task_id, succeeded=True,
-                                             result={"ok": True}, at=AT), state)
+    out = wr.decide(
+        wr.RecordStepTaskOutcome(
+            run_id=R,
+            step_id="d",
+            index=0,
+            attempt=1,
+            task_id=unit.task_id,
+            succeeded=True,
+            result={"ok": True},
+            at=AT,
+        ),
+        state,
+    )
     assert isinstance(out, list)
     assert failed_step(out, "d").startswith("gate: expression nests 1,000 levels deep")
 
@@ -238,15 +258,20 @@ def test_what_an_expression_gives_is_bounded_and_sized() -> None:
     with pytest.raises(ex.ExpressionError, match="gives a value of more than 524,288"):
         ex.evaluate("inputs.big", ctx)
     assert ex.holds("inputs.big", ctx)  # a condition is only tested, not weighed
-    for source in ("inputs.small", "inputs.small.a", "[inputs.small, inputs.small.a]",
-                   "{x: inputs.small.a[0], y: `\"s\"`}", "inputs.big[:3]"):
+    for source in (
+        "inputs.small",
+        "inputs.small.a",
+        "[inputs.small, inputs.small.a]",
+        '{x: inputs.small.a[0], y: `"s"`}',
+        "inputs.big[:3]",
+    ):
         value, size = ex.evaluate_sized(source, ctx)
         assert size == len(json.dumps(value, separators=(",", ":"), ensure_ascii=False))
 
 
 @pytest.mark.parametrize(
     "source",
-    ["ceil(`1e400`)", "length(`1`)", "abs(inputs.blob)", "sort(`[1, \"a\"]`)", "a.b["],
+    ["ceil(`1e400`)", "length(`1`)", "abs(inputs.blob)", 'sort(`[1, "a"]`)', "a.b["],
 )
 def test_any_failure_is_an_expression_error_with_a_short_message(source: str) -> None:
     with pytest.raises(ex.ExpressionError) as caught:
@@ -270,17 +295,35 @@ def near_limit(sid: str) -> dict[str, Any]:
 
 def outcome_of(state: wr.RunState, sid: str) -> wr.StepTaskOutcome:
     unit = state.steps[sid].units[0]
-    return wr.StepTaskOutcome(step_id=sid, index=0, attempt=1, task_id=unit.task_id,
-                              succeeded=True, result=near_limit(sid))
+    return wr.StepTaskOutcome(
+        step_id=sid,
+        index=0,
+        attempt=1,
+        task_id=unit.task_id,
+        succeeded=True,
+        result=near_limit(sid),
+    )
 
 
 def record_sizes(events: list[wr.RunEvent]) -> list[int]:
     from infra.codec import StoredEvent, encode_event
 
     return [
-        len(encode_event("t", StoredEvent(id=f"e{i}", aggregate_type=wr.RUN, aggregate_id=R,
-                                          version=i, time=AT, correlation_id="c",
-                                          causation_id="c", event=e)).value)
+        len(
+            encode_event(
+                "t",
+                StoredEvent(
+                    id=f"e{i}",
+                    aggregate_type=wr.RUN,
+                    aggregate_id=R,
+                    version=i,
+                    time=AT,
+                    correlation_id="c",
+                    causation_id="c",
+                    event=e,
+                ),
+            ).value
+        )
         for i, e in enumerate(events)
     ]
 
@@ -293,8 +336,12 @@ def test_five_final_steps_near_the_result_limit_complete_in_records_under_1_mib(
     state = wr.RUN_DECIDER.fold(events)
     decided: list[wr.RunEvent] = []
     if batched:
-        out = wr.decide(wr.RecordStepTaskOutcomes(
-            run_id=R, outcomes=tuple(outcome_of(state, s) for s in "abcde"), at=AT), state)
+        out = wr.decide(
+            wr.RecordStepTaskOutcomes(
+                run_id=R, outcomes=tuple(outcome_of(state, s) for s in "abcde"), at=AT
+            ),
+            state,
+        )
         assert isinstance(out, list)
         decided = out
     else:
@@ -318,9 +365,19 @@ def test_a_completed_event_written_before_still_reads_with_its_final_steps() -> 
     from infra.codec import StoredEvent, decode_event, encode_event
 
     new = wr.WorkflowRunCompleted(run_id=R, result_steps=("b",))
-    record = encode_event("t", StoredEvent(id="e1", aggregate_type=wr.RUN, aggregate_id=R,
-                                           version=9, time=AT, correlation_id="c",
-                                           causation_id="c", event=new))
+    record = encode_event(
+        "t",
+        StoredEvent(
+            id="e1",
+            aggregate_type=wr.RUN,
+            aggregate_id=R,
+            version=9,
+            time=AT,
+            correlation_id="c",
+            causation_id="c",
+            event=new,
+        ),
+    )
     old_data = json.dumps({"run_id": R, "result": {"b": 2, "c": None}}).encode()
 
     class Consumed:
@@ -339,11 +396,13 @@ def test_a_completed_event_written_before_still_reads_with_its_final_steps() -> 
 
 
 def test_skipped_and_continued_final_steps_are_null_in_the_result() -> None:
-    spec = wf.WorkflowSpec(steps=(
-        step("a", when="inputs.go"),
-        step("b", payload_from={"x": "ceil(`1e400`)"}, on_failure="continue"),
-        step("c"),
-    ))
+    spec = wf.WorkflowSpec(
+        steps=(
+            step("a", when="inputs.go"),
+            step("b", payload_from={"x": "ceil(`1e400`)"}, on_failure="continue"),
+            step("c"),
+        )
+    )
     events = start(spec, {"go": False})
     state = wr.RUN_DECIDER.fold(events)
     o = outcome_of(state, "c")

@@ -38,25 +38,50 @@ def drive(
             log.add("r1", clock, e)
             state = wr.evolve(state, e)
 
-    apply(wr.decide(wr.StartWorkflowRun(at=t(0), run_id="r1", workflow_id="w1", version=1,
-                                        spec=spec, inputs=inputs), None))
+    apply(
+        wr.decide(
+            wr.StartWorkflowRun(
+                at=t(0), run_id="r1", workflow_id="w1", version=1, spec=spec, inputs=inputs
+            ),
+            None,
+        )
+    )
     outcomes = 0
     while state is not None and state.status in ("running", "compensating"):
         if cancel_after is not None and outcomes >= cancel_after:
             apply(wr.decide(wr.CancelWorkflowRun(at=t(clock), run_id="r1"), state))
             break
         sid, index, unit = next(
-            (sid, i, u) for sid, s in state.steps.items() if s.status == "running"
-            for i, u in sorted(s.units.items()) if u.status == "scheduled"
+            (sid, i, u)
+            for sid, s in state.steps.items()
+            if s.status == "running"
+            for i, u in sorted(s.units.items())
+            if u.status == "scheduled"
         )
-        scheduled = next(u for e in reversed(log.events)
-                         if isinstance(e.event, wr.StepTasksScheduled)
-                         for u in e.event.tasks if u.task_id == unit.task_id)
+        scheduled = next(
+            u
+            for e in reversed(log.events)
+            if isinstance(e.event, wr.StepTasksScheduled)
+            for u in e.event.tasks
+            if u.task_id == unit.task_id
+        )
         ok = sid not in fail
-        apply(wr.decide(wr.RecordStepTaskOutcome(
-            at=t(clock), run_id="r1", step_id=sid, index=index, attempt=unit.attempt,
-            task_id=unit.task_id, succeeded=ok, result=scheduled.payload if ok else None,
-            error=None if ok else "boom"), state))
+        apply(
+            wr.decide(
+                wr.RecordStepTaskOutcome(
+                    at=t(clock),
+                    run_id="r1",
+                    step_id=sid,
+                    index=index,
+                    attempt=unit.attempt,
+                    task_id=unit.task_id,
+                    succeeded=ok,
+                    result=scheduled.payload if ok else None,
+                    error=None if ok else "boom",
+                ),
+                state,
+            )
+        )
         outcomes += 1
     assert state is not None
     return log.events, state
@@ -71,15 +96,23 @@ def project(events: list[StoredEvent], batch: int) -> tuple[Row, dict[str, Row],
     for start in range(0, len(events), batch):
         changes: dict[str, StepChange] = {}
         closed_at = None
-        for e in events[start:start + batch]:
+        for e in events[start : start + batch]:
             after = views.evolve_run(run, e)
             if after is run:
                 continue
             run = after
             for row in views.step_rows(e):
-                steps[row["step_id"]] = {"items_done": 0, "attempts": 0, "task_ids": [],
-                                         "result": None, "error": None, "started_at": None,
-                                         "finished_at": None, "compensating_for": None, **row}
+                steps[row["step_id"]] = {
+                    "items_done": 0,
+                    "attempts": 0,
+                    "task_ids": [],
+                    "result": None,
+                    "error": None,
+                    "started_at": None,
+                    "finished_at": None,
+                    "compensating_for": None,
+                    **row,
+                }
             found = views.step_change(e)
             if found is not None:
                 if found[0] in changes:
@@ -98,10 +131,12 @@ def project(events: list[StoredEvent], batch: int) -> tuple[Row, dict[str, Row],
 
 
 def test_a_map_step_of_a_thousand_items_is_one_row_update_per_batch() -> None:
-    spec = wf.WorkflowSpec(steps=(
-        step("fan", map={"items": "inputs.xs", "max_parallelism": 50}),
-        step("sum", depends_on=("fan",), payload_from={"n": "length(steps.fan.result)"}),
-    ))
+    spec = wf.WorkflowSpec(
+        steps=(
+            step("fan", map={"items": "inputs.xs", "max_parallelism": 50}),
+            step("sum", depends_on=("fan",), payload_from={"n": "length(steps.fan.result)"}),
+        )
+    )
     events, state = drive(spec, {"xs": list(range(1000))})
     assert state.status == "completed"
     run, steps, updates = project(events, batch=500)
@@ -128,8 +163,12 @@ def test_the_steps_read_model_agrees_with_the_run_decider_whatever_the_batches()
             step("a"),
             step("b", depends_on=("a",), when="inputs.go"),
             step("c", depends_on=("b",)),
-            step("d", depends_on=("a",), on_failure="continue",
-                 retry={"max_attempts": 2, "backoff_base_s": 0}),
+            step(
+                "d",
+                depends_on=("a",),
+                on_failure="continue",
+                retry={"max_attempts": 2, "backoff_base_s": 0},
+            ),
             step("e", depends_on=("d",)),
         ),
     )
@@ -150,8 +189,11 @@ def test_the_steps_read_model_agrees_with_the_run_decider_whatever_the_batches()
 
 def test_a_compensated_failure_fails_the_run_and_counts_only_main_steps() -> None:
     spec = wf.WorkflowSpec(
-        steps=(step("pay"), step("ship", depends_on=("pay",), on_failure="compensate",
-                                  compensation="refund"), step("mail", depends_on=("ship",))),
+        steps=(
+            step("pay"),
+            step("ship", depends_on=("pay",), on_failure="compensate", compensation="refund"),
+            step("mail", depends_on=("ship",)),
+        ),
         compensations=(step("refund"),),
     )
     events, state = drive(spec, {}, fail=frozenset({"ship"}))
@@ -188,14 +230,27 @@ def test_an_event_at_or_below_the_run_row_version_changes_nothing() -> None:
 def test_a_pending_run_keeps_its_request_time_when_it_starts() -> None:
     spec = wf.WorkflowSpec(steps=(step("a"),))
     log = Log()
-    requested = log.add("w1", 1, wf.WorkflowExecutionRequested(
-        workflow_id="w1", run_id="r1", version=3, spec=spec, inputs={"x": 1}))
+    requested = log.add(
+        "w1",
+        1,
+        wf.WorkflowExecutionRequested(
+            workflow_id="w1", run_id="r1", version=3, spec=spec, inputs={"x": 1}
+        ),
+    )
     pending = views.requested_run(requested)
     assert pending is not None
     assert (pending["status"], pending["aggregate_version"], pending["steps_total"]) == (
-        "pending", 0, 1)
-    started = log.add("r1", 2, wr.WorkflowRunStarted(
-        run_id="r1", workflow_id="w1", version=3, spec=spec, inputs={"x": 1}, params={}))
+        "pending",
+        0,
+        1,
+    )
+    started = log.add(
+        "r1",
+        2,
+        wr.WorkflowRunStarted(
+            run_id="r1", workflow_id="w1", version=3, spec=spec, inputs={"x": 1}, params={}
+        ),
+    )
     run = views.evolve_run(pending, started)
     assert run is not None
     assert (run["status"], run["requested_at"], run["started_at"]) == ("running", t(1), t(2))
@@ -207,13 +262,16 @@ def test_a_definition_row_tells_its_version_from_its_aggregate_version() -> None
     spec2 = wf.WorkflowSpec(steps=(step("a"), step("b", depends_on=("a",))))
     log = Log()
     row = None
-    for at, e in enumerate([
-        wf.WorkflowCreated(workflow_id="w1", name="n", description="d", spec=spec),
-        wf.WorkflowExecutionRequested(workflow_id="w1", run_id="r1", version=1, spec=spec,
-                                      inputs={}),
-        wf.WorkflowUpdated(workflow_id="w1", version=2, name="n2", description="d", spec=spec2),
-        wf.WorkflowArchived(workflow_id="w1"),
-    ]):
+    for at, e in enumerate(
+        [
+            wf.WorkflowCreated(workflow_id="w1", name="n", description="d", spec=spec),
+            wf.WorkflowExecutionRequested(
+                workflow_id="w1", run_id="r1", version=1, spec=spec, inputs={}
+            ),
+            wf.WorkflowUpdated(workflow_id="w1", version=2, name="n2", description="d", spec=spec2),
+            wf.WorkflowArchived(workflow_id="w1"),
+        ]
+    ):
         row = views.evolve_workflow(row, log.add("w1", at, e))
     assert row is not None
     assert (row["version"], row["aggregate_version"], row["runs"]) == (2, 4, 1)
@@ -224,10 +282,17 @@ def test_a_definition_row_tells_its_version_from_its_aggregate_version() -> None
 
 def test_a_published_template_is_a_row_of_its_own_version() -> None:
     log = Log()
-    stored = log.add("tpl", 0, wf.TemplatePublished(
-        name="tpl", version=2, description="d",
-        parameters={"n": wf.ParameterSpec(description="how many", default=3, required=False)},
-        spec=wf.WorkflowSpec(steps=(step("a"),))))
+    stored = log.add(
+        "tpl",
+        0,
+        wf.TemplatePublished(
+            name="tpl",
+            version=2,
+            description="d",
+            parameters={"n": wf.ParameterSpec(description="how many", default=3, required=False)},
+            spec=wf.WorkflowSpec(steps=(step("a"),)),
+        ),
+    )
     row = views.template_row(stored)
     assert row is not None
     assert (row["name"], row["version"]) == ("tpl", 2)
@@ -242,8 +307,16 @@ def test_step_changes_merge_counters_appends_and_last_values() -> None:
     first.absorb(StepChange(attempts=2, task_ids=["t0b"]))
     first.absorb(StepChange(items_done=2))
     first.absorb(StepChange(status="completed", has_result=True, result=None, finished_at=t(9)))
-    row = first.applied_to({"step_id": "s", "status": "pending", "items_done": 0, "attempts": 0,
-                            "task_ids": ["old"], "result": {"x": 1}})
+    row = first.applied_to(
+        {
+            "step_id": "s",
+            "status": "pending",
+            "items_done": 0,
+            "attempts": 0,
+            "task_ids": ["old"],
+            "result": {"x": 1},
+        }
+    )
     assert row["status"] == "completed" and row["items_total"] == 3
     assert (row["items_done"], row["attempts"]) == (3, 2)
     assert row["task_ids"] == ["old", "t0", "t1", "t2", "t0b"]

@@ -172,7 +172,9 @@ class Tap:
         first = self.entries[0].seq
         if seq < first:
             return None
-        return list(itertools.islice(self.entries, seq - first, None)) if seq < self.next_seq else []
+        return (
+            list(itertools.islice(self.entries, seq - first, None)) if seq < self.next_seq else []
+        )
 
     async def wait(self, seq: int) -> None:
         """Until an entry with ``seq`` (or later) exists."""

@@ -87,7 +87,9 @@ class SchedulerRunner(ElectedRunner):
         now = self.clock.now()
         for cid, inf in list(self._inflight.items()):
             task = self.view.tasks.get(inf.planned.task_id or "")
-            moved = inf.task_version is not None and (task is None or task.version != inf.task_version)
+            moved = inf.task_version is not None and (
+                task is None or task.version != inf.task_version
+            )
             if moved or (now - inf.sent_at).total_seconds() > self.resend_s:
                 del self._inflight[cid]
         tentative = {
@@ -97,7 +99,8 @@ class SchedulerRunner(ElectedRunner):
         }
         failures: list[Unbuilt] = []
         fresh = [
-            p for p in plan(self.view, now, self.policy, tentative, self.skip(), failures)
+            p
+            for p in plan(self.view, now, self.policy, tentative, self.skip(), failures)
             if p.command_id not in self._inflight
         ]
         self.unbuildable(failures)
@@ -111,4 +114,3 @@ class SchedulerRunner(ElectedRunner):
                 continue  # dead-lettered, or planned again on a later tick
             task = self.view.tasks.get(p.task_id or "")
             self._inflight[p.command_id] = _Inflight(now, p, task.version if task else None)
-
