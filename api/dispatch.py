@@ -39,9 +39,11 @@ from api.schemas import (
     public_state,
 )
 from commands.client import CommandClient
+from domain.ids import derived_id
 from domain.messages import Command
 from infra.clock import Clock
-from infra.codec import CommandEnvelope, Outcome, Position, derived_id
+from infra.envelope import CommandEnvelope
+from infra.outcome import Outcome
 from infra.settings import Settings
 
 C = TypeVar("C", bound=Command)
@@ -66,13 +68,8 @@ def event_refs(outcome: Outcome) -> list[EventRef]:
     """The outcome's events, each with its position as ``?after=`` takes it."""
     refs = []
     for e in outcome.events:
-        offset, partition = e.get("offset"), e.get("partition")
-        position = (
-            format_position(Position(e["topic"], partition, offset))
-            if offset is not None and partition is not None
-            else None
-        )
-        refs.append(EventRef(**e, position=position))
+        position = None if e.position is None else format_position(e.position)
+        refs.append(EventRef(**e.model_dump(), position=position))
     return refs
 
 

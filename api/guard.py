@@ -35,7 +35,7 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.problems import Problem, validation_problem
-from infra.codec import is_json_media_type
+from infra.cloudevents import is_json_media_type
 
 #: Deepest nesting of arrays and objects a JSON body may have (the body itself is level 1).
 MAX_JSON_DEPTH = 32

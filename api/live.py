@@ -34,10 +34,12 @@ from api.metrics import Metrics
 from api.positions import Layout
 from api.problems import Problem
 from api.sse import LiveResponse
+from domain.recorded import RecordedEvent
 from infra import kafka
-from infra.codec import DecodeError, StoredEvent, decode_event
+from infra.cloudevents import DecodeError
+from infra.mapper import ce_type_of, decode_event, event_json
 
-Filter = Callable[[StoredEvent], bool]
+Filter = Callable[[RecordedEvent], bool]
 #: A cheap first filter on a record's ``ce_type`` and ``ce_subject`` headers, before any
 #: decoding: most records of a filtered stream are dropped without being parsed.
 HeaderFilter = Callable[[str, str], bool]
@@ -45,7 +47,7 @@ HeaderFilter = Callable[[str, str], bool]
 #: Default byte budget of each tap's window (``SWARMLOG_SSE_WINDOW_BYTES``).
 WINDOW_BYTES = 16 * 1024 * 1024
 #: What a decoded event costs beyond its record, besides twice its JSON value: measured
-#: with tracemalloc, a StoredEvent takes ~1.6 KiB plus one to four times its value.
+#: with tracemalloc, a RecordedEvent takes ~1.6 KiB plus one to four times its value.
 DECODED_OVERHEAD_BYTES = 1536
 
 
@@ -70,7 +72,7 @@ class _Entry:
     offset: int
     record: Any
     size: int
-    decoded: StoredEvent | None = None
+    decoded: RecordedEvent | None = None
     undecodable: bool = False
 
 
@@ -143,7 +145,7 @@ class Tap:
             self.bytes -= gone.size
             self.floor[gone.tp] = gone.offset + 1
 
-    def event(self, e: _Entry) -> StoredEvent | None:
+    def event(self, e: _Entry) -> RecordedEvent | None:
         """The event of entry ``e``, decoded on first demand and kept for the other
         clients (its size charged to the window, which may then evict); None when the
         record does not decode (the projector dead-letters it; streams skip it)."""
@@ -237,8 +239,8 @@ class TapStream:
                         continue
                     yield ServerSentEvent(
                         id=layout.encode(self.offsets),
-                        event=stored.type,
-                        data=orjson.dumps(stored.to_json()).decode(),
+                        event=ce_type_of(stored),
+                        data=orjson.dumps(event_json(stored)).decode(),
                     )
         finally:
             await self.close()
@@ -308,8 +310,8 @@ class EventStream:
                             continue
                         yield ServerSentEvent(
                             id=self.layout.encode(self.offsets),
-                            event=stored.type,
-                            data=orjson.dumps(stored.to_json()).decode(),
+                            event=ce_type_of(stored),
+                            data=orjson.dumps(event_json(stored)).decode(),
                         )
         finally:
             with anyio.CancelScope(shield=True):

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from aiokafka import TopicPartition
 
-from infra.codec import Position
+from domain.recorded import Position
 
 VECTOR_VERSION = "v1"
 #: Longest SSE id a client may send back: 20 characters per partition of a few thousand.

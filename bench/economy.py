@@ -68,7 +68,7 @@ from domain.account import MintTokens, PayReward
 from domain.economy import TREASURY
 from infra import stack
 from infra.audit import audit_ledger
-from infra.codec import CommandEnvelope
+from infra.envelope import CommandEnvelope
 from infra.topics import Topics, ensure_topics
 
 app = typer.Typer(add_completion=False)

@@ -65,7 +65,8 @@ from demo.swarm import Children
 from domain import agent as ag
 from domain import task as tk
 from infra import stack
-from infra.codec import CommandEnvelope, event_ce_type
+from infra.envelope import CommandEnvelope
+from infra.mapper import event_ce_type
 from infra.settings import Settings
 from infra.topics import Topics
 from projections.queries import projected_offsets

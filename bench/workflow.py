@@ -54,8 +54,11 @@ from domain import task as tk
 from domain import workflow as wf
 from domain import workflow_run as wr
 from domain.messages import Command
+from domain.recorded import RecordedEvent
 from infra import kafka, stack
-from infra.codec import CommandEnvelope, DecodeError, StoredEvent, decode_event
+from infra.cloudevents import DecodeError
+from infra.envelope import CommandEnvelope
+from infra.mapper import decode_event
 from infra.topics import Topics, ensure_topics
 
 app = typer.Typer(add_completion=False)
@@ -88,8 +91,8 @@ class Swarm:
         self.client = client
         self.agent_ids = set(agent_ids)
         self.completed: dict[str, float] = {}
-        self.ended: dict[str, StoredEvent] = {}
-        self.events: list[StoredEvent] = []
+        self.ended: dict[str, RecordedEvent] = {}
+        self.events: list[RecordedEvent] = []
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -239,7 +242,7 @@ async def _direct_phase(swarm: Swarm, prefix: str, items: int, timeout_s: float)
     return t1 - t0
 
 
-def _hops(events: list[StoredEvent], run_id: str) -> list[float]:
+def _hops(events: list[RecordedEvent], run_id: str) -> list[float]:
     """Seconds from each step's last task completing to the next step's first task
     submitted (event times: the agents' and the engine's clocks, one machine)."""
     steps: dict[str, str] = {}  # task id -> step id

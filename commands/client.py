@@ -18,7 +18,9 @@ from typing import Any
 import structlog
 
 from infra import kafka
-from infra.codec import CommandEnvelope, DecodeError, Outcome, decode_outcome, encode_command
+from infra.cloudevents import DecodeError
+from infra.envelope import CommandEnvelope, encode_command
+from infra.outcome import Outcome, decode_outcome
 from infra.topics import Topics
 
 log = structlog.get_logger("swarmlog.commands")

@@ -51,24 +51,17 @@ from commands.idempotency import (
     command_digest,
     outcome_subject,
 )
+from domain.ids import event_id
 from domain.messages import Rejection, rejected
+from domain.recorded import RecordedEvent
 from domain.registry import DECIDERS
 from infra import kafka
 from infra.clock import Clock, SystemClock
-from infra.codec import (
-    CommandEnvelope,
-    DecodeError,
-    Outcome,
-    Record,
-    StoredEvent,
-    decode_command,
-    decode_event,
-    decode_outcome,
-    encode_dead_letter,
-    encode_event,
-    encode_outcome,
-    event_id,
-)
+from infra.cloudevents import DecodeError, Record
+from infra.deadletter_records import encode_dead_letter
+from infra.envelope import CommandEnvelope, decode_command
+from infra.mapper import ce_type_of, decode_event, encode_event
+from infra.outcome import Outcome, WrittenEvent, decode_outcome, encode_outcome
 from infra.settings import Settings
 from infra.topics import Topics
 
@@ -462,7 +455,7 @@ class CommandProcessor:
                     elif futures:
                         metas = [f.result() for f in futures]
                         events = [
-                            {**e, "partition": m.partition, "offset": m.offset}
+                            e.at(m.partition, m.offset)
                             for e, m in zip(outcome.events, metas, strict=True)
                         ]
                         outcome = outcome.model_copy(update={"events": events})
@@ -684,11 +677,11 @@ class CommandProcessor:
             return self._rejection(ps, env, staged, result)
         topic = self.topics.events(command.aggregate_type)
         records: list[Record] = []
-        described: list[dict[str, Any]] = []
+        described: list[WrittenEvent] = []
         listed = 0  # bytes the events take in the outcome's list, roughly
         for index, event in enumerate(result):
             version += 1
-            stored = StoredEvent(
+            stored = RecordedEvent(
                 id=event_id(env.command_id, index),
                 aggregate_type=command.aggregate_type,
                 aggregate_id=command.aggregate_id,
@@ -714,10 +707,11 @@ class CommandProcessor:
                     ),
                 )
             records.append(encoded)
-            described.append(
-                {"id": stored.id, "type": stored.type, "version": version, "topic": topic}
+            written = WrittenEvent(
+                id=stored.id, type=ce_type_of(stored), version=version, topic=topic
             )
-            listed += len(stored.type) + len(topic) + 120
+            described.append(written)
+            listed += len(written.type or "") + len(topic) + 120
             state = decider.evolve(state, event)
         ids = len(env.command_id.encode()) + len(command.aggregate_id.encode())
         if listed + 3 * ids + 4096 > self.record_max_bytes:
@@ -761,8 +755,7 @@ class CommandProcessor:
             )
             smaller.append(smaller[-1].model_copy(update={"rejection": short}))
         if outcome.events:
-            keep = ("id", "version", "partition", "offset")
-            events = [{k: e[k] for k in keep if k in e} for e in outcome.events]
+            events = [e.bare() for e in outcome.events]
             smaller.append(smaller[-1].model_copy(update={"events": events}))
         problem = ""
         for candidate in smaller:

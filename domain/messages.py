@@ -18,6 +18,10 @@ MICRO = 1_000_000
 """Micro-tokens per token: every amount of money is an integer number of micro-tokens."""
 
 
+Upcaster = Callable[[dict[str, Any]], dict[str, Any]]
+"""Turns an event's JSON data from one schema version into the next (pure)."""
+
+
 class Message(BaseModel):
     """A frozen pydantic model that rejects unknown fields."""
 
@@ -46,13 +50,18 @@ class Event(Message):
     """Something that happened to one aggregate; past tense, immutable, never changed.
 
     ``event_type`` is the short name within the aggregate (``"assigned"``); the CloudEvent
-    type on the wire is ``io.swarmlog.<aggregate>.<event_type>`` (see infra/codec.py).
-    ``schema_version`` starts at 1; a change of shape is a new version with an upcaster.
+    type on the wire is ``io.swarmlog.<aggregate>.<event_type>`` (see infra/mapper.py).
+    ``schema_version`` starts at 1; a change of shape is a new version with an upcaster:
+    ``upcasters[n - 1]`` turns the data of a version-``n`` record into version ``n + 1``,
+    so an event at schema version ``v`` declares ``v - 1`` of them, on its class
+    (eventsourcing's ``upcast_vN_vN+1``). The reader (infra/mapper.py) applies them to an
+    older record's data before it validates the data as this class.
     """
 
     aggregate_type: ClassVar[str]
     event_type: ClassVar[str]
     schema_version: ClassVar[int] = 1
+    upcasters: ClassVar[tuple[Upcaster, ...]] = ()
 
 
 RejectionKind = Literal["not_found", "conflict", "invalid", "forbidden", "gone", "precondition"]
@@ -62,8 +71,9 @@ class Rejection(Message):
     """A typed refusal of a command: nothing is written.
 
     ``kind`` says what class of refusal it is (the API maps not_found to 404, conflict to
-    409, invalid to 422, forbidden to 403, gone to 410, precondition to 412); ``code`` names the rule that was
-    broken (``task_not_running``); ``field`` names the offending field where there is one.
+    409, invalid to 422, forbidden to 403, gone to 410, precondition to 412); ``code``
+    names the rule that was broken (``task_not_running``); ``field`` names the offending
+    field where there is one.
     """
 
     kind: RejectionKind

@@ -29,7 +29,8 @@ from domain.account import (
     ledger_totals,
 )
 from infra import kafka
-from infra.codec import DecodeError, decode_event
+from infra.cloudevents import DecodeError
+from infra.mapper import decode_event
 from infra.topics import Topics
 from projections.schema import checked_schema
 

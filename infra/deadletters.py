@@ -2,7 +2,7 @@
 
 A dead letter is a record some role could not process, written to the dead-letter topic
 with the reason, the original key, value and headers and the original position (see
-infra/codec.encode_dead_letter); the projector projects that topic into the
+infra/deadletter_records.encode_dead_letter); the projector projects that topic into the
 ``dead_letters`` table. Listing reads the table (cheap, keyset-paginated), or the topic
 itself (``from_log``: when no projector runs).
 
@@ -33,8 +33,9 @@ from typing import Any
 import asyncpg
 from aiokafka import TopicPartition
 
+from domain.ids import derived_id
+from domain.recorded import Position
 from infra import kafka
-from infra.codec import Position, derived_id
 from infra.settings import Settings
 from infra.topics import Topics
 from projections import queries

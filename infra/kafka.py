@@ -12,7 +12,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.partitioner import DefaultPartitioner, murmur2
 
-from infra.codec import Record
+from infra.cloudevents import Record
 
 
 class CachedPartitioner:

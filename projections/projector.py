@@ -58,16 +58,12 @@ from domain import workflow as wf
 from domain import workflow_run as wr
 from domain.backoff import backoff_seconds
 from domain.economy import EconomyParameters
+from domain.recorded import Position, RecordedEvent
 from infra import kafka
 from infra.clock import Clock, SystemClock
-from infra.codec import (
-    DecodeError,
-    Position,
-    StoredEvent,
-    decode_event,
-    encode_dead_letter,
-    event_ce_type,
-)
+from infra.cloudevents import DecodeError
+from infra.deadletter_records import encode_dead_letter
+from infra.mapper import ce_type_of, decode_event, event_ce_type
 from infra.topics import Topics
 from projections import views
 from projections.schema import checked_schema, migrate
@@ -734,7 +730,7 @@ class Projector:
                     event = decode_event(records[0])
                 except Exception as exc:  # any failure: still unreadable
                     raise ReplayError(f"still unreadable: {exc}") from exc
-                later: list[tuple[Any, StoredEvent]] = []
+                later: list[tuple[Any, RecordedEvent]] = []
                 for rec in records[1:]:
                     try:
                         e = decode_event(rec)
@@ -846,7 +842,7 @@ class Projector:
                     [tp.partition for tp in tps],
                 )
             }
-            items: list[tuple[Any, StoredEvent]] = []
+            items: list[tuple[Any, RecordedEvent]] = []
             rejected: list[tuple[Any, str]] = []
             letters: list[dict[str, Any]] = []
             for tp, records in batch.items():
@@ -885,7 +881,7 @@ class Projector:
             )
         return applied
 
-    async def _apply_all(self, conn: asyncpg.Connection, events: list[StoredEvent]) -> _Applied:
+    async def _apply_all(self, conn: asyncpg.Connection, events: list[RecordedEvent]) -> _Applied:
         """Apply ``events`` (in order) to every read model in the open transaction."""
         touched_agents, holders = await self._apply(conn, events)
         touched_accounts = await self._apply_economy(conn, events)
@@ -895,7 +891,7 @@ class Projector:
     async def _apply_isolated(
         self,
         conn: asyncpg.Connection,
-        items: list[tuple[Any, StoredEvent]],
+        items: list[tuple[Any, RecordedEvent]],
         *,
         whole_failed: bool = True,
     ) -> tuple[_Applied, list[tuple[Any, str]]]:
@@ -911,7 +907,7 @@ class Projector:
         applied = _Applied()
         refused: list[tuple[Any, str]] = []
 
-        async def attempt(chunk: list[tuple[Any, StoredEvent]]) -> None:
+        async def attempt(chunk: list[tuple[Any, RecordedEvent]]) -> None:
             try:
                 async with conn.transaction():
                     got = await self._apply_all(conn, [e for _, e in chunk])
@@ -920,14 +916,15 @@ class Projector:
                     raise
                 if len(chunk) == 1:
                     record, e = chunk[0]
-                    reason = f"projection refused {e.type} {e.aggregate_id!r}: {_reason(exc)}"
+                    refused_type = ce_type_of(e)
+                    reason = f"projection refused {refused_type} {e.aggregate_id!r}: {_reason(exc)}"
                     refused.append((record, reason))
                     return
                 await split(chunk)
             else:
                 applied.merge(got)
 
-        async def split(chunk: list[tuple[Any, StoredEvent]]) -> None:
+        async def split(chunk: list[tuple[Any, RecordedEvent]]) -> None:
             half = len(chunk) // 2
             await attempt(chunk[:half])
             await attempt(chunk[half:])
@@ -1010,7 +1007,7 @@ class Projector:
             self._redis_accounts |= accounts
             self._redis_next_try = time.monotonic() + self._redis_outage.failed(exc)
 
-    async def _archive(self, conn: asyncpg.Connection, fresh: list[StoredEvent]) -> None:
+    async def _archive(self, conn: asyncpg.Connection, fresh: list[RecordedEvent]) -> None:
         """Insert ``fresh`` events into the event archive, in one executemany."""
         if not fresh:
             return
@@ -1037,7 +1034,7 @@ class Projector:
         )
 
     async def _apply(
-        self, conn: asyncpg.Connection, events: list[StoredEvent]
+        self, conn: asyncpg.Connection, events: list[RecordedEvent]
     ) -> tuple[set[str], set[str]]:
         """Apply ``events`` to the rows in the open transaction of ``conn``.
 
@@ -1068,7 +1065,7 @@ class Projector:
         # come in a later batch: remember who held each task before this batch too.
         holders = {t["agent_id"] for t in tasks.values() if t.get("agent_id")}
         counters: dict[tuple[str, str], int] = defaultdict(int)
-        fresh: list[StoredEvent] = []
+        fresh: list[RecordedEvent] = []
         for e in events:
             if e.aggregate_type == "agent":
                 before = agents.get(e.aggregate_id)
@@ -1163,7 +1160,9 @@ class Projector:
                 )
             await pipe.execute()
 
-    async def _apply_economy(self, conn: asyncpg.Connection, events: list[StoredEvent]) -> set[str]:
+    async def _apply_economy(
+        self, conn: asyncpg.Connection, events: list[RecordedEvent]
+    ) -> set[str]:
         """Apply the account and proposal ``events`` in the open transaction of ``conn``:
         accounts, ledger legs, proposals with tallies and votes, economy parameters.
 
@@ -1191,10 +1190,10 @@ class Projector:
                 proposal_ids,
             )
         }
-        fresh: list[StoredEvent] = []
+        fresh: list[RecordedEvent] = []
         legs: list[tuple[Any, ...]] = []
         votes: list[tuple[Any, ...]] = []
-        changes: list[tuple[StoredEvent, Any]] = []
+        changes: list[tuple[RecordedEvent, Any]] = []
         touched_accounts: set[str] = set()
         touched_proposals: set[str] = set()
         for e in events:
@@ -1293,7 +1292,7 @@ class Projector:
                 pipe.hset(self.stake_by_tier_key, mapping=by_tier)
             await pipe.execute()
 
-    async def _apply_workflows(self, conn: asyncpg.Connection, events: list[StoredEvent]) -> None:
+    async def _apply_workflows(self, conn: asyncpg.Connection, events: list[RecordedEvent]) -> None:
         """Apply the workflow, template and run ``events`` in the open transaction of
         ``conn``: definitions, template versions, runs and their steps.
 
@@ -1329,7 +1328,7 @@ class Projector:
                 sorted(run_ids),
             )
         }
-        fresh: list[StoredEvent] = []
+        fresh: list[RecordedEvent] = []
         templates: list[Row] = []
         new_steps: list[Row] = []
         changes: dict[tuple[str, str], views.StepChange] = {}

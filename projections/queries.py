@@ -16,7 +16,7 @@ from typing import Any, TypeAlias
 
 import asyncpg
 
-from infra.codec import Position
+from domain.recorded import Position
 from projections.schema import checked_schema
 
 Conn: TypeAlias = asyncpg.Pool | asyncpg.Connection

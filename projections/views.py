@@ -17,12 +17,12 @@ from domain import proposal as pr
 from domain import task as tk
 from domain import workflow as wf
 from domain import workflow_run as wr
-from infra.codec import StoredEvent
+from domain.recorded import RecordedEvent
 
 Row = dict[str, Any]
 
 
-def evolve_agent(row: Row | None, stored: StoredEvent) -> Row | None:
+def evolve_agent(row: Row | None, stored: RecordedEvent) -> Row | None:
     """The agents row after ``stored`` (an agent event).
 
     The task counters start at 0 here and are never changed by agent events: the
@@ -68,7 +68,7 @@ def evolve_agent(row: Row | None, stored: StoredEvent) -> Row | None:
     return row
 
 
-def agent_counts(stored: StoredEvent) -> tuple[str, str] | None:
+def agent_counts(stored: RecordedEvent) -> tuple[str, str] | None:
     """(agent id, counter column) that a task event adds one to, if any.
 
     Completed adds to ``tasks_completed``, failed to ``tasks_failed``, and a task taken
@@ -85,7 +85,7 @@ def agent_counts(stored: StoredEvent) -> tuple[str, str] | None:
     return None
 
 
-def evolve_task(row: Row | None, stored: StoredEvent) -> Row | None:
+def evolve_task(row: Row | None, stored: RecordedEvent) -> Row | None:
     """The tasks row after ``stored`` (a task event)."""
     e = stored.event
     if isinstance(e, tk.TaskSubmitted):
@@ -168,7 +168,7 @@ def evolve_task(row: Row | None, stored: StoredEvent) -> Row | None:
 # the economy ------------------------------------------------------------------------
 
 
-def evolve_account(row: Row | None, stored: StoredEvent) -> Row | None:
+def evolve_account(row: Row | None, stored: RecordedEvent) -> Row | None:
     """The accounts row after ``stored`` (an account event), folded with the Account
     decider's own ``evolve`` so the read model cannot drift from the write model."""
     e = stored.event
@@ -211,7 +211,7 @@ IN_FLIGHT = "in_flight"
 MINT = "mint"
 
 
-def ledger_legs(stored: StoredEvent) -> list[Row]:
+def ledger_legs(stored: RecordedEvent) -> list[Row]:
     """The double-entry legs of an account event (they sum to zero), with their cause.
 
     Each leg: account_id, bucket (balance | staked | unstaking, or the pseudo accounts
@@ -275,7 +275,7 @@ def ledger_legs(stored: StoredEvent) -> list[Row]:
     return []
 
 
-def evolve_proposal(row: Row | None, stored: StoredEvent) -> Row | None:
+def evolve_proposal(row: Row | None, stored: RecordedEvent) -> Row | None:
     """The proposals row (with its tallies) after ``stored`` (a proposal event)."""
     e = stored.event
     if isinstance(e, pr.ProposalCreated):
@@ -317,7 +317,7 @@ def evolve_proposal(row: Row | None, stored: StoredEvent) -> Row | None:
 # workflows --------------------------------------------------------------------------
 
 
-def evolve_workflow(row: Row | None, stored: StoredEvent) -> Row | None:
+def evolve_workflow(row: Row | None, stored: RecordedEvent) -> Row | None:
     """The workflows row after ``stored`` (a workflow definition event).
 
     ``version`` is the definition's version; ``aggregate_version`` the event sequence
@@ -359,7 +359,7 @@ def evolve_workflow(row: Row | None, stored: StoredEvent) -> Row | None:
     return row
 
 
-def template_row(stored: StoredEvent) -> Row | None:
+def template_row(stored: RecordedEvent) -> Row | None:
     """The workflow_templates row a ``TemplatePublished`` event adds (None for others)."""
     e = stored.event
     if not isinstance(e, wf.TemplatePublished):
@@ -374,7 +374,7 @@ def template_row(stored: StoredEvent) -> Row | None:
     }
 
 
-def requested_run(stored: StoredEvent) -> Row | None:
+def requested_run(stored: RecordedEvent) -> Row | None:
     """The ``pending`` workflow_runs row an execution request stands for until the run
     aggregate starts (None for other events). Its ``aggregate_version`` is 0."""
     e = stored.event
@@ -400,7 +400,7 @@ def requested_run(stored: StoredEvent) -> Row | None:
     }
 
 
-def evolve_run(row: Row | None, stored: StoredEvent) -> Row | None:
+def evolve_run(row: Row | None, stored: RecordedEvent) -> Row | None:
     """The workflow_runs row after ``stored`` (a run event).
 
     ``steps_done`` is not kept here: the projector counts it from the steps rows.
@@ -458,7 +458,7 @@ def run_result_keys(e: wr.WorkflowRunCompleted) -> dict[str, None]:
     return dict.fromkeys(e.final_steps)
 
 
-def step_rows(stored: StoredEvent) -> list[Row]:
+def step_rows(stored: RecordedEvent) -> list[Row]:
     """The workflow_steps rows a ``WorkflowRunStarted`` event creates, all ``pending``:
     the steps, then the compensation steps, in declaration order (``position``)."""
     e = stored.event
@@ -540,7 +540,7 @@ class StepChange:
         return out
 
 
-def step_change(stored: StoredEvent) -> tuple[str, StepChange] | None:
+def step_change(stored: RecordedEvent) -> tuple[str, StepChange] | None:
     """(step id, its change) for a run event about one step; None for the others."""
     e = stored.event
     t = stored.time
@@ -570,7 +570,7 @@ def step_change(stored: StoredEvent) -> tuple[str, StepChange] | None:
     return None
 
 
-def closes_run(stored: StoredEvent) -> bool:
+def closes_run(stored: RecordedEvent) -> bool:
     """True for the run events after which unfinished steps count as ``cancelled``
     (the run failed or was cancelled), as the run decider's own ``evolve`` has it."""
     return isinstance(stored.event, wr.WorkflowRunFailed | wr.WorkflowRunCancelled)

@@ -46,8 +46,9 @@ from domain import agent as ag
 from domain import proposal as pr
 from domain import task as tk
 from domain.economy import TREASURY, EconomyParameters, Tier, reward_amount, slash_amount
+from domain.ids import derived_id
 from domain.messages import Command
-from infra.codec import StoredEvent, derived_id
+from domain.recorded import RecordedEvent
 from streams.unbuilt import Unbuilt, build
 
 # A pending reward or credit is planned again on every tick until its event arrives, and
@@ -146,7 +147,7 @@ def _settle(due: dict[str, object], settled: set[str], key: str | None) -> None:
         settled.add(key)
 
 
-def apply(view: EconomyView, stored: StoredEvent) -> None:
+def apply(view: EconomyView, stored: RecordedEvent) -> None:
     """Fold one stored event into ``view`` (in place; no IO)."""
     e = stored.event
     match e:

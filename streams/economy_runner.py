@@ -18,8 +18,9 @@ from aiokafka.admin import AIOKafkaAdminClient
 
 from commands.client import CommandClient
 from domain import agent as ag
+from domain.recorded import RecordedEvent
 from infra.clock import Clock
-from infra.codec import StoredEvent, event_ce_type
+from infra.mapper import event_ce_type
 from infra.topics import Topics
 from streams.economy import EconomyView, apply, plan
 from streams.leader import ElectedRunner
@@ -79,7 +80,7 @@ class EconomyRunner(ElectedRunner):
         self._inflight.clear()
         self._planned_seq = 0
 
-    def apply(self, stored: StoredEvent) -> None:
+    def apply(self, stored: RecordedEvent) -> None:
         """Fold one event into the view."""
         apply(self.view, stored)
 

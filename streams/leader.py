@@ -47,18 +47,13 @@ from aiokafka.errors import (
 
 from commands.client import CommandClient
 from domain.messages import Command
+from domain.recorded import RecordedEvent
 from infra import kafka
 from infra.clock import Clock, SystemClock
-from infra.codec import (
-    CommandEnvelope,
-    DecodeError,
-    Record,
-    StoredEvent,
-    decode_event,
-    encode_command,
-    encode_dead_command,
-    encode_dead_letter,
-)
+from infra.cloudevents import DecodeError, Record
+from infra.deadletter_records import encode_dead_command, encode_dead_letter
+from infra.envelope import CommandEnvelope, encode_command
+from infra.mapper import ce_type_of, decode_event
 from infra.topics import Topics
 from streams.unbuilt import Unbuilt
 
@@ -160,7 +155,7 @@ class ElectedRunner(ABC):
         """Start a fresh view (on election) and forget what was in flight."""
 
     @abstractmethod
-    def apply(self, stored: StoredEvent) -> None:
+    def apply(self, stored: RecordedEvent) -> None:
         """Fold one event into the view."""
 
     @abstractmethod
@@ -394,7 +389,9 @@ class ElectedRunner(ABC):
         try:
             self.apply(stored)
         except Exception as exc:  # noqa: BLE001 - a fold that raises is this event's poison
-            self.dead_letter(record, f"cannot fold {stored.type}: {type(exc).__name__}: {exc}")
+            self.dead_letter(
+                record, f"cannot fold {ce_type_of(stored)}: {type(exc).__name__}: {exc}"
+            )
 
     async def _coordination(self, election: AIOKafkaConsumer, batch: dict[Any, list[Any]]) -> None:
         """The coordination topic carries no records: dead-letter any there, and commit

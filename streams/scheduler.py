@@ -28,9 +28,10 @@ from datetime import datetime
 from domain import account as ac
 from domain import agent as ag
 from domain import task as tk
+from domain.ids import derived_id
 from domain.messages import Command
+from domain.recorded import RecordedEvent
 from domain.scoring import Candidate, effective_priority, eligible, score
-from infra.codec import StoredEvent, derived_id
 from streams.unbuilt import Unbuilt, build
 
 
@@ -116,7 +117,7 @@ class Planned:
     agent_id: str | None = None
 
 
-def apply(view: SchedulerView, stored: StoredEvent) -> None:
+def apply(view: SchedulerView, stored: RecordedEvent) -> None:
     """Fold one stored agent or task event into ``view`` (in place; no IO)."""
     e = stored.event
     if isinstance(e, ag.AgentEvent):
@@ -127,7 +128,7 @@ def apply(view: SchedulerView, stored: StoredEvent) -> None:
         view.tiers[e.account_id] = e.tier
 
 
-def _apply_agent(view: SchedulerView, stored: StoredEvent, e: ag.AgentEvent) -> None:
+def _apply_agent(view: SchedulerView, stored: RecordedEvent, e: ag.AgentEvent) -> None:
     if isinstance(e, ag.AgentRegistered):
         view.agents[e.agent_id] = AgentView(
             agent_id=e.agent_id,
@@ -158,7 +159,7 @@ def _apply_agent(view: SchedulerView, stored: StoredEvent, e: ag.AgentEvent) -> 
             a.lifecycle = "deregistered"
 
 
-def _apply_task(view: SchedulerView, stored: StoredEvent, e: tk.TaskEvent) -> None:
+def _apply_task(view: SchedulerView, stored: RecordedEvent, e: tk.TaskEvent) -> None:
     if isinstance(e, tk.TaskSubmitted):
         view.tasks[e.task_id] = TaskView(
             task_id=e.task_id,

@@ -15,9 +15,10 @@ from datetime import datetime
 from commands.client import CommandClient
 from domain import account as ac
 from domain.agent import AGENT
+from domain.recorded import RecordedEvent
 from domain.task import TASK
 from infra.clock import Clock
-from infra.codec import StoredEvent, event_ce_type
+from infra.mapper import event_ce_type
 from infra.topics import Topics
 from streams.leader import ElectedRunner
 from streams.scheduler import Planned, Policy, SchedulerView, apply, plan
@@ -74,7 +75,7 @@ class SchedulerRunner(ElectedRunner):
         self.view = SchedulerView()
         self._inflight.clear()
 
-    def apply(self, stored: StoredEvent) -> None:
+    def apply(self, stored: RecordedEvent) -> None:
         """Fold one agent or task event into the view."""
         apply(self.view, stored)
 

@@ -55,8 +55,9 @@ from typing import Any
 from domain import task as tk
 from domain import workflow as wf
 from domain import workflow_run as wr
+from domain.ids import derived_id
 from domain.messages import Command
-from infra.codec import StoredEvent, derived_id
+from domain.recorded import RecordedEvent
 from streams.unbuilt import Unbuilt, build
 
 # Pending items are planned again on every tick until settled; uuid5 is most of a
@@ -172,7 +173,7 @@ class WorkflowView:
     ``limbo`` the tasks ``expire`` may drop.
     """
 
-    starts: dict[str, StoredEvent] = field(default_factory=dict)
+    starts: dict[str, RecordedEvent] = field(default_factory=dict)
     run_ids: set[str] = field(default_factory=set)
     runs: dict[str, RunEntry] = field(default_factory=dict)
     tasks: dict[str, TaskEntry] = field(default_factory=dict)
@@ -255,7 +256,7 @@ def _task(view: WorkflowView, task_id: str, create: bool) -> TaskEntry | None:
     return t
 
 
-def apply(view: WorkflowView, stored: StoredEvent) -> None:
+def apply(view: WorkflowView, stored: RecordedEvent) -> None:
     """Fold one stored event into ``view`` (in place; no IO). Events of other aggregates
     and of tasks that are not workflow tasks are ignored."""
     e = stored.event
@@ -317,7 +318,7 @@ def _recorded(view: WorkflowView, task_id: str) -> None:
         _refresh(view, t)
 
 
-def _apply_task(view: WorkflowView, stored: StoredEvent, e: tk.TaskEvent) -> None:
+def _apply_task(view: WorkflowView, stored: RecordedEvent, e: tk.TaskEvent) -> None:
     # A task's first event is TaskSubmitted: any other event of a task the view does not
     # hold belongs to one it has forgotten (ended and settled, or expired).
     t = _task(view, e.task_id, create=isinstance(e, tk.TaskSubmitted))

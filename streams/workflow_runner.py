@@ -17,8 +17,9 @@ from collections.abc import Iterable
 
 from commands.client import CommandClient
 from domain import task as tk
+from domain.recorded import RecordedEvent
 from infra.clock import Clock
-from infra.codec import StoredEvent, event_ce_type
+from infra.mapper import event_ce_type
 from infra.topics import Topics
 from streams.leader import ElectedRunner
 from streams.unbuilt import Unbuilt
@@ -80,7 +81,7 @@ class WorkflowRunner(ElectedRunner):
         self.view = WorkflowView()
         self._inflight.clear()
 
-    def apply(self, stored: StoredEvent) -> None:
+    def apply(self, stored: RecordedEvent) -> None:
         """Fold one event into the view."""
         apply(self.view, stored)
 

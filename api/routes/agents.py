@@ -29,7 +29,8 @@ from api.problems import Problem
 from api.schemas import AgentCreate, AgentPublic, AgentUpdate, CommandResult, Page, to_micro
 from domain import agent as ag
 from domain import task as tk
-from infra.codec import StoredEvent, event_ce_type
+from domain.recorded import RecordedEvent
+from infra.mapper import event_ce_type
 from projections import queries
 
 router = APIRouter(prefix="/agents", tags=["agents"])
@@ -186,7 +187,7 @@ async def follow_assignments(
             {tp: projected.get((tp.topic, tp.partition), 0) for tp in layout.partitions}
         )
 
-    def keep(stored: StoredEvent) -> bool:
+    def keep(stored: RecordedEvent) -> bool:
         return isinstance(stored.event, tk.TaskAssigned) and stored.event.agent_id == agent_id
 
     assigned = event_ce_type(tk.TASK, tk.TaskAssigned.event_type)

@@ -18,8 +18,9 @@ from api.deps import (
 )
 from api.live import sse_response
 from api.positions import Layout
+from domain.recorded import RecordedEvent
 from domain.workflow_run import RUN
-from infra.codec import StoredEvent, event_ce_type
+from infra.mapper import ce_type_of, event_ce_type
 
 router = APIRouter(prefix="/events", tags=["live"])
 
@@ -78,8 +79,8 @@ async def follow_events(
             return False
         return not globs or any(fnmatchcase(ce_type, g) for g in globs)
 
-    def keep(stored: StoredEvent) -> bool:
-        return pre(stored.type, stored.aggregate_id)
+    def keep(stored: RecordedEvent) -> bool:
+        return pre(ce_type_of(stored), stored.aggregate_id)
 
     return await sse_response(
         hub,

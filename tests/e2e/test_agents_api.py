@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from infra.codec import derived_id
+from domain.ids import derived_id
 from tests.e2e.support import assert_problem, history, positions, register
 
 pytestmark = pytest.mark.e2e

@@ -8,15 +8,17 @@ import pytest
 from aiokafka import AIOKafkaProducer
 
 from domain import task as tk
-from infra.codec import StoredEvent, derived_id, encode_event
+from domain.ids import derived_id
+from domain.recorded import RecordedEvent
+from infra.mapper import encode_event
 from tests.e2e.support import assert_problem
 from tests.integration.helpers import now, wait_until
 
 pytestmark = pytest.mark.e2e
 
 
-def _submitted(task_id: str, type_: str) -> StoredEvent:
-    return StoredEvent(
+def _submitted(task_id: str, type_: str) -> RecordedEvent:
+    return RecordedEvent(
         id=derived_id("test-event", task_id, 1),
         aggregate_type=tk.TASK,
         aggregate_id=task_id,

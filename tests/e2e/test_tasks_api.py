@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from infra.codec import derived_id
+from domain.ids import derived_id
 from tests.e2e.support import assert_problem, history, latest_positions, positions, register
 
 pytestmark = pytest.mark.e2e

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from infra.codec import decode_command
+from infra.envelope import decode_command
 from tests.e2e.support import assert_problem, history, latest_positions
 from tests.integration.helpers import read_events, read_records
 

@@ -25,15 +25,12 @@ from typing import TYPE_CHECKING, Any, Protocol, Self
 from aiokafka import TopicPartition
 
 from domain.messages import Command
+from domain.recorded import RecordedEvent
 from infra import kafka
-from infra.codec import (
-    CommandEnvelope,
-    DecodeError,
-    Outcome,
-    StoredEvent,
-    decode_event,
-    decode_outcome,
-)
+from infra.cloudevents import DecodeError
+from infra.envelope import CommandEnvelope
+from infra.mapper import decode_event
+from infra.outcome import Outcome, decode_outcome
 from infra.stack import StackInfo
 from infra.topics import Topics, ensure_topics
 
@@ -129,13 +126,13 @@ async def read_records(bootstrap: str, topic: str) -> list[Any]:
     return out
 
 
-async def read_events(bootstrap: str, topics: Topics) -> list[StoredEvent]:
+async def read_events(bootstrap: str, topics: Topics) -> list[RecordedEvent]:
     """Every event on every event topic (read_committed), each partition in offset order.
 
     Records that are not events swarmlog understands are skipped (tests that put them
     there check the dead-letter topic instead).
     """
-    out: list[StoredEvent] = []
+    out: list[RecordedEvent] = []
     for topic in topics.event_topics.values():
         for record in await read_records(bootstrap, topic):
             with contextlib.suppress(DecodeError):
@@ -161,15 +158,15 @@ async def end_offsets(bootstrap: str, topics: Iterable[str]) -> dict[TopicPartit
         await c.stop()
 
 
-def by_aggregate(events: Iterable[StoredEvent]) -> dict[tuple[str, str], list[StoredEvent]]:
+def by_aggregate(events: Iterable[RecordedEvent]) -> dict[tuple[str, str], list[RecordedEvent]]:
     """Events grouped by (aggregate type, id), each group in log order."""
-    groups: dict[tuple[str, str], list[StoredEvent]] = defaultdict(list)
+    groups: dict[tuple[str, str], list[RecordedEvent]] = defaultdict(list)
     for e in events:
         groups[(e.aggregate_type, e.aggregate_id)].append(e)
     return groups
 
 
-def assert_log_is_clean(events: list[StoredEvent]) -> None:
+def assert_log_is_clean(events: list[RecordedEvent]) -> None:
     """No event id twice; each aggregate's versions are 1..N, gapless, in log order."""
     ids = [e.id for e in events]
     dupes = {i for i in ids if ids.count(i) > 1} if len(set(ids)) != len(ids) else set()
@@ -273,7 +270,7 @@ class EventFollower:
     def __init__(self, bootstrap: str, topics: Topics) -> None:
         self.bootstrap = bootstrap
         self.topics = topics
-        self.events: list[StoredEvent] = []
+        self.events: list[RecordedEvent] = []
         self._task: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> Self:
@@ -302,7 +299,7 @@ class EventFollower:
                     with contextlib.suppress(DecodeError):
                         self.events.append(decode_event(r))
 
-    def of(self, cls: type, **fields: Any) -> list[StoredEvent]:
+    def of(self, cls: type, **fields: Any) -> list[RecordedEvent]:
         """The events of type ``cls`` whose data has these field values, in arrival order."""
         return [
             e
@@ -312,7 +309,7 @@ class EventFollower:
 
     async def wait_for(
         self, cls: type, count: int = 1, timeout: float = 20.0, **fields: Any
-    ) -> list[StoredEvent]:
+    ) -> list[RecordedEvent]:
         """Wait until at least ``count`` events match ``of(cls, **fields)``; return them."""
         await wait_until(
             lambda: len(self.of(cls, **fields)) >= count,

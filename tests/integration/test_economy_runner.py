@@ -21,9 +21,9 @@ from domain import agent as ag
 from domain import proposal as pr
 from domain import task as tk
 from domain.economy import TREASURY, ParameterChange
+from domain.ids import derived_id
 from domain.messages import MICRO, Command
 from infra.clock import ManualClock
-from infra.codec import derived_id
 from infra.stack import StackInfo
 from infra.topics import Topics
 from streams.economy_runner import EconomyRunner

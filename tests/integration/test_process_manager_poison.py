@@ -22,9 +22,11 @@ from domain import agent as ag
 from domain import task as tk
 from domain import workflow as wf
 from domain import workflow_run as wr
+from domain.ids import derived_id
 from domain.messages import Event
+from domain.recorded import RecordedEvent
 from infra.clock import ManualClock
-from infra.codec import StoredEvent, derived_id, encode_event
+from infra.mapper import encode_event
 from infra.stack import StackInfo
 from infra.topics import Topics
 from streams.economy_runner import EconomyRunner
@@ -51,7 +53,7 @@ class _Fragile:
     """A runner whose fold raises on a TaskSubmitted of type ``EXPLODE`` (a stand-in for
     a fold bug a foreign event trips; the economy also has a real one, below)."""
 
-    def apply(self, stored: StoredEvent) -> None:
+    def apply(self, stored: RecordedEvent) -> None:
         e = stored.event
         if isinstance(e, tk.TaskSubmitted) and e.type == EXPLODE:
             raise ValueError("this fold cannot take it")
@@ -124,8 +126,8 @@ def _garbage(ce_type: bytes) -> dict[str, tuple[list[tuple[str, Any]], bytes, st
     }
 
 
-def _stored(aggregate_type: str, aggregate_id: str, event: Event) -> StoredEvent:
-    return StoredEvent(
+def _stored(aggregate_type: str, aggregate_id: str, event: Event) -> RecordedEvent:
+    return RecordedEvent(
         id=str(uuid.uuid4()),
         aggregate_type=aggregate_type,
         aggregate_id=aggregate_id,
@@ -354,7 +356,7 @@ async def test_poison_on_every_topic_a_process_manager_reads_is_dead_lettered_an
     assert derived_id("assign", long_id, 1) in runners[0].dead_commands
 
 
-def _record(topics: Topics, stored: StoredEvent) -> tuple[Any, bytes, bytes]:
+def _record(topics: Topics, stored: RecordedEvent) -> tuple[Any, bytes, bytes]:
     """(headers, value, key) of ``stored`` as the processor would write it."""
     record = encode_event(topics.events(stored.aggregate_type), stored)
     return record.headers, record.value, record.key

@@ -20,7 +20,9 @@ from commands.client import CommandClient
 from commands.processor import CommandProcessor
 from domain import agent as ag
 from domain import task as tk
-from infra.codec import CommandEnvelope, Outcome, decode_event, encode_command
+from infra.envelope import CommandEnvelope, encode_command
+from infra.mapper import ce_type_of, decode_event
+from infra.outcome import Outcome
 from infra.stack import StackInfo
 from infra.topics import Topics
 from tests.integration.helpers import (
@@ -107,14 +109,14 @@ async def test_an_accepted_outcome_points_at_events_really_on_the_event_topic(h:
     assert (registered.status, registered.version, registered.duplicate) == ("accepted", 1, False)
     assert (submitted.status, submitted.version) == ("accepted", 2)
     described = registered.events + submitted.events
-    assert [e["type"] for e in described] == [
+    assert [e.type for e in described] == [
         "io.swarmlog.agent.registered",
         "io.swarmlog.task.submitted",
         "io.swarmlog.task.queued",
     ]
     for e in described:
-        stored = decode_event(await read_at(h.bootstrap, e["topic"], e["partition"], e["offset"]))
-        assert (stored.id, stored.version, stored.type) == (e["id"], e["version"], e["type"])
+        stored = decode_event(await read_at(h.bootstrap, e.topic, e.partition, e.offset))
+        assert (stored.id, stored.version, ce_type_of(stored)) == (e.id, e.version, e.type)
     assert registered.state is not None and registered.state["lifecycle"] == "registered"
 
 
@@ -203,7 +205,7 @@ async def test_a_command_id_repeated_in_the_same_batch_gets_the_first_outcome_wi
     assert [o.duplicate for o in outcomes] == [False, True]
     first, dup = outcomes
     assert dup.events == first.events, "the repeat must carry the first outcome's positions"
-    assert all("offset" in e and "partition" in e for e in first.events)
+    assert all(e.offset is not None and e.partition is not None for e in first.events)
     assert len(await h.events()) == 2
 
 
@@ -464,7 +466,7 @@ async def test_kill_9_of_the_processor_loses_no_accepted_command_and_duplicates_
     ]
     assert_log_is_clean(events)
     on_log = Counter(e.id for e in events)
-    promised = [e["id"] for o in outcomes.values() if o for e in o.events]
+    promised = [e.id for o in outcomes.values() if o for e in o.events]
     assert len(promised) == len(set(promised)) == len(events)
     assert all(on_log[i] == 1 for i in promised)
     decided = Counter(

@@ -22,7 +22,8 @@ from commands.processor import CommandProcessor
 from domain import agent as ag
 from domain import task as tk
 from domain.registry import DECIDERS
-from infra.codec import CommandEnvelope, Outcome
+from infra.envelope import CommandEnvelope
+from infra.outcome import Outcome
 from infra.stack import StackInfo
 from infra.topics import Topics, ensure_topics
 from tests.integration.helpers import (

@@ -23,7 +23,9 @@ from commands.client import CommandClient
 from commands.processor import CommandProcessor
 from domain import agent as ag
 from domain import task as tk
-from infra.codec import CommandEnvelope, StoredEvent
+from domain.recorded import RecordedEvent
+from infra.envelope import CommandEnvelope
+from infra.mapper import ce_type_of
 from infra.stack import StackInfo
 from infra.topics import Topics
 from projections import views
@@ -263,7 +265,7 @@ def workload(agents: list[str], n_tasks: int, heartbeats: int = 3) -> list[list[
     ]
 
 
-def fold(events: list[StoredEvent]) -> tuple[dict[str, Any], dict[str, Any]]:
+def fold(events: list[RecordedEvent]) -> tuple[dict[str, Any], dict[str, Any]]:
     """The agents and tasks rows the log says there should be (views folded in log order;
     the agent counters count every completed/failed/lost task, whatever topic came first)."""
     agents: dict[str, Any] = {}
@@ -282,7 +284,7 @@ def fold(events: list[StoredEvent]) -> tuple[dict[str, Any], dict[str, Any]]:
     return agents, tasks
 
 
-async def assert_read_models_match_the_log(w: World) -> list[StoredEvent]:
+async def assert_read_models_match_the_log(w: World) -> list[RecordedEvent]:
     events = await read_events(w.bootstrap, w.topics)
     want_agents, want_tasks = fold(events)
     got_agents = await w.rows("agents", "agent_id")
@@ -308,7 +310,7 @@ async def assert_read_models_match_the_log(w: World) -> list[StoredEvent]:
             e.position.partition,
             e.position.offset,
             e.version,
-            e.type,
+            ce_type_of(e),
         )
     return events
 

@@ -27,7 +27,9 @@ import redis.exceptions
 from aiokafka import AIOKafkaProducer, TopicPartition
 
 from domain import task as tk
-from infra.codec import StoredEvent, derived_id, encode_event
+from domain.ids import derived_id
+from domain.recorded import RecordedEvent
+from infra.mapper import encode_event
 from projections.projector import Projector
 from tests.integration import test_projector
 from tests.integration.helpers import (
@@ -55,7 +57,7 @@ pytestmark = pytest.mark.integration
 world = test_projector.world  # the fixture: fresh topics, schema, a running processor
 
 
-def submitted(task_id: str, **spec: Any) -> StoredEvent:
+def submitted(task_id: str, **spec: Any) -> RecordedEvent:
     """A task's first event, as the processor would have written it (version 1)."""
     fields: dict[str, Any] = {
         "task_id": task_id,
@@ -69,7 +71,7 @@ def submitted(task_id: str, **spec: Any) -> StoredEvent:
         "max_attempts": 3,
     }
     fields.update(spec)
-    return StoredEvent(
+    return RecordedEvent(
         id=derived_id("test-event", task_id, 1),
         aggregate_type=tk.TASK,
         aggregate_id=task_id,
@@ -81,8 +83,8 @@ def submitted(task_id: str, **spec: Any) -> StoredEvent:
     )
 
 
-def cancelled(task_id: str, version: int) -> StoredEvent:
-    return StoredEvent(
+def cancelled(task_id: str, version: int) -> RecordedEvent:
+    return RecordedEvent(
         id=derived_id("test-event", task_id, version),
         aggregate_type=tk.TASK,
         aggregate_id=task_id,
@@ -94,7 +96,7 @@ def cancelled(task_id: str, version: int) -> StoredEvent:
     )
 
 
-async def write_events(w: World, events: list[StoredEvent]) -> list[tuple[str, int, int]]:
+async def write_events(w: World, events: list[RecordedEvent]) -> list[tuple[str, int, int]]:
     """Produce ``events`` straight to the task topic (keyed by task id, as the processor
     keys them); returns each one's (topic, partition, offset)."""
     raw = AIOKafkaProducer(bootstrap_servers=w.bootstrap, enable_idempotence=True)
@@ -250,7 +252,7 @@ async def test_an_event_whose_view_raises_is_dead_lettered(
 
     original = views.evolve_task
 
-    def evolve_task(row: Any, stored: StoredEvent) -> Any:
+    def evolve_task(row: Any, stored: RecordedEvent) -> Any:
         if isinstance(stored.event, tk.TaskSubmitted) and stored.event.type == "poison":
             raise OverflowError("the view cannot take this one")
         return original(row, stored)

@@ -28,8 +28,9 @@ from domain import task as tk
 from domain import workflow as wf
 from domain import workflow_run as wr
 from domain.messages import Command
+from domain.recorded import RecordedEvent
 from infra.clock import Clock, ManualClock
-from infra.codec import StoredEvent, decode_command
+from infra.envelope import decode_command
 from infra.stack import StackInfo
 from infra.topics import Topics
 from streams.scheduler import Policy
@@ -131,7 +132,7 @@ def completing(assignment: tk.TaskAssigned) -> Action:
     return ("complete", {"echo": assignment.payload})
 
 
-def scheduled_units(events: list[StoredEvent]) -> list[Scheduled]:
+def scheduled_units(events: list[RecordedEvent]) -> list[Scheduled]:
     """Every task the run events in ``events`` scheduled, one entry per unit attempt."""
     return [
         s
@@ -243,14 +244,14 @@ class Flow:
     def run_events(self, cls: type, run_id: str = "run-1", **fields: Any) -> list[Any]:
         return [e.event for e in self.log.of(cls, **fields) if e.aggregate_id == run_id]
 
-    def submitted(self, task_type: str | None = None) -> list[StoredEvent]:
+    def submitted(self, task_type: str | None = None) -> list[RecordedEvent]:
         return [
             e
             for e in self.log.of(tk.TaskSubmitted)
             if task_type is None or e.event.type == task_type
         ]  # type: ignore[attr-defined]
 
-    async def clean_log(self) -> list[StoredEvent]:
+    async def clean_log(self) -> list[RecordedEvent]:
         events = await read_events(self.bootstrap, self.topics)
         assert_log_is_clean(events)
         return events
@@ -267,7 +268,7 @@ async def flow(services: StackInfo) -> AsyncIterator[Flow]:
             await f.stop()
 
 
-def max_in_flight(events: list[StoredEvent], task_ids: set[str]) -> int:
+def max_in_flight(events: list[RecordedEvent], task_ids: set[str]) -> int:
     """The most of ``task_ids`` submitted and not yet ended at any instant, from the
     events' times (submit: the engine's clock; end: the agent's; one machine clock).
     An end and a submit at the same instant count the end first."""

@@ -7,7 +7,7 @@ from collections import defaultdict
 from datetime import UTC, datetime, timedelta
 
 from domain.messages import Event
-from infra.codec import StoredEvent
+from domain.recorded import RecordedEvent
 
 BASE = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 
@@ -21,11 +21,11 @@ class Log:
 
     def __init__(self) -> None:
         self.versions: dict[str, int] = defaultdict(int)
-        self.events: list[StoredEvent] = []
+        self.events: list[RecordedEvent] = []
 
-    def add(self, aggregate_id: str, at: float, event: Event) -> StoredEvent:
+    def add(self, aggregate_id: str, at: float, event: Event) -> RecordedEvent:
         self.versions[aggregate_id] += 1
-        stored = StoredEvent(
+        stored = RecordedEvent(
             id=f"{aggregate_id}/{self.versions[aggregate_id]}",
             aggregate_type=event.aggregate_type,
             aggregate_id=aggregate_id,

@@ -15,8 +15,11 @@ from api.metrics import Metrics
 from api.positions import Layout
 from commands.client import RecentOutcomes
 from domain import task as tk
+from domain.recorded import RecordedEvent
 from infra import kafka
-from infra.codec import Outcome, Record, StoredEvent, encode_event, encode_outcome
+from infra.cloudevents import Record
+from infra.mapper import encode_event
+from infra.outcome import Outcome, encode_outcome
 
 AT = datetime(2026, 1, 1, tzinfo=UTC)
 TASKS = "t.events.task"
@@ -57,7 +60,7 @@ def outcome_record(command_id: str, note_bytes: int = 0) -> Any:
 
 
 def event_record(task_id: str, partition: int, offset: int, payload_bytes: int = 0) -> Any:
-    stored = StoredEvent(
+    stored = RecordedEvent(
         id=f"ev-{task_id}",
         aggregate_type=tk.TASK,
         aggregate_id=task_id,

@@ -1,6 +1,6 @@
 """The codec writes and reads exactly what the CloudEvents SDK's Kafka binding does.
 
-infra/codec.py builds headers and reads them itself, on the hot path, instead of going
+infra/cloudevents.py builds headers and reads them itself, on the hot path, instead of going
 through the SDK's CloudEvent object: these tests hold it to the SDK, record by record,
 so the topics stay readable by any CloudEvents SDK.
 """
@@ -20,24 +20,14 @@ from cloudevents.core.v1.event import CloudEvent
 
 from domain.account import AccountState, PayReward, TransferSent
 from domain.economy import TREASURY
+from domain.ids import NAMESPACE, derived_id, event_id
 from domain.messages import rejected
-from infra.codec import (
-    NAMESPACE,
-    CommandEnvelope,
-    DecodeError,
-    Outcome,
-    StoredEvent,
-    _ce_message,
-    decode_command,
-    decode_event,
-    decode_outcome,
-    derived_id,
-    encode_command,
-    encode_dead_letter,
-    encode_event,
-    encode_outcome,
-    event_id,
-)
+from domain.recorded import RecordedEvent
+from infra.cloudevents import DecodeError, read_binary
+from infra.deadletter_records import encode_dead_letter
+from infra.envelope import CommandEnvelope, decode_command, encode_command
+from infra.mapper import decode_event, encode_event
+from infra.outcome import Outcome, decode_outcome, encode_outcome
 
 AT = datetime(2025, 3, 4, 5, 6, 7, 890123, tzinfo=UTC)
 
@@ -54,8 +44,8 @@ class ConsumerRecord:
     offset: int = 7
 
 
-def _event() -> StoredEvent:
-    return StoredEvent(
+def _event() -> RecordedEvent:
+    return RecordedEvent(
         id=event_id("cmd-1", 0),
         aggregate_type="account",
         aggregate_id=TREASURY,
@@ -138,7 +128,7 @@ def test_records_have_the_headers_and_key_the_sdk_writes_and_the_same_json_data(
 def test_reading_a_record_gives_what_the_sdk_reads(index: int) -> None:
     record = _records()[index]
     consumed = ConsumerRecord(key=record.key, value=record.value, headers=record.headers)
-    assert _ce_message(consumed) == _sdk_attributes(consumed)
+    assert read_binary(consumed) == _sdk_attributes(consumed)
 
 
 def test_messages_round_trip() -> None:
@@ -159,7 +149,7 @@ def test_a_time_in_another_offset_reads_as_the_sdk_reads_it() -> None:
         (k, b"2025-03-04T07:06:07.5+02:00" if k == "ce_time" else v) for k, v in record.headers
     ]
     consumed = ConsumerRecord(key=record.key, value=record.value, headers=headers)
-    attributes, _ = _ce_message(consumed)
+    attributes, _ = read_binary(consumed)
     assert attributes["time"] == datetime(
         2025, 3, 4, 7, 6, 7, 500000, tzinfo=timezone(timedelta(hours=2))
     )

@@ -18,9 +18,10 @@ from domain import agent as ag
 from domain import proposal as pr
 from domain import task as tk
 from domain.economy import TREASURY, EconomyParameters, ParameterChange
+from domain.ids import event_id
 from domain.messages import MICRO, Command, Rejection
+from domain.recorded import RecordedEvent
 from domain.registry import DECIDERS
-from infra.codec import StoredEvent, event_id
 from streams.economy import EconomyView, apply, plan
 
 BASE = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
@@ -38,13 +39,13 @@ class World:
         self.states: dict[tuple[str, str], Any] = {}
         self.versions: dict[tuple[str, str], int] = defaultdict(int)
         self.decided: set[str] = set()
-        self.log: list[StoredEvent] = []
+        self.log: list[RecordedEvent] = []
         self.rejections: list[Rejection] = []
         self.n = 0
 
     def send(
         self, command: Command, command_id: str | None = None, expected: int | None = None
-    ) -> list[StoredEvent] | Rejection:
+    ) -> list[RecordedEvent] | Rejection:
         self.n += 1
         cid = command_id or f"cmd-{self.n}"
         if cid in self.decided:
@@ -62,7 +63,7 @@ class World:
         for i, e in enumerate(result):
             self.versions[key] += 1
             self.states[key] = decider.evolve(self.states.get(key), e)
-            stored = StoredEvent(
+            stored = RecordedEvent(
                 id=event_id(cid, i),
                 aggregate_type=key[0],
                 aggregate_id=key[1],
@@ -111,7 +112,7 @@ class World:
 
     def run_task(
         self, task_id: str, agent_id: str, quality: float = 1.0, finish: str = "complete"
-    ) -> StoredEvent:
+    ) -> RecordedEvent:
         self.send(tk.SubmitTask(task_id=task_id, type="x", at=t(1)))
         self.send(tk.AssignTask(task_id=task_id, agent_id=agent_id, at=t(1)))
         self.send(tk.StartTask(task_id=task_id, agent_id=agent_id, at=t(2)))

@@ -10,14 +10,14 @@ from domain import account as ac
 from domain import proposal as pr
 from domain.economy import TREASURY, ParameterChange
 from domain.messages import Event
-from infra.codec import StoredEvent
+from domain.recorded import RecordedEvent
 from projections.views import evolve_account, evolve_proposal, ledger_legs
 
 T = datetime(2026, 1, 1, tzinfo=UTC)
 
 
-def stored(agg: str, aid: str, version: int, event: Event) -> StoredEvent:
-    return StoredEvent(
+def stored(agg: str, aid: str, version: int, event: Event) -> RecordedEvent:
+    return RecordedEvent(
         id=f"{aid}-{version}",
         aggregate_type=agg,
         aggregate_id=aid,

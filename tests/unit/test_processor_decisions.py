@@ -23,7 +23,8 @@ from commands.processor import (
 from domain import agent as ag
 from domain import task as tk
 from domain.registry import DECIDERS
-from infra.codec import CommandEnvelope, Outcome, decode_outcome
+from infra.envelope import CommandEnvelope
+from infra.outcome import Outcome, decode_outcome
 from infra.topics import Topics
 
 AT = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)

@@ -18,8 +18,9 @@ import orjson
 from aiokafka.errors import KafkaTimeoutError, MessageSizeTooLargeError
 
 from domain import task as tk
+from domain.recorded import RecordedEvent
 from infra.clock import ManualClock
-from infra.codec import StoredEvent, encode_event
+from infra.mapper import encode_event
 from infra.topics import Topics
 from streams.leader import raw_ce_type, record_fault
 from streams.scheduler_runner import SchedulerRunner
@@ -97,7 +98,7 @@ async def test_an_event_that_does_not_decode_or_fold_is_dead_lettered_once() -> 
         value=b"\xff",
         headers=[("ce_type", None)],
     )
-    stored = StoredEvent(
+    stored = RecordedEvent(
         id="e-1",
         aggregate_type="task",
         aggregate_id="t-1",
@@ -117,7 +118,7 @@ async def test_an_event_that_does_not_decode_or_fold_is_dead_lettered_once() -> 
         headers=record.headers,
     )
 
-    def explode(_: StoredEvent) -> None:
+    def explode(_: RecordedEvent) -> None:
         raise KeyError("no such task")
 
     runner.apply = explode  # type: ignore[method-assign]

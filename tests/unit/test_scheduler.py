@@ -1,7 +1,7 @@
 """The scheduler process manager, pure: given these events, when it plans at time T,
 then these commands.
 
-Each test builds the log the scheduler would read (``StoredEvent`` objects with
+Each test builds the log the scheduler would read (``RecordedEvent`` objects with
 per-aggregate versions and times in seconds after ``BASE``), folds it with
 ``streams.scheduler.apply`` and calls ``plan``. No IO, no clock.
 """
@@ -16,7 +16,7 @@ from domain import account as ac
 from domain import agent as ag
 from domain import task as tk
 from domain.messages import Event
-from infra.codec import StoredEvent
+from domain.recorded import RecordedEvent
 from streams.scheduler import Planned, Policy, SchedulerView, apply, plan
 
 BASE = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
@@ -35,13 +35,13 @@ class Swarm:
     def __init__(self) -> None:
         self.view = SchedulerView()
         self.versions: dict[tuple[str, str], int] = defaultdict(int)
-        self.log: list[StoredEvent] = []
+        self.log: list[RecordedEvent] = []
 
     def _emit(self, aggregate_type: str, aggregate_id: str, at: float, *events: Event) -> None:
         for event in events:
             key = (aggregate_type, aggregate_id)
             self.versions[key] += 1
-            stored = StoredEvent(
+            stored = RecordedEvent(
                 id=f"{aggregate_id}-{self.versions[key]}",
                 aggregate_type=aggregate_type,
                 aggregate_id=aggregate_id,
@@ -589,7 +589,7 @@ def test_a_heartbeat_gives_the_offline_command_a_new_id() -> None:
 # reading order ---------------------------------------------------------------------------
 
 
-def _refold(log: list[StoredEvent], first: str) -> SchedulerView:
+def _refold(log: list[RecordedEvent], first: str) -> SchedulerView:
     """The view after reading every ``first``-type event before the other topic's: a legal
     order for a reader of two topics (each aggregate's events stay in order)."""
     view = SchedulerView()

@@ -16,8 +16,9 @@ from pydantic import ValidationError
 
 from domain import agent as ag
 from domain import workflow as wf
+from domain.ids import derived_id
 from domain.messages import Event
-from infra.codec import StoredEvent, derived_id
+from domain.recorded import RecordedEvent
 from streams import economy, workflow
 from streams.scheduler import Policy, plan
 from streams.unbuilt import Unbuilt, build
@@ -27,8 +28,8 @@ NOW = datetime(2026, 3, 1, 13, 0, tzinfo=UTC)
 LONG = "t" * 200  # commands take ids of at most 128 characters
 
 
-def _stored(aggregate_type: str, aggregate_id: str, event: Event, event_id: str) -> StoredEvent:
-    return StoredEvent(
+def _stored(aggregate_type: str, aggregate_id: str, event: Event, event_id: str) -> RecordedEvent:
+    return RecordedEvent(
         id=event_id,
         aggregate_type=aggregate_type,
         aggregate_id=aggregate_id,

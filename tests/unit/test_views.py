@@ -7,18 +7,18 @@ from typing import Any
 
 from domain import agent as ag
 from domain import task as tk
-from infra.codec import StoredEvent
+from domain.recorded import RecordedEvent
 from projections.views import Row, agent_counts, evolve_agent, evolve_task
 from tests.unit.logs import Log, t
 
 
-def fold_agent(events: list[StoredEvent], row: Row | None = None) -> Row | None:
+def fold_agent(events: list[RecordedEvent], row: Row | None = None) -> Row | None:
     for e in events:
         row = evolve_agent(row, e)
     return row
 
 
-def fold_task(events: list[StoredEvent], row: Row | None = None) -> Row | None:
+def fold_task(events: list[RecordedEvent], row: Row | None = None) -> Row | None:
     for e in events:
         row = evolve_task(row, e)
     return row

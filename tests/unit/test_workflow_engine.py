@@ -20,9 +20,10 @@ import pytest
 from domain import task as tk
 from domain import workflow as wf
 from domain import workflow_run as wr
+from domain.ids import event_id
 from domain.messages import Command, Rejection
+from domain.recorded import RecordedEvent
 from domain.registry import DECIDERS
-from infra.codec import StoredEvent, event_id
 from streams.workflow import (
     Planned,
     WorkflowView,
@@ -56,11 +57,11 @@ class World:
         self.states: dict[tuple[str, str], Any] = {}
         self.versions: dict[tuple[str, str], int] = defaultdict(int)
         self.decided: set[str] = set()
-        self.log: list[StoredEvent] = []
+        self.log: list[RecordedEvent] = []
         self.rejections: list[tuple[Command, Rejection]] = []
         self.n = 0
 
-    def send(self, command: Command, command_id: str | None = None) -> list[StoredEvent]:
+    def send(self, command: Command, command_id: str | None = None) -> list[RecordedEvent]:
         self.n += 1
         cid = command_id or f"cmd-{self.n}"
         if cid in self.decided:
@@ -76,7 +77,7 @@ class World:
         for i, e in enumerate(result):
             self.versions[key] += 1
             self.states[key] = decider.evolve(self.states.get(key), e)
-            stored = StoredEvent(
+            stored = RecordedEvent(
                 id=event_id(cid, i),
                 aggregate_type=key[0],
                 aggregate_id=key[1],
@@ -111,7 +112,7 @@ class World:
 
     # scenarios ------------------------------------------------------------------------
 
-    def execute(self, spec: wf.WorkflowSpec, run_id: str = "r1", **inputs: Any) -> StoredEvent:
+    def execute(self, spec: wf.WorkflowSpec, run_id: str = "r1", **inputs: Any) -> RecordedEvent:
         """Create workflow ``w1`` (once) and request run ``run_id``; the request event."""
         if ("workflow", "w1") not in self.states:
             self.send(wf.CreateWorkflow(workflow_id="w1", name="w1", spec=spec, at=t(0)))
@@ -574,7 +575,7 @@ def test_a_whole_run_leaves_nothing_held_but_its_id() -> None:
 def test_refolding_the_log_in_any_topic_order_owes_nothing(order: str) -> None:
     w = World()
     whole_run(w)
-    by_topic: dict[str, list[StoredEvent]] = defaultdict(list)
+    by_topic: dict[str, list[RecordedEvent]] = defaultdict(list)
     for e in w.log:
         by_topic[e.aggregate_type].append(e)
     if order == "log":

@@ -306,13 +306,14 @@ def outcome_of(state: wr.RunState, sid: str) -> wr.StepTaskOutcome:
 
 
 def record_sizes(events: list[wr.RunEvent]) -> list[int]:
-    from infra.codec import StoredEvent, encode_event
+    from domain.recorded import RecordedEvent
+    from infra.mapper import encode_event
 
     return [
         len(
             encode_event(
                 "t",
-                StoredEvent(
+                RecordedEvent(
                     id=f"e{i}",
                     aggregate_type=wr.RUN,
                     aggregate_id=R,
@@ -362,12 +363,13 @@ def test_five_final_steps_near_the_result_limit_complete_in_records_under_1_mib(
 
 
 def test_a_completed_event_written_before_still_reads_with_its_final_steps() -> None:
-    from infra.codec import StoredEvent, decode_event, encode_event
+    from domain.recorded import RecordedEvent
+    from infra.mapper import decode_event, encode_event
 
     new = wr.WorkflowRunCompleted(run_id=R, result_steps=("b",))
     record = encode_event(
         "t",
-        StoredEvent(
+        RecordedEvent(
             id="e1",
             aggregate_type=wr.RUN,
             aggregate_id=R,

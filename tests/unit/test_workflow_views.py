@@ -7,7 +7,7 @@ from typing import Any
 
 from domain import workflow as wf
 from domain import workflow_run as wr
-from infra.codec import StoredEvent
+from domain.recorded import RecordedEvent
 from projections import views
 from projections.views import Row, StepChange
 from tests.unit.logs import Log, t
@@ -23,7 +23,7 @@ def drive(
     *,
     fail: frozenset[str] = frozenset(),
     cancel_after: int | None = None,
-) -> tuple[list[StoredEvent], wr.RunState]:
+) -> tuple[list[RecordedEvent], wr.RunState]:
     """Run the run decider to its end, every task succeeding (with its payload as the
     result) unless its step is in ``fail``; cancel after ``cancel_after`` outcomes."""
     log = Log()
@@ -87,7 +87,7 @@ def drive(
     return log.events, state
 
 
-def project(events: list[StoredEvent], batch: int) -> tuple[Row, dict[str, Row], int]:
+def project(events: list[RecordedEvent], batch: int) -> tuple[Row, dict[str, Row], int]:
     """Fold the run events as the projector does: run row per event, step changes merged
     per batch of ``batch`` events. Returns (run row, steps rows, step updates written)."""
     run: Row | None = None
