@@ -10,6 +10,7 @@ replaced, dropped or added.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -109,10 +110,8 @@ def _good() -> list[ConsumerRecord]:
 
 def _only_decode_errors(record: Any) -> None:
     for decode in DECODERS:
-        try:
+        with contextlib.suppress(DecodeError):
             decode(record)
-        except DecodeError:
-            pass
     letter = encode_dead_letter("deadletter", record, "unreadable", AT, by="/tests")
     assert len(letter.value) < 1024 * 1024
     assert isinstance(orjson.loads(letter.value), dict)
