@@ -30,7 +30,7 @@ def _capabilities(values: list[str]) -> dict[str, float]:
         except ValueError:
             raise typer.BadParameter(
                 f"--capability {value!r}: expected NAME=LEVEL, LEVEL in [0, 1]"
-            )
+            ) from None
     return out
 
 

@@ -197,7 +197,7 @@ class _DecisionCounter(ast.NodeVisitor):
         self.count += 1 + (1 if node.orelse else 0)
         self.generic_visit(node)
 
-    visit_For = visit_AsyncFor = visit_While = _loop  # type: ignore[assignment]
+    visit_For = visit_AsyncFor = visit_While = _loop
 
     def visit_ExceptHandler(self, node: ast.ExceptHandler) -> None:
         self.count += 1

@@ -29,7 +29,8 @@ class CachedPartitioner:
     def __call__(self, key: bytes | None, all_partitions: list[int], available: list[int]) -> int:
         """The partition of ``key`` among ``all_partitions`` (sorted); see DefaultPartitioner."""
         if key is None:
-            return DefaultPartitioner()(key, all_partitions, available)
+            chosen: int = DefaultPartitioner()(key, all_partitions, available)
+            return chosen
         n = len(all_partitions)
         index = self._index.get((key, n))
         if index is None:
@@ -157,7 +158,7 @@ async def read_to_end(
         pending = {tp for tp in tps if positions[tp] < ends[tp]}
         while pending:
             batch = await c.getmany(*pending, timeout_ms=500, max_records=5000)
-            for tp, records in batch.items():
+            for records in batch.values():
                 for r in records:
                     out = handle(r)
                     if out is not None:

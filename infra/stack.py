@@ -149,7 +149,7 @@ def up(state_dir: Path, *, console: Console | None = None) -> StackInfo:
         return external
     settings = Settings()
     given = (settings.kafka_bootstrap_servers, settings.database_url, settings.redis_url)
-    partial = [name for name, value in zip(ENV_VARS, given) if value]
+    partial = [name for name, value in zip(ENV_VARS, given, strict=True) if value]
     if partial:
         _say(
             console,
@@ -279,7 +279,9 @@ def environment_info() -> StackInfo | None:
 def env_exports(info: StackInfo) -> str:
     """Return ``export NAME=value`` lines (shell-quoted) for the three service variables."""
     values = (info.kafka_bootstrap_servers, info.database_url, info.redis_url)
-    return "\n".join(f"export {name}={shlex.quote(value)}" for name, value in zip(ENV_VARS, values))
+    return "\n".join(
+        f"export {name}={shlex.quote(value)}" for name, value in zip(ENV_VARS, values, strict=True)
+    )
 
 
 def kafka_jars_dir() -> Path:
@@ -614,8 +616,9 @@ def _ports_for(
 ) -> list[int]:
     """Return the saved ports for ``keys``, replacing them all if any is now taken."""
     saved = [state.get(key) for key in keys]
-    if all(isinstance(port, int) and _port_free(port) for port in saved):
-        return [int(port) for port in saved]  # type: ignore[arg-type]
+    kept = [port for port in saved if isinstance(port, int) and _port_free(port)]
+    if len(kept) == len(keys):
+        return kept
     # Another service may have been given a port it has not bound yet: never hand it out twice.
     others = {v for k, v in state.items() if k.endswith("_port") and k not in keys}
     fresh = _free_ports(len(keys), avoid={port for port in others if isinstance(port, int)})
@@ -624,7 +627,7 @@ def _ports_for(
             console,
             f"[yellow]{service}: port(s) {saved} are taken by another program; using {fresh}.[/]",
         )
-    state.update(zip(keys, fresh))
+    state.update(zip(keys, fresh, strict=True))
     return fresh
 
 
@@ -1003,10 +1006,10 @@ def _ensure_postgres(layout: _Layout, state: dict[str, Any], console: Console) -
         if len(str(socket_dir)) > _MAX_SOCKET_DIR:
             socket_dir = None  # the path is too long for a unix socket: TCP only
         else:
-            socket_dir.mkdir(exist_ok=True)
+            root.joinpath("run").mkdir(exist_ok=True)
             if os.geteuid() == 0:
                 account = pwd.getpwnam(POSTGRES_OS_USER)
-                os.chown(socket_dir, account.pw_uid, account.pw_gid)
+                os.chown(root / "run", account.pw_uid, account.pw_gid)
         _write_pg_config(data, port, socket_dir)
         command = _as_postgres_user(
             [str(bindir / "pg_ctl"), "-D", str(data), "-l", str(log), "-w",

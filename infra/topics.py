@@ -8,6 +8,7 @@ partition p owns are in partition p of each event topic.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -113,7 +114,7 @@ async def ensure_topics(bootstrap_servers: str, topics: Topics) -> list[str]:
         wanted = [s for s in topics.specs() if s.name not in existing]
         created: list[str] = []
         if wanted:
-            try:
+            with contextlib.suppress(TopicAlreadyExistsError):  # another process won the race
                 await admin.create_topics(
                     [
                         NewTopic(
@@ -125,8 +126,6 @@ async def ensure_topics(bootstrap_servers: str, topics: Topics) -> list[str]:
                         for s in wanted
                     ]
                 )
-            except TopicAlreadyExistsError:
-                pass
             created = [s.name for s in wanted]
         present = [s for s in topics.specs() if s.name in existing]
         if present:

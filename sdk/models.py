@@ -102,7 +102,7 @@ def format_tokens(amount: str | Decimal | int) -> str:
     Accepts a decimal string or Decimal of tokens, or an int of whole tokens (not
     micro-tokens). ValueError when negative, not a number, or finer than a micro-token.
     """
-    if isinstance(amount, bool) or isinstance(amount, float):
+    if isinstance(amount, (bool, float)):
         raise ValueError(f"token amounts must be exact (str, Decimal or int), got {amount!r}")
     try:
         value = Decimal(str(amount).strip()) if not isinstance(amount, Decimal) else amount

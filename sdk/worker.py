@@ -25,6 +25,7 @@ so a retry, or a worker restarted mid-task, never doubles a command.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import math
 from collections.abc import Awaitable, Callable, Mapping
@@ -238,7 +239,7 @@ class Worker:
         client = self._client or SwarmClient(self.base_url, token=self._token)
         self._client = client
         startup = asyncio.create_task(self._startup(client, stop))
-        stopped = asyncio.create_task(stop.wait())
+        stopped: asyncio.Task[bool | None] = asyncio.create_task(stop.wait())
         try:
             await asyncio.wait([startup, stopped], return_when=asyncio.FIRST_COMPLETED)
             if not startup.done() or not startup.result():
@@ -600,7 +601,7 @@ class Worker:
 
     async def _invoke(self, ctx: TaskContext) -> Any:
         if inspect.iscoroutinefunction(self.handler) or inspect.iscoroutinefunction(
-            getattr(self.handler, "__call__", None)
+            getattr(self.handler, "__call__", None)  # noqa: B004 (a callable object's async __call__)
         ):
             return await self.handler(ctx)  # type: ignore[misc]
         value = await asyncio.to_thread(self.handler, ctx)
@@ -663,7 +664,5 @@ class Worker:
 
 async def _wait(stop: asyncio.Event, seconds: float) -> None:
     """Sleep ``seconds`` or until ``stop`` is set, whichever comes first."""
-    try:
+    with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(stop.wait(), timeout=seconds)
-    except TimeoutError:
-        pass
