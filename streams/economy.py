@@ -320,6 +320,7 @@ def plan(
         )
         if credit is not None:
             out.append(Planned(cid, credit))
+    timer: type[pr.CloseProposal | pr.ExecuteProposal]
     for pid, p in view.proposals.items():
         if p.status == "open" and now >= p.closes_at:
             cid, timer = _id("close", pid, p.version), pr.CloseProposal
