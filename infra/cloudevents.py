@@ -122,6 +122,7 @@ _QUOTE = 80
 
 
 def quote(value: Any) -> str:
+    """``repr(value)`` cut to ``_QUOTE`` characters, to name a bad value in a DecodeError."""
     text = repr(value)
     return text if len(text) <= _QUOTE else text[:_QUOTE] + "..."
 
@@ -241,9 +242,9 @@ def require_time(attributes: dict[str, Any]) -> datetime:
     """The record's time; DecodeError when it had no ``ce_time`` header (every record
     swarmlog writes has one; an event's time is when its command was issued)."""
     time = attributes.get("time")
-    if time is None:
+    if not isinstance(time, datetime):  # read_binary has checked any time it kept
         raise DecodeError("not a CloudEvent swarmlog wrote: no ce_time header")
-    return time  # type: ignore[no-any-return]
+    return time
 
 
 _TIMED: dict[type, tuple[str, ...]] = {}
@@ -289,6 +290,8 @@ def naive_time(value: Any) -> bool:
 
 
 def header_value(value: Any) -> bytes:
+    """An attribute as a ``ce_*`` header value: a time in RFC 3339 (``Z`` for UTC, the
+    offset kept otherwise), anything else as its text, UTF-8."""
     if isinstance(value, datetime):
         s = value.isoformat()
         return (s[:-6] + "Z" if s.endswith("+00:00") else s).encode("utf-8")

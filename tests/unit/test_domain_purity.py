@@ -111,7 +111,7 @@ def test_the_domain_imports_only_stdlib_pydantic_and_itself_and_reads_no_clock(
     [
         "import fastapi",
         "from aiokafka import AIOKafkaProducer",
-        "from infra.codec import encode",
+        "from infra.mapper import encode_event",
         "import random",
         "from uuid import uuid4",
         "import uuid\nuuid.uuid4()",
