@@ -31,13 +31,14 @@ from api.deps import (
 from api.metrics import Metrics
 from api.positions import format_position
 from api.problems import Problem, validation_problem
-from api.schemas import (
+from api.schemas.commands import (
+    STATE_TYPES,
     BatchItemResult,
     CommandPending,
     CommandResult,
     EventRef,
-    public_state,
 )
+from api.schemas.money import public_state
 from commands.client import CommandClient
 from domain.messages import Command
 from infra.clock import Clock
@@ -90,7 +91,7 @@ def command_result(outcome: Outcome) -> CommandResult:
     return CommandResult(
         id=outcome.aggregate_id,
         version=outcome.version,
-        state=public_state(outcome.state),
+        state=public_state(STATE_TYPES.get(outcome.aggregate_type), outcome.state),
         events=event_refs(outcome),
         command_id=outcome.command_id,
     )
