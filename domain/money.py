@@ -10,6 +10,7 @@ events and CloudEvent data keep integer micro-tokens.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import UnionType
 from typing import Annotated, Any, Union, get_args, get_origin
 
 from domain.messages import MICRO
@@ -28,9 +29,10 @@ MicroTokens = Annotated[int, Money()]
 
 def is_micro_tokens(annotation: Any) -> bool:
     """Whether ``annotation`` is ``MicroTokens`` or ``MicroTokens | None``."""
-    if get_origin(annotation) is Annotated:
+    origin: Any = get_origin(annotation)
+    if origin is Annotated:
         return any(isinstance(m, Money) for m in annotation.__metadata__)
-    if get_origin(annotation) in (Union, type(int | None)):
+    if origin in (Union, UnionType):
         members = [a for a in get_args(annotation) if a is not type(None)]
         return len(members) == 1 and is_micro_tokens(members[0])
     return False

@@ -25,13 +25,15 @@ async def leaderboard(
     """Accounts by rewards earned, highest first (the projector keeps it in Redis)."""
     key = RedisKeys(settings.redis_prefix).leaderboard
     entries = await redis.zrevrange(key, 0, limit - 1, withscores=True)
+    # withscores: each entry is a (member, score) pair
+    pairs = [(entry[0], entry[1]) for entry in entries if not isinstance(entry, bytes | str)]
     return [
         LeaderboardEntry(
             rank=i + 1,
             account_id=member.decode() if isinstance(member, bytes) else str(member),
             earned=int(score),
         )
-        for i, (member, score) in enumerate(entries)
+        for i, (member, score) in enumerate(pairs)
     ]
 
 

@@ -9,6 +9,7 @@ string), and an aggregate state by the ``MicroTokens`` fields of its domain mode
 from __future__ import annotations
 
 from decimal import Decimal, InvalidOperation
+from types import UnionType
 from typing import Annotated, Any, TypeAlias, Union, get_args, get_origin
 
 from pydantic import AfterValidator, BaseModel, Field, PlainSerializer
@@ -81,9 +82,10 @@ StateType: TypeAlias = Any
 def _models(tp: StateType) -> list[type[BaseModel]]:
     if isinstance(tp, type) and issubclass(tp, BaseModel):
         return [tp]
-    if get_origin(tp) is Annotated:
+    origin: Any = get_origin(tp)
+    if origin is Annotated:
         return _models(get_args(tp)[0])
-    if get_origin(tp) in (Union, type(int | None)):
+    if origin in (Union, UnionType):
         return [m for arg in get_args(tp) for m in _models(arg)]
     return []
 
