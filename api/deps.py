@@ -2,7 +2,8 @@
 
 Everything a route needs was built by the lifespan in api/app.py and hung on
 ``app.state``; these aliases hand it in. ``CommandMetaDep`` reads the command headers
-(Idempotency-Key, X-Correlation-ID, If-Match), ``ReadModelsDep`` runs read-model queries
+(Idempotency-Key, X-Correlation-ID, If-Match), ``DispatchDep`` sends a route's commands
+with them, ``ReadModelsDep`` runs read-model queries
 (projections/queries.py) on the app's pool and schema, and ``FreshDep`` makes a query
 wait until the read models have caught up with the positions named by ``?after=``.
 """
@@ -20,6 +21,7 @@ import asyncpg
 import redis.asyncio as aioredis
 from fastapi import Depends, Header, Path, Query, Request, Response
 
+from api.dispatch import Dispatcher
 from api.live import StreamHub
 from api.metrics import Metrics
 from api.positions import MAX_VECTOR_CHARS, parse_after
@@ -260,3 +262,17 @@ async def fresh_read_models(
 
 
 FreshDep = Annotated[bool, Depends(fresh_read_models)]
+
+
+async def get_dispatcher(
+    client: CommandClientDep,
+    settings: SettingsDep,
+    clock: ClockDep,
+    metrics: MetricsDep,
+    meta: CommandMetaDep,
+) -> Dispatcher:
+    """A Dispatcher (api/dispatch.py) for this request's command headers."""
+    return Dispatcher(client, settings, clock, metrics, meta)
+
+
+DispatchDep = Annotated[Dispatcher, Depends(get_dispatcher)]

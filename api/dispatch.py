@@ -14,20 +14,11 @@ body as the first time, with the header ``Idempotent-Replayed: true``.
 from __future__ import annotations
 
 import uuid
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from fastapi import Depends
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
-from api.deps import (
-    ClockDep,
-    CommandClientDep,
-    CommandMeta,
-    CommandMetaDep,
-    MetricsDep,
-    SettingsDep,
-)
 from api.metrics import Metrics
 from api.positions import format_position
 from api.problems import Problem, validation_problem
@@ -44,6 +35,9 @@ from domain.messages import Command
 from infra.clock import Clock
 from infra.codec import CommandEnvelope, Outcome, Position, derived_id
 from infra.settings import Settings
+
+if TYPE_CHECKING:  # api/deps.py builds a Dispatcher per request (``DispatchDep``)
+    from api.deps import CommandMeta
 
 C = TypeVar("C", bound=Command)
 
@@ -254,17 +248,3 @@ class Dispatcher:
                 item.version, item.problem = outcome.version, problem.body()
             results.append(item)
         return results
-
-
-async def get_dispatcher(
-    client: CommandClientDep,
-    settings: SettingsDep,
-    clock: ClockDep,
-    metrics: MetricsDep,
-    meta: CommandMetaDep,
-) -> Dispatcher:
-    """A Dispatcher for this request's command headers."""
-    return Dispatcher(client, settings, clock, metrics, meta)
-
-
-DispatchDep = Annotated[Dispatcher, Depends(get_dispatcher)]

@@ -6,8 +6,8 @@ from __future__ import annotations
 from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 
-from api.deps import AccountIdPath, Cursor, FreshDep, Limit, ReadModelsDep
-from api.dispatch import COMMAND_RESPONSES, DispatchDep
+from api.deps import AccountIdPath, Cursor, DispatchDep, FreshDep, Limit, ReadModelsDep
+from api.dispatch import COMMAND_RESPONSES
 from api.pagination import INT8, Keyset
 from api.problems import Problem
 from api.schemas.accounts import (

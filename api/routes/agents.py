@@ -12,6 +12,7 @@ from sse_starlette import EventSourceResponse
 from api.deps import (
     AgentIdPath,
     Cursor,
+    DispatchDep,
     FreshDep,
     HubDep,
     LastEventIdHeader,
@@ -22,7 +23,7 @@ from api.deps import (
     StreamFrom,
     TopicsDep,
 )
-from api.dispatch import COMMAND_RESPONSES, DispatchDep
+from api.dispatch import COMMAND_RESPONSES
 from api.live import sse_response
 from api.pagination import TEXT, Keyset
 from api.positions import Layout

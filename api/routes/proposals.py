@@ -11,8 +11,8 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Response
 from fastapi.responses import JSONResponse
 
-from api.deps import Cursor, FreshDep, Limit, ProposalIdPath, ReadModelsDep
-from api.dispatch import COMMAND_RESPONSES, DispatchDep
+from api.deps import Cursor, DispatchDep, FreshDep, Limit, ProposalIdPath, ReadModelsDep
+from api.dispatch import COMMAND_RESPONSES
 from api.pagination import TEXT, Keyset
 from api.problems import Problem
 from api.schemas.commands import CommandResult

@@ -8,8 +8,8 @@ from typing import Annotated
 from fastapi import APIRouter, Body, Query, Response
 from fastapi.responses import JSONResponse
 
-from api.deps import Cursor, FreshDep, Limit, ReadModelsDep, TaskIdPath
-from api.dispatch import COMMAND_RESPONSES, DispatchDep, Dispatcher
+from api.deps import Cursor, DispatchDep, FreshDep, Limit, ReadModelsDep, TaskIdPath
+from api.dispatch import COMMAND_RESPONSES, Dispatcher
 from api.pagination import TEXT, TIME, Keyset
 from api.problems import Problem
 from api.schemas.commands import CommandResult

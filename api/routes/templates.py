@@ -7,8 +7,16 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Response
 from fastapi.responses import JSONResponse
 
-from api.deps import Cursor, FreshDep, Limit, ReadModels, ReadModelsDep, TemplateNamePath
-from api.dispatch import COMMAND_RESPONSES, DispatchDep
+from api.deps import (
+    Cursor,
+    DispatchDep,
+    FreshDep,
+    Limit,
+    ReadModels,
+    ReadModelsDep,
+    TemplateNamePath,
+)
+from api.dispatch import COMMAND_RESPONSES
 from api.pagination import TEXT, Keyset
 from api.problems import Problem
 from api.routes.workflows import checked_spec

@@ -17,8 +17,8 @@ from fastapi import APIRouter, Body, Query, Response
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
-from api.deps import Cursor, FreshDep, Limit, ReadModelsDep, WorkflowIdPath
-from api.dispatch import COMMAND_RESPONSES, REPLAYED, DispatchDep, event_refs
+from api.deps import Cursor, DispatchDep, FreshDep, Limit, ReadModelsDep, WorkflowIdPath
+from api.dispatch import COMMAND_RESPONSES, REPLAYED, event_refs
 from api.pagination import TEXT, TIME, Keyset
 from api.problems import Problem, validation_problem
 from api.schemas.commands import CommandResult
