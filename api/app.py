@@ -31,7 +31,9 @@ from api.routes import (
     events,
     health,
     proposals,
+    runs,
     tasks,
+    templates,
     workflows,
 )
 from commands.client import CommandClient
@@ -139,7 +141,7 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None) 
         health,
     ):
         app.include_router(module.router)
-    app.include_router(workflows.runs_router)
-    app.include_router(workflows.templates_router)
+    app.include_router(runs.router)
+    app.include_router(templates.router)
     app.include_router(deadletters.router)
     return app

@@ -2,8 +2,10 @@
 
 Everything a route needs was built by the lifespan in api/app.py and hung on
 ``app.state``; these aliases hand it in. ``CommandMetaDep`` reads the command headers
-(Idempotency-Key, X-Correlation-ID, If-Match) and ``FreshDep`` makes a query wait until
-the read models have caught up with the positions named by ``?after=``.
+(Idempotency-Key, X-Correlation-ID, If-Match), ``DispatchDep`` sends a route's commands
+with them, ``ReadModelsDep`` runs read-model queries
+(projections/queries.py) on the app's pool and schema, and ``FreshDep`` makes a query
+wait until the read models have caught up with the positions named by ``?after=``.
 """
 
 from __future__ import annotations
@@ -11,19 +13,22 @@ from __future__ import annotations
 import asyncio
 import re
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Annotated, Literal
+from typing import Annotated, Concatenate, Literal, ParamSpec, TypeVar
 
 import asyncpg
 import redis.asyncio as aioredis
 from fastapi import Depends, Header, Path, Query, Request, Response
 
+from api.dispatch import Dispatcher
 from api.live import StreamHub
 from api.metrics import Metrics
 from api.positions import MAX_VECTOR_CHARS, parse_after
 from api.problems import Problem
-from api.schemas import ID_PATTERN
+from api.schemas.common import ID_PATTERN
 from commands.client import CommandClient
+from domain.workflow import TEMPLATE_NAME
 from infra.clock import Clock
 from infra.settings import Settings
 from infra.topics import Topics
@@ -32,42 +37,50 @@ from projections import queries
 
 async def get_settings(request: Request) -> Settings:
     """The app's Settings."""
-    return request.app.state.settings  # type: ignore[no-any-return]
+    value: Settings = request.app.state.settings
+    return value
 
 
 async def get_clock(request: Request) -> Clock:
     """The clock that stamps commands."""
-    return request.app.state.clock  # type: ignore[no-any-return]
+    value: Clock = request.app.state.clock
+    return value
 
 
 async def get_pool(request: Request) -> asyncpg.Pool:
     """The asyncpg pool of the read models."""
-    return request.app.state.pool
+    value: asyncpg.Pool = request.app.state.pool
+    return value
 
 
 async def get_redis(request: Request) -> aioredis.Redis:
     """The Redis client."""
-    return request.app.state.redis  # type: ignore[no-any-return]
+    value: aioredis.Redis = request.app.state.redis
+    return value
 
 
 async def get_topics(request: Request) -> Topics:
     """The deployment's topics."""
-    return request.app.state.topics  # type: ignore[no-any-return]
+    value: Topics = request.app.state.topics
+    return value
 
 
 async def get_command_client(request: Request) -> CommandClient:
     """The CommandClient (started, following outcomes)."""
-    return request.app.state.command_client  # type: ignore[no-any-return]
+    value: CommandClient = request.app.state.command_client
+    return value
 
 
 async def get_metrics(request: Request) -> Metrics:
     """The app's Prometheus collectors."""
-    return request.app.state.metrics  # type: ignore[no-any-return]
+    value: Metrics = request.app.state.metrics
+    return value
 
 
 async def get_hub(request: Request) -> StreamHub:
     """The registry of open SSE streams."""
-    return request.app.state.hub  # type: ignore[no-any-return]
+    value: StreamHub = request.app.state.hub
+    return value
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
@@ -79,12 +92,64 @@ CommandClientDep = Annotated[CommandClient, Depends(get_command_client)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 HubDep = Annotated[StreamHub, Depends(get_hub)]
 
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+@dataclass(frozen=True)
+class ReadModels:
+    """The read models of this deployment: the pool and the schema every query takes.
+
+    ``await read_models(queries.get_task, task_id)`` is
+    ``await queries.get_task(pool, schema, task_id)``, so a route names the query and its
+    arguments and never handles the pool.
+    """
+
+    pool: asyncpg.Pool
+    schema: str
+
+    async def __call__(
+        self,
+        query: Callable[Concatenate[queries.Conn, str, P], Awaitable[R]],
+        /,
+        *args: P.args,
+        **kwargs: P.kwargs,
+    ) -> R:
+        """Run ``query`` on the pool and schema with ``args``."""
+        return await query(self.pool, self.schema, *args, **kwargs)
+
+    async def ping(self) -> None:
+        """``select 1`` on the pool (readiness)."""
+        await queries.ping(self.pool)
+
+
+async def get_read_models(pool: PoolDep, settings: SettingsDep) -> ReadModels:
+    """The read models (the app's pool, the settings' schema)."""
+    return ReadModels(pool, settings.db_schema)
+
+
+ReadModelsDep = Annotated[ReadModels, Depends(get_read_models)]
+
 AgentIdPath = Annotated[
     str, Path(min_length=1, max_length=128, pattern=ID_PATTERN, description="the agent id")
 ]
 TaskIdPath = Annotated[
     str, Path(min_length=1, max_length=128, pattern=ID_PATTERN, description="the task id")
 ]
+AccountIdPath = Annotated[
+    str, Path(min_length=1, max_length=128, pattern=ID_PATTERN, description="the account id")
+]
+ProposalIdPath = Annotated[
+    str, Path(min_length=1, max_length=128, pattern=ID_PATTERN, description="the proposal id")
+]
+WorkflowIdPath = Annotated[
+    str, Path(min_length=1, max_length=128, pattern=ID_PATTERN, description="the workflow id")
+]
+RunIdPath = Annotated[
+    str, Path(min_length=1, max_length=128, pattern=ID_PATTERN, description="the run id")
+]
+TemplateNamePath = Annotated[str, Path(pattern=TEMPLATE_NAME, description="the template name")]
 Limit = Annotated[int, Query(ge=1, le=500, description="page size (at most 500)")]
 Cursor = Annotated[
     str | None, Query(max_length=2000, description="``next_cursor`` of the previous page")
@@ -165,7 +230,7 @@ async def fresh_read_models(
     request: Request,
     response: Response,
     settings: SettingsDep,
-    pool: PoolDep,
+    read_models: ReadModelsDep,
     topics: TopicsDep,
     after: Annotated[
         list[str] | None,
@@ -186,7 +251,7 @@ async def fresh_read_models(
     loop = asyncio.get_running_loop()
     deadline = loop.time() + settings.command_wait_s
     delay = 0.01
-    while await queries.unreached(pool, settings.db_schema, positions):
+    while await read_models(queries.unreached, positions):
         if loop.time() >= deadline:
             response.headers["X-Read-Model-Stale"] = "true"
             request.state.read_model_stale = True
@@ -197,3 +262,17 @@ async def fresh_read_models(
 
 
 FreshDep = Annotated[bool, Depends(fresh_read_models)]
+
+
+async def get_dispatcher(
+    client: CommandClientDep,
+    settings: SettingsDep,
+    clock: ClockDep,
+    metrics: MetricsDep,
+    meta: CommandMetaDep,
+) -> Dispatcher:
+    """A Dispatcher (api/dispatch.py) for this request's command headers."""
+    return Dispatcher(client, settings, clock, metrics, meta)
+
+
+DispatchDep = Annotated[Dispatcher, Depends(get_dispatcher)]

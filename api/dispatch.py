@@ -14,30 +14,22 @@ body as the first time, with the header ``Idempotent-Replayed: true``.
 from __future__ import annotations
 
 import uuid
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from fastapi import Depends
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
-from api.deps import (
-    ClockDep,
-    CommandClientDep,
-    CommandMeta,
-    CommandMetaDep,
-    MetricsDep,
-    SettingsDep,
-)
 from api.metrics import Metrics
 from api.positions import format_position
 from api.problems import Problem, validation_problem
-from api.schemas import (
+from api.schemas.commands import (
+    STATE_TYPES,
     BatchItemResult,
     CommandPending,
     CommandResult,
     EventRef,
-    public_state,
 )
+from api.schemas.money import public_state
 from commands.client import CommandClient
 from domain.ids import derived_id
 from domain.messages import Command
@@ -45,6 +37,9 @@ from infra.clock import Clock
 from infra.envelope import CommandEnvelope
 from infra.outcome import Outcome
 from infra.settings import Settings
+
+if TYPE_CHECKING:  # api/deps.py builds a Dispatcher per request (``DispatchDep``)
+    from api.deps import CommandMeta
 
 C = TypeVar("C", bound=Command)
 
@@ -87,7 +82,7 @@ def command_result(outcome: Outcome) -> CommandResult:
     return CommandResult(
         id=outcome.aggregate_id,
         version=outcome.version,
-        state=public_state(outcome.state),
+        state=public_state(STATE_TYPES.get(outcome.aggregate_type), outcome.state),
         events=event_refs(outcome),
         command_id=outcome.command_id,
     )
@@ -250,17 +245,3 @@ class Dispatcher:
                 item.version, item.problem = outcome.version, problem.body()
             results.append(item)
         return results
-
-
-async def get_dispatcher(
-    client: CommandClientDep,
-    settings: SettingsDep,
-    clock: ClockDep,
-    metrics: MetricsDep,
-    meta: CommandMetaDep,
-) -> Dispatcher:
-    """A Dispatcher for this request's command headers."""
-    return Dispatcher(client, settings, clock, metrics, meta)
-
-
-DispatchDep = Annotated[Dispatcher, Depends(get_dispatcher)]

@@ -8,8 +8,9 @@ PostgreSQL or the JSON encoder cannot hold is refused, whatever the route or sch
 * 415 ``unsupported_media_type`` when a body is not JSON (``application/json`` or
   ``application/*+json``; no Content-Type is read as JSON, as FastAPI does);
 * 422 ``validation_error`` naming the field (``payload.a.0``, ``tasks.3.type``, the query
-  parameter) when a JSON body or a query string holds what cannot be stored: NUL (U+0000, which PostgreSQL text and jsonb refuse) or a lone surrogate (not
-  UTF-8) in any string or object key, an integer outside the signed 64-bit range, a
+  parameter) when a JSON body or a query string holds what cannot be stored: NUL
+  (U+0000, which PostgreSQL text and jsonb refuse) or a lone surrogate (not UTF-8) in
+  any string or object key, an integer outside the signed 64-bit range, a
   non-finite number (``NaN``, ``Infinity``, ``1e400``), or JSON nested deeper than
   ``MAX_JSON_DEPTH`` levels.
 

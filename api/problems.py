@@ -249,8 +249,8 @@ def document(openapi: dict[str, Any]) -> dict[str, Any]:
                 codes.add(400)
             for code in codes:
                 responses.setdefault(str(code), {"description": TITLES[code]})
-            for code, response in responses.items():
-                if not (code.isdigit() and int(code) >= 400):
+            for status, response in responses.items():
+                if not (status.isdigit() and int(status) >= 400):
                     continue
                 schema = response.get("content", {}).get("application/json", {}).get("schema")
                 if schema and schema.get("$ref", "").split("/")[-1] not in (
@@ -287,7 +287,7 @@ def install(app: FastAPI) -> None:
             )
         return app.openapi_schema
 
-    app.openapi = openapi  # type: ignore[method-assign]
+    app.openapi = openapi  # type: ignore[method-assign]  # FastAPI documents this override
     app.add_exception_handler(Problem, _on_problem)
     app.add_exception_handler(RequestValidationError, _on_validation)
     app.add_exception_handler(StarletteHTTPException, _on_http)

@@ -37,6 +37,7 @@ from pydantic import Field
 
 from domain.economy import BP, MAX_AMOUNT, TREASURY, Tier, slash_amount, tier_for
 from domain.messages import Command, Decider, Event, Message, Rejection, rejected
+from domain.money import MicroTokens
 
 ACCOUNT = "account"
 
@@ -244,7 +245,7 @@ DEBITS = (TransferSent, StakeSlashed)
 class PendingUnstake(Message):
     """An unstaked amount waiting for its cooldown (withdrawable from ``available_at``)."""
 
-    amount: int
+    amount: MicroTokens
     available_at: datetime
 
 
@@ -256,13 +257,13 @@ class AccountState(Message):
 
     account_id: str
     holder: str = "holder"
-    balance: int = 0
-    staked: int = 0
+    balance: MicroTokens = 0
+    staked: MicroTokens = 0
     unstaking: tuple[PendingUnstake, ...] = ()
-    supply: int = 0
+    supply: MicroTokens = 0
     tier: Tier = "none"
-    earned: int = 0
-    slashed: int = 0
+    earned: MicroTokens = 0
+    slashed: MicroTokens = 0
 
     @property
     def unstaking_total(self) -> int:

@@ -13,6 +13,7 @@ from typing import ClassVar, Literal
 from pydantic import Field, field_validator
 
 from domain.messages import Command, Decider, Event, Message, Rejection, rejected
+from domain.money import MicroTokens
 
 AGENT = "agent"
 
@@ -156,7 +157,7 @@ class AgentState(Message):
     name: str
     capabilities: tuple[Capability, ...]
     max_concurrent_tasks: int
-    cost_per_task: int
+    cost_per_task: MicroTokens
     lifecycle: Lifecycle
 
 

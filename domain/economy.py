@@ -29,6 +29,7 @@ from typing import Literal
 from pydantic import Field
 
 from domain.messages import MICRO, Message
+from domain.money import MicroTokens
 
 Tier = Literal["none", "bronze", "silver", "gold", "platinum", "diamond"]
 TIERS: tuple[Tier, ...] = ("none", "bronze", "silver", "gold", "platinum", "diamond")
@@ -86,7 +87,7 @@ class EconomyParameters(Message):
     ``unstake_cooldown_s`` seconds between an unstake request and its withdrawal.
     """
 
-    base_reward: int = Field(default=10 * MICRO, ge=0, le=MAX_AMOUNT)
+    base_reward: MicroTokens = Field(default=10 * MICRO, ge=0, le=MAX_AMOUNT)
     multipliers: TierMultipliers = Field(default_factory=TierMultipliers)
     slash_rate_bp: int = Field(default=1_000, ge=0, le=BP)
     unstake_cooldown_s: int = Field(default=7 * 86_400, ge=0, le=365 * 86_400)
@@ -95,7 +96,7 @@ class EconomyParameters(Message):
 class ParameterChange(Message):
     """A change to some of the economy's parameters (None: unchanged)."""
 
-    base_reward: int | None = Field(default=None, ge=0, le=MAX_AMOUNT)
+    base_reward: MicroTokens | None = Field(default=None, ge=0, le=MAX_AMOUNT)
     multipliers: TierMultipliers | None = None
     slash_rate_bp: int | None = Field(default=None, ge=0, le=BP)
     unstake_cooldown_s: int | None = Field(default=None, ge=0, le=365 * 86_400)

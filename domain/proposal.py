@@ -26,6 +26,7 @@ from pydantic import Field, field_validator
 
 from domain.economy import BP, ParameterChange
 from domain.messages import Command, Decider, Event, Message, Rejection, rejected
+from domain.money import MicroTokens
 
 PROPOSAL = "proposal"
 
@@ -144,7 +145,7 @@ class ProposalState(Message):
     quorum_bp: int
     threshold_bp: int
     powers: dict[str, int]
-    total_power: int
+    total_power: MicroTokens
     status: Status = "open"
     votes: dict[str, Choice] = Field(default_factory=dict)
     tally: dict[str, int] = Field(default_factory=lambda: {"for": 0, "against": 0, "abstain": 0})

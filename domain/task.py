@@ -21,6 +21,7 @@ from pydantic import Field, field_validator
 
 from domain.backoff import backoff_seconds
 from domain.messages import Command, Decider, Event, Message, Rejection, rejected
+from domain.money import MicroTokens
 
 TASK = "task"
 
@@ -252,7 +253,7 @@ class TaskState(Message):
     payload: dict[str, Any] = Field(default_factory=dict)
     required_capabilities: tuple[str, ...]
     priority: Priority
-    max_cost: int | None
+    max_cost: MicroTokens | None
     lease_timeout_s: float
     run_timeout_s: float
     max_attempts: int

@@ -6,27 +6,32 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query, Response
+from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse
 
 from api.deps import (
     AgentIdPath,
     Cursor,
+    DispatchDep,
     FreshDep,
     HubDep,
     LastEventIdHeader,
     LastEventIdQuery,
     Limit,
-    PoolDep,
+    ReadModelsDep,
     SettingsDep,
     StreamFrom,
     TopicsDep,
 )
-from api.dispatch import COMMAND_RESPONSES, DispatchDep
+from api.dispatch import COMMAND_RESPONSES
 from api.live import sse_response
-from api.pagination import TEXT, decode_cursor, encode_cursor
+from api.pagination import TEXT, Keyset
 from api.positions import Layout
 from api.problems import Problem
-from api.schemas import AgentCreate, AgentPublic, AgentUpdate, CommandResult, Page, to_micro
+from api.schemas.agents import AgentCreate, AgentPublic, AgentUpdate
+from api.schemas.commands import CommandResult
+from api.schemas.common import Page
+from api.schemas.money import to_micro
 from domain import agent as ag
 from domain import task as tk
 from domain.recorded import RecordedEvent
@@ -35,11 +40,14 @@ from projections import queries
 
 router = APIRouter(prefix="/agents", tags=["agents"])
 
+#: An agent's status in the read model, derived from its lifecycle and load.
 AgentStatus = Literal["registered", "idle", "busy", "stopped", "offline", "deregistered"]
+#: By agent id.
+AGENTS = Keyset("agents", (TEXT,), lambda row: (row["agent_id"],))
 
 
 @router.post("", status_code=201, response_model=CommandResult, responses=COMMAND_RESPONSES)
-async def register_agent(body: AgentCreate, dispatch: DispatchDep):  # type: ignore[no-untyped-def]
+async def register_agent(body: AgentCreate, dispatch: DispatchDep) -> JSONResponse:
     """Register an agent (201 with Location /agents/{id})."""
     agent_id = body.agent_id or dispatch.new_id("agent")
     command = dispatch.command(
@@ -62,7 +70,7 @@ _LIFECYCLE_COMMANDS: dict[str, type[ag.AgentCommand]] = {
 
 
 def _lifecycle_route(action: str, cls: type[ag.AgentCommand]) -> None:
-    async def route(agent_id: AgentIdPath, dispatch: DispatchDep):  # type: ignore[no-untyped-def]
+    async def route(agent_id: AgentIdPath, dispatch: DispatchDep) -> JSONResponse:
         return await dispatch.execute(dispatch.command(cls, agent_id=agent_id))
 
     route.__name__ = f"{action}_agent"
@@ -84,7 +92,9 @@ for _action, _cls in _LIFECYCLE_COMMANDS.items():
 
 
 @router.patch("/{agent_id}", response_model=CommandResult, responses=COMMAND_RESPONSES)
-async def update_agent(agent_id: AgentIdPath, body: AgentUpdate, dispatch: DispatchDep):  # type: ignore[no-untyped-def]
+async def update_agent(
+    agent_id: AgentIdPath, body: AgentUpdate, dispatch: DispatchDep
+) -> JSONResponse:
     """Replace the agent's capabilities."""
     command = dispatch.command(
         ag.UpdateCapabilities,
@@ -95,38 +105,29 @@ async def update_agent(agent_id: AgentIdPath, body: AgentUpdate, dispatch: Dispa
 
 
 @router.delete("/{agent_id}", response_model=CommandResult, responses=COMMAND_RESPONSES)
-async def deregister_agent(agent_id: AgentIdPath, dispatch: DispatchDep):  # type: ignore[no-untyped-def]
+async def deregister_agent(agent_id: AgentIdPath, dispatch: DispatchDep) -> JSONResponse:
     """Deregister the agent for good (its id can never be registered again)."""
     return await dispatch.execute(dispatch.command(ag.DeregisterAgent, agent_id=agent_id))
 
 
 @router.get("", response_model=Page[AgentPublic])
 async def list_agents(
-    settings: SettingsDep,
-    pool: PoolDep,
+    read_models: ReadModelsDep,
     _fresh: FreshDep,
-    lifecycle: Annotated[
-        Literal["registered", "running", "stopped", "offline", "deregistered"] | None, Query()
-    ] = None,
+    lifecycle: Annotated[ag.Lifecycle | None, Query()] = None,
     status: Annotated[AgentStatus | None, Query()] = None,
     limit: Limit = 50,
     cursor: Cursor = None,
 ) -> Page[AgentPublic]:
     """Agents ordered by agent id, filtered by lifecycle and/or derived status."""
-    key = decode_cursor("agents", cursor, TEXT)
-    rows = await queries.list_agents(
-        pool,
-        settings.db_schema,
+    rows = await read_models(
+        queries.list_agents,
         lifecycle=lifecycle,
         status=status,
-        after=key[0] if key else None,
+        after=AGENTS.after(cursor),
         limit=limit + 1,
     )
-    items = [AgentPublic.from_row(r) for r in rows[:limit]]
-    more = len(rows) > limit
-    return Page(
-        items=items, next_cursor=encode_cursor("agents", items[-1].agent_id) if more else None
-    )
+    return AGENTS.page(rows, limit, AgentPublic.from_row)
 
 
 @router.get(
@@ -134,14 +135,13 @@ async def list_agents(
 )
 async def get_agent(
     agent_id: AgentIdPath,
-    settings: SettingsDep,
-    pool: PoolDep,
+    read_models: ReadModelsDep,
     _fresh: FreshDep,
     response: Response,
 ) -> AgentPublic:
     """One agent, with ``status`` (idle/busy/...) and ``load`` derived from its tasks;
     ``ETag`` is its version (for If-Match)."""
-    row = await queries.get_agent(pool, settings.db_schema, agent_id)
+    row = await read_models(queries.get_agent, agent_id)
     if row is None:
         raise Problem(404, "agent_not_found", f"no agent {agent_id}", field="agent_id")
     response.headers["ETag"] = f'"{row["version"]}"'
@@ -162,7 +162,7 @@ async def follow_assignments(
     settings: SettingsDep,
     topics: TopicsDep,
     hub: HubDep,
-    pool: PoolDep,
+    read_models: ReadModelsDep,
     last_event_id_header: LastEventIdHeader = None,
     last_event_id: LastEventIdQuery = None,
     from_: StreamFrom = "end",
@@ -180,8 +180,8 @@ async def follow_assignments(
     layout = Layout.of([topics.events(tk.TASK)], topics.partitions)
     resume = last_event_id or last_event_id_header
     if resume is None and from_ == "end":
-        projected = await queries.projected_offsets(
-            pool, settings.db_schema, ((tp.topic, tp.partition) for tp in layout.partitions)
+        projected = await read_models(
+            queries.projected_offsets, ((tp.topic, tp.partition) for tp in layout.partitions)
         )
         resume = layout.encode(
             {tp: projected.get((tp.topic, tp.partition), 0) for tp in layout.partitions}

@@ -6,14 +6,18 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path
 
-from api.deps import Cursor, FreshDep, Limit, PoolDep, SettingsDep
-from api.pagination import INT4, decode_cursor, encode_cursor
+from api.deps import Cursor, FreshDep, Limit, ReadModelsDep
+from api.pagination import INT4, Keyset
 from api.problems import Problem
-from api.schemas import CloudEventPublic, Page
+from api.schemas.common import Page
+from api.schemas.events import CloudEventPublic
 from domain.registry import DECIDERS
 from projections import queries
 
 router = APIRouter(prefix="/aggregates", tags=["audit"])
+
+#: By version.
+HISTORY = Keyset("events", (INT4,), lambda row: (row["version"],))
 
 
 @router.get(
@@ -24,8 +28,7 @@ router = APIRouter(prefix="/aggregates", tags=["audit"])
 async def aggregate_history(
     aggregate_type: Annotated[str, Path(max_length=64, description="agent, task ...")],
     aggregate_id: Annotated[str, Path(min_length=1, max_length=128)],
-    settings: SettingsDep,
-    pool: PoolDep,
+    read_models: ReadModelsDep,
     _fresh: FreshDep,
     limit: Limit = 100,
     cursor: Cursor = None,
@@ -38,18 +41,11 @@ async def aggregate_history(
             f"no aggregate type {aggregate_type!r}; known: {', '.join(sorted(DECIDERS))}",
             field="aggregate_type",
         )
-    key = decode_cursor("events", cursor, INT4)
-    rows = await queries.aggregate_history(
-        pool,
-        settings.db_schema,
+    rows = await read_models(
+        queries.aggregate_history,
         aggregate_type,
         aggregate_id,
-        after_version=key[0] if key else 0,
+        after_version=HISTORY.after(cursor) or 0,
         limit=limit + 1,
     )
-    items = [CloudEventPublic.from_row(r) for r in rows[:limit]]
-    more = len(rows) > limit
-    return Page(
-        items=items,
-        next_cursor=encode_cursor("events", rows[limit - 1]["version"]) if more else None,
-    )
+    return HISTORY.page(rows, limit, CloudEventPublic.from_row)

@@ -9,7 +9,8 @@ from fastapi import APIRouter, Path
 from api.deps import CommandClientDep
 from api.dispatch import event_refs
 from api.problems import Problem
-from api.schemas import CommandOutcomePublic, public_state
+from api.schemas.commands import STATE_TYPES, CommandOutcomePublic
+from api.schemas.money import public_state
 
 router = APIRouter(prefix="/commands", tags=["commands"])
 
@@ -41,7 +42,7 @@ async def command_outcome(
         version=outcome.version,
         events=event_refs(outcome),
         rejection=outcome.rejection.model_dump() if outcome.rejection else None,
-        state=public_state(outcome.state),
+        state=public_state(STATE_TYPES.get(outcome.aggregate_type), outcome.state),
         duplicate=outcome.duplicate,
         decided_at=outcome.decided_at,
     )

@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query
 
-from api.deps import FreshDep, PoolDep, RedisDep, SettingsDep
-from api.schemas import (
-    EconomySummary,
-    FlowSummary,
-    LeaderboardEntry,
-    TierSummary,
-    format_tokens,
-)
+from api.deps import FreshDep, ReadModelsDep, RedisDep, SettingsDep
+from api.schemas.economy import EconomySummary, FlowSummary, LeaderboardEntry, TierSummary
+from api.schemas.money import public_state
 from domain.economy import EconomyParameters
 from projections import queries
+from projections.keys import RedisKeys
 
 router = APIRouter(tags=["economy"])
 
@@ -27,53 +23,47 @@ async def leaderboard(
     limit: Annotated[int, Query(ge=1, le=500)] = 20,
 ) -> list[LeaderboardEntry]:
     """Accounts by rewards earned, highest first (the projector keeps it in Redis)."""
-    key = f"{settings.redis_prefix}:leaderboard:earnings"
+    key = RedisKeys(settings.redis_prefix).leaderboard
     entries = await redis.zrevrange(key, 0, limit - 1, withscores=True)
+    # withscores: each entry is a (member, score) pair
+    pairs = [(entry[0], entry[1]) for entry in entries if not isinstance(entry, bytes | str)]
     return [
         LeaderboardEntry(
             rank=i + 1,
             account_id=member.decode() if isinstance(member, bytes) else str(member),
-            earned=format_tokens(int(score)) or "0",
+            earned=int(score),
         )
-        for i, (member, score) in enumerate(entries)
+        for i, (member, score) in enumerate(pairs)
     ]
 
 
 @router.get("/economy/summary", response_model=EconomySummary)
 async def summary(
-    settings: SettingsDep,
-    pool: PoolDep,
+    read_models: ReadModelsDep,
     _fresh: FreshDep,
     bucket: Annotated[Literal["minute", "hour", "day"], Query()] = "hour",
 ) -> EconomySummary:
     """Supply, treasury, balances, staked (by tier), unstaking, in flight; rewards and
     slashes per bucket of time; the parameters in force."""
-    s = await queries.economy_summary(pool, settings.db_schema, bucket=bucket)
-    row = await queries.economy_parameters(pool, settings.db_schema)
+    s = await read_models(queries.economy_summary, bucket=bucket)
+    row = await read_models(queries.economy_parameters)
     params = EconomyParameters.model_validate(row["params"]) if row else EconomyParameters()
-    shown = params.model_dump(mode="json")
-    shown["base_reward"] = format_tokens(params.base_reward)
-    money = {
-        k: format_tokens(s[k]) or "0"
-        for k in ("supply", "treasury", "balances", "staked", "unstaking", "in_flight")
-    }
+    shown: dict[str, Any] = public_state(EconomyParameters, params.model_dump(mode="json")) or {}
     return EconomySummary(
-        **money,
+        supply=s["supply"],
+        treasury=s["treasury"],
+        balances=s["balances"],
+        staked=s["staked"],
+        unstaking=s["unstaking"],
+        in_flight=s["in_flight"],
         accounts=s["accounts"],
         balanced=s["supply"] == s["balances"] + s["staked"] + s["unstaking"] + s["in_flight"],
         tiers=[
-            TierSummary(
-                tier=t["tier"], accounts=t["accounts"], staked=format_tokens(t["staked"]) or "0"
-            )
+            TierSummary(tier=t["tier"], accounts=t["accounts"], staked=t["staked"] or 0)
             for t in s["tiers"]
         ],
         flows=[
-            FlowSummary(
-                at=f["at"],
-                kind=f["kind"],
-                amount=format_tokens(abs(f["amount"])) or "0",
-                count=f["count"],
-            )
+            FlowSummary(at=f["at"], kind=f["kind"], amount=abs(f["amount"]), count=f["count"])
             for f in s["flows"]
         ],
         parameters=shown,

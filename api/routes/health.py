@@ -9,9 +9,8 @@ from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from api.deps import CommandClientDep, MetricsDep, PoolDep, RedisDep
-from api.schemas import Health, Readiness
-from projections import queries
+from api.deps import CommandClientDep, MetricsDep, ReadModelsDep, RedisDep
+from api.schemas.health import Health, Readiness
 
 router = APIRouter(tags=["health"])
 
@@ -35,12 +34,14 @@ async def _check(what: Awaitable[object]) -> str:
 
 
 @router.get("/ready", response_model=Readiness, responses={503: {"model": Readiness}})
-async def ready(client: CommandClientDep, pool: PoolDep, redis: RedisDep) -> JSONResponse:
+async def ready(
+    client: CommandClientDep, read_models: ReadModelsDep, redis: RedisDep
+) -> JSONResponse:
     """Kafka metadata, PostgreSQL ``select 1`` and Redis PING, each within 2 s, and the
     command-outcome follower alive: 200 when all are, else 503 naming the ones that failed."""
     kafka_check, pg_check, redis_check = await asyncio.gather(
         _check(client.producer.client.fetch_all_metadata()),
-        _check(queries.ping(pool)),
+        _check(read_models.ping()),
         _check(redis.ping()),
     )
     checks = {

@@ -6,38 +6,33 @@ every stake from the accounts read model and the proposal carries that snapshot.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated
 
-from fastapi import APIRouter, Path, Query, Response
+from fastapi import APIRouter, Query, Response
+from fastapi.responses import JSONResponse
 
-from api.deps import Cursor, FreshDep, Limit, PoolDep, SettingsDep
-from api.dispatch import COMMAND_RESPONSES, DispatchDep
-from api.pagination import TEXT, decode_cursor, encode_cursor
+from api.deps import Cursor, DispatchDep, FreshDep, Limit, ProposalIdPath, ReadModelsDep
+from api.dispatch import COMMAND_RESPONSES
+from api.pagination import TEXT, Keyset
 from api.problems import Problem
-from api.schemas import (
-    ID_PATTERN,
-    CommandResult,
-    Page,
-    ProposalCreate,
-    ProposalPublic,
-    VoteIn,
-    to_micro,
-)
+from api.schemas.commands import CommandResult
+from api.schemas.common import Page
+from api.schemas.money import to_micro
+from api.schemas.proposals import ProposalCreate, ProposalPublic, VoteIn
 from domain import proposal as pr
 from domain.economy import ParameterChange, TierMultipliers
 from projections import queries
 
 router = APIRouter(prefix="/proposals", tags=["governance"])
 
-ProposalIdPath = Annotated[
-    str, Path(min_length=1, max_length=128, pattern=ID_PATTERN, description="the proposal id")
-]
+#: By proposal id.
+PROPOSALS = Keyset("proposals", (TEXT,), lambda row: (row["proposal_id"],))
 
 
 @router.post("", status_code=201, response_model=CommandResult, responses=COMMAND_RESPONSES)
-async def create_proposal(  # type: ignore[no-untyped-def]
-    body: ProposalCreate, dispatch: DispatchDep, settings: SettingsDep, pool: PoolDep
-):
+async def create_proposal(
+    body: ProposalCreate, dispatch: DispatchDep, read_models: ReadModelsDep
+) -> JSONResponse:
     """Propose a change; the stakes now are the voting powers (201, Location)."""
     proposal_id = body.proposal_id or dispatch.new_id("proposal")
     c = body.change
@@ -49,7 +44,7 @@ async def create_proposal(  # type: ignore[no-untyped-def]
     )
     powers = tuple(
         pr.VoterPower(account_id=r["account_id"], power=r["staked"])
-        for r in await queries.stakes(pool, settings.db_schema)
+        for r in await read_models(queries.stakes)
     )
     command = dispatch.command(
         pr.CreateProposal,
@@ -66,7 +61,9 @@ async def create_proposal(  # type: ignore[no-untyped-def]
 
 
 @router.post("/{proposal_id}/votes", response_model=CommandResult, responses=COMMAND_RESPONSES)
-async def cast_vote(proposal_id: ProposalIdPath, body: VoteIn, dispatch: DispatchDep):  # type: ignore[no-untyped-def]
+async def cast_vote(
+    proposal_id: ProposalIdPath, body: VoteIn, dispatch: DispatchDep
+) -> JSONResponse:
     """Vote once per account (409 already_voted; 403 no_voting_power)."""
     command = dispatch.command(
         pr.CastVote, proposal_id=proposal_id, voter=body.voter, choice=body.choice
@@ -76,25 +73,17 @@ async def cast_vote(proposal_id: ProposalIdPath, body: VoteIn, dispatch: Dispatc
 
 @router.get("", response_model=Page[ProposalPublic])
 async def list_proposals(
-    settings: SettingsDep,
-    pool: PoolDep,
+    read_models: ReadModelsDep,
     _fresh: FreshDep,
-    status: Annotated[
-        Literal["open", "passed", "rejected", "quorum_missed", "executed"] | None, Query()
-    ] = None,
+    status: Annotated[pr.Status | None, Query()] = None,
     limit: Limit = 50,
     cursor: Cursor = None,
 ) -> Page[ProposalPublic]:
     """Proposals by id, optionally of one status."""
-    key = decode_cursor("proposals", cursor, TEXT)
-    rows = await queries.list_proposals(
-        pool, settings.db_schema, status=status, after=key[0] if key else None, limit=limit + 1
+    rows = await read_models(
+        queries.list_proposals, status=status, after=PROPOSALS.after(cursor), limit=limit + 1
     )
-    items = [ProposalPublic.from_row(r) for r in rows[:limit]]
-    more = len(rows) > limit
-    return Page(
-        items=items, next_cursor=encode_cursor("proposals", items[-1].proposal_id) if more else None
-    )
+    return PROPOSALS.page(rows, limit, ProposalPublic.from_row)
 
 
 @router.get(
@@ -104,13 +93,12 @@ async def list_proposals(
 )
 async def get_proposal(
     proposal_id: ProposalIdPath,
-    settings: SettingsDep,
-    pool: PoolDep,
+    read_models: ReadModelsDep,
     _fresh: FreshDep,
     response: Response,
 ) -> ProposalPublic:
     """One proposal with its tallies and votes."""
-    row = await queries.get_proposal(pool, settings.db_schema, proposal_id)
+    row = await read_models(queries.get_proposal, proposal_id)
     if row is None:
         raise Problem(404, "proposal_not_found", f"no proposal {proposal_id}", field="proposal_id")
     response.headers["ETag"] = f'"{row["version"]}"'

@@ -3,19 +3,20 @@ cancel; list and read."""
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Annotated, Literal
+from typing import Annotated
 
 from fastapi import APIRouter, Body, Query, Response
+from fastapi.responses import JSONResponse
 
-from api.deps import Cursor, FreshDep, Limit, PoolDep, SettingsDep, TaskIdPath
-from api.dispatch import COMMAND_RESPONSES, DispatchDep, Dispatcher
-from api.pagination import TEXT, TIME, decode_cursor, encode_cursor
+from api.deps import Cursor, DispatchDep, FreshDep, Limit, ReadModelsDep, TaskIdPath
+from api.dispatch import COMMAND_RESPONSES, Dispatcher
+from api.pagination import TEXT, TIME, Keyset
 from api.problems import Problem
-from api.schemas import (
+from api.schemas.commands import CommandResult
+from api.schemas.common import Page
+from api.schemas.money import to_micro
+from api.schemas.tasks import (
     BatchResult,
-    CommandResult,
-    Page,
     TaskBatchCreate,
     TaskCancel,
     TaskComplete,
@@ -24,17 +25,16 @@ from api.schemas import (
     TaskProgress,
     TaskPublic,
     TaskStart,
-    to_micro,
 )
 from domain import task as tk
 from domain.messages import Command
+from domain.task import Status as TaskStatus
 from projections import queries
 
 router = APIRouter(prefix="/tasks", tags=["tasks"])
 
-TaskStatus = Literal[
-    "queued", "assigned", "running", "completed", "failed", "cancelled", "dead_lettered"
-]
+#: Newest first: by ``submitted_at``, then task id, both descending.
+TASKS = Keyset("tasks", (TIME, TEXT), lambda row: (row["submitted_at"], row["task_id"]))
 
 
 def _submit(dispatch: Dispatcher, body: TaskCreate, index: int | None = None) -> tk.SubmitTask:
@@ -86,14 +86,14 @@ async def submit_task_batch(body: TaskBatchCreate, dispatch: DispatchDep) -> Bat
 
 
 @router.post("", status_code=201, response_model=CommandResult, responses=COMMAND_RESPONSES)
-async def submit_task(body: TaskCreate, dispatch: DispatchDep):  # type: ignore[no-untyped-def]
+async def submit_task(body: TaskCreate, dispatch: DispatchDep) -> JSONResponse:
     """Submit a task; it is queued at once (201 with Location /tasks/{id})."""
     command = _submit(dispatch, body)
     return await dispatch.execute(command, created_at=f"/tasks/{command.task_id}")
 
 
 @router.post("/{task_id}/start", response_model=CommandResult, responses=COMMAND_RESPONSES)
-async def start_task(task_id: TaskIdPath, body: TaskStart, dispatch: DispatchDep):  # type: ignore[no-untyped-def]
+async def start_task(task_id: TaskIdPath, body: TaskStart, dispatch: DispatchDep) -> JSONResponse:
     """The assigned agent starts the task."""
     return await dispatch.execute(
         dispatch.command(tk.StartTask, task_id=task_id, agent_id=body.agent_id)
@@ -101,7 +101,9 @@ async def start_task(task_id: TaskIdPath, body: TaskStart, dispatch: DispatchDep
 
 
 @router.post("/{task_id}/progress", response_model=CommandResult, responses=COMMAND_RESPONSES)
-async def report_progress(task_id: TaskIdPath, body: TaskProgress, dispatch: DispatchDep):  # type: ignore[no-untyped-def]
+async def report_progress(
+    task_id: TaskIdPath, body: TaskProgress, dispatch: DispatchDep
+) -> JSONResponse:
     """The assigned agent reports progress in [0, 1] on a running task."""
     return await dispatch.execute(
         dispatch.command(
@@ -115,7 +117,9 @@ async def report_progress(task_id: TaskIdPath, body: TaskProgress, dispatch: Dis
 
 
 @router.post("/{task_id}/complete", response_model=CommandResult, responses=COMMAND_RESPONSES)
-async def complete_task(task_id: TaskIdPath, body: TaskComplete, dispatch: DispatchDep):  # type: ignore[no-untyped-def]
+async def complete_task(
+    task_id: TaskIdPath, body: TaskComplete, dispatch: DispatchDep
+) -> JSONResponse:
     """The assigned agent completes a running task with a result."""
     return await dispatch.execute(
         dispatch.command(
@@ -129,7 +133,7 @@ async def complete_task(task_id: TaskIdPath, body: TaskComplete, dispatch: Dispa
 
 
 @router.post("/{task_id}/fail", response_model=CommandResult, responses=COMMAND_RESPONSES)
-async def fail_task(task_id: TaskIdPath, body: TaskFail, dispatch: DispatchDep):  # type: ignore[no-untyped-def]
+async def fail_task(task_id: TaskIdPath, body: TaskFail, dispatch: DispatchDep) -> JSONResponse:
     """The assigned agent reports a failure (retried if retryable and attempts remain)."""
     return await dispatch.execute(
         dispatch.command(
@@ -143,11 +147,11 @@ async def fail_task(task_id: TaskIdPath, body: TaskFail, dispatch: DispatchDep):
 
 
 @router.post("/{task_id}/cancel", response_model=CommandResult, responses=COMMAND_RESPONSES)
-async def cancel_task(  # type: ignore[no-untyped-def]
+async def cancel_task(
     task_id: TaskIdPath,
     dispatch: DispatchDep,
     body: Annotated[TaskCancel | None, Body()] = None,
-):
+) -> JSONResponse:
     """Cancel a task that has not finished (the body, with a ``reason``, is optional)."""
     reason = (body or TaskCancel()).reason
     return await dispatch.execute(dispatch.command(tk.CancelTask, task_id=task_id, reason=reason))
@@ -155,8 +159,7 @@ async def cancel_task(  # type: ignore[no-untyped-def]
 
 @router.get("", response_model=Page[TaskPublic])
 async def list_tasks(
-    settings: SettingsDep,
-    pool: PoolDep,
+    read_models: ReadModelsDep,
     _fresh: FreshDep,
     status: Annotated[TaskStatus | None, Query()] = None,
     type: Annotated[str | None, Query(min_length=1, max_length=128)] = None,
@@ -166,23 +169,15 @@ async def list_tasks(
 ) -> Page[TaskPublic]:
     """Tasks newest first (by ``submitted_at``, then task id, both descending), filtered by
     status, type and/or agent."""
-    key = decode_cursor("tasks", cursor, TIME, TEXT)
-    after: tuple[datetime, str] | None = None if key is None else (key[0], key[1])
-    rows = await queries.list_tasks(
-        pool,
-        settings.db_schema,
+    rows = await read_models(
+        queries.list_tasks,
         status=status,
         type=type,
         agent_id=agent_id,
-        after=after,
+        after=TASKS.after(cursor),
         limit=limit + 1,
     )
-    items = [TaskPublic.from_row(r) for r in rows[:limit]]
-    next_cursor = None
-    if len(rows) > limit:
-        last = rows[limit - 1]
-        next_cursor = encode_cursor("tasks", last["submitted_at"].isoformat(), last["task_id"])
-    return Page(items=items, next_cursor=next_cursor)
+    return TASKS.page(rows, limit, TaskPublic.from_row)
 
 
 @router.get(
@@ -190,13 +185,12 @@ async def list_tasks(
 )
 async def get_task(
     task_id: TaskIdPath,
-    settings: SettingsDep,
-    pool: PoolDep,
+    read_models: ReadModelsDep,
     _fresh: FreshDep,
     response: Response,
 ) -> TaskPublic:
     """One task; ``ETag`` is its version (for If-Match)."""
-    row = await queries.get_task(pool, settings.db_schema, task_id)
+    row = await read_models(queries.get_task, task_id)
     if row is None:
         raise Problem(404, "task_not_found", f"no task {task_id}", field="task_id")
     response.headers["ETag"] = f'"{row["version"]}"'

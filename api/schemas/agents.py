@@ -1,0 +1,66 @@
+"""Agents: register, update capabilities; an agent as the read model has it."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from api.schemas.common import Id, In
+from api.schemas.money import Tokens, TokenString
+
+
+class CapabilityIn(In):
+    """A named skill with a level in [0, 1] (1 = expert)."""
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")
+    level: float = Field(ge=0.0, le=1.0)
+
+
+class AgentCreate(In):
+    """Register an agent; ``agent_id`` defaults to a fresh uuid4."""
+
+    agent_id: Id | None = None
+    name: str = Field(min_length=1, max_length=200)
+    capabilities: list[CapabilityIn] = Field(default_factory=list, max_length=100)
+    max_concurrent_tasks: int = Field(default=1, ge=1, le=1000)
+    cost_per_task: Tokens = "0"
+
+
+class AgentUpdate(In):
+    """Replace an agent's capabilities."""
+
+    capabilities: list[CapabilityIn] = Field(max_length=100)
+
+
+class CapabilityPublic(BaseModel):
+    """A capability of an agent."""
+
+    name: str
+    level: float
+
+
+class AgentPublic(BaseModel):
+    """An agent as the read model has it; ``status`` derived from lifecycle and load."""
+
+    agent_id: str
+    name: str
+    capabilities: list[CapabilityPublic]
+    max_concurrent_tasks: int
+    cost_per_task: TokenString
+    lifecycle: str
+    status: str
+    load: int
+    registered_at: datetime
+    last_heartbeat_at: datetime | None
+    tasks_completed: int
+    tasks_failed: int
+    tasks_lost: int
+    version: int
+    updated_at: datetime
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> AgentPublic:
+        """From a row of ``projections.queries.get_agent``/``list_agents``."""
+        return cls.model_validate(row)
