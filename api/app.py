@@ -37,8 +37,7 @@ from commands.client import CommandClient
 from infra.clock import Clock, SystemClock
 from infra.settings import Settings
 from infra.topics import Topics, ensure_topics
-from projections.readmodels import migrate
-from projections.schema import checked_schema, init_connection
+from projections.schema import checked_schema, init_connection, migrate
 
 DESCRIPTION = """\
 Commands (POST/PATCH/DELETE) wait for the decider's outcome: 201/200 with the aggregate's

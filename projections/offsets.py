@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 from infra.codec import Position
-from projections.schema import Db, checked_schema
+from projections.db import Db, checked_schema
 
 #: The name the projector stores its offsets under: every read model and the event
 #: archive are projected together, in one transaction per batch, so they share one.

@@ -58,19 +58,13 @@ from infra.clock import Clock, SystemClock
 from infra.codec import DecodeError, Position, StoredEvent, decode_event, encode_dead_letter
 from infra.kafka import Kafka, send
 from infra.topics import Topics
+from projections.db import checked_schema, has_json_codec
 from projections.keys import RedisKeys
 from projections.offsets import PROJECTION, stored_offsets
-from projections.readmodels import (
-    READ_MODELS,
-    Applied,
-    DeadLetters,
-    EventArchive,
-    ReadModel,
-    migrate,
-)
+from projections.readmodels import READ_MODELS, Applied, DeadLetters, EventArchive, ReadModel
 from projections.readmodels.base import Row
 from projections.readmodels.dead_letters import read_dead_letter
-from projections.schema import checked_schema, has_json_codec
+from projections.schema import migrate
 
 log = structlog.get_logger("swarmlog.projector")
 

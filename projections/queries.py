@@ -11,6 +11,7 @@ most ``limit`` rows after it, in a fixed total order.
 
 from __future__ import annotations
 
+from projections.db import Db
 from projections.offsets import projected_offsets, unreached
 from projections.readmodels.accounts import (
     account_ledger,
@@ -31,7 +32,6 @@ from projections.readmodels.workflows import (
     list_templates,
     list_workflows,
 )
-from projections.schema import Db
 
 __all__ = [
     "Db",

@@ -1,45 +1,39 @@
-"""The PostgreSQL schema the read models live in: its name, and how a connection to it is
-set up.
+"""The read models' PostgreSQL schema: the DDL of every registered read model (and of the
+projection offsets), created idempotently into one schema by ``migrate``.
 
 Every table lives in the schema named by ``Settings.db_schema`` (tests use a fresh one
-each), so a read model can be rebuilt into a fresh schema and swapped in. The tables
-themselves are declared by the read models (projections/readmodels/, one module each)
-and created by ``projections.readmodels.migrate``.
+each), so a read model can be rebuilt into a fresh schema and swapped in.
 """
 
 from __future__ import annotations
 
-import json
-import re
-from typing import TypeAlias
-
 import asyncpg
 
-#: Where a query runs: a pool, or one of its connections (inside a transaction).
-Db: TypeAlias = asyncpg.Pool | asyncpg.Connection
+from projections import offsets
+from projections.db import checked_schema, init_connection
+from projections.readmodels import READ_MODELS, DeadLetters, EventArchive
 
-_IDENT = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
-
-
-def checked_schema(name: str) -> str:
-    """``name`` if it is a plain lower-case SQL identifier, else ValueError (it is
-    interpolated into SQL, so nothing else is allowed)."""
-    if not _IDENT.match(name):
-        raise ValueError(f"invalid schema name {name!r}: use [a-z_][a-z0-9_]*")
-    return name
+__all__ = ["checked_schema", "ddl", "init_connection", "migrate"]
 
 
-async def init_connection(conn: asyncpg.Connection) -> None:
-    """Set up a new connection of a pool (``asyncpg.create_pool(..., init=init_connection)``):
-    ``json`` and ``jsonb`` values go in and come out as Python data (``json.dumps`` /
-    ``json.loads``). Every pool that reads or writes the read models is built with it;
-    the projector checks that its pool was (``has_json_codec``)."""
-    for name in ("json", "jsonb"):
-        await conn.set_type_codec(name, encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+def ddl(schema: str) -> str:
+    """The DDL of the schema, the projection offsets, the event archive, every read model
+    of ``READ_MODELS`` and the dead letters (idempotent: ``CREATE ... IF NOT EXISTS``)."""
+    s = checked_schema(schema)
+    parts = [
+        "CREATE SCHEMA IF NOT EXISTS {s};",
+        offsets.DDL,
+        EventArchive.ddl,
+        *(model.ddl for model in READ_MODELS),
+        DeadLetters.ddl,
+    ]
+    return "\n".join(part.format(s=s) for part in parts)
 
 
-async def has_json_codec(db: Db) -> bool:
-    """True if ``db`` decodes ``jsonb`` to Python data (its connections were set up by
-    ``init_connection``); the projector refuses a pool without it, whose JSON columns it
-    would write as JSON strings."""
-    return bool(await db.fetchval("SELECT '{}'::jsonb") == {})
+async def migrate(conn: asyncpg.Connection, schema: str) -> None:
+    """Create the schema and every read model's tables in it, if missing (idempotent;
+    serialized by an advisory lock, so concurrent starts are safe)."""
+    s = checked_schema(schema)
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", f"swarmlog-migrate-{s}")
+        await conn.execute(ddl(s))

@@ -15,6 +15,7 @@ import redis.asyncio as aioredis
 
 from infra.codec import StoredEvent
 from projections import views
+from projections.db import Db, checked_schema
 from projections.keys import RedisKeys
 from projections.readmodels.base import (
     Applied,
@@ -25,7 +26,6 @@ from projections.readmodels.base import (
     params,
     upsert_sql,
 )
-from projections.schema import Db, checked_schema
 
 NAME = "accounts"
 

@@ -14,6 +14,7 @@ import redis.asyncio as aioredis
 
 from infra.codec import StoredEvent
 from projections import views
+from projections.db import Db, checked_schema
 from projections.keys import RedisKeys
 from projections.readmodels.base import (
     Applied,
@@ -24,7 +25,6 @@ from projections.readmodels.base import (
     query_row,
     upsert_sql,
 )
-from projections.schema import Db, checked_schema
 
 NAME = "agents"
 

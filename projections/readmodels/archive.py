@@ -14,9 +14,9 @@ from collections.abc import Sequence
 import asyncpg
 
 from infra.codec import Position, StoredEvent, event_ce_type
+from projections.db import Db, checked_schema
 from projections.keys import RedisKeys
 from projections.readmodels.base import Applied, ReadModel, Row, as_columns, query_row
-from projections.schema import Db, checked_schema
 
 NAME = "archive"
 

@@ -15,8 +15,8 @@ import asyncpg
 import orjson
 
 from infra.codec import Position
+from projections.db import Db, checked_schema
 from projections.readmodels.base import Row
-from projections.schema import Db, checked_schema
 
 NAME = "dead_letters"
 

@@ -17,6 +17,7 @@ from domain import workflow as wf
 from domain import workflow_run as wr
 from infra.codec import StoredEvent
 from projections import views
+from projections.db import Db, checked_schema
 from projections.keys import RedisKeys
 from projections.readmodels.base import (
     Applied,
@@ -27,7 +28,6 @@ from projections.readmodels.base import (
     query_row,
     upsert_sql,
 )
-from projections.schema import Db, checked_schema
 
 NAME = "workflows"
 
