@@ -9,7 +9,6 @@ hangs them on ``app.state`` for api/deps.py, and closes them on shutdown.
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -40,7 +39,7 @@ from commands.client import CommandClient
 from infra.clock import Clock, SystemClock
 from infra.settings import Settings
 from infra.topics import Topics, ensure_topics
-from projections.schema import checked_schema, migrate
+from projections.schema import checked_schema, init_connection, migrate
 
 DESCRIPTION = """\
 Commands (POST/PATCH/DELETE) wait for the decider's outcome: 201/200 with the aggregate's
@@ -66,11 +65,6 @@ form, integer micro-tokens (1 token = 1,000,000).
 """
 
 
-async def _init_connection(conn: asyncpg.Connection) -> None:
-    for name in ("json", "jsonb"):
-        await conn.set_type_codec(name, encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
-
-
 def create_app(settings: Settings | None = None, *, clock: Clock | None = None) -> FastAPI:
     """The swarmlog HTTP API for ``settings`` (default: from the environment).
 
@@ -86,7 +80,7 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None) 
         kafka_url, database_url, redis_url = settings.require_services()
         topics = Topics.of(settings)
         pool = await asyncpg.create_pool(
-            database_url, min_size=1, max_size=10, init=_init_connection
+            database_url, min_size=1, max_size=10, init=init_connection
         )
         redis = aioredis.from_url(redis_url)
         client = CommandClient(

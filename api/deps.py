@@ -111,7 +111,7 @@ class ReadModels:
 
     async def __call__(
         self,
-        query: Callable[Concatenate[queries.Conn, str, P], Awaitable[R]],
+        query: Callable[Concatenate[queries.Db, str, P], Awaitable[R]],
         /,
         *args: P.args,
         **kwargs: P.kwargs,

@@ -67,9 +67,9 @@ from demo.swarm import Children
 from domain.account import MintTokens, PayReward
 from domain.economy import TREASURY
 from infra import stack
-from infra.audit import audit_ledger
 from infra.envelope import CommandEnvelope
 from infra.topics import Topics, ensure_topics
+from projections.audit import audit_ledger
 
 app = typer.Typer(add_completion=False)
 console = Console()

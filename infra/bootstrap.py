@@ -112,21 +112,38 @@ def run_streams(settings: Settings, only: tuple[str, ...] = PROCESS_MANAGERS) ->
 
 def run_projector(settings: Settings) -> None:
     """Run the projector until SIGTERM."""
+    import asyncpg
+    import redis.asyncio as aioredis
+
+    from infra.kafka import Kafka
     from projections.projector import Projector
+    from projections.schema import init_connection
 
     async def main() -> None:
         topics = await _ready_topics(settings)
         kafka_url, database_url, redis_url = settings.require_services()
-        projector = Projector(
-            bootstrap_servers=kafka_url,
-            topics=topics,
-            database_url=database_url,
-            schema=settings.db_schema,
-            redis_url=redis_url,
-            redis_prefix=settings.redis_prefix,
-            batch_size=settings.projector_batch_size,
+        pool = await asyncpg.create_pool(
+            database_url,
+            min_size=0,
+            max_size=4,
+            init=init_connection,
+            server_settings={"application_name": f"swarmlog-projector-{settings.db_schema}"},
         )
-        await _until_signalled(projector.run)
+        redis = aioredis.from_url(redis_url)
+        try:
+            projector = Projector(
+                Kafka(kafka_url),
+                topics,
+                pool=pool,
+                redis=redis,
+                schema=settings.db_schema,
+                redis_prefix=settings.redis_prefix,
+                batch_size=settings.projector_batch_size,
+            )
+            await _until_signalled(projector.run)
+        finally:
+            await redis.aclose()
+            await pool.close()
 
     asyncio.run(main())
 

@@ -268,8 +268,8 @@ def audit_ledger(state_dir: StateDir) -> None:
     difference."""
     import asyncio
 
-    from infra.audit import audit_ledger as run_audit
     from infra.topics import Topics
+    from projections.audit import audit_ledger as run_audit
 
     settings = _settings(state_dir)
     kafka_url, database_url, _ = settings.require_services()
@@ -324,7 +324,7 @@ def deadletters(
     import asyncio
     import json
 
-    from infra.deadletters import list_dead_letters
+    from projections.deadletters import list_dead_letters
 
     settings = _settings(state_dir)
     rows = asyncio.run(list_dead_letters(settings, limit=limit, topic=topic, from_log=from_log))
@@ -372,7 +372,7 @@ def deadletters_replay(
     """
     import asyncio
 
-    from infra.deadletters import replay
+    from projections.deadletters import replay
     from projections.projector import ReplayError
 
     settings = _settings(state_dir)

@@ -1,6 +1,7 @@
-"""Views: how each read-model row evolves with the events (pure; the projector writes them).
+"""Views: how each read-model row evolves with the events (pure; the read models in
+projections/readmodels/ read and write the rows).
 
-A row is a plain dict keyed by column name (projections/schema.py). ``evolve_*`` returns
+A row is a plain dict keyed by column name (the read model's table). ``evolve_*`` returns
 the new row and never raises; an event at or below the row's version is ignored, so
 applying an event twice is harmless.
 """
@@ -172,7 +173,7 @@ def evolve_account(row: Row | None, stored: RecordedEvent) -> Row | None:
     """The accounts row after ``stored`` (an account event), folded with the Account
     decider's own ``evolve`` so the read model cannot drift from the write model."""
     e = stored.event
-    if row is not None and stored.version <= row["version"]:
+    if not isinstance(e, ac.AccountEvent) or (row is not None and stored.version <= row["version"]):
         return row
     state: ac.AccountState | None = None
     if row is not None:
@@ -187,7 +188,7 @@ def evolve_account(row: Row | None, stored: RecordedEvent) -> Row | None:
             earned=row["earned"],
             slashed=row["slashed"],
         )
-    after = ac.evolve(state, e)  # type: ignore[arg-type]
+    after = ac.evolve(state, e)
     if after is None:
         return row
     return {
@@ -453,7 +454,7 @@ def evolve_run(row: Row | None, stored: RecordedEvent) -> Row | None:
 def run_result_keys(e: wr.WorkflowRunCompleted) -> dict[str, None]:
     """What a completed run's ``result`` column holds: its final steps' ids, each mapped
     to null. Their results are in the run's workflow_steps rows, and the read side
-    (projections/queries.py) assembles the run's result from them, so a run whose final
+    (projections/readmodels/workflows.py) assembles the run's result from them, so a run whose final
     results add up to megabytes is not written twice."""
     return dict.fromkeys(e.final_steps)
 

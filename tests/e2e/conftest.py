@@ -35,10 +35,12 @@ from api.app import create_app
 from commands.processor import CommandProcessor
 from infra import kafka
 from infra.clock import Clock, ManualClock, SystemClock
+from infra.kafka import Kafka
 from infra.settings import Settings
 from infra.stack import StackInfo
 from infra.topics import Topics, ensure_topics
 from projections.projector import Projector
+from projections.schema import init_connection
 from streams.economy_runner import EconomyRunner
 from streams.scheduler import Policy
 from streams.scheduler_runner import SchedulerRunner
@@ -169,12 +171,16 @@ async def swarm(services: StackInfo, request: pytest.FixtureRequest) -> AsyncIte
         tick_s=0.1,
     )
     economy = EconomyRunner(bootstrap, topics, clock=clock, tick_s=0.1, resend_s=2.0)
+    projector_pool = await asyncpg.create_pool(
+        services.database_url, min_size=0, max_size=4, init=init_connection
+    )
+    projector_redis = aioredis.from_url(services.redis_url)
     projector = Projector(
-        bootstrap_servers=bootstrap,
-        topics=topics,
-        database_url=services.database_url,
+        Kafka(bootstrap),
+        topics,
+        pool=projector_pool,
+        redis=projector_redis,
         schema=settings.db_schema,
-        redis_url=services.redis_url,
         redis_prefix=settings.redis_prefix,
     )
     sock = _free_socket()
@@ -233,6 +239,8 @@ async def swarm(services: StackInfo, request: pytest.FixtureRequest) -> AsyncIte
         for task in pending:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
+        await projector_redis.aclose()
+        await projector_pool.close()
         await _drop(services, settings, topics)
 
 

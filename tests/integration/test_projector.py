@@ -25,11 +25,14 @@ from domain import agent as ag
 from domain import task as tk
 from domain.recorded import RecordedEvent
 from infra.envelope import CommandEnvelope
+from infra.kafka import Kafka
 from infra.mapper import ce_type_of
 from infra.stack import StackInfo
 from infra.topics import Topics
 from projections import views
-from projections.projector import PROJECTION, Projector
+from projections.offsets import PROJECTION
+from projections.projector import Projector
+from projections.schema import init_connection
 from tests.integration.helpers import (
     RoleProcess,
     Running,
@@ -55,6 +58,9 @@ class World:
     client: CommandClient
     pool: asyncpg.Pool
     redis: aioredis.Redis
+    #: The projectors' pool (as the composition root builds it: JSON codecs, sessions
+    #: named swarmlog-projector-<schema>).
+    projector_pool: asyncpg.Pool
 
     @property
     def bootstrap(self) -> str:
@@ -66,11 +72,11 @@ class World:
 
     def projector(self, batch_size: int = 500) -> Projector:
         return Projector(
-            bootstrap_servers=self.bootstrap,
-            topics=self.topics,
-            database_url=self.services.database_url,
+            Kafka(self.bootstrap),
+            self.topics,
+            pool=self.projector_pool,
+            redis=self.redis,
             schema=self.schema,
-            redis_url=self.services.redis_url,
             redis_prefix=self.topics.prefix,
             batch_size=batch_size,
         )
@@ -144,18 +150,26 @@ async def world(services: StackInfo) -> AsyncIterator[World]:
     r = Running(processor, "processor")
     pool = await asyncpg.create_pool(services.database_url, min_size=1, max_size=3)
     red = aioredis.from_url(services.redis_url)
+    projector_pool = await asyncpg.create_pool(
+        services.database_url,
+        min_size=0,
+        max_size=4,
+        init=init_connection,
+        server_settings={"application_name": f"swarmlog-projector-{topics.prefix}"},
+    )
     try:
         await wait_until(
             lambda: r.check() or len(processor.partitions) == 3,
             30,
             what="the processor to own every partition",
         )
-        yield World(services, topics, client, pool, red)
+        yield World(services, topics, client, pool, red, projector_pool)
         r.check()
     finally:
         if not r.task.done():
             await r.stop()
         await client.stop()
+        await projector_pool.close()
         await pool.execute(f"DROP SCHEMA IF EXISTS {topics.prefix} CASCADE")
         await pool.close()
         keys = [k async for k in red.scan_iter(f"{topics.prefix}:*")]

@@ -29,6 +29,7 @@ from aiokafka import AIOKafkaProducer, TopicPartition
 from domain import task as tk
 from domain.ids import derived_id
 from domain.recorded import RecordedEvent
+from infra.kafka import Kafka
 from infra.mapper import encode_event
 from projections.projector import Projector
 from tests.integration import test_projector
@@ -373,16 +374,16 @@ async def test_redis_down_holds_back_only_the_redis_views(world: World, tmp_path
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     url = f"redis://127.0.0.1:{port}/0"
+    red = aioredis.from_url(url)
     projector = Projector(
-        bootstrap_servers=world.bootstrap,
-        topics=world.topics,
-        database_url=world.services.database_url,
+        Kafka(world.bootstrap),
+        world.topics,
+        pool=world.projector_pool,
+        redis=red,
         schema=world.schema,
-        redis_url=url,
         redis_prefix=world.topics.prefix,
     )
     running = Running(projector, "projector")
-    red = aioredis.from_url(url)
     server: asyncio.subprocess.Process | None = None
 
     async def answers() -> bool:

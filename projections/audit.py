@@ -32,9 +32,8 @@ from infra import kafka
 from infra.cloudevents import DecodeError
 from infra.mapper import decode_event
 from infra.topics import Topics
+from projections.offsets import stored_offsets
 from projections.schema import checked_schema
-
-PROJECTION = "core"
 
 
 @dataclass(frozen=True)
@@ -109,14 +108,7 @@ async def audit_ledger(
                 f"SELECT account_id, bucket, sum(amount)::bigint AS amount"
                 f" FROM {s}.ledger_entries GROUP BY account_id, bucket"
             )
-            offsets = {
-                (r["topic"], r["partition"]): r["next_offset"]
-                for r in await conn.fetch(
-                    f"SELECT topic, partition, next_offset FROM {s}.projection_offsets"
-                    " WHERE projection = $1",
-                    PROJECTION,
-                )
-            }
+            offsets = await stored_offsets(conn, s)
     finally:
         await conn.close()
 

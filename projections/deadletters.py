@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
+import redis.asyncio as aioredis
 from aiokafka import TopicPartition
 
 from domain.ids import derived_id
@@ -38,8 +39,15 @@ from domain.recorded import Position
 from infra import kafka
 from infra.settings import Settings
 from infra.topics import Topics
-from projections import queries
-from projections.projector import Projector, read_dead_letter
+from projections.projector import Projector
+from projections.readmodels.dead_letters import (
+    find_dead_letters,
+    read_dead_letter,
+)
+from projections.readmodels.dead_letters import (
+    list_dead_letters as table_dead_letters,
+)
+from projections.schema import init_connection
 
 _POSITION = re.compile(r"^(?P<topic>.+):(?P<partition>\d{1,9}):(?P<offset>\d{1,18})$")
 
@@ -54,14 +62,14 @@ def parse_ref(ref: str) -> tuple[str | None, Position | None]:
 
 
 async def _table_rows(settings: Settings, **kw: Any) -> list[dict[str, Any]] | None:
-    """``queries.find_dead_letters`` or ``list_dead_letters`` (``find`` in kw), None if
-    the table does not exist yet (no projector ran on this schema)."""
+    """``find_dead_letters`` or the read model's ``list_dead_letters`` (``find`` in kw),
+    None if the table does not exist yet (no projector ran on this schema)."""
     _, database_url, _ = settings.require_services()
     conn = await asyncpg.connect(database_url)
     try:
         if kw.pop("find", False):
-            return await queries.find_dead_letters(conn, settings.db_schema, **kw)
-        return await queries.list_dead_letters(conn, settings.db_schema, **kw)
+            return await find_dead_letters(conn, settings.db_schema, **kw)
+        return await table_dead_letters(conn, settings.db_schema, **kw)
     except asyncpg.UndefinedTableError:
         return None
     finally:
@@ -136,22 +144,29 @@ async def replay(settings: Settings, ref: str) -> Replayed:
     """Replay the dead letter ``ref`` (see the module docstring for how).
 
     Raises LookupError if there is no such dead letter, ``projections.projector.
-    ReplayError`` if an event is still refused (nothing changed then).
+    ReplayError`` if an event is still refused (nothing changed then). Builds (and
+    closes) the projector's clients for the replay of an event.
     """
     kafka_url, database_url, redis_url = settings.require_services()
     topics = Topics.of(settings)
     row = await find(settings, ref)
     source = Position(row["source_topic"], row["source_partition"], row["source_offset"])
     if source.topic in topics.event_topics.values():
-        projector = Projector(
-            bootstrap_servers=kafka_url,
-            topics=topics,
-            database_url=database_url,
-            schema=settings.db_schema,
-            redis_url=redis_url,
-            redis_prefix=settings.redis_prefix,
-        )
-        result = await projector.replay(source)
+        pool = await asyncpg.create_pool(database_url, min_size=1, max_size=2, init=init_connection)
+        redis = aioredis.from_url(redis_url)
+        try:
+            projector = Projector(
+                kafka.Kafka(kafka_url),
+                topics,
+                pool=pool,
+                redis=redis,
+                schema=settings.db_schema,
+                redis_prefix=settings.redis_prefix,
+            )
+            result = await projector.replay(source)
+        finally:
+            await redis.aclose()
+            await pool.close()
         how = (
             f"re-applied {result.aggregate} event {result.event_id}"
             + ("" if result.applied else " (ignored: the row had moved past it)")
