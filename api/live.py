@@ -34,7 +34,7 @@ from api.metrics import Metrics
 from api.positions import Layout
 from api.problems import Problem
 from api.sse import LiveResponse
-from infra import kafka
+from infra.kafka import Kafka, record_bytes
 from infra.codec import DecodeError, StoredEvent, decode_event
 
 Filter = Callable[[StoredEvent], bool]
@@ -83,7 +83,7 @@ class Tap:
 
     def __init__(
         self,
-        bootstrap_servers: str,
+        kafka: Kafka,
         layout: Layout,
         window: int = 20_000,
         window_bytes: int = WINDOW_BYTES,
@@ -99,7 +99,7 @@ class Tap:
         self.floor: dict[TopicPartition, int] = {}
         #: Per partition, the next offset after the last record taken in.
         self.position: dict[TopicPartition, int] = {}
-        self._consumer: AIOKafkaConsumer = kafka.consumer(bootstrap_servers)
+        self._consumer: AIOKafkaConsumer = kafka.consumer()
         self._changed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -125,7 +125,7 @@ class Tap:
         window, evict the oldest entries past either bound, and wake the clients."""
         for tp, records in batch.items():
             for record in records:
-                size = kafka.record_bytes(record)
+                size = record_bytes(record)
                 self.entries.append(_Entry(self.next_seq, tp, record.offset, record, size))
                 self.bytes += size
                 self.next_seq += 1
@@ -256,7 +256,7 @@ class EventStream:
     def __init__(
         self,
         hub: StreamHub,
-        bootstrap_servers: str,
+        kafka: Kafka,
         layout: Layout,
         keep: Filter,
         pre: HeaderFilter | None = None,
@@ -266,7 +266,7 @@ class EventStream:
         self.keep = keep
         self.pre = pre
         self.offsets: dict[TopicPartition, int] = {}
-        self._consumer: AIOKafkaConsumer = kafka.consumer(bootstrap_servers)
+        self._consumer: AIOKafkaConsumer = kafka.consumer()
         self._closed = False
 
     async def open(self, start: dict[TopicPartition, int] | None, from_beginning: bool) -> None:
@@ -331,7 +331,7 @@ class StreamHub:
     ``window`` records and ``window_bytes`` bytes), and the open streams, capped at
     ``max_clients``."""
 
-    bootstrap_servers: str
+    kafka: Kafka
     max_clients: int
     metrics: Metrics
     retry_after_s: int = 5
@@ -346,7 +346,7 @@ class StreamHub:
         async with self._tap_lock:
             tap = self.taps.get(layout)
             if tap is None:
-                tap = Tap(self.bootstrap_servers, layout, self.window, self.window_bytes)
+                tap = Tap(self.kafka, layout, self.window, self.window_bytes)
                 await tap.start()
                 self.taps[layout] = tap
             return tap
@@ -378,7 +378,7 @@ class StreamHub:
                 stream = TapStream(self, tap, keep, pre, start)
                 self._add(stream)
                 return stream
-        stream = EventStream(self, self.bootstrap_servers, layout, keep, pre)
+        stream = EventStream(self, self.kafka, layout, keep, pre)
         self._add(stream)
         try:
             await stream.open(start, from_beginning)

@@ -53,7 +53,7 @@ from commands.idempotency import (
 )
 from domain.messages import Rejection, rejected
 from domain.registry import DECIDERS
-from infra import kafka
+from infra.kafka import Kafka, send
 from infra.clock import Clock, SystemClock
 from infra.codec import (
     CommandEnvelope,
@@ -165,8 +165,8 @@ class OutcomeReader:
     offsets (what retention has deleted). One consumer outside any group, shared by the
     partitions under a lock, started on first use."""
 
-    def __init__(self, bootstrap_servers: str, topic: str, *, timeout_s: float = 10.0) -> None:
-        self.bootstrap = bootstrap_servers
+    def __init__(self, kafka: Kafka, topic: str, *, timeout_s: float = 10.0) -> None:
+        self.kafka = kafka
         self.topic = topic
         self.timeout_s = timeout_s
         self.reads = 0
@@ -175,7 +175,7 @@ class OutcomeReader:
 
     async def _started(self) -> AIOKafkaConsumer:
         if self._consumer is None:
-            consumer = kafka.consumer(self.bootstrap)
+            consumer = self.kafka.consumer()
             await consumer.start()
             self._consumer = consumer
         return self._consumer
@@ -230,14 +230,14 @@ class CommandProcessor:
 
     def __init__(
         self,
-        bootstrap_servers: str,
+        kafka: Kafka,
         topics: Topics,
         *,
         clock: Clock | None = None,
         outcome_cache_bytes: int | None = None,
         record_max_bytes: int | None = None,
     ) -> None:
-        self.bootstrap = bootstrap_servers
+        self.kafka = kafka
         self.topics = topics
         self.clock = clock or SystemClock()
         if outcome_cache_bytes is None or record_max_bytes is None:
@@ -248,12 +248,11 @@ class CommandProcessor:
                 record_max_bytes = settings.record_max_bytes
         self.record_max_bytes = record_max_bytes
         self.cache = OutcomeCache(outcome_cache_bytes)
-        self.reader = OutcomeReader(bootstrap_servers, topics.outcomes)
+        self.reader = OutcomeReader(kafka, topics.outcomes)
         self.group_id = f"{topics.prefix}-processor"
         self.partitions: dict[int, PartitionState] = {}
         self._lock = asyncio.Lock()
         self.consumer = kafka.consumer(
-            bootstrap_servers,
             group_id=self.group_id,
             max_poll_records=500,
             session_timeout_ms=10_000,
@@ -331,8 +330,8 @@ class CommandProcessor:
                 log.info("expired command ids forgotten", partition=partition, count=dropped)
 
     async def _acquire(self, partition: int) -> None:
-        producer = kafka.producer(
-            self.bootstrap, transactional_id=f"{self.topics.prefix}-processor-p{partition}"
+        producer = self.kafka.producer(
+            transactional_id=f"{self.topics.prefix}-processor-p{partition}"
         )
         await producer.start()  # init_producer_id: fences a stale owner, aborts its txn
         ps = PartitionState(producer=producer)
@@ -371,9 +370,9 @@ class CommandProcessor:
                 if record.value:
                     self.cache.put(digest, bytes(record.value))
 
-        await kafka.read_to_end(self.bootstrap, tps, on_event)
-        await kafka.read_to_end(
-            self.bootstrap, [TopicPartition(self.topics.outcomes, partition)], on_outcome
+        await self.kafka.read_to_end(tps, on_event)
+        await self.kafka.read_to_end(
+            [TopicPartition(self.topics.outcomes, partition)], on_outcome
         )
         self.partitions[partition] = ps
         log.info(
@@ -443,7 +442,7 @@ class CommandProcessor:
                     futures = []
                     for event_record in decision.events:
                         try:
-                            future = await kafka.send(ps.producer, event_record)
+                            future = await send(ps.producer, event_record)
                         except _TOO_LARGE_ERRORS as exc:
                             self._refuse(tp.partition, record.offset, event_record, exc)
                             raise
@@ -468,7 +467,7 @@ class CommandProcessor:
                         outcome = outcome.model_copy(update={"events": events})
                         staged_outcomes[outcome.command_id] = outcome
                     out = self._outcome_record(outcome)
-                    future = await kafka.send(ps.producer, out)
+                    future = await send(ps.producer, out)
                     written.append(future)
                     if digest is not None:
                         firsts.append((digest, out.value, future))
@@ -807,7 +806,7 @@ class CommandProcessor:
             )
             reason = f"{reason[:MAX_DETAIL_CHARS]} (record cut to {keep:,} of {len(value):,} bytes)"
             letter = encode_dead_letter(self.topics.deadletter, cut, reason, at)
-        return await kafka.send(ps.producer, letter)
+        return await send(ps.producer, letter)
 
     def _refuse(self, partition: int, offset: int, record: Record, exc: BaseException) -> None:
         """Remember that the broker or producer refused an event of the command at

@@ -33,12 +33,12 @@ from typing import Any
 import asyncpg
 from aiokafka import TopicPartition
 
-from infra import kafka
+from infra import bootstrap, kafka
 from infra.codec import Position, derived_id
 from infra.settings import Settings
 from infra.topics import Topics
 from projections import queries
-from projections.projector import Projector, read_dead_letter
+from projections.projector import read_dead_letter
 
 _POSITION = re.compile(r"^(?P<topic>.+):(?P<partition>\d{1,9}):(?P<offset>\d{1,18})$")
 
@@ -137,20 +137,14 @@ async def replay(settings: Settings, ref: str) -> Replayed:
     Raises LookupError if there is no such dead letter, ``projections.projector.
     ReplayError`` if an event is still refused (nothing changed then).
     """
-    kafka_url, database_url, redis_url = settings.require_services()
+    kafka_url, database_url, _ = settings.require_services()
     topics = Topics.of(settings)
     row = await find(settings, ref)
     source = Position(row["source_topic"], row["source_partition"], row["source_offset"])
     if source.topic in topics.event_topics.values():
-        projector = Projector(
-            bootstrap_servers=kafka_url,
-            topics=topics,
-            database_url=database_url,
-            schema=settings.db_schema,
-            redis_url=redis_url,
-            redis_prefix=settings.redis_prefix,
-        )
-        result = await projector.replay(source)
+        clients = await bootstrap.connect(settings, create_topics=False)
+        async with bootstrap.open_projector(clients) as projector:
+            result = await projector.replay(source)
         how = (
             f"re-applied {result.aggregate} event {result.event_id}"
             + ("" if result.applied else " (ignored: the row had moved past it)")

@@ -58,7 +58,7 @@ from domain import workflow as wf
 from domain import workflow_run as wr
 from domain.backoff import backoff_seconds
 from domain.economy import EconomyParameters
-from infra import kafka
+from infra.kafka import Kafka, send
 from infra.clock import Clock, SystemClock
 from infra.codec import (
     DecodeError,
@@ -471,21 +471,21 @@ class Projector:
 
     def __init__(
         self,
-        *,
-        bootstrap_servers: str,
+        kafka: Kafka,
         topics: Topics,
-        database_url: str,
+        *,
+        pool: asyncpg.Pool,
+        redis: aioredis.Redis,
         schema: str,
-        redis_url: str,
         redis_prefix: str,
         batch_size: int = 500,
         clock: Clock | None = None,
     ) -> None:
-        self.bootstrap = bootstrap_servers
+        self.kafka = kafka
         self.topics = topics
-        self.database_url = database_url
+        self.pool = pool
+        self.redis = redis
         self.schema = checked_schema(schema)
-        self.redis_url = redis_url
         self.redis_prefix = redis_prefix
         self.batch_size = batch_size
         self.clock = clock or SystemClock()
@@ -601,16 +601,9 @@ class Projector:
         Never stops for a record (it is dead-lettered) nor for an outage (waited out with
         backoff); an outage at start (migrating the schema) is waited out too.
         """
-        pool = await asyncpg.create_pool(
-            self.database_url,
-            min_size=0,
-            max_size=4,
-            server_settings={"application_name": f"swarmlog-projector-{self.schema}"},
-        )
-        r = aioredis.from_url(self.redis_url)
-        dead_letters = kafka.producer(self.bootstrap)
-        consumer = kafka.consumer(
-            self.bootstrap,
+        pool, r = self.pool, self.redis
+        dead_letters = self.kafka.producer()
+        consumer = self.kafka.consumer(
             group_id=f"{self.topics.prefix}-projector",
             max_poll_records=self.batch_size,
             session_timeout_ms=10_000,
@@ -680,8 +673,6 @@ class Projector:
         finally:
             await consumer.stop()
             await dead_letters.stop()
-            await r.aclose()
-            await pool.close()
 
     async def replay(self, position: Position) -> ReplayResult:
         """Re-apply the dead-lettered event at ``position`` of an event topic, after a fix
@@ -700,9 +691,8 @@ class Projector:
         position yet, or the event is still unreadable or still refused.
         """
         tp = TopicPartition(position.topic, position.partition)
-        pool = await asyncpg.create_pool(self.database_url, min_size=1, max_size=2)
-        r = aioredis.from_url(self.redis_url)
-        producer = kafka.producer(self.bootstrap)
+        pool, r = self.pool, self.redis
+        producer = self.kafka.producer()
         await producer.start()
         s = self.schema
         try:
@@ -722,8 +712,7 @@ class Projector:
                         " will read the record itself"
                     )
                 records: list[Any] = []
-                await kafka.read_to_end(
-                    self.bootstrap,
+                await self.kafka.read_to_end(
                     [tp],
                     lambda rec: records.append(rec) if rec.offset < next_offset else None,
                     start={tp: position.offset},
@@ -782,8 +771,6 @@ class Projector:
             )
         finally:
             await producer.stop()
-            await r.aclose()
-            await pool.close()
 
     async def _offsets(self, pool: asyncpg.Pool) -> dict[TopicPartition, int]:
         rows = await pool.fetch(
@@ -972,7 +959,7 @@ class Projector:
                     " record is at the position this letter names)",
                     self.clock.now(),
                 )
-            futures.append(await kafka.send(producer, letter))
+            futures.append(await send(producer, letter))
             log.warning(
                 "event dead-lettered",
                 topic=record.topic,

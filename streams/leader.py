@@ -47,7 +47,7 @@ from aiokafka.errors import (
 
 from commands.client import CommandClient
 from domain.messages import Command
-from infra import kafka
+from infra.kafka import Kafka, send
 from infra.clock import Clock, SystemClock
 from infra.codec import (
     CommandEnvelope,
@@ -125,14 +125,14 @@ class ElectedRunner(ABC):
 
     def __init__(
         self,
-        bootstrap_servers: str,
+        kafka: Kafka,
         topics: Topics,
         *,
         clock: Clock | None = None,
         tick_s: float = 0.2,
         source: str,
     ) -> None:
-        self.bootstrap = bootstrap_servers
+        self.kafka = kafka
         self.topics = topics
         self.clock = clock or SystemClock()
         self.tick_s = tick_s
@@ -241,7 +241,7 @@ class ElectedRunner(ABC):
         futures: list[tuple[str, Any]] = []
         for lid, letter in queued:
             try:
-                futures.append((lid, await kafka.send(client.producer, letter)))
+                futures.append((lid, await send(client.producer, letter)))
             except Exception as exc:  # noqa: BLE001 - sorted by record_fault
                 if not record_fault(exc):
                     self._log_once("dead letters not written; retrying", exc)
@@ -297,7 +297,7 @@ class ElectedRunner(ABC):
                     self._refused(command_id, command, "cannot encode the command", exc)
                     continue
                 try:
-                    futures.append((i, await kafka.send(client.producer, record)))
+                    futures.append((i, await send(client.producer, record)))
                 except Exception as exc:  # noqa: BLE001 - sorted by record_fault
                     if not record_fault(exc):
                         unavailable = exc
@@ -345,15 +345,14 @@ class ElectedRunner(ABC):
                 if assigned:
                     runner.leader.set()
 
-        election = kafka.consumer(
-            self.bootstrap,
+        election = self.kafka.consumer(
             group_id=f"{self.topics.prefix}-{self.name}",
             session_timeout_ms=10_000,
             heartbeat_interval_ms=1_000,
         )
         election.subscribe([self.topics.coordination], listener=Election())
         await election.start()
-        client = CommandClient(self.bootstrap, self.topics, follow_outcomes=False)
+        client = CommandClient(self.kafka, self.topics, follow_outcomes=False)
         await client.start()
         try:
             while not stop.is_set():
@@ -418,8 +417,8 @@ class ElectedRunner(ABC):
         self.caught_up.clear()
         tps: list[TopicPartition] = []
         for topic in self.read_topics():
-            tps += await kafka.partitions_of(self.bootstrap, topic)
-        consumer = kafka.consumer(self.bootstrap)
+            tps += await self.kafka.partitions_of(topic)
+        consumer = self.kafka.consumer()
         await consumer.start()
         try:
             consumer.assign(tps)

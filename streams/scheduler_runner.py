@@ -17,6 +17,7 @@ from domain import account as ac
 from domain.agent import AGENT
 from domain.task import TASK
 from infra.clock import Clock
+from infra.kafka import Kafka
 from infra.codec import StoredEvent, event_ce_type
 from infra.topics import Topics
 from streams.leader import ElectedRunner
@@ -46,7 +47,7 @@ class SchedulerRunner(ElectedRunner):
 
     def __init__(
         self,
-        bootstrap_servers: str,
+        kafka: Kafka,
         topics: Topics,
         *,
         policy: Policy | None = None,
@@ -55,7 +56,7 @@ class SchedulerRunner(ElectedRunner):
         resend_s: float = 3.0,
         source: str = "/swarmlog/scheduler",
     ) -> None:
-        super().__init__(bootstrap_servers, topics, clock=clock, tick_s=tick_s, source=source)
+        super().__init__(kafka, topics, clock=clock, tick_s=tick_s, source=source)
         self.policy = policy or Policy()
         self.resend_s = resend_s
         self.view = SchedulerView()

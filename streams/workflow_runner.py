@@ -18,6 +18,7 @@ from collections.abc import Iterable
 from commands.client import CommandClient
 from domain import task as tk
 from infra.clock import Clock
+from infra.kafka import Kafka
 from infra.codec import StoredEvent, event_ce_type
 from infra.topics import Topics
 from streams.leader import ElectedRunner
@@ -51,7 +52,7 @@ class WorkflowRunner(ElectedRunner):
 
     def __init__(
         self,
-        bootstrap_servers: str,
+        kafka: Kafka,
         topics: Topics,
         *,
         clock: Clock | None = None,
@@ -60,7 +61,7 @@ class WorkflowRunner(ElectedRunner):
         grace_s: float = 60.0,
         source: str = "/swarmlog/workflow",
     ) -> None:
-        super().__init__(bootstrap_servers, topics, clock=clock, tick_s=tick_s, source=source)
+        super().__init__(kafka, topics, clock=clock, tick_s=tick_s, source=source)
         self.resend_s = resend_s
         self.grace_s = grace_s
         self.view = WorkflowView()
