@@ -27,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol
@@ -47,7 +47,10 @@ if TYPE_CHECKING:
     from commands.client import CommandClient
     from commands.processor import CommandProcessor
     from projections.projector import Projector
+    from streams.economy_runner import EconomyRunner
     from streams.leader import ElectedRunner
+    from streams.scheduler_runner import SchedulerRunner
+    from streams.workflow_runner import WorkflowRunner
 
 log = structlog.get_logger("swarmlog")
 
@@ -166,11 +169,61 @@ def build_processor(clients: Clients) -> CommandProcessor:
     )
 
 
+def build_scheduler(clients: Clients) -> SchedulerRunner:
+    """The scheduler's process manager (assignment, leases, heartbeats), reading every
+    ``settings.scheduler_tick_s``, with the settings' heartbeat timeout and aging."""
+    from streams.scheduler import Policy
+    from streams.scheduler_runner import SchedulerRunner
+
+    settings = clients.settings
+    return SchedulerRunner(
+        clients.kafka,
+        clients.topics,
+        policy=Policy(
+            heartbeat_timeout_s=settings.heartbeat_timeout_s,
+            aging_interval_s=settings.aging_interval_s,
+        ),
+        clock=clients.clock,
+        tick_s=settings.scheduler_tick_s,
+    )
+
+
+def build_economy(clients: Clients) -> EconomyRunner:
+    """The economy's process manager (rewards, slashing, ledger credits, governance
+    deadlines), resending an unanswered command after ``settings.economy_resend_s``."""
+    from streams.economy_runner import EconomyRunner
+
+    settings = clients.settings
+    return EconomyRunner(
+        clients.kafka,
+        clients.topics,
+        clock=clients.clock,
+        tick_s=settings.scheduler_tick_s,
+        resend_s=settings.economy_resend_s,
+    )
+
+
+def build_workflow(clients: Clients) -> WorkflowRunner:
+    """The workflow engine's process manager (runs, step tasks, outcomes, cancellation),
+    resending an unanswered command after ``settings.workflow_resend_s``."""
+    from streams.workflow_runner import WorkflowRunner
+
+    settings = clients.settings
+    return WorkflowRunner(
+        clients.kafka,
+        clients.topics,
+        clock=clients.clock,
+        tick_s=settings.scheduler_tick_s,
+        resend_s=settings.workflow_resend_s,
+    )
+
+
 def build_process_managers(
     clients: Clients, only: Iterable[str] = PROCESS_MANAGERS
 ) -> dict[str, ElectedRunner]:
     """The process managers named in ``only`` (default: the scheduler, the economy and the
-    workflow engine), by name, each reading with ``settings.scheduler_tick_s``.
+    workflow engine), by name (see ``build_scheduler``, ``build_economy``,
+    ``build_workflow``).
 
     Raises ValueError for a name not in ``PROCESS_MANAGERS``, or for none.
     """
@@ -180,38 +233,12 @@ def build_process_managers(
         raise ValueError(
             f"unknown process manager(s) {unknown}; choose from {', '.join(PROCESS_MANAGERS)}"
         )
-    from streams.economy_runner import EconomyRunner
-    from streams.scheduler import Policy
-    from streams.scheduler_runner import SchedulerRunner
-    from streams.workflow_runner import WorkflowRunner
-
-    settings, kafka, topics, clock = (
-        clients.settings,
-        clients.kafka,
-        clients.topics,
-        clients.clock,
-    )
-    tick_s = settings.scheduler_tick_s
-    runners: dict[str, ElectedRunner] = {}
-    for name in chosen:
-        if name == "scheduler":
-            runners[name] = SchedulerRunner(
-                kafka,
-                topics,
-                policy=Policy(
-                    heartbeat_timeout_s=settings.heartbeat_timeout_s,
-                    aging_interval_s=settings.aging_interval_s,
-                ),
-                clock=clock,
-                tick_s=tick_s,
-            )
-        elif name == "economy":
-            runners[name] = EconomyRunner(
-                kafka, topics, clock=clock, tick_s=tick_s, resend_s=settings.economy_resend_s
-            )
-        else:
-            runners[name] = WorkflowRunner(kafka, topics, clock=clock, tick_s=tick_s)
-    return runners
+    builders: dict[str, Callable[[Clients], ElectedRunner]] = {
+        "scheduler": build_scheduler,
+        "economy": build_economy,
+        "workflow": build_workflow,
+    }
+    return {name: builders[name](clients) for name in chosen}
 
 
 @asynccontextmanager
