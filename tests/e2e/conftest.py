@@ -26,12 +26,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-import asyncpg
 import httpx
 import pytest
-import redis.asyncio as aioredis
 import uvicorn
-from aiokafka.admin import AIOKafkaAdminClient
 
 from api.app import create_app
 from commands.processor import CommandProcessor
@@ -40,6 +37,7 @@ from infra.bootstrap import Clients
 from infra.clock import Clock, ManualClock, SystemClock
 from infra.settings import Settings
 from infra.stack import StackInfo
+from infra.supervise import remove_run
 from infra.topics import Topics
 from projections.projector import Projector
 from streams.economy_runner import EconomyRunner
@@ -245,29 +243,4 @@ async def _serve(
         for task in pending:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
-        await _drop(services, settings, topics)
-
-
-async def _drop(services: StackInfo, settings: Settings, topics: Topics) -> None:
-    """Delete the test's topics, schema and Redis keys (best effort)."""
-    with contextlib.suppress(Exception):
-        admin = AIOKafkaAdminClient(bootstrap_servers=services.kafka_bootstrap_servers)
-        await admin.start()
-        try:
-            await admin.delete_topics([spec.name for spec in topics.specs()])
-        finally:
-            await admin.close()
-    with contextlib.suppress(Exception):
-        conn = await asyncpg.connect(services.database_url)
-        try:
-            await conn.execute(f"DROP SCHEMA IF EXISTS {settings.db_schema} CASCADE")
-        finally:
-            await conn.close()
-    with contextlib.suppress(Exception):
-        r = aioredis.from_url(services.redis_url)
-        try:
-            keys = [k async for k in r.scan_iter(match=f"{settings.redis_prefix}:*")]
-            if keys:
-                await r.delete(*keys)
-        finally:
-            await r.aclose()
+        await remove_run(services, topics, settings.db_schema, settings.redis_prefix)
