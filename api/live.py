@@ -34,8 +34,8 @@ from api.metrics import Metrics
 from api.positions import Layout
 from api.problems import Problem
 from api.sse import LiveResponse
-from infra.kafka import Kafka, record_bytes
 from infra.codec import DecodeError, StoredEvent, decode_event
+from infra.kafka import Kafka, record_bytes
 
 Filter = Callable[[StoredEvent], bool]
 #: A cheap first filter on a record's ``ce_type`` and ``ce_subject`` headers, before any

@@ -17,8 +17,8 @@ from typing import Any
 
 import structlog
 
-from infra.kafka import Kafka, record_bytes, send
 from infra.codec import CommandEnvelope, DecodeError, Outcome, decode_outcome, encode_command
+from infra.kafka import Kafka, record_bytes, send
 from infra.topics import Topics
 
 log = structlog.get_logger("swarmlog.commands")
@@ -194,8 +194,7 @@ class CommandClient:
         """Put several commands on the command topic, acked together; returns each one's
         RecordMetadata (its partition and offset), in order."""
         futures = [
-            await send(self.producer, encode_command(self.topics.commands, e))
-            for e in envelopes
+            await send(self.producer, encode_command(self.topics.commands, e)) for e in envelopes
         ]
         return list(await asyncio.gather(*futures))
 

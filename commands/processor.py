@@ -53,7 +53,6 @@ from commands.idempotency import (
 )
 from domain.messages import Rejection, rejected
 from domain.registry import DECIDERS
-from infra.kafka import Kafka, send
 from infra.clock import Clock, SystemClock
 from infra.codec import (
     CommandEnvelope,
@@ -69,6 +68,7 @@ from infra.codec import (
     encode_outcome,
     event_id,
 )
+from infra.kafka import Kafka, send
 from infra.settings import Settings
 from infra.topics import Topics
 
@@ -273,7 +273,7 @@ class CommandProcessor:
         """Consume and decide until ``stop`` is set; raises Fenced if fenced."""
         processor = self
 
-        class Listener(ConsumerRebalanceListener):
+        class Listener(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka: untyped
             async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
                 async with processor._lock:
                     for tp in revoked:
@@ -371,9 +371,7 @@ class CommandProcessor:
                     self.cache.put(digest, bytes(record.value))
 
         await self.kafka.read_to_end(tps, on_event)
-        await self.kafka.read_to_end(
-            [TopicPartition(self.topics.outcomes, partition)], on_outcome
-        )
+        await self.kafka.read_to_end([TopicPartition(self.topics.outcomes, partition)], on_outcome)
         self.partitions[partition] = ps
         log.info(
             "partition assigned",
@@ -455,7 +453,7 @@ class CommandProcessor:
                 # One wait for every event of the batch (not one gather per command):
                 # the outcomes name the events' offsets, so they go after.
                 await asyncio.gather(*(f for _, futures, _ in pending for f in futures))
-                for outcome, futures, digest in pending:
+                for outcome, futures, first_digest in pending:
                     if isinstance(outcome, str):  # its first outcome is complete by now
                         outcome = staged_outcomes[outcome].model_copy(update={"duplicate": True})
                     elif futures:
@@ -469,8 +467,8 @@ class CommandProcessor:
                     out = self._outcome_record(outcome)
                     future = await send(ps.producer, out)
                     written.append(future)
-                    if digest is not None:
-                        firsts.append((digest, out.value, future))
+                    if first_digest is not None:
+                        firsts.append((first_digest, out.value, future))
                 # aiokafka commits a transaction even if one of its records failed: check
                 # every record before the offsets go in, so a failure aborts the batch.
                 await asyncio.gather(*written)
@@ -509,6 +507,7 @@ class CommandProcessor:
         """The command of ``record``; or, for a record that is not one (or whose ids are
         too long to name in an outcome), dead-letter it and return its rejected outcome
         where its headers name a command id and a command type (else None)."""
+        rejection: Rejection | None
         try:
             env = decode_command(record)
         except DecodeError as exc:

@@ -58,7 +58,6 @@ from domain import workflow as wf
 from domain import workflow_run as wr
 from domain.backoff import backoff_seconds
 from domain.economy import EconomyParameters
-from infra.kafka import Kafka, send
 from infra.clock import Clock, SystemClock
 from infra.codec import (
     DecodeError,
@@ -68,6 +67,7 @@ from infra.codec import (
     encode_dead_letter,
     event_ce_type,
 )
+from infra.kafka import Kafka, send
 from infra.topics import Topics
 from projections import views
 from projections.schema import checked_schema, migrate

@@ -19,8 +19,8 @@ from aiokafka.admin import AIOKafkaAdminClient
 from commands.client import CommandClient
 from domain import agent as ag
 from infra.clock import Clock
-from infra.kafka import Kafka
 from infra.codec import StoredEvent, event_ce_type
+from infra.kafka import Kafka
 from infra.topics import Topics
 from streams.economy import EconomyView, apply, plan
 from streams.leader import ElectedRunner

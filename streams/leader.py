@@ -47,7 +47,6 @@ from aiokafka.errors import (
 
 from commands.client import CommandClient
 from domain.messages import Command
-from infra.kafka import Kafka, send
 from infra.clock import Clock, SystemClock
 from infra.codec import (
     CommandEnvelope,
@@ -59,6 +58,7 @@ from infra.codec import (
     encode_dead_command,
     encode_dead_letter,
 )
+from infra.kafka import Kafka, send
 from infra.topics import Topics
 from streams.unbuilt import Unbuilt
 
@@ -336,7 +336,7 @@ class ElectedRunner(ABC):
         """Stand by until elected, then lead until ``stop`` is set or leadership is lost."""
         runner = self
 
-        class Election(ConsumerRebalanceListener):
+        class Election(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka: untyped
             async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
                 if revoked:
                     runner.leader.clear()

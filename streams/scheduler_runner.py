@@ -17,8 +17,8 @@ from domain import account as ac
 from domain.agent import AGENT
 from domain.task import TASK
 from infra.clock import Clock
-from infra.kafka import Kafka
 from infra.codec import StoredEvent, event_ce_type
+from infra.kafka import Kafka
 from infra.topics import Topics
 from streams.leader import ElectedRunner
 from streams.scheduler import Planned, Policy, SchedulerView, apply, plan

@@ -6,8 +6,9 @@ event topics into one ``WorkflowView`` and sends what is new: a command not sett
 within ``resend_s`` seconds is sent again (same id, dropped by the deciders if it was
 applied). A sent command is on the command topic (acks=all) before ``send`` returns, so
 a resend only covers a command the view has not yet seen settled because the processor
-is behind; the default (30 s) keeps resends from adding to such a backlog. Entries waiting on an event that may never come are dropped ``grace_s``
-seconds (on the runner's clock) after the view first showed them.
+is behind; the default (30 s, ``Settings.workflow_resend_s``) keeps resends from adding
+to such a backlog. Entries waiting on an event that may never come are dropped
+``grace_s`` seconds (on the runner's clock) after the view first showed them.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ from collections.abc import Iterable
 from commands.client import CommandClient
 from domain import task as tk
 from infra.clock import Clock
-from infra.kafka import Kafka
 from infra.codec import StoredEvent, event_ce_type
+from infra.kafka import Kafka
 from infra.topics import Topics
 from streams.leader import ElectedRunner
 from streams.unbuilt import Unbuilt

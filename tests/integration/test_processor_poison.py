@@ -243,7 +243,7 @@ async def test_a_repeat_older_than_the_outcome_cache_gets_the_first_outcome_also
     assert len(before) == 1 + 200 * 2 + 1
 
 
-async def test_an_event_the_broker_refuses_as_too_large_is_rejected_on_the_retry_not_retried_forever(
+async def test_an_event_the_broker_refuses_as_too_large_is_rejected_on_the_retry_not_retried_forever(  # noqa: E501
     services: StackInfo,
 ) -> None:
     bootstrap = services.kafka_bootstrap_servers
