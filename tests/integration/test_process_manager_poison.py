@@ -25,6 +25,7 @@ from domain import workflow_run as wr
 from domain.messages import Event
 from infra.clock import ManualClock
 from infra.codec import StoredEvent, derived_id, encode_event
+from infra.kafka import Kafka
 from infra.stack import StackInfo
 from infra.topics import Topics
 from streams.economy_runner import EconomyRunner
@@ -176,12 +177,13 @@ async def test_poison_on_every_topic_a_process_manager_reads_is_dead_lettered_an
             ),
             ag.StartAgent(agent_id="a1", at=t),
         )
+        kafka = Kafka(bootstrap)  # subclasses of the runners: built here, not by the root
         runners = [
             FragileScheduler(
-                bootstrap, topics, policy=Policy(heartbeat_timeout_s=3600), clock=clock, tick_s=0.05
+                kafka, topics, policy=Policy(heartbeat_timeout_s=3600), clock=clock, tick_s=0.05
             ),
-            FragileEconomy(bootstrap, topics, clock=clock, tick_s=0.05, resend_s=1.0),
-            FragileWorkflow(bootstrap, topics, clock=clock, tick_s=0.05, resend_s=2.0),
+            FragileEconomy(kafka, topics, clock=clock, tick_s=0.05, resend_s=1.0),
+            FragileWorkflow(kafka, topics, clock=clock, tick_s=0.05, resend_s=2.0),
         ]
         running = [Running(r, r.name) for r in runners]
         producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
