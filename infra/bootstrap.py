@@ -10,13 +10,19 @@ clients and the only one that closes them:
   clock and the settings every role shares. Nothing else connects here: a Kafka hands
   out clients that the parts start and stop themselves.
 * one builder per role, given the ``Clients``: ``build_processor`` and
-  ``build_process_managers`` (plain constructors: these roles have no client of their own
-  to open), ``open_projector`` and ``open_api`` (async context managers: they open the
+  ``build_process_managers`` (``build_scheduler``, ``build_economy``, ``build_workflow``)
+  are plain constructors (these parts have no client of their own to open);
+  ``open_projector`` and ``open_api`` are async context managers (they open the
   PostgreSQL pool and the Redis client of that role, and close them on exit).
-* ``deploy(settings, roles)``: every role asked for, built together, as a ``Deployment``
-  whose ``run(stop)`` runs them until ``stop`` is set. The CLI runs one or more roles
-  with it; the e2e fixture runs every role with it; tests hand in their own clock and
-  settings, or build single parts with the role builders.
+* ``deploy(settings, roles)``: the processor, streams and projector roles asked for,
+  built together on one ``Clients``, as a ``Deployment`` whose ``run(stop)`` runs them
+  until ``stop`` is set. The API is built by ``api.app.create_app``'s lifespan with
+  ``open_api`` (on the Clients handed to ``create_app``, else on its own ``connect``).
+
+Who calls it: ``swarmlog processor|streams|projector`` (``infra.cli.run_roles``), the
+API's lifespan, ``swarmlog deadletters replay`` (the projector's replay), the e2e
+fixture (every role, and the app on the same Clients), the integration fixtures and
+unit tests (single parts on Clients of their own: another clock, other settings).
 
 Signal handling and ``asyncio.run`` are the callers' (the CLI): nothing here installs a
 signal handler or starts an event loop.
