@@ -1,10 +1,10 @@
-"""The FastAPI app factory; its lifespan is the API's composition root.
+"""The FastAPI app factory.
 
 Nothing connects at import time (STYLE rule 7): ``create_app`` only wires routes,
-handlers and middleware; the lifespan builds the asyncpg pool, the Redis client, the
-Topics (created if missing) and a started CommandClient (following the outcome topic),
-migrates the read-model schema (idempotent, so queries never meet a missing table),
-hangs them on ``app.state`` for api/deps.py, and closes them on shutdown.
+handlers and middleware; the lifespan asks the composition root (``infra.bootstrap.
+open_api``) for the API's parts (the asyncpg pool, the Redis client, a started
+CommandClient following the outcome topic, the SSE hub; the read-model schema migrated),
+hangs them on ``app.state`` for api/deps.py, and the root closes them on shutdown.
 """
 
 from __future__ import annotations
@@ -12,13 +12,10 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-import asyncpg
-import redis.asyncio as aioredis
 from fastapi import Depends, FastAPI
 
 from api import problems
 from api.guard import RequestGuard, storable_path
-from api.live import StreamHub
 from api.metrics import Metrics, MetricsMiddleware
 from api.routes import (
     accounts,
@@ -35,11 +32,10 @@ from api.routes import (
     templates,
     workflows,
 )
-from commands.client import CommandClient
-from infra.clock import Clock, SystemClock
+from infra import bootstrap
+from infra.clock import Clock
 from infra.settings import Settings
-from infra.topics import Topics, ensure_topics
-from projections.schema import checked_schema, init_connection, migrate
+from projections.schema import checked_schema
 
 DESCRIPTION = """\
 Commands (POST/PATCH/DELETE) wait for the decider's outcome: 201/200 with the aggregate's
@@ -65,52 +61,36 @@ form, integer micro-tokens (1 token = 1,000,000).
 """
 
 
-def create_app(settings: Settings | None = None, *, clock: Clock | None = None) -> FastAPI:
+def create_app(
+    settings: Settings | None = None,
+    *,
+    clock: Clock | None = None,
+    clients: bootstrap.Clients | None = None,
+) -> FastAPI:
     """The swarmlog HTTP API for ``settings`` (default: from the environment).
 
-    ``clock`` stamps every command's ``at`` (default: the system clock).
+    ``clock`` stamps every command's ``at`` (default: the system clock). The lifespan asks
+    the composition root (infra/bootstrap.py) for the API's parts: ``clients`` when given
+    (a test's or a deployment's Kafka, Topics and clock; ``clock`` is then theirs), else
+    ``bootstrap.connect(settings, clock=clock)``, which also creates missing topics.
     """
     settings = settings or Settings()
-    clock = clock or SystemClock()
     checked_schema(settings.db_schema)
     metrics = Metrics()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        kafka_url, database_url, redis_url = settings.require_services()
-        topics = Topics.of(settings)
-        pool = await asyncpg.create_pool(
-            database_url, min_size=1, max_size=10, init=init_connection
-        )
-        redis = aioredis.from_url(redis_url)
-        client = CommandClient(
-            kafka_url, topics, remember_bytes=settings.client_outcome_cache_bytes
-        )
-        hub = StreamHub(
-            kafka_url,
-            settings.sse_max_clients,
-            metrics,
-            window_bytes=settings.sse_window_bytes,
-        )
-        try:
-            await ensure_topics(kafka_url, topics)  # idempotent; the outcome topic must exist
-            async with pool.acquire() as conn:  # queries must not race the projector's DDL
-                await migrate(conn, settings.db_schema)
-            await client.start()
+        shared = clients or await bootstrap.connect(settings, clock=clock)
+        async with bootstrap.open_api(shared, metrics) as parts:
             app.state.settings = settings
-            app.state.clock = clock
-            app.state.topics = topics
-            app.state.pool = pool
-            app.state.redis = redis
-            app.state.command_client = client
+            app.state.clock = shared.clock
+            app.state.topics = shared.topics
+            app.state.pool = parts.pool
+            app.state.redis = parts.redis
+            app.state.command_client = parts.command_client
             app.state.metrics = metrics
-            app.state.hub = hub
+            app.state.hub = parts.hub
             yield
-        finally:
-            await hub.close_all()
-            await client.stop()
-            await redis.aclose()
-            await pool.close()
 
     app = FastAPI(
         title="swarmlog",

@@ -35,8 +35,8 @@ from api.positions import Layout
 from api.problems import Problem
 from api.sse import LiveResponse
 from domain.recorded import RecordedEvent
-from infra import kafka
 from infra.cloudevents import DecodeError
+from infra.kafka import Kafka, record_bytes
 from infra.mapper import ce_type_of, decode_event, event_json
 
 Filter = Callable[[RecordedEvent], bool]
@@ -85,7 +85,7 @@ class Tap:
 
     def __init__(
         self,
-        bootstrap_servers: str,
+        kafka: Kafka,
         layout: Layout,
         window: int = 20_000,
         window_bytes: int = WINDOW_BYTES,
@@ -101,7 +101,7 @@ class Tap:
         self.floor: dict[TopicPartition, int] = {}
         #: Per partition, the next offset after the last record taken in.
         self.position: dict[TopicPartition, int] = {}
-        self._consumer: AIOKafkaConsumer = kafka.consumer(bootstrap_servers)
+        self._consumer: AIOKafkaConsumer = kafka.consumer()
         self._changed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -127,7 +127,7 @@ class Tap:
         window, evict the oldest entries past either bound, and wake the clients."""
         for tp, records in batch.items():
             for record in records:
-                size = kafka.record_bytes(record)
+                size = record_bytes(record)
                 self.entries.append(_Entry(self.next_seq, tp, record.offset, record, size))
                 self.bytes += size
                 self.next_seq += 1
@@ -258,7 +258,7 @@ class EventStream:
     def __init__(
         self,
         hub: StreamHub,
-        bootstrap_servers: str,
+        kafka: Kafka,
         layout: Layout,
         keep: Filter,
         pre: HeaderFilter | None = None,
@@ -268,7 +268,7 @@ class EventStream:
         self.keep = keep
         self.pre = pre
         self.offsets: dict[TopicPartition, int] = {}
-        self._consumer: AIOKafkaConsumer = kafka.consumer(bootstrap_servers)
+        self._consumer: AIOKafkaConsumer = kafka.consumer()
         self._closed = False
 
     async def open(self, start: dict[TopicPartition, int] | None, from_beginning: bool) -> None:
@@ -333,7 +333,7 @@ class StreamHub:
     ``window`` records and ``window_bytes`` bytes), and the open streams, capped at
     ``max_clients``."""
 
-    bootstrap_servers: str
+    kafka: Kafka
     max_clients: int
     metrics: Metrics
     retry_after_s: int = 5
@@ -348,7 +348,7 @@ class StreamHub:
         async with self._tap_lock:
             tap = self.taps.get(layout)
             if tap is None:
-                tap = Tap(self.bootstrap_servers, layout, self.window, self.window_bytes)
+                tap = Tap(self.kafka, layout, self.window, self.window_bytes)
                 await tap.start()
                 self.taps[layout] = tap
             return tap
@@ -380,7 +380,7 @@ class StreamHub:
                 stream = TapStream(self, tap, keep, pre, start)
                 self._add(stream)
                 return stream
-        stream = EventStream(self, self.bootstrap_servers, layout, keep, pre)
+        stream = EventStream(self, self.kafka, layout, keep, pre)
         self._add(stream)
         try:
             await stream.open(start, from_beginning)

@@ -63,11 +63,12 @@ import typer
 from rich.console import Console
 
 from commands.client import CommandClient
-from demo.swarm import Children
 from domain.account import MintTokens, PayReward
 from domain.economy import TREASURY
 from infra import stack
 from infra.envelope import CommandEnvelope
+from infra.kafka import Kafka
+from infra.supervise import Children, role_env
 from infra.topics import Topics, ensure_topics
 from projections.audit import audit_ledger
 
@@ -105,29 +106,18 @@ async def bench(
     """
     info = stack.up(state_dir, console=Console(stderr=True))
     run = f"econ{uuid.uuid4().hex[:8]}"
-    env = {
-        **os.environ,
-        "KAFKA_BOOTSTRAP_SERVERS": info.kafka_bootstrap_servers,
-        "DATABASE_URL": info.database_url,
-        "REDIS_URL": info.redis_url,
-        "SWARMLOG_TOPIC_PREFIX": run,
-        "SWARMLOG_DB_SCHEMA": run,
-        "SWARMLOG_REDIS_PREFIX": run,
-        "SWARMLOG_SCHEDULER_TICK_S": "0.02",
-        "SWARMLOG_PROJECTOR_BATCH_SIZE": "2000",
-    }
+    env = role_env(info, run, scheduler_tick_s=0.02, projector_batch_size=2000)
     topics = Topics(prefix=run)
     await ensure_topics(info.kafka_bootstrap_servers, topics)
     log_dir = state_dir / "bench" / run
     log_dir.mkdir(parents=True, exist_ok=True)
     children = Children(log_dir=log_dir)
     figures: dict[str, Any] = {"run": run, "accruals": accruals, "accounts": accounts}
-    client = CommandClient(info.kafka_bootstrap_servers, topics)
+    client = CommandClient(Kafka(info.kafka_bootstrap_servers), topics)
     try:
         for i in range(processors):  # copies share the command partitions (one core each)
-            children.start(f"processor-{i}", [sys.executable, "-m", "infra.cli", "processor"], env)
-        for role in ("streams", "projector"):
-            children.start(role, [sys.executable, "-m", "infra.cli", role], env)
+            children.start_role("processor", env, name=f"processor-{i}")
+        children.start_roles(env, ("streams", "projector"))
         await client.start()
         await asyncio.sleep(8.0)  # roles join their groups and rebuild their views
         # Set-up, not timed: the treasury mints the whole budget once, so no reward mints.

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -32,8 +30,8 @@ import structlog
 import typer
 from rich.console import Console
 
-from demo.swarm import Children, _free_port, _wait_ready
 from infra import stack
+from infra.supervise import Children, free_port, role_env, wait_ready
 from sdk import TaskContext, Worker
 
 app = typer.Typer(add_completion=False)
@@ -81,19 +79,8 @@ async def bench(
     """Run both phases and return the figures (milliseconds and per-second rates)."""
     info = stack.up(state_dir, console=Console(stderr=True))
     run = f"bench{uuid.uuid4().hex[:8]}"
-    port = _free_port()
-    env = {
-        **os.environ,
-        "KAFKA_BOOTSTRAP_SERVERS": info.kafka_bootstrap_servers,
-        "DATABASE_URL": info.database_url,
-        "REDIS_URL": info.redis_url,
-        "SWARMLOG_TOPIC_PREFIX": run,
-        "SWARMLOG_DB_SCHEMA": run,
-        "SWARMLOG_REDIS_PREFIX": run,
-        "SWARMLOG_API_PORT": str(port),
-        "SWARMLOG_SCHEDULER_TICK_S": "0.02",
-        "SWARMLOG_API_WORKERS": str(api_workers),
-    }
+    port = free_port()
+    env = role_env(info, run, api_port=port, scheduler_tick_s=0.02, api_workers=api_workers)
     log_dir = state_dir / "bench" / run
     log_dir.mkdir(parents=True, exist_ok=True)
     children = Children(log_dir=log_dir)
@@ -102,9 +89,8 @@ async def bench(
     workers: list[asyncio.Task[None]] = []
     figures: dict[str, Any] = {"run": run, "tasks": tasks, "agents": agents}
     try:
-        for role in ("processor", "streams", "projector", "api"):
-            children.start(role, [sys.executable, "-m", "infra.cli", role], env)
-        await _wait_ready(base, children)
+        children.start_roles(env)
+        await wait_ready(base, children)
         limits = httpx.Limits(max_connections=200, max_keepalive_connections=200)
         async with httpx.AsyncClient(base_url=base, timeout=30.0, limits=limits) as http:
             await http.post(

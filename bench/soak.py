@@ -40,9 +40,6 @@ import asyncio
 import contextlib
 import csv
 import json
-import os
-import socket
-import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -53,21 +50,20 @@ from typing import Annotated, Any, Literal
 
 import asyncpg
 import httpx
-import redis.asyncio as aioredis
 import typer
-from aiokafka.admin import AIOKafkaAdminClient
 from httpx_sse import aconnect_sse
 from rich.console import Console
 from rich.table import Table
 
 from commands.client import CommandClient
-from demo.swarm import Children
 from domain import agent as ag
 from domain import task as tk
 from infra import stack
 from infra.envelope import CommandEnvelope
+from infra.kafka import Kafka
 from infra.mapper import event_ce_type
 from infra.settings import Settings
+from infra.supervise import Children, free_port, remove_run, role_env, wait_ready
 from infra.topics import Topics
 from projections.queries import projected_offsets
 
@@ -132,28 +128,6 @@ class Sample:
     t: float
     commands: int
     rss: dict[str, int]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-async def _until_ready(base: str, children: Children, timeout_s: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    async with httpx.AsyncClient(base_url=base, timeout=2.0) as http:
-        while time.monotonic() < deadline:
-            for name, proc in children.procs.items():
-                if proc.poll() is not None:
-                    raise RuntimeError(
-                        f"{name} exited with {proc.returncode}; see {children.log_dir / name}.log"
-                    )
-            with contextlib.suppress(httpx.HTTPError):
-                if (await http.get("/ready")).status_code == 200:
-                    return
-            await asyncio.sleep(0.3)
-    raise RuntimeError(f"the API at {base} was not ready in {timeout_s:.0f} s")
 
 
 async def _agents(http: httpx.AsyncClient, run: str, n: int) -> list[str]:
@@ -360,31 +334,6 @@ async def _settle(database_url: str, schema: str, topics: Topics, timeout_s: flo
         await conn.close()
 
 
-async def _clean_up(info: stack.StackInfo, run: str, topics: Topics) -> None:
-    """Delete the run's topics, PostgreSQL schema and Redis keys (best effort)."""
-    with contextlib.suppress(Exception):
-        admin = AIOKafkaAdminClient(bootstrap_servers=info.kafka_bootstrap_servers)
-        await admin.start()
-        try:
-            await admin.delete_topics([spec.name for spec in topics.specs()])
-        finally:
-            await admin.close()
-    with contextlib.suppress(Exception):
-        conn = await asyncpg.connect(info.database_url)
-        try:
-            await conn.execute(f'DROP SCHEMA IF EXISTS "{run}" CASCADE')
-        finally:
-            await conn.close()
-    with contextlib.suppress(Exception):
-        r = aioredis.from_url(info.redis_url)
-        try:
-            keys = [k async for k in r.scan_iter(match=f"{run}:*")]
-            for start in range(0, len(keys), 1000):
-                await r.delete(*keys[start : start + 1000])
-        finally:
-            await r.aclose()
-
-
 async def bench(
     commands: int,
     agents: int,
@@ -401,18 +350,8 @@ async def bench(
     (Counts), ``drive_s`` (first command to last answer, seconds) and the plan."""
     info = stack.up(state_dir, console=Console(stderr=True))
     run = f"soak{uuid.uuid4().hex[:8]}"
-    port = _free_port()
-    env = {
-        **os.environ,
-        "KAFKA_BOOTSTRAP_SERVERS": info.kafka_bootstrap_servers,
-        "DATABASE_URL": info.database_url,
-        "REDIS_URL": info.redis_url,
-        "SWARMLOG_TOPIC_PREFIX": run,
-        "SWARMLOG_DB_SCHEMA": run,
-        "SWARMLOG_REDIS_PREFIX": run,
-        "SWARMLOG_API_PORT": str(port),
-        "SWARMLOG_API_WORKERS": "1",
-    }
+    port = free_port()
+    env = role_env(info, run, api_port=port, api_workers=1)
     # As the children will see them: the run's names, the rest from the environment.
     settings = Settings(topic_prefix=run, db_schema=run, redis_prefix=run)
     topics = Topics.of(settings)
@@ -487,9 +426,8 @@ async def bench(
         raise RuntimeError(f"{', '.join(t.get_name() for t in done)} ended")
 
     try:
-        for role in ROLES:
-            children.start(role, [sys.executable, "-m", "infra.cli", role], env)
-        await _until_ready(base, children)
+        children.start_roles(env, ROLES)
+        await wait_ready(base, children, timeout_s=120.0)
         limits = httpx.Limits(
             max_connections=concurrency + 64, max_keepalive_connections=concurrency + 64
         )
@@ -497,7 +435,7 @@ async def bench(
         async with httpx.AsyncClient(base_url=base, timeout=timeout, limits=limits) as http:
             ids = await _agents(http, run, agents)
             if via == "topic":
-                client = CommandClient(info.kafka_bootstrap_servers, topics)
+                client = CommandClient(Kafka(info.kafka_bootstrap_servers), topics)
                 await client.start()
             queue: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
             connected = asyncio.Event()
@@ -553,7 +491,7 @@ async def bench(
         children.stop_all()
         _write_csv(log_dir / "rss.csv", samples)
         if not keep:
-            await _clean_up(info, run, topics)
+            await remove_run(info, topics, schema=run, redis_prefix=run)
     return figures
 
 

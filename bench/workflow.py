@@ -33,7 +33,6 @@ import contextlib
 import itertools
 import os
 import statistics
-import sys
 import time
 import uuid
 from collections import Counter
@@ -48,7 +47,6 @@ from rich.console import Console
 from rich.table import Table
 
 from commands.client import CommandClient
-from demo.swarm import Children
 from domain import agent as ag
 from domain import task as tk
 from domain import workflow as wf
@@ -58,7 +56,9 @@ from domain.recorded import RecordedEvent
 from infra import kafka, stack
 from infra.cloudevents import DecodeError
 from infra.envelope import CommandEnvelope
+from infra.kafka import Kafka
 from infra.mapper import decode_event
+from infra.supervise import Children, role_env
 from infra.topics import Topics, ensure_topics
 
 app = typer.Typer(add_completion=False)
@@ -338,17 +338,8 @@ async def bench(
     workflow engine in a process of its own (``swarmlog streams --only workflow``)."""
     info = stack.up(state_dir, console=Console(stderr=True))
     run = f"wfb{uuid.uuid4().hex[:8]}"
-    env = {
-        **os.environ,
-        "KAFKA_BOOTSTRAP_SERVERS": info.kafka_bootstrap_servers,
-        "DATABASE_URL": info.database_url,
-        "REDIS_URL": info.redis_url,
-        "SWARMLOG_TOPIC_PREFIX": run,
-        "SWARMLOG_DB_SCHEMA": run,
-        "SWARMLOG_REDIS_PREFIX": run,
-        "SWARMLOG_SCHEDULER_TICK_S": "0.02",
-        "SWARMLOG_HEARTBEAT_TIMEOUT_S": "3600",  # the no-op agents send no heartbeats
-    }
+    # heartbeat_timeout_s: the no-op agents send no heartbeats
+    env = role_env(info, run, scheduler_tick_s=0.02, heartbeat_timeout_s=3600)
     bootstrap = info.kafka_bootstrap_servers
     topics = Topics(prefix=run)
     await ensure_topics(bootstrap, topics)
@@ -356,7 +347,7 @@ async def bench(
     log_dir = state_dir / "bench" / run
     log_dir.mkdir(parents=True, exist_ok=True)
     children = Children(log_dir=log_dir)
-    client = CommandClient(bootstrap, topics)
+    client = CommandClient(Kafka(bootstrap), topics)
     figures: dict[str, Any] = {
         "run": run,
         "items": items,
@@ -366,15 +357,12 @@ async def bench(
     }
     swarm: Swarm | None = None
     try:
-        cli = [sys.executable, "-m", "infra.cli"]
-        children.start("processor", [*cli, "processor"], env)
+        children.start_role("processor", env)
         if split:
-            children.start(
-                "streams", [*cli, "streams", "--only", "scheduler", "--only", "economy"], env
-            )
-            children.start("workflow", [*cli, "streams", "--only", "workflow"], env)
+            children.start_role("streams", env, "--only", "scheduler", "--only", "economy")
+            children.start_role("streams", env, "--only", "workflow", name="workflow")
         else:
-            children.start("streams", [*cli, "streams"], env)
+            children.start_role("streams", env)
         await client.start()
         agent_ids = [f"{run}-agent-{i}" for i in range(agents)]
         swarm = Swarm(bootstrap, topics, client, agent_ids)

@@ -17,9 +17,9 @@ from typing import Any
 
 import structlog
 
-from infra import kafka
 from infra.cloudevents import DecodeError
 from infra.envelope import CommandEnvelope, encode_command
+from infra.kafka import Kafka, record_bytes, send
 from infra.outcome import Outcome, decode_outcome
 from infra.topics import Topics
 
@@ -71,7 +71,7 @@ class RecentOutcomes:
         """Keep ``record`` (a consumer record of the outcome topic) as the newest outcome
         of ``command_id``, then evict the oldest while over either bound."""
         self.discard(command_id)
-        size = kafka.record_bytes(record) + len(command_id)
+        size = record_bytes(record) + len(command_id)
         if size > self.max_bytes:
             return  # keeping it would evict everything else, and then itself
         self._records[command_id] = (record, size)
@@ -112,28 +112,28 @@ class CommandClient:
 
     def __init__(
         self,
-        bootstrap_servers: str,
+        kafka: Kafka,
         topics: Topics,
         *,
         follow_outcomes: bool = True,
         remember: int = 100_000,
         remember_bytes: int = OUTCOME_CACHE_BYTES,
     ) -> None:
-        self.bootstrap = bootstrap_servers
+        self.kafka = kafka
         self.topics = topics
         self.follow_outcomes = follow_outcomes
-        self.producer = kafka.producer(bootstrap_servers)
+        self.producer = kafka.producer()
         self._waiters: dict[str, list[asyncio.Future[Outcome]]] = {}
         self._recent = RecentOutcomes(remember_bytes, remember)
         self._task: asyncio.Task[None] | None = None
-        self._consumer = kafka.consumer(bootstrap_servers) if follow_outcomes else None
+        self._consumer = kafka.consumer() if follow_outcomes else None
 
     async def start(self) -> None:
         """Connect, and start following the outcome topic from its end."""
         await self.producer.start()
         if self._consumer is not None:
             await self._consumer.start()
-            tps = await kafka.partitions_of(self.bootstrap, self.topics.outcomes)
+            tps = await self.kafka.partitions_of(self.topics.outcomes)
             self._consumer.assign(tps)
             await self._consumer.seek_to_end(*tps)
             for tp in tps:  # resolve "end" now, so nothing sent after start is missed
@@ -196,8 +196,7 @@ class CommandClient:
         """Put several commands on the command topic, acked together; returns each one's
         RecordMetadata (its partition and offset), in order."""
         futures = [
-            await kafka.send(self.producer, encode_command(self.topics.commands, e))
-            for e in envelopes
+            await send(self.producer, encode_command(self.topics.commands, e)) for e in envelopes
         ]
         return list(await asyncio.gather(*futures))
 

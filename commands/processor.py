@@ -55,11 +55,11 @@ from domain.ids import event_id
 from domain.messages import Rejection, rejected
 from domain.recorded import RecordedEvent
 from domain.registry import DECIDERS
-from infra import kafka
 from infra.clock import Clock, SystemClock
 from infra.cloudevents import DecodeError, Record
 from infra.deadletter_records import encode_dead_letter
 from infra.envelope import CommandEnvelope, decode_command
+from infra.kafka import Kafka, send
 from infra.mapper import ce_type_of, decode_event, encode_event
 from infra.outcome import Outcome, WrittenEvent, decode_outcome, encode_outcome
 from infra.settings import Settings
@@ -158,8 +158,8 @@ class OutcomeReader:
     offsets (what retention has deleted). One consumer outside any group, shared by the
     partitions under a lock, started on first use."""
 
-    def __init__(self, bootstrap_servers: str, topic: str, *, timeout_s: float = 10.0) -> None:
-        self.bootstrap = bootstrap_servers
+    def __init__(self, kafka: Kafka, topic: str, *, timeout_s: float = 10.0) -> None:
+        self.kafka = kafka
         self.topic = topic
         self.timeout_s = timeout_s
         self.reads = 0
@@ -168,7 +168,7 @@ class OutcomeReader:
 
     async def _started(self) -> AIOKafkaConsumer:
         if self._consumer is None:
-            consumer = kafka.consumer(self.bootstrap)
+            consumer = self.kafka.consumer()
             await consumer.start()
             self._consumer = consumer
         return self._consumer
@@ -223,14 +223,14 @@ class CommandProcessor:
 
     def __init__(
         self,
-        bootstrap_servers: str,
+        kafka: Kafka,
         topics: Topics,
         *,
         clock: Clock | None = None,
         outcome_cache_bytes: int | None = None,
         record_max_bytes: int | None = None,
     ) -> None:
-        self.bootstrap = bootstrap_servers
+        self.kafka = kafka
         self.topics = topics
         self.clock = clock or SystemClock()
         if outcome_cache_bytes is None or record_max_bytes is None:
@@ -241,12 +241,11 @@ class CommandProcessor:
                 record_max_bytes = settings.record_max_bytes
         self.record_max_bytes = record_max_bytes
         self.cache = OutcomeCache(outcome_cache_bytes)
-        self.reader = OutcomeReader(bootstrap_servers, topics.outcomes)
+        self.reader = OutcomeReader(kafka, topics.outcomes)
         self.group_id = f"{topics.prefix}-processor"
         self.partitions: dict[int, PartitionState] = {}
         self._lock = asyncio.Lock()
         self.consumer = kafka.consumer(
-            bootstrap_servers,
             group_id=self.group_id,
             max_poll_records=500,
             session_timeout_ms=10_000,
@@ -267,7 +266,7 @@ class CommandProcessor:
         """Consume and decide until ``stop`` is set; raises Fenced if fenced."""
         processor = self
 
-        class Listener(ConsumerRebalanceListener):
+        class Listener(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka: untyped
             async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
                 async with processor._lock:
                     for tp in revoked:
@@ -324,8 +323,8 @@ class CommandProcessor:
                 log.info("expired command ids forgotten", partition=partition, count=dropped)
 
     async def _acquire(self, partition: int) -> None:
-        producer = kafka.producer(
-            self.bootstrap, transactional_id=f"{self.topics.prefix}-processor-p{partition}"
+        producer = self.kafka.producer(
+            transactional_id=f"{self.topics.prefix}-processor-p{partition}"
         )
         await producer.start()  # init_producer_id: fences a stale owner, aborts its txn
         ps = PartitionState(producer=producer)
@@ -364,10 +363,8 @@ class CommandProcessor:
                 if record.value:
                     self.cache.put(digest, bytes(record.value))
 
-        await kafka.read_to_end(self.bootstrap, tps, on_event)
-        await kafka.read_to_end(
-            self.bootstrap, [TopicPartition(self.topics.outcomes, partition)], on_outcome
-        )
+        await self.kafka.read_to_end(tps, on_event)
+        await self.kafka.read_to_end([TopicPartition(self.topics.outcomes, partition)], on_outcome)
         self.partitions[partition] = ps
         log.info(
             "partition assigned",
@@ -436,7 +433,7 @@ class CommandProcessor:
                     futures = []
                     for event_record in decision.events:
                         try:
-                            future = await kafka.send(ps.producer, event_record)
+                            future = await send(ps.producer, event_record)
                         except _TOO_LARGE_ERRORS as exc:
                             self._refuse(tp.partition, record.offset, event_record, exc)
                             raise
@@ -449,7 +446,7 @@ class CommandProcessor:
                 # One wait for every event of the batch (not one gather per command):
                 # the outcomes name the events' offsets, so they go after.
                 await asyncio.gather(*(f for _, futures, _ in pending for f in futures))
-                for outcome, futures, digest in pending:
+                for outcome, futures, first_digest in pending:
                     if isinstance(outcome, str):  # its first outcome is complete by now
                         outcome = staged_outcomes[outcome].model_copy(update={"duplicate": True})
                     elif futures:
@@ -461,10 +458,10 @@ class CommandProcessor:
                         outcome = outcome.model_copy(update={"events": events})
                         staged_outcomes[outcome.command_id] = outcome
                     out = self._outcome_record(outcome)
-                    future = await kafka.send(ps.producer, out)
+                    future = await send(ps.producer, out)
                     written.append(future)
-                    if digest is not None:
-                        firsts.append((digest, out.value, future))
+                    if first_digest is not None:
+                        firsts.append((first_digest, out.value, future))
                 # aiokafka commits a transaction even if one of its records failed: check
                 # every record before the offsets go in, so a failure aborts the batch.
                 await asyncio.gather(*written)
@@ -503,6 +500,7 @@ class CommandProcessor:
         """The command of ``record``; or, for a record that is not one (or whose ids are
         too long to name in an outcome), dead-letter it and return its rejected outcome
         where its headers name a command id and a command type (else None)."""
+        rejection: Rejection | None
         try:
             env = decode_command(record)
         except DecodeError as exc:
@@ -800,7 +798,7 @@ class CommandProcessor:
             )
             reason = f"{reason[:MAX_DETAIL_CHARS]} (record cut to {keep:,} of {len(value):,} bytes)"
             letter = encode_dead_letter(self.topics.deadletter, cut, reason, at)
-        return await kafka.send(ps.producer, letter)
+        return await send(ps.producer, letter)
 
     def _refuse(self, partition: int, offset: int, record: Record, exc: BaseException) -> None:
         """Remember that the broker or producer refused an event of the command at

@@ -16,19 +16,16 @@ The demo earns: before work starts each agent gets a grant from the treasury and
 a different amount (Bronze to Diamond), so rewards differ by tier; the killed agent is
 slashed for the work it had started; half-way through, the stakers vote a proposal that
 doubles the base reward, which the rewards pay from its execution on. The summary shows
-balances, tiers, the earnings leaderboard, the proposal and whether the ledger balances. Each run has its own topics, schema and Redis prefix (``demo<stamp>``),
-so its figures are its own.
+balances, tiers, the earnings leaderboard, the proposal and whether the ledger balances.
+Each run has its own topics, schema and Redis prefix (``demo<stamp>``), so its figures
+are its own. The children are supervised by infra/supervise.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
-import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -44,6 +41,7 @@ from demo.analysis import discover_modules
 from demo.workflow import load_template
 from infra import kafka, stack
 from infra.settings import Settings
+from infra.supervise import Children, free_port, role_env, wait_ready
 from infra.topics import Topics
 
 DEFAULT_PACKAGES = ("asyncio", "email", "json")
@@ -128,71 +126,6 @@ async def economy_summary(http: httpx.AsyncClient, proposal_id: str | None) -> d
         "totals": (await http.get("/economy/summary")).json(),
         "proposal": proposal,
     }
-
-
-@dataclass
-class Children:
-    """Child processes the demo started, stopped by their recorded pids."""
-
-    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
-    log_dir: Path = Path(".")
-
-    def start(self, name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
-        """Start ``argv`` as child ``name``, its output to ``<log_dir>/<name>.log``."""
-        log = open(self.log_dir / f"{name}.log", "wb")  # noqa: SIM115 - owned by the child
-        proc = subprocess.Popen(
-            argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        self.procs[name] = proc
-        return proc
-
-    def kill(self, name: str) -> None:
-        """SIGKILL child ``name`` (by its pid) and reap it."""
-        proc = self.procs.pop(name)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-
-    def stop_all(self, prefix: str = "", timeout_s: float = 15.0) -> None:
-        """SIGTERM the children whose name starts with ``prefix`` (all by default), by
-        pid; wait up to ``timeout_s`` seconds, then SIGKILL."""
-        chosen = {n: p for n, p in self.procs.items() if n.startswith(prefix)}
-        for proc in chosen.values():
-            if proc.poll() is None:
-                os.kill(proc.pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout_s
-        for name, proc in chosen.items():
-            try:
-                proc.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                os.kill(proc.pid, signal.SIGKILL)
-                proc.wait()
-            del self.procs[name]
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-async def _wait_ready(base_url: str, children: Children, timeout_s: float = 90.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    async with httpx.AsyncClient(base_url=base_url, timeout=2.0) as http:
-        while time.monotonic() < deadline:
-            for name, proc in children.procs.items():
-                if proc.poll() is not None:
-                    raise RuntimeError(
-                        f"{name} exited with {proc.returncode}; see {children.log_dir / name}.log"
-                    )
-            try:
-                if (await http.get("/ready")).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            await asyncio.sleep(0.3)
-    raise RuntimeError(f"the API at {base_url} was not ready in {timeout_s:.0f} s")
 
 
 async def start_workflow(http: httpx.AsyncClient, run_id: str, packages: tuple[str, ...]) -> str:
@@ -487,19 +420,8 @@ async def run_demo(
     info = stack.up(state_dir, console=console)
     stamp = time.strftime("%Y%m%d%H%M%S")
     run_id = f"demo{stamp}"
-    port = _free_port()
-    env = {
-        **os.environ,
-        "KAFKA_BOOTSTRAP_SERVERS": info.kafka_bootstrap_servers,
-        "DATABASE_URL": info.database_url,
-        "REDIS_URL": info.redis_url,
-        "SWARMLOG_TOPIC_PREFIX": run_id,
-        "SWARMLOG_DB_SCHEMA": run_id,
-        "SWARMLOG_REDIS_PREFIX": run_id,
-        "SWARMLOG_API_PORT": str(port),
-        "SWARMLOG_HEARTBEAT_TIMEOUT_S": "3",
-        "SWARMLOG_SCHEDULER_TICK_S": "0.05",
-    }
+    port = free_port()
+    env = role_env(info, run_id, api_port=port, heartbeat_timeout_s=3, scheduler_tick_s=0.05)
     settings = Settings(
         kafka_bootstrap_servers=info.kafka_bootstrap_servers,
         database_url=info.database_url,
@@ -512,7 +434,6 @@ async def run_demo(
     log_dir.mkdir(parents=True, exist_ok=True)
     children = Children(log_dir=log_dir)
     base_url = f"http://127.0.0.1:{port}"
-    cli = [sys.executable, "-m", "infra.cli"]
     killed: str | None = None
     proposal_id: str | None = None
     economy: dict[str, Any] | None = None
@@ -521,9 +442,8 @@ async def run_demo(
             f"[bold]Run {run_id}[/]: {len(modules)} modules of {', '.join(packages)};"
             f" logs in {log_dir}"
         )
-        for role in ("processor", "streams", "projector", "api"):
-            children.start(role, [*cli, role], env)
-        await _wait_ready(base_url, children)
+        children.start_roles(env)
+        await wait_ready(base_url, children)
         async with httpx.AsyncClient(base_url=base_url, timeout=30.0) as http:
             await fund_agents(http)
         for name, caps, slots, cost in AGENTS:

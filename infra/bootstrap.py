@@ -1,26 +1,70 @@
-"""The composition root: builds each process role from Settings and runs it until SIGTERM.
+"""The composition root: the one place that builds swarmlog's parts and hands each its
+clients (after cosmicpython's ``bootstrap.py``).
 
-One function per role (``swarmlog processor|streams|projector|api``); each creates its
-clients inside the running loop (nothing connects at import time), ensures the topics
-exist, and stops cleanly on SIGTERM or SIGINT: it finishes the batch in hand, commits,
-and closes its clients.
+Every long-running part takes what it talks to instead of building it from a URL: a
+``infra.kafka.Kafka`` (one cluster), the ``Topics``, a ``Clock``, and where it needs them an
+asyncpg pool and a redis.asyncio client. This module is the only one that opens those
+clients and the only one that closes them:
+
+* ``connect(settings)`` -> ``Clients``: the Kafka, the Topics (created if missing), the
+  clock and the settings every role shares. Nothing else connects here: a Kafka hands
+  out clients that the parts start and stop themselves.
+* one builder per role, given the ``Clients``: ``build_processor`` and
+  ``build_process_managers`` (``build_scheduler``, ``build_economy``, ``build_workflow``)
+  are plain constructors (these parts have no client of their own to open);
+  ``open_projector`` and ``open_api`` are async context managers (they open the
+  PostgreSQL pool and the Redis client of that role, and close them on exit).
+* ``deploy(settings, roles)``: the processor, streams and projector roles asked for,
+  built together on one ``Clients``, as a ``Deployment`` whose ``run(stop)`` runs them
+  until ``stop`` is set. The API is built by ``api.app.create_app``'s lifespan with
+  ``open_api`` (on the Clients handed to ``create_app``, else on its own ``connect``).
+
+Who calls it: ``swarmlog processor|streams|projector`` (``infra.cli.run_roles``), the
+API's lifespan, ``swarmlog deadletters replay`` (the projector's replay), the e2e
+fixture (every role, and the app on the same Clients), the integration fixtures and
+unit tests (single parts on Clients of their own: another clock, other settings).
+
+Signal handling and ``asyncio.run`` are the callers' (the CLI): nothing here installs a
+signal handler or starts an event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
+import asyncpg
+import redis.asyncio as aioredis
 import structlog
 
-from infra.clock import SystemClock
+from infra.clock import Clock, SystemClock
+from infra.kafka import Kafka
 from infra.settings import Settings
 from infra.topics import Topics, ensure_topics
 
+if TYPE_CHECKING:
+    from api.live import StreamHub
+    from api.metrics import Metrics
+    from commands.client import CommandClient
+    from commands.processor import CommandProcessor
+    from projections.projector import Projector
+    from streams.economy_runner import EconomyRunner
+    from streams.leader import ElectedRunner
+    from streams.scheduler_runner import SchedulerRunner
+    from streams.workflow_runner import WorkflowRunner
+
 log = structlog.get_logger("swarmlog")
+
+Role = Literal["processor", "streams", "projector", "api"]
+ROLES: tuple[Role, ...] = ("processor", "streams", "projector", "api")
+"""The process roles (``swarmlog processor|streams|projector|api``)."""
+
+PROCESS_MANAGERS = ("scheduler", "economy", "workflow")
+"""The process managers the ``streams`` role runs, by name."""
 
 
 def configure_logging(level: str = "INFO") -> None:
@@ -37,146 +81,310 @@ def configure_logging(level: str = "INFO") -> None:
     )
 
 
-async def _until_signalled(run: Callable[[asyncio.Event], Awaitable[None]]) -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(sig, stop.set)
-    await run(stop)
+class Runnable(Protocol):
+    """A long-running part: runs until ``stop`` is set, then finishes the batch in hand,
+    commits and returns."""
+
+    async def run(self, stop: asyncio.Event) -> None: ...
 
 
-async def _ready_topics(settings: Settings) -> Topics:
-    kafka_url, _, _ = settings.require_services()
+@dataclass(frozen=True)
+class Clients:
+    """What every role of one deployment shares: its settings, its Kafka cluster, its
+    Topics and its clock. Build with ``connect``, or directly in a test (no IO)."""
+
+    settings: Settings
+    kafka: Kafka
+    topics: Topics
+    clock: Clock
+
+
+async def connect(
+    settings: Settings,
+    *,
+    kafka: Kafka | None = None,
+    clock: Clock | None = None,
+    create_topics: bool = True,
+) -> Clients:
+    """The Clients of ``settings``: its Kafka (``kafka`` if given, else from
+    KAFKA_BOOTSTRAP_SERVERS), its Topics (created on the broker if missing, unless
+    ``create_topics`` is False) and ``clock`` (default: the system clock).
+
+    Raises RuntimeError naming a service URL that ``settings`` lacks.
+    """
+    if kafka is None:
+        kafka = Kafka(settings.require_services()[0])
     topics = Topics.of(settings)
-    created = await ensure_topics(kafka_url, topics)
-    if created:
-        log.info("topics created", topics=created)
-    return topics
+    if create_topics:
+        created = await ensure_topics(kafka.bootstrap_servers, topics)
+        if created:
+            log.info("topics created", topics=created)
+    return Clients(settings=settings, kafka=kafka, topics=topics, clock=clock or SystemClock())
 
 
-def run_processor(settings: Settings) -> None:
-    """Run the command processor until SIGTERM."""
+# the clients a role opens ---------------------------------------------------------------
+
+
+@asynccontextmanager
+async def postgres_pool(dsn: str, **kw: Any) -> AsyncIterator[asyncpg.Pool]:
+    """An asyncpg pool on ``dsn`` (``kw`` as ``asyncpg.create_pool`` takes), closed on exit.
+
+    Every connection gets the read models' JSON codecs (``projections.schema.
+    init_connection``), which the projector checks for and the queries rely on."""
+    from projections.schema import init_connection
+
+    pool = await asyncpg.create_pool(dsn, init=init_connection, **kw)
+    try:
+        yield pool
+    finally:
+        await pool.close()
+
+
+@asynccontextmanager
+async def redis_client(url: str) -> AsyncIterator[aioredis.Redis]:
+    """A redis.asyncio client on ``url`` (connects on first use), closed on exit."""
+    client = aioredis.from_url(url)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+def _service_urls(clients: Clients) -> tuple[str, str]:
+    _, database_url, redis_url = clients.settings.require_services()
+    return database_url, redis_url
+
+
+# one builder per role -------------------------------------------------------------------
+
+
+def build_processor(clients: Clients) -> CommandProcessor:
+    """The command processor (consumer group ``<prefix>-processor``); it opens and closes
+    its own Kafka consumer and producers (one transactional producer per partition) in
+    ``run``."""
     from commands.processor import CommandProcessor
 
-    async def main() -> None:
-        topics = await _ready_topics(settings)
-        processor = CommandProcessor(settings.require_services()[0], topics, clock=SystemClock())
-        await _until_signalled(processor.run)
-
-    asyncio.run(main())
-
-
-PROCESS_MANAGERS = ("scheduler", "economy", "workflow")
-"""The process managers ``swarmlog streams`` runs, by name."""
+    settings = clients.settings
+    return CommandProcessor(
+        clients.kafka,
+        clients.topics,
+        clock=clients.clock,
+        outcome_cache_bytes=settings.processor_outcome_cache_bytes,
+        record_max_bytes=settings.record_max_bytes,
+    )
 
 
-def run_streams(settings: Settings, only: tuple[str, ...] = PROCESS_MANAGERS) -> None:
-    """Run the process managers named in ``only`` (default: the scheduler, the economy and
-    the workflow engine) until SIGTERM. Raises ValueError for a name not in
-    ``PROCESS_MANAGERS``."""
-    unknown = sorted(set(only) - set(PROCESS_MANAGERS))
-    if unknown or not only:
+def build_scheduler(clients: Clients) -> SchedulerRunner:
+    """The scheduler's process manager (assignment, leases, heartbeats), reading every
+    ``settings.scheduler_tick_s``, with the settings' heartbeat timeout and aging."""
+    from streams.scheduler import Policy
+    from streams.scheduler_runner import SchedulerRunner
+
+    settings = clients.settings
+    return SchedulerRunner(
+        clients.kafka,
+        clients.topics,
+        policy=Policy(
+            heartbeat_timeout_s=settings.heartbeat_timeout_s,
+            aging_interval_s=settings.aging_interval_s,
+        ),
+        clock=clients.clock,
+        tick_s=settings.scheduler_tick_s,
+    )
+
+
+def build_economy(clients: Clients) -> EconomyRunner:
+    """The economy's process manager (rewards, slashing, ledger credits, governance
+    deadlines), resending an unanswered command after ``settings.economy_resend_s``."""
+    from streams.economy_runner import EconomyRunner
+
+    settings = clients.settings
+    return EconomyRunner(
+        clients.kafka,
+        clients.topics,
+        clock=clients.clock,
+        tick_s=settings.scheduler_tick_s,
+        resend_s=settings.economy_resend_s,
+    )
+
+
+def build_workflow(clients: Clients) -> WorkflowRunner:
+    """The workflow engine's process manager (runs, step tasks, outcomes, cancellation),
+    resending an unanswered command after ``settings.workflow_resend_s``."""
+    from streams.workflow_runner import WorkflowRunner
+
+    settings = clients.settings
+    return WorkflowRunner(
+        clients.kafka,
+        clients.topics,
+        clock=clients.clock,
+        tick_s=settings.scheduler_tick_s,
+        resend_s=settings.workflow_resend_s,
+    )
+
+
+def build_process_managers(
+    clients: Clients, only: Iterable[str] = PROCESS_MANAGERS
+) -> dict[str, ElectedRunner]:
+    """The process managers named in ``only`` (default: the scheduler, the economy and the
+    workflow engine), by name (see ``build_scheduler``, ``build_economy``,
+    ``build_workflow``).
+
+    Raises ValueError for a name not in ``PROCESS_MANAGERS``, or for none.
+    """
+    chosen = tuple(only)
+    unknown = sorted(set(chosen) - set(PROCESS_MANAGERS))
+    if unknown or not chosen:
         raise ValueError(
             f"unknown process manager(s) {unknown}; choose from {', '.join(PROCESS_MANAGERS)}"
         )
-    from streams.economy_runner import EconomyRunner
-    from streams.scheduler import Policy
-    from streams.scheduler_runner import SchedulerRunner
-    from streams.workflow_runner import WorkflowRunner
-
-    async def main() -> None:
-        topics = await _ready_topics(settings)
-        kafka_url = settings.require_services()[0]
-        scheduler = SchedulerRunner(
-            kafka_url,
-            topics,
-            policy=Policy(
-                heartbeat_timeout_s=settings.heartbeat_timeout_s,
-                aging_interval_s=settings.aging_interval_s,
-            ),
-            tick_s=settings.scheduler_tick_s,
-        )
-        economy = EconomyRunner(kafka_url, topics, tick_s=settings.scheduler_tick_s)
-        workflow = WorkflowRunner(kafka_url, topics, tick_s=settings.scheduler_tick_s)
-
-        runners = {"scheduler": scheduler, "economy": economy, "workflow": workflow}
-
-        async def every(stop: asyncio.Event) -> None:
-            await asyncio.gather(*(runners[name].run(stop) for name in only))
-
-        await _until_signalled(every)
-
-    asyncio.run(main())
+    builders: dict[str, Callable[[Clients], ElectedRunner]] = {
+        "scheduler": build_scheduler,
+        "economy": build_economy,
+        "workflow": build_workflow,
+    }
+    return {name: builders[name](clients) for name in chosen}
 
 
-def run_projector(settings: Settings) -> None:
-    """Run the projector until SIGTERM."""
-    import asyncpg
-    import redis.asyncio as aioredis
-
-    from infra.kafka import Kafka
+@asynccontextmanager
+async def open_projector(
+    clients: Clients, *, pool: asyncpg.Pool | None = None, redis: aioredis.Redis | None = None
+) -> AsyncIterator[Projector]:
+    """The projector, with a PostgreSQL pool (sessions named
+    ``swarmlog-projector-<schema>``) and a Redis client opened here and closed on exit;
+    ``pool`` and ``redis``, when given, are used instead (and left open)."""
     from projections.projector import Projector
-    from projections.schema import init_connection
 
-    async def main() -> None:
-        topics = await _ready_topics(settings)
-        kafka_url, database_url, redis_url = settings.require_services()
-        pool = await asyncpg.create_pool(
-            database_url,
-            min_size=0,
-            max_size=4,
-            init=init_connection,
-            server_settings={"application_name": f"swarmlog-projector-{settings.db_schema}"},
-        )
-        redis = aioredis.from_url(redis_url)
-        try:
-            projector = Projector(
-                Kafka(kafka_url),
-                topics,
-                pool=pool,
-                redis=redis,
-                schema=settings.db_schema,
-                redis_prefix=settings.redis_prefix,
-                batch_size=settings.projector_batch_size,
+    settings = clients.settings
+    async with AsyncExitStack() as stack:
+        if pool is None or redis is None:
+            database_url, redis_url = _service_urls(clients)
+        if pool is None:
+            pool = await stack.enter_async_context(
+                postgres_pool(
+                    database_url,
+                    min_size=0,
+                    max_size=4,
+                    server_settings={
+                        "application_name": f"swarmlog-projector-{settings.db_schema}"
+                    },
+                )
             )
-            await _until_signalled(projector.run)
+        if redis is None:
+            redis = await stack.enter_async_context(redis_client(redis_url))
+        yield Projector(
+            clients.kafka,
+            clients.topics,
+            pool=pool,
+            redis=redis,
+            schema=settings.db_schema,
+            redis_prefix=settings.redis_prefix,
+            batch_size=settings.projector_batch_size,
+            clock=clients.clock,
+        )
+
+
+@dataclass(frozen=True)
+class ApiParts:
+    """What the API's routes use (api/deps.py reads them from ``app.state``): a pool with
+    JSON codecs on the read models, a Redis client, a started CommandClient following
+    the outcome topic, and the SSE StreamHub."""
+
+    pool: asyncpg.Pool
+    redis: aioredis.Redis
+    command_client: CommandClient
+    hub: StreamHub
+
+
+@asynccontextmanager
+async def open_api(clients: Clients, metrics: Metrics) -> AsyncIterator[ApiParts]:
+    """The API's parts: opens its pool and Redis client, migrates the read-model schema
+    (idempotent: queries must never meet a missing table, nor race the projector's DDL),
+    starts the CommandClient; on exit closes the SSE streams, the client, Redis and the
+    pool. ``metrics`` counts the hub's streams."""
+    from api.live import StreamHub
+    from commands.client import CommandClient
+    from projections.schema import migrate
+
+    settings = clients.settings
+    database_url, redis_url = _service_urls(clients)
+    async with (
+        postgres_pool(database_url, min_size=1, max_size=10) as pool,
+        redis_client(redis_url) as redis,
+    ):
+        client = CommandClient(
+            clients.kafka, clients.topics, remember_bytes=settings.client_outcome_cache_bytes
+        )
+        hub = StreamHub(
+            clients.kafka,
+            settings.sse_max_clients,
+            metrics,
+            window_bytes=settings.sse_window_bytes,
+        )
+        try:
+            async with pool.acquire() as conn:
+                await migrate(conn, settings.db_schema)
+            await client.start()
+            yield ApiParts(pool=pool, redis=redis, command_client=client, hub=hub)
         finally:
-            await redis.aclose()
-            await pool.close()
-
-    asyncio.run(main())
+            await hub.close_all()
+            await client.stop()
 
 
-def run_api(settings: Settings) -> None:
-    """Serve the HTTP API with uvicorn until SIGTERM, in ``settings.api_workers``
-    processes (uvicorn's workers share the port; each has its own Kafka clients)."""
-    import os
+# every role at once ---------------------------------------------------------------------
 
-    import uvicorn
 
-    from api.app import create_app
+@dataclass
+class Deployment:
+    """The roles ``deploy`` built, sharing one ``clients``. ``runnables`` holds every
+    long-running part by name (``processor``, ``scheduler``, ``economy``, ``workflow``,
+    ``projector``); the API is served by the caller (uvicorn) from ``create_app``."""
 
-    asyncio.run(_ready_topics(settings))
-    if settings.api_workers > 1:
-        # Workers build the app from the environment: hand the settings down through it.
-        kafka_url, database_url, redis_url = settings.require_services()
-        os.environ.update(
-            KAFKA_BOOTSTRAP_SERVERS=kafka_url, DATABASE_URL=database_url, REDIS_URL=redis_url
-        )
-        uvicorn.run(
-            "api.app:create_app",
-            factory=True,
-            host=settings.api_host,
-            port=settings.api_port,
-            workers=settings.api_workers,
-            log_level="warning",
-        )
-        return
-    uvicorn.run(
-        create_app(settings),
-        host=settings.api_host,
-        port=settings.api_port,
-        log_level="warning",
-        lifespan="on",
-    )  # uvicorn handles SIGTERM itself
+    clients: Clients
+    processor: CommandProcessor | None = None
+    process_managers: dict[str, ElectedRunner] = field(default_factory=dict)
+    projector: Projector | None = None
+
+    @property
+    def runnables(self) -> dict[str, Runnable]:
+        """Every long-running part, by role or process-manager name."""
+        parts: dict[str, Runnable] = {}
+        if self.processor is not None:
+            parts["processor"] = self.processor
+        parts.update(self.process_managers)
+        if self.projector is not None:
+            parts["projector"] = self.projector
+        return parts
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Run every part until ``stop`` is set; the first to fail fails this."""
+        await asyncio.gather(*(part.run(stop) for part in self.runnables.values()))
+
+
+@asynccontextmanager
+async def deploy(
+    settings: Settings,
+    roles: Iterable[Role] = ("processor", "streams", "projector"),
+    *,
+    only: Iterable[str] = PROCESS_MANAGERS,
+    kafka: Kafka | None = None,
+    clock: Clock | None = None,
+) -> AsyncIterator[Deployment]:
+    """Build the ``roles`` of one deployment of ``settings`` on shared Clients (see
+    ``connect``; ``only`` chooses the process managers of the ``streams`` role), and close
+    every client they opened on exit. The ``api`` role is built by ``open_api`` from
+    ``create_app``'s lifespan and is refused here (ValueError), as is an unknown role.
+    """
+    wanted = set(roles)
+    if "api" in wanted or not wanted <= set(ROLES):
+        raise ValueError(f"deploy builds processor, streams and projector, not {sorted(wanted)}")
+    clients = await connect(settings, kafka=kafka, clock=clock)
+    deployment = Deployment(clients)
+    if "processor" in wanted:
+        deployment.processor = build_processor(clients)
+    if "streams" in wanted:
+        deployment.process_managers = build_process_managers(clients, only)
+    async with AsyncExitStack() as stack:
+        if "projector" in wanted:
+            deployment.projector = await stack.enter_async_context(open_projector(clients))
+        yield deployment

@@ -8,6 +8,11 @@ env)"`` set the service variables in the calling shell.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import os
+import signal
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -182,6 +187,33 @@ def _settings(state_dir: Path) -> Settings:
     )
 
 
+async def _until_signalled(run: Callable[[asyncio.Event], Awaitable[None]]) -> None:
+    """Run ``run(stop)``; SIGTERM or SIGINT sets ``stop`` (the part then finishes the batch
+    in hand, commits and returns)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    await run(stop)
+
+
+def run_roles(
+    settings: Settings,
+    roles: tuple[bootstrap.Role, ...],
+    only: tuple[str, ...] = bootstrap.PROCESS_MANAGERS,
+) -> None:
+    """Run ``roles`` (processor, streams, projector) of ``settings`` in this process until
+    SIGTERM or SIGINT, built by the composition root (``bootstrap.deploy``), which closes
+    their clients afterwards. ``only`` chooses the process managers of ``streams``."""
+
+    async def main() -> None:
+        async with bootstrap.deploy(settings, roles, only=only) as deployment:
+            await _until_signalled(deployment.run)
+
+    asyncio.run(main())
+
+
 @app.command()
 def processor(state_dir: StateDir) -> None:
     """Run the command processor: commands -> deciders -> events, transactionally.
@@ -191,7 +223,7 @@ def processor(state_dir: StateDir) -> None:
     SWARMLOG_TOPIC_PREFIX and SWARMLOG_PARTITIONS.
     """
     bootstrap.configure_logging()
-    bootstrap.run_processor(_settings(state_dir))
+    run_roles(_settings(state_dir), ("processor",))
 
 
 @app.command()
@@ -222,7 +254,7 @@ def streams(
             param_hint="--only",
         )
     bootstrap.configure_logging()
-    bootstrap.run_streams(_settings(state_dir), chosen)
+    run_roles(_settings(state_dir), ("streams",), chosen)
 
 
 @app.command()
@@ -232,7 +264,7 @@ def projector(state_dir: StateDir) -> None:
     Offsets are kept in PostgreSQL with the rows. Copies share the partitions.
     """
     bootstrap.configure_logging()
-    bootstrap.run_projector(_settings(state_dir))
+    run_roles(_settings(state_dir), ("projector",))
 
 
 @app.command()
@@ -254,7 +286,40 @@ def api(
         for k, v in (("api_host", host), ("api_port", port), ("api_workers", workers))
         if v is not None
     }
-    bootstrap.run_api(settings.model_copy(update=updates))
+    _serve_api(settings.model_copy(update=updates))
+
+
+def _serve_api(settings: Settings) -> None:
+    """Serve the HTTP API with uvicorn until SIGTERM, in ``settings.api_workers``
+    processes (uvicorn's workers share the port; each builds its parts through
+    ``create_app``'s lifespan, which asks the composition root for them)."""
+    import uvicorn
+
+    from api.app import create_app
+
+    asyncio.run(bootstrap.connect(settings))  # create missing topics once, before the workers
+    if settings.api_workers > 1:
+        # Workers build the app from the environment: hand the settings down through it.
+        kafka_url, database_url, redis_url = settings.require_services()
+        os.environ.update(
+            KAFKA_BOOTSTRAP_SERVERS=kafka_url, DATABASE_URL=database_url, REDIS_URL=redis_url
+        )
+        uvicorn.run(
+            "api.app:create_app",
+            factory=True,
+            host=settings.api_host,
+            port=settings.api_port,
+            workers=settings.api_workers,
+            log_level="warning",
+        )
+        return
+    uvicorn.run(
+        create_app(settings),
+        host=settings.api_host,
+        port=settings.api_port,
+        log_level="warning",
+        lifespan="on",
+    )  # uvicorn handles SIGTERM itself
 
 
 audit_app = typer.Typer(help="Audits of the read models against the log.", no_args_is_help=True)
@@ -266,8 +331,6 @@ def audit_ledger(state_dir: StateDir) -> None:
     """Check the ledger invariant (supply = balances + staked + unstaking + in flight) on
     the read models and on a fold of the log, and that the two agree; exit 1 on any
     difference."""
-    import asyncio
-
     from infra.topics import Topics
     from projections.audit import audit_ledger as run_audit
 
@@ -321,7 +384,6 @@ def deadletters(
     """
     if ctx.invoked_subcommand is not None:
         return
-    import asyncio
     import json
 
     from projections.deadletters import list_dead_letters
@@ -370,14 +432,19 @@ def deadletters_replay(
     again with the same key, value and headers, for its role to read again. Exit 1 if
     there is no such dead letter or it is still refused (nothing changes then).
     """
-    import asyncio
-
     from projections.deadletters import replay
-    from projections.projector import ReplayError
+    from projections.projector import Projector, ReplayError
 
     settings = _settings(state_dir)
+
+    @contextlib.asynccontextmanager
+    async def open_projector() -> AsyncIterator[Projector]:
+        clients = await bootstrap.connect(settings, create_topics=False)
+        async with bootstrap.open_projector(clients) as projector:
+            yield projector
+
     try:
-        done = asyncio.run(replay(settings, ref))
+        done = asyncio.run(replay(settings, ref, open_projector))
     except (LookupError, ReplayError) as error:
         _err.print(f"[red]not replayed:[/] {escape(str(error))}", soft_wrap=True, highlight=False)
         raise typer.Exit(1) from error
@@ -417,8 +484,6 @@ def demo(
     per module of the packages; kills one agent part-way; prints what each agent did,
     requeues, throughput, latency, events on the log and the most complex functions found.
     """
-    import asyncio
-
     from demo.swarm import DEFAULT_PACKAGES, run_demo
 
     bootstrap.configure_logging("WARNING")

@@ -69,6 +69,10 @@ class Settings(BaseSettings):
     aging_interval_s: float = 30.0
     #: An agent with no heartbeat for this long is marked offline.
     heartbeat_timeout_s: float = 15.0
+    #: Economy: a command not answered by an event within this long is sent again (same id).
+    economy_resend_s: float = 10.0
+    #: Workflow engine: the same, for the commands it sends.
+    workflow_resend_s: float = 30.0
 
     projector_batch_size: int = 500
 

@@ -27,11 +27,12 @@ Replay depends on what the record was:
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
-import redis.asyncio as aioredis
 from aiokafka import TopicPartition
 
 from domain.ids import derived_id
@@ -47,7 +48,6 @@ from projections.readmodels.dead_letters import (
 from projections.readmodels.dead_letters import (
     list_dead_letters as table_dead_letters,
 )
-from projections.schema import init_connection
 
 _POSITION = re.compile(r"^(?P<topic>.+):(?P<partition>\d{1,9}):(?P<offset>\d{1,18})$")
 
@@ -140,33 +140,25 @@ async def find(settings: Settings, ref: str) -> dict[str, Any]:
     return row
 
 
-async def replay(settings: Settings, ref: str) -> Replayed:
+async def replay(
+    settings: Settings,
+    ref: str,
+    open_projector: Callable[[], AbstractAsyncContextManager[Projector]],
+) -> Replayed:
     """Replay the dead letter ``ref`` (see the module docstring for how).
 
+    ``open_projector`` opens a projector (and closes its clients after): the composition
+    root's ``infra.bootstrap.open_projector``, which is used only for an event.
     Raises LookupError if there is no such dead letter, ``projections.projector.
-    ReplayError`` if an event is still refused (nothing changed then). Builds (and
-    closes) the projector's clients for the replay of an event.
+    ReplayError`` if an event is still refused (nothing changed then).
     """
-    kafka_url, database_url, redis_url = settings.require_services()
+    kafka_url, database_url, _ = settings.require_services()
     topics = Topics.of(settings)
     row = await find(settings, ref)
     source = Position(row["source_topic"], row["source_partition"], row["source_offset"])
     if source.topic in topics.event_topics.values():
-        pool = await asyncpg.create_pool(database_url, min_size=1, max_size=2, init=init_connection)
-        redis = aioredis.from_url(redis_url)
-        try:
-            projector = Projector(
-                kafka.Kafka(kafka_url),
-                topics,
-                pool=pool,
-                redis=redis,
-                schema=settings.db_schema,
-                redis_prefix=settings.redis_prefix,
-            )
+        async with open_projector() as projector:
             result = await projector.replay(source)
-        finally:
-            await redis.aclose()
-            await pool.close()
         how = (
             f"re-applied {result.aggregate} event {result.event_id}"
             + ("" if result.applied else " (ignored: the row had moved past it)")

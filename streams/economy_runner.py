@@ -20,6 +20,7 @@ from commands.client import CommandClient
 from domain import agent as ag
 from domain.recorded import RecordedEvent
 from infra.clock import Clock
+from infra.kafka import Kafka
 from infra.mapper import event_ce_type
 from infra.topics import Topics
 from streams.economy import EconomyView, apply, plan
@@ -49,7 +50,7 @@ class EconomyRunner(ElectedRunner):
 
     def __init__(
         self,
-        bootstrap_servers: str,
+        kafka: Kafka,
         topics: Topics,
         *,
         clock: Clock | None = None,
@@ -57,7 +58,7 @@ class EconomyRunner(ElectedRunner):
         resend_s: float = 10.0,
         source: str = "/swarmlog/economy",
     ) -> None:
-        super().__init__(bootstrap_servers, topics, clock=clock, tick_s=tick_s, source=source)
+        super().__init__(kafka, topics, clock=clock, tick_s=tick_s, source=source)
         self.resend_s = resend_s
         self.view = EconomyView()
         # command id -> when and where it was sent, oldest first (sent_at only grows)
@@ -134,7 +135,7 @@ class EconomyRunner(ElectedRunner):
     async def _decided_offsets(self) -> dict[int, int] | None:
         """The command processor's committed offset of each command partition, or None
         when they cannot be read."""
-        admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap)
+        admin = AIOKafkaAdminClient(bootstrap_servers=self.kafka.bootstrap_servers)
         try:
             await admin.start()
             committed = await admin.list_consumer_group_offsets(f"{self.topics.prefix}-processor")

@@ -48,11 +48,11 @@ from aiokafka.errors import (
 from commands.client import CommandClient
 from domain.messages import Command
 from domain.recorded import RecordedEvent
-from infra import kafka
 from infra.clock import Clock, SystemClock
 from infra.cloudevents import DecodeError, Record
 from infra.deadletter_records import encode_dead_command, encode_dead_letter
 from infra.envelope import CommandEnvelope, encode_command
+from infra.kafka import Kafka, send
 from infra.mapper import ce_type_of, decode_event
 from infra.topics import Topics
 from streams.unbuilt import Unbuilt
@@ -120,14 +120,14 @@ class ElectedRunner(ABC):
 
     def __init__(
         self,
-        bootstrap_servers: str,
+        kafka: Kafka,
         topics: Topics,
         *,
         clock: Clock | None = None,
         tick_s: float = 0.2,
         source: str,
     ) -> None:
-        self.bootstrap = bootstrap_servers
+        self.kafka = kafka
         self.topics = topics
         self.clock = clock or SystemClock()
         self.tick_s = tick_s
@@ -236,7 +236,7 @@ class ElectedRunner(ABC):
         futures: list[tuple[str, Any]] = []
         for lid, letter in queued:
             try:
-                futures.append((lid, await kafka.send(client.producer, letter)))
+                futures.append((lid, await send(client.producer, letter)))
             except Exception as exc:  # noqa: BLE001 - sorted by record_fault
                 if not record_fault(exc):
                     self._log_once("dead letters not written; retrying", exc)
@@ -292,7 +292,7 @@ class ElectedRunner(ABC):
                     self._refused(command_id, command, "cannot encode the command", exc)
                     continue
                 try:
-                    futures.append((i, await kafka.send(client.producer, record)))
+                    futures.append((i, await send(client.producer, record)))
                 except Exception as exc:  # noqa: BLE001 - sorted by record_fault
                     if not record_fault(exc):
                         unavailable = exc
@@ -331,7 +331,7 @@ class ElectedRunner(ABC):
         """Stand by until elected, then lead until ``stop`` is set or leadership is lost."""
         runner = self
 
-        class Election(ConsumerRebalanceListener):
+        class Election(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka: untyped
             async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
                 if revoked:
                     runner.leader.clear()
@@ -340,15 +340,14 @@ class ElectedRunner(ABC):
                 if assigned:
                     runner.leader.set()
 
-        election = kafka.consumer(
-            self.bootstrap,
+        election = self.kafka.consumer(
             group_id=f"{self.topics.prefix}-{self.name}",
             session_timeout_ms=10_000,
             heartbeat_interval_ms=1_000,
         )
         election.subscribe([self.topics.coordination], listener=Election())
         await election.start()
-        client = CommandClient(self.bootstrap, self.topics, follow_outcomes=False)
+        client = CommandClient(self.kafka, self.topics, follow_outcomes=False)
         await client.start()
         try:
             while not stop.is_set():
@@ -415,8 +414,8 @@ class ElectedRunner(ABC):
         self.caught_up.clear()
         tps: list[TopicPartition] = []
         for topic in self.read_topics():
-            tps += await kafka.partitions_of(self.bootstrap, topic)
-        consumer = kafka.consumer(self.bootstrap)
+            tps += await self.kafka.partitions_of(topic)
+        consumer = self.kafka.consumer()
         await consumer.start()
         try:
             consumer.assign(tps)

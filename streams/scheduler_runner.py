@@ -18,6 +18,7 @@ from domain.agent import AGENT
 from domain.recorded import RecordedEvent
 from domain.task import TASK
 from infra.clock import Clock
+from infra.kafka import Kafka
 from infra.mapper import event_ce_type
 from infra.topics import Topics
 from streams.leader import ElectedRunner
@@ -47,7 +48,7 @@ class SchedulerRunner(ElectedRunner):
 
     def __init__(
         self,
-        bootstrap_servers: str,
+        kafka: Kafka,
         topics: Topics,
         *,
         policy: Policy | None = None,
@@ -56,7 +57,7 @@ class SchedulerRunner(ElectedRunner):
         resend_s: float = 3.0,
         source: str = "/swarmlog/scheduler",
     ) -> None:
-        super().__init__(bootstrap_servers, topics, clock=clock, tick_s=tick_s, source=source)
+        super().__init__(kafka, topics, clock=clock, tick_s=tick_s, source=source)
         self.policy = policy or Policy()
         self.resend_s = resend_s
         self.view = SchedulerView()

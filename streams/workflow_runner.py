@@ -6,8 +6,9 @@ event topics into one ``WorkflowView`` and sends what is new: a command not sett
 within ``resend_s`` seconds is sent again (same id, dropped by the deciders if it was
 applied). A sent command is on the command topic (acks=all) before ``send`` returns, so
 a resend only covers a command the view has not yet seen settled because the processor
-is behind; the default (30 s) keeps resends from adding to such a backlog. Entries waiting on an event that may never come are dropped ``grace_s``
-seconds (on the runner's clock) after the view first showed them.
+is behind; the default (30 s, ``Settings.workflow_resend_s``) keeps resends from adding
+to such a backlog. Entries waiting on an event that may never come are dropped
+``grace_s`` seconds (on the runner's clock) after the view first showed them.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from commands.client import CommandClient
 from domain import task as tk
 from domain.recorded import RecordedEvent
 from infra.clock import Clock
+from infra.kafka import Kafka
 from infra.mapper import event_ce_type
 from infra.topics import Topics
 from streams.leader import ElectedRunner
@@ -52,7 +54,7 @@ class WorkflowRunner(ElectedRunner):
 
     def __init__(
         self,
-        bootstrap_servers: str,
+        kafka: Kafka,
         topics: Topics,
         *,
         clock: Clock | None = None,
@@ -61,7 +63,7 @@ class WorkflowRunner(ElectedRunner):
         grace_s: float = 60.0,
         source: str = "/swarmlog/workflow",
     ) -> None:
-        super().__init__(bootstrap_servers, topics, clock=clock, tick_s=tick_s, source=source)
+        super().__init__(kafka, topics, clock=clock, tick_s=tick_s, source=source)
         self.resend_s = resend_s
         self.grace_s = grace_s
         self.view = WorkflowView()

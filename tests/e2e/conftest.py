@@ -2,8 +2,10 @@
 
 Each test gets fresh topics (prefix ``t<10 hex>``), consumer groups, PostgreSQL schema
 and Redis prefix on the session's real Kafka, PostgreSQL and Redis (``services``, from
-tests/conftest.py), and runs as asyncio tasks the command processor, the scheduler, the
-projector and the API, served by a real uvicorn on a free loopback port. Tests talk to
+tests/conftest.py), and runs as asyncio tasks every role as the composition root
+(infra/bootstrap.py) builds them: the command processor, the process managers (scheduler,
+economy, workflow engine), the projector, and the API, served by a real uvicorn on a free
+loopback port. Tests talk to
 it over HTTP only (httpx, httpx-sse), as a client would.
 
 Override settings for one test with indirect parametrization::
@@ -24,26 +26,23 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-import asyncpg
 import httpx
 import pytest
-import redis.asyncio as aioredis
 import uvicorn
-from aiokafka.admin import AIOKafkaAdminClient
 
 from api.app import create_app
 from commands.processor import CommandProcessor
-from infra import kafka
+from infra import bootstrap
+from infra.bootstrap import Clients
 from infra.clock import Clock, ManualClock, SystemClock
-from infra.kafka import Kafka
 from infra.settings import Settings
 from infra.stack import StackInfo
-from infra.topics import Topics, ensure_topics
+from infra.supervise import remove_run
+from infra.topics import Topics
 from projections.projector import Projector
-from projections.schema import init_connection
 from streams.economy_runner import EconomyRunner
-from streams.scheduler import Policy
 from streams.scheduler_runner import SchedulerRunner
+from streams.workflow_runner import WorkflowRunner
 
 T = TypeVar("T")
 
@@ -59,10 +58,12 @@ class Swarm:
     client: httpx.AsyncClient
     settings: Settings
     topics: Topics
+    clients: Clients
     processor: CommandProcessor
     scheduler: SchedulerRunner
     projector: Projector
     economy: EconomyRunner
+    workflow: WorkflowRunner
     clock: Clock
     roles: dict[str, tuple[asyncio.Event, asyncio.Task[None]]] = field(default_factory=dict)
 
@@ -78,14 +79,15 @@ class Swarm:
                 raise AssertionError(f"{name} stopped unexpectedly: {exc!r}") from exc
 
     async def stop_role(self, name: str) -> None:
-        """Stop one role (``processor``, ``scheduler``, ``projector``) and wait for it."""
+        """Stop one role (``processor``, ``scheduler``, ``economy``, ``workflow``,
+        ``projector``) and wait for it."""
         stop, task = self.roles[name]
         stop.set()
         await asyncio.wait_for(task, SHUTDOWN_TIMEOUT_S)
 
     def start_processor(self) -> CommandProcessor:
         """Start a new command processor (after ``stop_role("processor")``)."""
-        self.processor = CommandProcessor(self.bootstrap, self.topics)
+        self.processor = bootstrap.build_processor(self.clients)
         self._start("processor", self.processor.run)
         return self.processor
 
@@ -95,8 +97,8 @@ class Swarm:
 
     async def commands_on_log(self) -> int:
         """How many records the command topic holds (all partitions)."""
-        tps = await kafka.partitions_of(self.bootstrap, self.topics.commands)
-        consumer = kafka.consumer(self.bootstrap)
+        tps = await self.clients.kafka.partitions_of(self.topics.commands)
+        consumer = self.clients.kafka.consumer()
         await consumer.start()
         try:
             ends = await consumer.end_offsets(tps)
@@ -155,40 +157,41 @@ async def swarm(services: StackInfo, request: pytest.FixtureRequest) -> AsyncIte
             "command_wait_s": 5.0,
             "sse_send_timeout_s": 5.0,
             "heartbeat_timeout_s": 120.0,
+            "scheduler_tick_s": 0.1,
+            "economy_resend_s": 2.0,
             **overrides,
         }
     )
-    bootstrap = services.kafka_bootstrap_servers
-    topics = Topics(prefix=prefix, partitions=settings.partitions)
-    await ensure_topics(bootstrap, topics)
+    roles = ("processor", "streams", "projector")
+    async with (
+        bootstrap.deploy(settings, roles, clock=clock) as d,
+        _serve(services, settings, d) as s,
+    ):
+        yield s
 
-    processor = CommandProcessor(bootstrap, topics)
-    scheduler = SchedulerRunner(
-        bootstrap,
-        topics,
-        policy=Policy(heartbeat_timeout_s=settings.heartbeat_timeout_s),
-        clock=clock,
-        tick_s=0.1,
+
+@contextlib.asynccontextmanager
+async def _serve(
+    services: StackInfo, settings: Settings, d: bootstrap.Deployment
+) -> AsyncIterator[Swarm]:
+    """Run the deployment's roles and the API on a free port; stop them all afterwards."""
+    assert d.processor is not None and d.projector is not None
+    managers = d.process_managers
+    scheduler, economy, workflow = (
+        managers["scheduler"],
+        managers["economy"],
+        managers["workflow"],
     )
-    economy = EconomyRunner(bootstrap, topics, clock=clock, tick_s=0.1, resend_s=2.0)
-    projector_pool = await asyncpg.create_pool(
-        services.database_url, min_size=0, max_size=4, init=init_connection
-    )
-    projector_redis = aioredis.from_url(services.redis_url)
-    projector = Projector(
-        Kafka(bootstrap),
-        topics,
-        pool=projector_pool,
-        redis=projector_redis,
-        schema=settings.db_schema,
-        redis_prefix=settings.redis_prefix,
-    )
+    assert isinstance(scheduler, SchedulerRunner)
+    assert isinstance(economy, EconomyRunner)
+    assert isinstance(workflow, WorkflowRunner)
+    topics, clock = d.clients.topics, d.clients.clock
     sock = _free_socket()
     port = sock.getsockname()[1]
     base_url = f"http://127.0.0.1:{port}"
     server = uvicorn.Server(
         uvicorn.Config(
-            create_app(settings, clock=clock),
+            create_app(settings, clients=d.clients),
             lifespan="on",
             log_level="warning",
             timeout_graceful_shutdown=3,
@@ -200,16 +203,16 @@ async def swarm(services: StackInfo, request: pytest.FixtureRequest) -> AsyncIte
         client=client,
         settings=settings,
         topics=topics,
-        processor=processor,
+        clients=d.clients,
+        processor=d.processor,
         scheduler=scheduler,
-        projector=projector,
+        projector=d.projector,
         economy=economy,
+        workflow=workflow,
         clock=clock,
     )
-    s._start("processor", processor.run)
-    s._start("economy", economy.run)
-    s._start("scheduler", scheduler.run)
-    s._start("projector", projector.run)
+    for name, part in d.runnables.items():
+        s._start(name, part.run)
     serving = asyncio.create_task(server.serve(sockets=[sock]), name="api")
     try:
 
@@ -221,6 +224,7 @@ async def swarm(services: StackInfo, request: pytest.FixtureRequest) -> AsyncIte
                 and len(s.processor.partitions) == settings.partitions
                 and scheduler.caught_up.is_set()
                 and economy.caught_up.is_set()
+                and workflow.caught_up.is_set()
             )
 
         await s.eventually(up, timeout_s=STARTUP_TIMEOUT_S, what="the swarm to start")
@@ -239,31 +243,4 @@ async def swarm(services: StackInfo, request: pytest.FixtureRequest) -> AsyncIte
         for task in pending:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
-        await projector_redis.aclose()
-        await projector_pool.close()
-        await _drop(services, settings, topics)
-
-
-async def _drop(services: StackInfo, settings: Settings, topics: Topics) -> None:
-    """Delete the test's topics, schema and Redis keys (best effort)."""
-    with contextlib.suppress(Exception):
-        admin = AIOKafkaAdminClient(bootstrap_servers=services.kafka_bootstrap_servers)
-        await admin.start()
-        try:
-            await admin.delete_topics([spec.name for spec in topics.specs()])
-        finally:
-            await admin.close()
-    with contextlib.suppress(Exception):
-        conn = await asyncpg.connect(services.database_url)
-        try:
-            await conn.execute(f"DROP SCHEMA IF EXISTS {settings.db_schema} CASCADE")
-        finally:
-            await conn.close()
-    with contextlib.suppress(Exception):
-        r = aioredis.from_url(services.redis_url)
-        try:
-            keys = [k async for k in r.scan_iter(match=f"{settings.redis_prefix}:*")]
-            if keys:
-                await r.delete(*keys)
-        finally:
-            await r.aclose()
+        await remove_run(services, topics, settings.db_schema, settings.redis_prefix)

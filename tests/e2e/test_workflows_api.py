@@ -15,7 +15,6 @@ import pytest
 from httpx_sse import aconnect_sse
 
 from sdk import TaskContext, Worker
-from streams.workflow_runner import WorkflowRunner
 from tests.e2e.support import assert_problem, positions
 from tests.e2e.test_live import cloudevent, take
 
@@ -56,16 +55,8 @@ async def agent(swarm: Any, agent_id: str = "wf-agent"):  # type: ignore[no-unty
 
 @pytest.fixture
 async def engine(swarm):  # type: ignore[no-untyped-def]
-    """The swarm with the workflow process manager running (started here unless the
-    swarm already runs it as its ``workflow`` role)."""
-    if "workflow" not in swarm.roles:
-        runner = WorkflowRunner(swarm.bootstrap, swarm.topics, clock=swarm.clock, tick_s=0.1)
-        swarm._start("workflow", runner.run)
-
-        async def caught_up() -> bool:
-            return runner.caught_up.is_set()
-
-        await swarm.eventually(caught_up, what="the workflow engine to start")
+    """The swarm, whose ``workflow`` role runs the workflow process manager."""
+    assert "workflow" in swarm.roles
     return swarm
 
 

@@ -27,10 +27,14 @@ from aiokafka import TopicPartition
 from domain.messages import Command
 from domain.recorded import RecordedEvent
 from infra import kafka
+from infra.bootstrap import Clients, build_processor
+from infra.clock import Clock, SystemClock
 from infra.cloudevents import DecodeError
 from infra.envelope import CommandEnvelope
+from infra.kafka import Kafka
 from infra.mapper import decode_event
 from infra.outcome import Outcome, decode_outcome
+from infra.settings import Settings
 from infra.stack import StackInfo
 from infra.topics import Topics, ensure_topics
 
@@ -50,6 +54,36 @@ async def fresh_topics(bootstrap: str, prefix: str | None = None) -> Topics:
     topics = Topics(prefix=prefix or fresh_prefix(), partitions=3)
     await ensure_topics(bootstrap, topics)
     return topics
+
+
+def clients(
+    bootstrap: str,
+    topics: Topics,
+    *,
+    services: StackInfo | None = None,
+    clock: Clock | None = None,
+    **settings: Any,
+) -> Clients:
+    """The composition root's Clients for one test (no IO): Kafka at ``bootstrap``,
+    ``topics`` (whose prefix also names the PostgreSQL schema and the Redis keys),
+    ``clock`` (default: the system clock) and Settings with ``settings`` (field names,
+    e.g. ``scheduler_tick_s=0.05``); ``services`` gives the database and Redis URLs the
+    projector and the API open."""
+    values: dict[str, Any] = {
+        "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
+        "topic_prefix": topics.prefix,
+        "partitions": topics.partitions,
+        "db_schema": topics.prefix,
+        "redis_prefix": topics.prefix,
+    }
+    if services is not None:
+        values.update(DATABASE_URL=services.database_url, REDIS_URL=services.redis_url)
+    return Clients(
+        settings=Settings.model_validate({**values, **settings}),
+        kafka=Kafka(bootstrap),
+        topics=topics,
+        clock=clock or SystemClock(),
+    )
 
 
 def now() -> datetime:
@@ -179,21 +213,10 @@ def assert_log_is_clean(events: list[RecordedEvent]) -> None:
 # subprocess roles ---------------------------------------------------------------------
 
 
-def _cli_has(role: str) -> bool:
-    try:
-        from infra.cli import app
-    except ImportError:
-        return False
-    names = {c.name or (c.callback.__name__ if c.callback else "") for c in app.registered_commands}
-    return role in names
-
-
 def role_argv(role: str) -> list[str]:
-    """How to start ``role`` (processor, projector, streams) as its own process: the CLI
-    subcommand when it exists, else tests/integration/role_main.py."""
-    if _cli_has(role):
-        return [sys.executable, "-m", "infra.cli", role]
-    return [sys.executable, "-m", "tests.integration.role_main", role]
+    """How to start ``role`` (processor, projector, streams) as its own process: its
+    ``swarmlog`` CLI subcommand."""
+    return [sys.executable, "-m", "infra.cli", role]
 
 
 def role_env(services: StackInfo, prefix: str, **extra: str) -> dict[str, str]:
@@ -327,12 +350,11 @@ async def processor_with_client(
     CommandClient and an EventFollower: what the process-manager tests stand on. On exit
     the processor must not have crashed (``Running.check``)."""
     from commands.client import CommandClient
-    from commands.processor import CommandProcessor
 
     topics = await fresh_topics(bootstrap)
-    client = CommandClient(bootstrap, topics)
+    client = CommandClient(Kafka(bootstrap), topics)
     await client.start()
-    processor = CommandProcessor(bootstrap, topics)
+    processor = build_processor(clients(bootstrap, topics))
     r = Running(processor, "processor")
     try:
         await wait_until(

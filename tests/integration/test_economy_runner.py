@@ -23,6 +23,7 @@ from domain import task as tk
 from domain.economy import TREASURY, ParameterChange
 from domain.ids import derived_id
 from domain.messages import MICRO, Command
+from infra.bootstrap import build_economy
 from infra.clock import ManualClock
 from infra.stack import StackInfo
 from infra.topics import Topics
@@ -31,6 +32,7 @@ from tests.integration.helpers import (
     EventFollower,
     RoleProcess,
     Running,
+    clients,
     envelope,
     now,
     processor_with_client,
@@ -53,8 +55,14 @@ class World:
     clock: ManualClock
 
     def runner(self) -> EconomyRunner:
-        return EconomyRunner(
-            self.bootstrap, self.topics, clock=self.clock, tick_s=0.05, resend_s=1.0
+        return build_economy(
+            clients(
+                self.bootstrap,
+                self.topics,
+                clock=self.clock,
+                scheduler_tick_s=0.05,
+                economy_resend_s=1.0,
+            )
         )
 
     async def do(self, *commands: Command) -> None:

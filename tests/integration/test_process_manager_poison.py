@@ -26,6 +26,7 @@ from domain.ids import derived_id
 from domain.messages import Event
 from domain.recorded import RecordedEvent
 from infra.clock import ManualClock
+from infra.kafka import Kafka
 from infra.mapper import encode_event
 from infra.stack import StackInfo
 from infra.topics import Topics
@@ -178,12 +179,13 @@ async def test_poison_on_every_topic_a_process_manager_reads_is_dead_lettered_an
             ),
             ag.StartAgent(agent_id="a1", at=t),
         )
+        kafka = Kafka(bootstrap)  # subclasses of the runners: built here, not by the root
         runners = [
             FragileScheduler(
-                bootstrap, topics, policy=Policy(heartbeat_timeout_s=3600), clock=clock, tick_s=0.05
+                kafka, topics, policy=Policy(heartbeat_timeout_s=3600), clock=clock, tick_s=0.05
             ),
-            FragileEconomy(bootstrap, topics, clock=clock, tick_s=0.05, resend_s=1.0),
-            FragileWorkflow(bootstrap, topics, clock=clock, tick_s=0.05, resend_s=2.0),
+            FragileEconomy(kafka, topics, clock=clock, tick_s=0.05, resend_s=1.0),
+            FragileWorkflow(kafka, topics, clock=clock, tick_s=0.05, resend_s=2.0),
         ]
         running = [Running(r, r.name) for r in runners]
         producer = AIOKafkaProducer(bootstrap_servers=bootstrap)

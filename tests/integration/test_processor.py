@@ -20,7 +20,9 @@ from commands.client import CommandClient
 from commands.processor import CommandProcessor
 from domain import agent as ag
 from domain import task as tk
+from infra.bootstrap import build_processor
 from infra.envelope import CommandEnvelope, encode_command
+from infra.kafka import Kafka
 from infra.mapper import ce_type_of, decode_event
 from infra.outcome import Outcome
 from infra.stack import StackInfo
@@ -30,6 +32,7 @@ from tests.integration.helpers import (
     Running,
     assert_log_is_clean,
     by_aggregate,
+    clients,
     envelope,
     fresh_topics,
     now,
@@ -63,7 +66,7 @@ class Harness:
 
 
 async def start_processor(bootstrap: str, topics: Topics) -> tuple[CommandProcessor, Running]:
-    processor = CommandProcessor(bootstrap, topics)
+    processor = build_processor(clients(bootstrap, topics))
     r = Running(processor, "processor")
     await wait_until(
         lambda: r.check() or len(processor.partitions) == topics.partitions,
@@ -77,7 +80,7 @@ async def start_processor(bootstrap: str, topics: Topics) -> tuple[CommandProces
 async def h(services: StackInfo) -> AsyncIterator[Harness]:
     bootstrap = services.kafka_bootstrap_servers
     topics = await fresh_topics(bootstrap)
-    client = CommandClient(bootstrap, topics)
+    client = CommandClient(Kafka(bootstrap), topics)
     await client.start()
     try:
         _, r = await start_processor(bootstrap, topics)
@@ -337,7 +340,7 @@ async def test_a_restarted_processor_rebuilds_state_and_still_knows_old_command_
 ) -> None:
     bootstrap = services.kafka_bootstrap_servers
     topics = await fresh_topics(bootstrap)
-    client = CommandClient(bootstrap, topics)
+    client = CommandClient(Kafka(bootstrap), topics)
     await client.start()
     try:
         start = envelope(ag.StartAgent(agent_id="a1", at=now()))
@@ -421,7 +424,7 @@ async def test_kill_9_of_the_processor_loses_no_accepted_command_and_duplicates_
     env = role_env(services, topics.prefix)
     commands = _mixed_commands(n_agents=250, n_tasks=1000)
     assert len(commands) == 2000
-    client = CommandClient(bootstrap, topics)
+    client = CommandClient(Kafka(bootstrap), topics)
     await client.start()
     first = RoleProcess("processor", env, tmp_path / "processor-1.log")
     second: RoleProcess | None = None
@@ -483,7 +486,7 @@ async def test_a_second_processor_joining_mid_stream_shares_the_work_and_nothing
     bootstrap = services.kafka_bootstrap_servers
     topics = await fresh_topics(bootstrap)
     commands = _mixed_commands(n_agents=100, n_tasks=400)
-    client = CommandClient(bootstrap, topics)
+    client = CommandClient(Kafka(bootstrap), topics)
     await client.start()
     first_p, first = await start_processor(bootstrap, topics)
     second: Running | None = None
@@ -494,7 +497,7 @@ async def test_a_second_processor_joining_mid_stream_shares_the_work_and_nothing
             await client.send_many(commands[i : min(i + 40, half)])
             await asyncio.sleep(0.02)
             if second is None and i >= 200:  # joins while commands are in flight
-                second_p = CommandProcessor(bootstrap, topics)
+                second_p = build_processor(clients(bootstrap, topics))
                 second = Running(second_p, "processor-2")
         assert second is not None and second_p is not None
         await wait_until(lambda: second_p.partitions, 20, what="the second copy to own a partition")

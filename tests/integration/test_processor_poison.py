@@ -22,7 +22,9 @@ from commands.processor import CommandProcessor
 from domain import agent as ag
 from domain import task as tk
 from domain.registry import DECIDERS
+from infra.bootstrap import build_processor
 from infra.envelope import CommandEnvelope
+from infra.kafka import Kafka
 from infra.outcome import Outcome
 from infra.stack import StackInfo
 from infra.topics import Topics, ensure_topics
@@ -30,6 +32,7 @@ from tests.integration.helpers import (
     Running,
     assert_log_is_clean,
     by_aggregate,
+    clients,
     end_offsets,
     envelope,
     fresh_prefix,
@@ -46,8 +49,10 @@ WAIT = 30.0
 LIMIT = 256 * 1024  # the record limit these processors enforce (SWARMLOG_RECORD_MAX_BYTES)
 
 
-async def start(bootstrap: str, topics: Topics, **kw: Any) -> tuple[CommandProcessor, Running]:
-    processor = CommandProcessor(bootstrap, topics, **kw)
+async def start(
+    bootstrap: str, topics: Topics, **settings: Any
+) -> tuple[CommandProcessor, Running]:
+    processor = build_processor(clients(bootstrap, topics, **settings))
     r = Running(processor, "processor")
     await wait_until(
         lambda: r.check() or len(processor.partitions) == topics.partitions,
@@ -98,7 +103,7 @@ async def test_a_raising_decider_and_a_too_large_event_amid_1000_commands_end_th
     monkeypatch.setitem(DECIDERS, "agent", dataclasses.replace(real, decide=decide))
     bootstrap = services.kafka_bootstrap_servers
     topics = await fresh_topics(bootstrap)
-    client = CommandClient(bootstrap, topics)
+    client = CommandClient(Kafka(bootstrap), topics)
     await client.start()
     processor, r = await start(bootstrap, topics, record_max_bytes=LIMIT)
     try:
@@ -174,12 +179,14 @@ async def test_a_repeat_older_than_the_outcome_cache_gets_the_first_outcome_also
 ) -> None:
     bootstrap = services.kafka_bootstrap_servers
     topics = await fresh_topics(bootstrap)
-    client = CommandClient(bootstrap, topics)
+    client = CommandClient(Kafka(bootstrap), topics)
     await client.start()
     accepted = envelope(register("dup-agent"))
     refused = envelope(ag.StartAgent(agent_id="ghost", at=now()))
     try:
-        processor, r = await start(bootstrap, topics, outcome_cache_bytes=1)  # caches nothing
+        processor, r = await start(
+            bootstrap, topics, processor_outcome_cache_bytes=1
+        )  # caches nothing
         try:
             first = await client.execute(accepted, WAIT)
             first_refusal = await client.execute(refused, WAIT)
@@ -197,7 +204,7 @@ async def test_a_repeat_older_than_the_outcome_cache_gets_the_first_outcome_also
         finally:
             await r.stop()
 
-        processor, r = await start(bootstrap, topics, outcome_cache_bytes=1)
+        processor, r = await start(bootstrap, topics, processor_outcome_cache_bytes=1)
         try:
             after_restart = await client.execute(accepted, WAIT)
             refusal_after_restart = await client.execute(refused, WAIT)
@@ -237,7 +244,7 @@ async def test_a_repeat_older_than_the_outcome_cache_gets_the_first_outcome_also
     assert len(before) == 1 + 200 * 2 + 1
 
 
-async def test_an_event_the_broker_refuses_as_too_large_is_rejected_on_the_retry_not_retried_forever(
+async def test_an_event_the_broker_refuses_as_too_large_is_rejected_on_the_retry_not_retried_forever(  # noqa: E501
     services: StackInfo,
 ) -> None:
     bootstrap = services.kafka_bootstrap_servers
@@ -258,7 +265,7 @@ async def test_an_event_the_broker_refuses_as_too_large_is_rejected_on_the_retry
     finally:
         await admin.close()
     await ensure_topics(bootstrap, topics)
-    client = CommandClient(bootstrap, topics)
+    client = CommandClient(Kafka(bootstrap), topics)
     await client.start()
     processor, r = await start(bootstrap, topics)
     try:
@@ -289,9 +296,9 @@ async def test_ids_whose_outcomes_retention_deleted_are_forgotten_and_the_rest_s
 ) -> None:
     bootstrap = services.kafka_bootstrap_servers
     topics = await fresh_topics(bootstrap)
-    client = CommandClient(bootstrap, topics)
+    client = CommandClient(Kafka(bootstrap), topics)
     await client.start()
-    processor, r = await start(bootstrap, topics, outcome_cache_bytes=1)
+    processor, r = await start(bootstrap, topics, processor_outcome_cache_bytes=1)
     old = envelope(register("same-agent"))
     kept = envelope(ag.StartAgent(agent_id="same-agent", at=now()))
     try:
@@ -335,7 +342,7 @@ async def test_a_batch_over_its_decision_budget_commits_what_it_decided_and_read
 ) -> None:
     bootstrap = services.kafka_bootstrap_servers
     topics = await fresh_topics(bootstrap)
-    client = CommandClient(bootstrap, topics)
+    client = CommandClient(Kafka(bootstrap), topics)
     await client.start()
     processor, r = await start(bootstrap, topics)
     processor.batch_budget_s = 0.0  # every batch ends after its first command

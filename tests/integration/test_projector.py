@@ -6,6 +6,7 @@ neither skips nor double-applies anything.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import uuid
 from collections import Counter
@@ -20,10 +21,10 @@ import redis.asyncio as aioredis
 from aiokafka import AIOKafkaProducer, TopicPartition
 
 from commands.client import CommandClient
-from commands.processor import CommandProcessor
 from domain import agent as ag
 from domain import task as tk
 from domain.recorded import RecordedEvent
+from infra.bootstrap import build_processor, open_projector
 from infra.envelope import CommandEnvelope
 from infra.kafka import Kafka
 from infra.mapper import ce_type_of
@@ -36,6 +37,7 @@ from projections.schema import init_connection
 from tests.integration.helpers import (
     RoleProcess,
     Running,
+    clients,
     end_offsets,
     envelope,
     fresh_topics,
@@ -58,9 +60,8 @@ class World:
     client: CommandClient
     pool: asyncpg.Pool
     redis: aioredis.Redis
-    #: The projectors' pool (as the composition root builds it: JSON codecs, sessions
-    #: named swarmlog-projector-<schema>).
-    projector_pool: asyncpg.Pool
+    #: Closes what the projectors of this test opened (their pools and Redis clients).
+    parts: contextlib.AsyncExitStack
 
     @property
     def bootstrap(self) -> str:
@@ -70,16 +71,17 @@ class World:
     def schema(self) -> str:
         return self.topics.prefix
 
-    def projector(self, batch_size: int = 500) -> Projector:
-        return Projector(
-            Kafka(self.bootstrap),
+    async def projector(self, batch_size: int = 500, **settings: Any) -> Projector:
+        """A projector built by the composition root, with its own pool and Redis client
+        (closed at the end of the test); ``settings`` as Settings field names."""
+        built = clients(
+            self.bootstrap,
             self.topics,
-            pool=self.projector_pool,
-            redis=self.redis,
-            schema=self.schema,
-            redis_prefix=self.topics.prefix,
-            batch_size=batch_size,
+            services=self.services,
+            projector_batch_size=batch_size,
+            **settings,
         )
+        return await self.parts.enter_async_context(open_projector(built))
 
     async def run_all(self, envelopes: list[CommandEnvelope], wait_s: float = 30.0) -> None:
         """Send ``envelopes`` and wait until every one is accepted."""
@@ -144,9 +146,9 @@ class World:
 async def world(services: StackInfo) -> AsyncIterator[World]:
     bootstrap = services.kafka_bootstrap_servers
     topics = await fresh_topics(bootstrap)
-    client = CommandClient(bootstrap, topics)
+    client = CommandClient(Kafka(bootstrap), topics)
     await client.start()
-    processor = CommandProcessor(bootstrap, topics)
+    processor = build_processor(clients(bootstrap, topics))
     r = Running(processor, "processor")
     pool = await asyncpg.create_pool(services.database_url, min_size=1, max_size=3)
     red = aioredis.from_url(services.redis_url)
@@ -163,7 +165,8 @@ async def world(services: StackInfo) -> AsyncIterator[World]:
             30,
             what="the processor to own every partition",
         )
-        yield World(services, topics, client, pool, red, projector_pool)
+        async with contextlib.AsyncExitStack() as parts:
+            yield World(services, topics, client, pool, red, parts)
         r.check()
     finally:
         if not r.task.done():
@@ -373,7 +376,7 @@ async def assert_redis_matches_the_rows(w: World, settle_s: float = 3.0) -> None
 
 
 async def test_the_read_models_are_a_fold_of_the_log(world: World) -> None:
-    projector = Running(world.projector(batch_size=100), "projector")
+    projector = Running(await world.projector(batch_size=100), "projector")
     try:
         await world.run_phases(workload(new_agents(14), n_tasks=60))
         await world.caught_up()
@@ -404,7 +407,7 @@ async def test_the_read_models_are_a_fold_of_the_log(world: World) -> None:
 
 async def test_a_restarted_projector_picks_up_where_it_committed(world: World) -> None:
     agents = new_agents(5)
-    first = Running(world.projector(), "projector-1")
+    first = Running(await world.projector(), "projector-1")
     await world.run_phases(workload(agents, n_tasks=20))
     await world.caught_up()
     await first.stop()
@@ -413,7 +416,7 @@ async def test_a_restarted_projector_picks_up_where_it_committed(world: World) -
     await world.run_all(
         _interleave(agent_commands(agents, register=False) + task_commands(agents, 20))
     )
-    second = Running(world.projector(), "projector-2")
+    second = Running(await world.projector(), "projector-2")
     try:
         await world.caught_up()
         await assert_read_models_match_the_log(world)
@@ -429,7 +432,7 @@ async def test_a_read_model_rebuilt_from_an_existing_log_is_a_fold_of_the_log(
     # DESIGN: any read model can be rebuilt from the log at any time, into a fresh schema.
     await world.run_phases(workload(new_agents(20), n_tasks=120), projected=False)
 
-    projector = Running(world.projector(batch_size=50), "projector")
+    projector = Running(await world.projector(batch_size=50), "projector")
     try:
         await world.caught_up()
         await assert_read_models_match_the_log(world)
@@ -444,7 +447,7 @@ async def test_agent_counters_count_tasks_finished_before_the_agent_row_exists(
     # The projector reads the task and agent topics independently, so on a rebuild (or
     # after a restart) it may project a task's completion before the agent's registration.
     # Deterministic version of that: the completion is on the log before the registration.
-    projector = Running(world.projector(), "projector")
+    projector = Running(await world.projector(), "projector")
     try:
         await world.run_all(
             [
@@ -465,7 +468,7 @@ async def test_agent_counters_count_tasks_finished_before_the_agent_row_exists(
 
 
 async def test_projection_offsets_reach_the_end_offsets_once_caught_up(world: World) -> None:
-    projector = Running(world.projector(), "projector")
+    projector = Running(await world.projector(), "projector")
     try:
         await world.run_phases(workload(new_agents(3), n_tasks=6))
         await world.caught_up()
@@ -486,7 +489,7 @@ async def test_redis_load_drops_when_a_requeue_and_its_queued_event_land_in_diff
 ) -> None:
     # TaskRequeued leaves the row on its agent; the TaskQueued that follows takes it off.
     # With one record per batch they are always projected in different transactions.
-    projector = Running(world.projector(batch_size=1), "projector")
+    projector = Running(await world.projector(batch_size=1), "projector")
     try:
         await world.run_all([envelope(ag.RegisterAgent(agent_id="a", name="a", at=now()))])
         await world.run_all([envelope(ag.StartAgent(agent_id="a", at=now()))])
@@ -521,7 +524,7 @@ async def test_a_malformed_event_record_is_dead_lettered_and_projection_carries_
     world: World,
 ) -> None:
     agents = new_agents(2)
-    projector = Running(world.projector(), "projector")
+    projector = Running(await world.projector(), "projector")
     try:
         await world.run_phases(workload(agents, n_tasks=4))
         await world.caught_up()
@@ -570,7 +573,7 @@ async def test_a_projector_starting_on_an_existing_log_reads_each_record_once(
     await world.run_phases(workload(new_agents(6), n_tasks=30), projected=False)
     events = await read_events(world.bootstrap, world.topics)
 
-    projector = world.projector(batch_size=20)
+    projector = await world.projector(batch_size=20)
     r = Running(projector, "projector")
     try:
         await world.caught_up()

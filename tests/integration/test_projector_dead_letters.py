@@ -29,9 +29,7 @@ from aiokafka import AIOKafkaProducer, TopicPartition
 from domain import task as tk
 from domain.ids import derived_id
 from domain.recorded import RecordedEvent
-from infra.kafka import Kafka
 from infra.mapper import encode_event
-from projections.projector import Projector
 from tests.integration import test_projector
 from tests.integration.helpers import (
     ROOT,
@@ -148,7 +146,7 @@ async def test_events_postgresql_refuses_are_dead_lettered_and_the_events_after_
         submitted(f"too-many-{run}", max_attempts=2**31),  # the integer column refuses it
     ]
     good_before = submitted(f"fine-before-{run}", payload={"n": 1})
-    projector = Running(world.projector(), "projector")
+    projector = Running(await world.projector(), "projector")
     try:
         await world.run_all([envelope(tk.SubmitTask(task_id="warm", type="job", at=now()))])
         await world.caught_up()  # the projector is up
@@ -259,7 +257,7 @@ async def test_an_event_whose_view_raises_is_dead_lettered(
         return original(row, stored)
 
     monkeypatch.setattr(views, "evolve_task", evolve_task)
-    projector = Running(world.projector(), "projector")
+    projector = Running(await world.projector(), "projector")
     try:
         await world.run_all(
             [
@@ -281,7 +279,7 @@ async def test_killed_postgresql_connections_are_retried_and_nothing_is_dead_let
     world: World,
 ) -> None:
     agents = new_agents(6)
-    projector = world.projector(batch_size=20)
+    projector = await world.projector(batch_size=20)
     running = Running(projector, "projector")
     name = f"swarmlog-projector-{world.schema}"
     killed = 0
@@ -329,7 +327,7 @@ async def test_killed_postgresql_connections_are_retried_and_nothing_is_dead_let
 async def test_a_dead_lettered_event_is_replayed_after_a_fix(world: World) -> None:
     run = uuid.uuid4().hex[:6]
     task_id = f"costly-{run}"
-    projector = Running(world.projector(), "projector")
+    projector = Running(await world.projector(), "projector")
     try:
         # max_attempts beyond the integer column; its cancellation (version 2) is
         # ignored by the views while the task has no row.
@@ -374,16 +372,9 @@ async def test_redis_down_holds_back_only_the_redis_views(world: World, tmp_path
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     url = f"redis://127.0.0.1:{port}/0"
-    red = aioredis.from_url(url)
-    projector = Projector(
-        Kafka(world.bootstrap),
-        world.topics,
-        pool=world.projector_pool,
-        redis=red,
-        schema=world.schema,
-        redis_prefix=world.topics.prefix,
-    )
+    projector = await world.projector(REDIS_URL=url)
     running = Running(projector, "projector")
+    red = aioredis.from_url(url)
     server: asyncio.subprocess.Process | None = None
 
     async def answers() -> bool:
@@ -437,7 +428,7 @@ async def test_a_dead_lettered_command_is_replayed_by_producing_it_again(world: 
         )
     finally:
         await raw.stop()
-    projector = Running(world.projector(), "projector")
+    projector = Running(await world.projector(), "projector")
     try:
         await wait_until(lambda: _listed(world, 1), 30, what="the command's dead letter listed")
         code, out, err = await cli(

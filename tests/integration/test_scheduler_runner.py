@@ -20,6 +20,7 @@ import pytest
 from commands.client import CommandClient
 from domain import agent as ag
 from domain import task as tk
+from infra.bootstrap import build_scheduler
 from infra.clock import Clock, ManualClock
 from infra.stack import StackInfo
 from infra.topics import Topics
@@ -28,6 +29,7 @@ from streams.scheduler_runner import SchedulerRunner
 from tests.integration.helpers import (
     EventFollower,
     Running,
+    clients,
     envelope,
     now,
     processor_with_client,
@@ -48,12 +50,16 @@ class Swarm:
     clock: ManualClock
 
     def runner(self, policy: Policy | None = None, clock: Clock | None = None) -> SchedulerRunner:
-        return SchedulerRunner(
-            self.bootstrap,
-            self.topics,
-            policy=policy or Policy(heartbeat_timeout_s=3600, aging_interval_s=30),
-            clock=clock or self.clock,
-            tick_s=0.05,
+        policy = policy or Policy(heartbeat_timeout_s=3600, aging_interval_s=30)
+        return build_scheduler(
+            clients(
+                self.bootstrap,
+                self.topics,
+                clock=clock or self.clock,
+                scheduler_tick_s=0.05,
+                heartbeat_timeout_s=policy.heartbeat_timeout_s,
+                aging_interval_s=policy.aging_interval_s,
+            )
         )
 
     async def do(self, *commands: object, at: datetime | None = None) -> None:

@@ -29,12 +29,11 @@ from domain import workflow as wf
 from domain import workflow_run as wr
 from domain.messages import Command
 from domain.recorded import RecordedEvent
+from infra.bootstrap import build_scheduler, build_workflow
 from infra.clock import Clock, ManualClock
 from infra.envelope import decode_command
 from infra.stack import StackInfo
 from infra.topics import Topics
-from streams.scheduler import Policy
-from streams.scheduler_runner import SchedulerRunner
 from streams.workflow import Scheduled, scheduled_tasks, submit_id
 from streams.workflow_runner import WorkflowRunner
 from tests.integration.helpers import (
@@ -42,6 +41,7 @@ from tests.integration.helpers import (
     RoleProcess,
     Running,
     assert_log_is_clean,
+    clients,
     envelope,
     now,
     processor_with_client,
@@ -188,11 +188,17 @@ class Flow:
         self.agents = Agents(self.client, self.log, ids, behaviour)
         if not runners:
             return
-        self.workflow = WorkflowRunner(
-            self.bootstrap, self.topics, clock=clock, tick_s=0.05, resend_s=2.0
+        self.workflow = build_workflow(
+            clients(
+                self.bootstrap,
+                self.topics,
+                clock=clock,
+                scheduler_tick_s=0.05,
+                workflow_resend_s=2.0,
+            )
         )
-        scheduler = SchedulerRunner(
-            self.bootstrap, self.topics, policy=Policy(heartbeat_timeout_s=3600), tick_s=0.05
+        scheduler = build_scheduler(
+            clients(self.bootstrap, self.topics, scheduler_tick_s=0.05, heartbeat_timeout_s=3600)
         )
         self.running = [Running(r, r.name) for r in (scheduler, self.workflow)]
         for r in self.running:

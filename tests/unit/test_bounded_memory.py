@@ -160,7 +160,7 @@ async def taps() -> AsyncIterator[TapFactory]:
     made: list[Tap] = []
 
     def make(window: int = 20_000, window_bytes: int = 10**9) -> Tap:
-        tap = Tap("127.0.0.1:1", LAYOUT, window, window_bytes)
+        tap = Tap(kafka.Kafka("127.0.0.1:1"), LAYOUT, window, window_bytes)
         for tp in LAYOUT.partitions:
             tap.position[tp] = tap.floor[tp] = 0
         made.append(tap)
@@ -226,7 +226,7 @@ async def test_a_client_left_behind_by_the_byte_bound_is_dropped_where_it_can_re
 ) -> None:
     small = kafka.record_bytes(event_record("s0", 0, 0))
     tap = taps(window_bytes=30 * small)
-    hub = StreamHub("127.0.0.1:1", max_clients=10, metrics=Metrics())
+    hub = StreamHub(kafka.Kafka("127.0.0.1:1"), max_clients=10, metrics=Metrics())
     tap.take_in({P0: [event_record(f"s{i}", 0, i) for i in range(5)]})
     slow = TapStream(hub, tap, keep=lambda e: True, pre=None, start={P0: 0, P1: 0})
     hub.open_streams.add(slow)

@@ -8,7 +8,10 @@ from typer.testing import CliRunner
 
 from infra import bootstrap
 from infra.cli import app
+from infra.clock import SystemClock
+from infra.kafka import Kafka
 from infra.settings import Settings
+from infra.topics import Topics
 
 
 def test_an_unknown_process_manager_is_refused_naming_the_option() -> None:
@@ -19,4 +22,7 @@ def test_an_unknown_process_manager_is_refused_naming_the_option() -> None:
 
 def test_run_streams_refuses_unknown_names() -> None:
     with pytest.raises(ValueError, match="nope"):
-        bootstrap.run_streams(Settings(), ("workflow", "nope"))
+        clients = bootstrap.Clients(
+            Settings(), Kafka("unused:9092"), Topics(prefix="u"), SystemClock()
+        )
+        bootstrap.build_process_managers(clients, ("workflow", "nope"))

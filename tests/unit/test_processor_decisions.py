@@ -23,8 +23,12 @@ from commands.processor import (
 from domain import agent as ag
 from domain import task as tk
 from domain.registry import DECIDERS
+from infra.bootstrap import Clients, build_processor
+from infra.clock import SystemClock
 from infra.envelope import CommandEnvelope
+from infra.kafka import Kafka
 from infra.outcome import Outcome, decode_outcome
+from infra.settings import Settings
 from infra.topics import Topics
 
 AT = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
@@ -51,8 +55,9 @@ def record_at(offset: int = 7) -> _ConsumerRecord:
 @pytest.fixture
 async def processor() -> AsyncIterator[CommandProcessor]:
     # Built inside a running loop (aiokafka's clients want one); nothing connects.
-    p = CommandProcessor(
-        "127.0.0.1:9", Topics(prefix="unit"), outcome_cache_bytes=1024, record_max_bytes=64 * 1024
+    settings = Settings(processor_outcome_cache_bytes=1024, record_max_bytes=64 * 1024)
+    p = build_processor(
+        Clients(settings, Kafka("127.0.0.1:9"), Topics(prefix="unit"), SystemClock())
     )
     yield p
     await p.consumer.stop()

@@ -19,8 +19,11 @@ from aiokafka.errors import KafkaTimeoutError, MessageSizeTooLargeError
 
 from domain import task as tk
 from domain.recorded import RecordedEvent
+from infra.bootstrap import Clients, build_scheduler
 from infra.clock import ManualClock
+from infra.kafka import Kafka
 from infra.mapper import encode_event
+from infra.settings import Settings
 from infra.topics import Topics
 from streams.leader import raw_ce_type, record_fault
 from streams.scheduler_runner import SchedulerRunner
@@ -53,7 +56,8 @@ class Producer:
 
 def _runner() -> tuple[SchedulerRunner, Any, Producer]:
     producer = Producer()
-    runner = SchedulerRunner("unused:9092", Topics(prefix="u"), clock=ManualClock(start=AT))
+    clients = Clients(Settings(), Kafka("unused:9092"), Topics(prefix="u"), ManualClock(start=AT))
+    runner = build_scheduler(clients)
     return runner, SimpleNamespace(producer=producer), producer
 
 
