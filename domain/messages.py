@@ -3,8 +3,8 @@
 A decider (Jérémie Chassaing, "Functional Event Sourcing Decider", 2021) is the triple
 ``initial_state``, ``decide(command, state) -> events | Rejection`` and
 ``evolve(state, event) -> state``: pure data in, pure data out. Every decider here takes
-the command first, as Chassaing's ``decide: Command -> State -> Event list`` does. Nothing here reads a
-clock or does IO; times arrive on the command (``at``).
+the command first, as Chassaing's ``decide: Command -> State -> Event list`` does.
+Nothing here reads a clock or does IO; times arrive on the command (``at``).
 """
 
 from __future__ import annotations
@@ -63,8 +63,9 @@ class Rejection(Message):
     """A typed refusal of a command: nothing is written.
 
     ``kind`` says what class of refusal it is (the API maps not_found to 404, conflict to
-    409, invalid to 422, forbidden to 403, gone to 410, precondition to 412); ``code`` names the rule that was
-    broken (``task_not_running``); ``field`` names the offending field where there is one.
+    409, invalid to 422, forbidden to 403, gone to 410, precondition to 412); ``code``
+    names the rule that was broken (``task_not_running``); ``field`` names the offending
+    field where there is one.
     """
 
     kind: RejectionKind

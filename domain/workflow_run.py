@@ -365,6 +365,13 @@ class RunState(Message):
 def evolve(state: RunState | None, event: RunEvent) -> RunState | None:
     """Apply a run event; never raises, never checks rules."""
     if isinstance(event, WorkflowRunStarted):
+        return _apply(None, event)
+    return None if state is None else _apply(state, event)
+
+
+def _apply(state: RunState | None, event: RunEvent) -> RunState | None:
+    """``evolve`` of a started run (of any state, for ``WorkflowRunStarted``)."""
+    if isinstance(event, WorkflowRunStarted):
         return RunState(
             run_id=event.run_id,
             workflow_id=event.workflow_id,
@@ -516,8 +523,9 @@ class _Batch:
         self.indexes: set[int] = set()
 
     def event(self) -> RunEvent:
-        tasks = tuple(self.tasks)
-        return self.kind(step_id=self.step_id, tasks=tasks, **self.common)  # type: ignore[arg-type]
+        """The event this batch became."""
+        fields = {"step_id": self.step_id, "tasks": tuple(self.tasks), **self.common}
+        return self.kind.model_validate(fields)
 
 
 class _Decision:
@@ -526,8 +534,9 @@ class _Decision:
     Unit events are batched: a unit scheduled or succeeded joins the step's open
     ``StepTasksScheduled``/``StepTasksSucceeded`` of this decision (one of each per step
     is open at a time), so a decision over many outcomes of a map emits a couple of events,
-    not two per item (how many bytes one event may take is the caller's concern: ``pack``). Any other event closes every open batch (the events after it start
-    new ones), so the order the log gives is the order they were decided in, except that
+    not two per item (how many bytes one event may take is the caller's concern:
+    ``pack``). Any other event closes every open batch (the events after it start new
+    ones), so the order the log gives is the order they were decided in, except that
     units of the two kinds of one step may be listed in an earlier batch than they were
     decided: they are different units (a unit is only scheduled anew after a
     ``StepTaskFailed``, which closes the batches), and a unit scheduled in this decision
@@ -549,9 +558,10 @@ class _Decision:
         return [e.event() if isinstance(e, _Batch) else e for e in self._events]
 
     def emit(self, event: RunEvent) -> None:
+        """Append ``event`` (closing the open batches) and fold it into ``state``."""
         self._open.clear()
         self._events.append(event)
-        self.state = evolve(self.state, event)  # type: ignore[assignment]
+        self.state = _apply(self.state, event) or self.state
 
     def unit(
         self,
@@ -587,6 +597,11 @@ class _Decision:
             self.state = _scheduled(self.state, step_id, (task,))
         else:
             self.state = _succeeded(self.state, step_id, (task,))
+
+    def running(self) -> bool:
+        """Whether the run, as decided so far, is still running (neither compensating nor
+        over)."""
+        return self.state.status == "running"
 
     # -- context ------------------------------------------------------------------
 
@@ -753,10 +768,10 @@ class _Decision:
         """Start or skip every pending step whose dependencies have all finished, until
         nothing changes; complete the run when every step has finished."""
         changed = True
-        while changed and self.state.status == "running":
+        while changed and self.running():
             changed = False
             for spec in self.state.spec.steps:
-                if self.state.status != "running":
+                if not self.running():  # a step started above failed the run
                     return
                 if self.state.steps[spec.id].status != "pending":
                     continue
@@ -779,7 +794,7 @@ class _Decision:
                         self.skip(spec, f"condition is false: {spec.when}")
                         continue
                 self.start(spec)
-        if self.state.status == "running" and all(
+        if self.running() and all(
             self.state.steps[s.id].status in STEP_FINISHED for s in self.state.spec.steps
         ):
             self.emit(

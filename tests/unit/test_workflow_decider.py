@@ -52,8 +52,8 @@ from domain.workflow_run import (
     WorkflowRunStarted,
     json_size,
     pack,
-    run_result,
     run_decider,
+    run_result,
     step_task_id,
 )
 from tests.unit.gwt import given
@@ -663,9 +663,7 @@ def test_packing_keeps_the_order_of_events_and_folds_to_the_same_state() -> None
     )
     assert isinstance(decided, list)
     packed = pack(decided, 500)  # one unit of about 460 bytes an event
-    assert [type(e) for e in packed] == [StepTasksSucceeded] * 3 + [
-        type(e) for e in decided[1:]
-    ]
+    assert [type(e) for e in packed] == [StepTasksSucceeded] * 3 + [type(e) for e in decided[1:]]
     assert [t.index for e in packed[:3] for t in e.tasks] == [0, 1, 2]  # type: ignore[attr-defined]
     assert RUN_DECIDER.fold(packed, state) == RUN_DECIDER.fold(decided, state)
     assert pack(decided, 10**6) == decided
