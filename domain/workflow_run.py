@@ -289,8 +289,8 @@ class WorkflowRunCompleted(RunEvent):
     the log already, in their ``StepCompleted`` events (null for a final step that was
     skipped, or failed with ``on_failure`` ``continue``), and ``run_result`` assembles it
     from the run's state. The event refers to them rather than copying them, so it stays
-    small however large they are (five final steps near the 256 KiB result limit would
-    not fit in one Kafka record, and the run could never finish).
+    small however large they are (five final steps near the value limit would not fit in
+    one event as the store takes it, and the run could never finish).
 
     ``result`` is what events written before this carried instead (the results
     themselves; None in events written now): read ``final_steps``,
@@ -477,7 +477,7 @@ def pack(events: Sequence[RunEvent], max_event_bytes: int) -> list[RunEvent]:
     The events fold to the same state as ``events`` (``evolve`` applies a list of units
     one unit at a time, so listing them in several consecutive events changes nothing).
     The caller passes what its store takes in one event: the command processor applies
-    it (``Decider.pack``) with a share of its Kafka record limit."""
+    it (``Decider.pack``) with a share of its record limit."""
     out: list[RunEvent] = []
     for event in events:
         if not isinstance(event, StepTasksScheduled | StepTasksSucceeded):
