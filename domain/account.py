@@ -379,19 +379,25 @@ def decide(command: AccountCommand, state: AccountState | None) -> list[AccountE
             minted = _mint_shortfall(state, aid, command.amount)
             if isinstance(minted, Rejection):
                 return minted
-            is_grant = isinstance(command, GrantTokens)
-            return [
-                *minted,
-                TransferSent(
+            debit: TransferSent
+            if isinstance(command, GrantTokens):
+                debit = TransferSent(
                     account_id=aid,
                     to=command.to,
                     amount=command.amount,
-                    kind="grant" if is_grant else "reward",
-                    task_id=None if is_grant else command.task_id,  # type: ignore[union-attr]
-                    memo=command.reason if is_grant else "",  # type: ignore[union-attr]
-                    cause=None if is_grant else command.cause,  # type: ignore[union-attr]
-                ),
-            ]
+                    kind="grant",
+                    memo=command.reason,
+                )
+            else:
+                debit = TransferSent(
+                    account_id=aid,
+                    to=command.to,
+                    amount=command.amount,
+                    kind="reward",
+                    task_id=command.task_id,
+                    cause=command.cause,
+                )
+            return [*minted, debit]
         case ReceiveTransfer(), _:
             opened = [] if state is not None else [AccountOpened(account_id=aid, holder="holder")]
             credit: AccountEvent

@@ -289,7 +289,7 @@ def _json_weight(value: Any) -> int:
     )
 
 
-class _BudgetedInterpreter(TreeInterpreter):  # type: ignore[misc]
+class _BudgetedInterpreter(TreeInterpreter):  # type: ignore[misc]  # jmespath is untyped
     """jmespath's tree interpreter, counting visits and weighing what it builds.
 
     Weights of lists and objects are remembered by identity for the evaluation (with the

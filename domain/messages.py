@@ -74,7 +74,7 @@ class Rejection(Message):
     field: str | None = None
 
 
-S = TypeVar("S")
+S = TypeVar("S", bound=BaseModel)
 C = TypeVar("C", bound=Command)
 E = TypeVar("E", bound=Event)
 
@@ -115,8 +115,7 @@ class Decider(Generic[C, S, E]):
             return None
         if self.describe is not None:
             return self.describe(state)
-        dumped: dict[str, Any] = state.model_dump(mode="json")  # type: ignore[attr-defined]
-        return dumped
+        return state.model_dump(mode="json")
 
     def fold(self, events: Iterable[E], state: S | None = None) -> S | None:
         """Fold events over ``state`` (default: the initial state)."""
