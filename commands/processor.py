@@ -673,6 +673,9 @@ class CommandProcessor:
             result = decider.decide(command, state)
         if isinstance(result, Rejection):
             return self._rejection(ps, env, staged, result)
+        # Events that list many units are cut to a quarter of a record each, leaving the
+        # rest for the envelope, the headers and JSON escaping.
+        result = decider.packed(result, self.record_max_bytes // 4)
         topic = self.topics.events(command.aggregate_type)
         records: list[Record] = []
         described: list[WrittenEvent] = []

@@ -44,6 +44,13 @@ ACCOUNT = "account"
 TransferKind = Literal["transfer", "grant", "reward", "slash"]
 
 
+class PendingUnstake(Message):
+    """An unstaked amount waiting for its cooldown (withdrawable from ``available_at``)."""
+
+    amount: MicroTokens
+    available_at: datetime
+
+
 class AccountCommand(Command):
     """A command addressed to one Account aggregate, keyed by ``account_id``."""
 
@@ -212,10 +219,31 @@ class UnstakeRequested(AccountEvent):
 
 
 class TokensUnstaked(AccountEvent):
-    """``amount`` of matured unstakes moved back to the balance."""
+    """``amount`` of matured unstakes moved back to the balance: the pending unstakes
+    ``released`` (their amounts sum to ``amount``), as the decider found them matured.
+
+    ``released`` is None on records written before 2026-11-29, which lack it; they
+    released every pending unstake that had matured at the command's time, which are
+    the oldest (by ``available_at``) and sum to ``amount``, so ``released_from``
+    reads them back from the state they applied to.
+    """
 
     event_type: ClassVar[str] = "tokens_unstaked"
     amount: int
+    released: tuple[PendingUnstake, ...] | None = None
+
+    def released_from(self, pending: tuple[PendingUnstake, ...]) -> tuple[PendingUnstake, ...]:
+        """The pending unstakes this event released out of ``pending`` (the state's
+        before it): ``released`` when the record carries it, else the oldest of
+        ``pending`` whose amounts make ``amount`` (the reading of records without it)."""
+        if self.released is not None:
+            return self.released
+        left, taken = self.amount, []
+        for p in sorted(pending, key=lambda p: p.available_at):
+            if left >= p.amount:
+                left -= p.amount
+                taken.append(p)
+        return tuple(taken)
 
 
 class StakeSlashed(AccountEvent):
@@ -240,13 +268,6 @@ class TierChanged(AccountEvent):
 
 CREDITS = (TransferReceived, RewardAccrued)
 DEBITS = (TransferSent, StakeSlashed)
-
-
-class PendingUnstake(Message):
-    """An unstaked amount waiting for its cooldown (withdrawable from ``available_at``)."""
-
-    amount: MicroTokens
-    available_at: datetime
 
 
 class AccountState(Message):
@@ -359,19 +380,25 @@ def decide(command: AccountCommand, state: AccountState | None) -> list[AccountE
             minted = _mint_shortfall(state, aid, command.amount)
             if isinstance(minted, Rejection):
                 return minted
-            is_grant = isinstance(command, GrantTokens)
-            return [
-                *minted,
-                TransferSent(
+            debit: TransferSent
+            if isinstance(command, GrantTokens):
+                debit = TransferSent(
                     account_id=aid,
                     to=command.to,
                     amount=command.amount,
-                    kind="grant" if is_grant else "reward",
-                    task_id=None if is_grant else command.task_id,  # type: ignore[union-attr]
-                    memo=command.reason if is_grant else "",  # type: ignore[union-attr]
-                    cause=None if is_grant else command.cause,  # type: ignore[union-attr]
-                ),
-            ]
+                    kind="grant",
+                    memo=command.reason,
+                )
+            else:
+                debit = TransferSent(
+                    account_id=aid,
+                    to=command.to,
+                    amount=command.amount,
+                    kind="reward",
+                    task_id=command.task_id,
+                    cause=command.cause,
+                )
+            return [*minted, debit]
         case ReceiveTransfer(), _:
             opened = [] if state is not None else [AccountOpened(account_id=aid, holder="holder")]
             credit: AccountEvent
@@ -428,15 +455,21 @@ def decide(command: AccountCommand, state: AccountState | None) -> list[AccountE
         case WithdrawUnstaked(), AccountState():
             if not state.unstaking:
                 return rejected("conflict", "nothing_to_withdraw", f"account {aid} has no unstake")
-            matured = sum(p.amount for p in state.unstaking if p.available_at <= command.at)
-            if matured == 0:
+            matured = tuple(p for p in state.unstaking if p.available_at <= command.at)
+            if not matured:
                 first = min(p.available_at for p in state.unstaking)
                 return rejected(
                     "conflict",
                     "unstake_not_ready",
                     f"the first unstake may be withdrawn from {first.isoformat()}",
                 )
-            return [TokensUnstaked(account_id=aid, amount=matured)]
+            return [
+                TokensUnstaked(
+                    account_id=aid,
+                    amount=sum(p.amount for p in matured),
+                    released=tuple(sorted(matured, key=lambda p: p.available_at)),
+                )
+            ]
         case SlashStake(), AccountState():
             amount = slash_amount(state.staked, command.rate_bp)
             if amount == 0:
@@ -498,15 +531,11 @@ def evolve(state: AccountState | None, event: AccountEvent) -> AccountState | No
                 }
             )
         case TokensUnstaked():
-            # Withdrawals take matured unstakes oldest first, as decide summed them.
-            left, keep = event.amount, []
-            for p in sorted(state.unstaking, key=lambda p: p.available_at):
-                if left >= p.amount:
-                    left -= p.amount
-                else:
-                    keep.append(p)
             return state.model_copy(
-                update={"balance": state.balance + event.amount, "unstaking": tuple(keep)}
+                update={
+                    "balance": state.balance + event.amount,
+                    "unstaking": _without(state.unstaking, event.released_from(state.unstaking)),
+                }
             )
         case StakeSlashed():
             return state.model_copy(
@@ -518,6 +547,20 @@ def evolve(state: AccountState | None, event: AccountEvent) -> AccountState | No
         case TierChanged():
             return state.model_copy(update={"tier": event.tier})
     return state
+
+
+def _without(
+    pending: tuple[PendingUnstake, ...], released: tuple[PendingUnstake, ...]
+) -> tuple[PendingUnstake, ...]:
+    """``pending`` less each of ``released`` once, the rest oldest first."""
+    left = list(released)
+    keep = []
+    for p in sorted(pending, key=lambda p: p.available_at):
+        if p in left:
+            left.remove(p)
+        else:
+            keep.append(p)
+    return tuple(keep)
 
 
 class LedgerTotals(Message):

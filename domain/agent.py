@@ -216,7 +216,6 @@ def decide(command: AgentCommand, state: AgentState | None) -> list[AgentEvent] 
                 "agent_not_running",
                 f"{type(command).__name__} needs a running agent; agent {aid} is {state.lifecycle}",
             )
-    return rejected("invalid", "unknown_command", f"not an agent command: {command!r}")
 
 
 def evolve(state: AgentState | None, event: AgentEvent) -> AgentState | None:

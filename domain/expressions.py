@@ -59,9 +59,9 @@ MAX_SPEC_EXPRESSION_CHARS = 100_000
 (parsing each) takes at most about a tenth of a second."""
 
 MAX_EXPRESSION_BYTES = 512 * 1024
-"""Most bytes (as compact JSON) any one value an evaluation builds, or gives, may weigh:
-the record limit values of a run's events are held to (domain/workflow_run.py
-``MAX_VALUE_BYTES``)."""
+"""Most bytes (as compact JSON) any one value an evaluation builds, or gives, may weigh;
+also what a run's values are held to by default (domain/workflow_run.py
+``MAX_VALUE_BYTES``), since later steps read them through expressions."""
 
 MAX_EXPRESSION_WORK_BYTES = 4 * MAX_EXPRESSION_BYTES
 """Most bytes the values one evaluation builds may weigh together (a projection building
@@ -289,7 +289,7 @@ def _json_weight(value: Any) -> int:
     )
 
 
-class _BudgetedInterpreter(TreeInterpreter):  # type: ignore[misc]
+class _BudgetedInterpreter(TreeInterpreter):  # type: ignore[misc]  # jmespath is untyped
     """jmespath's tree interpreter, counting visits and weighing what it builds.
 
     Weights of lists and objects are remembered by identity for the evaluation (with the

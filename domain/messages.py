@@ -2,8 +2,9 @@
 
 A decider (Jérémie Chassaing, "Functional Event Sourcing Decider", 2021) is the triple
 ``initial_state``, ``decide(command, state) -> events | Rejection`` and
-``evolve(state, event) -> state``: pure data in, pure data out. Nothing here reads a
-clock or does IO; times arrive on the command (``at``).
+``evolve(state, event) -> state``: pure data in, pure data out. Every decider here takes
+the command first, as Chassaing's ``decide: Command -> State -> Event list`` does.
+Nothing here reads a clock or does IO; times arrive on the command (``at``).
 """
 
 from __future__ import annotations
@@ -82,7 +83,7 @@ class Rejection(Message):
     field: str | None = None
 
 
-S = TypeVar("S")
+S = TypeVar("S", bound=BaseModel)
 C = TypeVar("C", bound=Command)
 E = TypeVar("E", bound=Event)
 
@@ -94,6 +95,11 @@ class Decider(Generic[C, S, E]):
     ``initial_state`` is ``None`` (the aggregate does not exist yet); ``decide`` returns
     a non-empty list of events or a Rejection, never a silent empty list; ``evolve``
     never raises and never checks rules (it runs again on every replay).
+
+    ``pack``, where a decider has one, cuts decided events that list many units into
+    more events that each take at most about the given bytes of JSON and fold to the same
+    state: the caller that writes the events (the command processor) applies it with
+    what its store takes in one event, so no transport limit lives in the decider.
     """
 
     aggregate_type: str
@@ -103,6 +109,12 @@ class Decider(Generic[C, S, E]):
     evolve: Callable[[S | None, E], S | None]
     initial_state: S | None = None
     describe: Callable[[S], dict[str, Any]] | None = None
+    pack: Callable[[list[E], int], list[E]] | None = None
+
+    def packed(self, events: list[E], max_event_bytes: int) -> list[E]:
+        """``events`` cut to about ``max_event_bytes`` of JSON each by ``pack`` (as they
+        are where the decider has none)."""
+        return events if self.pack is None else self.pack(events, max_event_bytes)
 
     def summary(self, state: S | None) -> dict[str, Any] | None:
         """The state as a command outcome shows it: ``describe(state)`` where the decider
@@ -112,8 +124,7 @@ class Decider(Generic[C, S, E]):
             return None
         if self.describe is not None:
             return self.describe(state)
-        dumped: dict[str, Any] = state.model_dump(mode="json")  # type: ignore[attr-defined]
-        return dumped
+        return state.model_dump(mode="json")
 
     def fold(self, events: Iterable[E], state: S | None = None) -> S | None:
         """Fold events over ``state`` (default: the initial state)."""

@@ -15,7 +15,7 @@ task is dead-lettered. Only the assigned agent may start, progress, complete or 
 from __future__ import annotations
 
 from datetime import datetime, timedelta
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, TypeVar
 
 from pydantic import Field, field_validator
 
@@ -245,8 +245,10 @@ class TaskDeadLettered(TaskEvent):
     reason: str
 
 
-class TaskState(Message):
-    """The write-side state of one task (money in micro-tokens, times in seconds)."""
+class _TaskFields(Message):
+    """What a task's state holds in every status (money in micro-tokens, times in
+    seconds); ``not_before`` is when a queued task may next be assigned (kept, as it
+    was, once assigned)."""
 
     task_id: str
     type: str
@@ -263,8 +265,42 @@ class TaskState(Message):
     not_before: datetime | None = None
 
 
-def _not_holder(state: TaskState, agent_id: str) -> Rejection | None:
-    if state.agent_id != agent_id or state.status not in ACTIVE:
+class QueuedTask(_TaskFields):
+    """A task waiting for an agent: held by none."""
+
+    status: Literal["queued"] = "queued"
+    agent_id: None = None
+
+
+class HeldTask(_TaskFields):
+    """A task assigned to, or running on, the agent ``agent_id``."""
+
+    status: Literal["assigned", "running"]
+    agent_id: str
+
+
+class FinishedTask(_TaskFields):
+    """A task that will not change again; ``agent_id`` is the agent that last held it
+    (None if none did)."""
+
+    status: Literal["completed", "failed", "cancelled", "dead_lettered"]
+
+
+TaskState = QueuedTask | HeldTask | FinishedTask
+"""The write-side state of one task: one type per kind of status, so that a task held by
+an agent always names it and a queued one never does."""
+
+_T = TypeVar("_T", QueuedTask, HeldTask, FinishedTask)
+
+
+def _becomes(state: TaskState, kind: type[_T], **update: Any) -> _T:
+    """``state`` as a ``kind``, with ``update`` (the fields every status has carry over;
+    ``update`` sets the status and whatever ``kind`` holds differently)."""
+    return kind.model_validate({**dict(state), **update})
+
+
+def _not_holder(state: HeldTask, agent_id: str) -> Rejection | None:
+    if state.agent_id != agent_id:
         return rejected(
             "forbidden",
             "not_assigned_agent",
@@ -275,7 +311,7 @@ def _not_holder(state: TaskState, agent_id: str) -> Rejection | None:
 
 
 def _release(
-    state: TaskState, at: datetime, agent_id: str, first: TaskEvent, retry: bool
+    state: HeldTask, at: datetime, agent_id: str, first: TaskEvent, retry: bool
 ) -> list[TaskEvent]:
     """Events after an attempt ended without success: retry, requeue or dead-letter."""
     tid = state.task_id
@@ -323,13 +359,13 @@ def decide(command: TaskCommand, state: TaskState | None) -> list[TaskEvent] | R
                 ),
                 TaskQueued(task_id=tid, reason="submitted"),
             ]
-        case SubmitTask(), TaskState():
+        case SubmitTask(), _:
             return rejected("conflict", "task_already_submitted", f"task {tid} exists")
         case _, None:
             return rejected("not_found", "task_not_found", f"no task {tid}")
-        case _, TaskState(status="completed" | "failed" | "cancelled" | "dead_lettered"):
+        case _, FinishedTask():
             return rejected("conflict", "task_finished", f"task {tid} is {state.status}")
-        case AssignTask(), TaskState(status="queued"):
+        case AssignTask(), QueuedTask():
             if state.not_before is not None and command.at < state.not_before:
                 return rejected(
                     "conflict",
@@ -345,15 +381,15 @@ def decide(command: TaskCommand, state: TaskState | None) -> list[TaskEvent] | R
                     payload=state.payload,
                 )
             ]
-        case AssignTask(), TaskState():
+        case AssignTask(), HeldTask():
             return rejected("conflict", "task_not_queued", f"task {tid} is {state.status}")
-        case StartTask(), TaskState(status="assigned"):
+        case StartTask(), HeldTask(status="assigned"):
             return _not_holder(state, command.agent_id) or [
                 TaskStarted(task_id=tid, agent_id=command.agent_id)
             ]
-        case StartTask(), TaskState():
+        case StartTask(), QueuedTask() | HeldTask():
             return rejected("conflict", "task_not_assigned", f"task {tid} is {state.status}")
-        case ReportProgress(), TaskState(status="running"):
+        case ReportProgress(), HeldTask(status="running"):
             return _not_holder(state, command.agent_id) or [
                 TaskProgressed(
                     task_id=tid,
@@ -362,7 +398,7 @@ def decide(command: TaskCommand, state: TaskState | None) -> list[TaskEvent] | R
                     message=command.message,
                 )
             ]
-        case CompleteTask(), TaskState(status="running"):
+        case CompleteTask(), HeldTask(status="running"):
             return _not_holder(state, command.agent_id) or [
                 TaskCompleted(
                     task_id=tid,
@@ -371,7 +407,7 @@ def decide(command: TaskCommand, state: TaskState | None) -> list[TaskEvent] | R
                     quality=command.quality,
                 )
             ]
-        case FailTask(), TaskState(status="running" | "assigned"):
+        case FailTask(), HeldTask():
             return _not_holder(state, command.agent_id) or _release(
                 state,
                 command.at,
@@ -384,20 +420,18 @@ def decide(command: TaskCommand, state: TaskState | None) -> list[TaskEvent] | R
                 ),
                 retry=command.retryable,
             )
-        case ReportProgress() | CompleteTask() | FailTask(), TaskState():
+        case ReportProgress() | CompleteTask() | FailTask(), QueuedTask() | HeldTask():
             return rejected("conflict", "task_not_running", f"task {tid} is {state.status}")
-        case CancelTask(), TaskState():
+        case CancelTask(), QueuedTask() | HeldTask():
             return [TaskCancelled(task_id=tid, reason=command.reason)]
-        case RequeueTask() | TimeOutTask(), TaskState(status="assigned" | "running") if (
-            state.agent_id == command.agent_id
-        ):
+        case RequeueTask() | TimeOutTask(), HeldTask() if state.agent_id == command.agent_id:
             first: TaskEvent
             if isinstance(command, TimeOutTask):
                 first = TaskTimedOut(task_id=tid, agent_id=command.agent_id)
             else:
                 first = TaskRequeued(task_id=tid, agent_id=command.agent_id, reason=command.reason)
             return _release(state, command.at, command.agent_id, first, retry=True)
-        case RequeueTask() | TimeOutTask(), TaskState():
+        case RequeueTask() | TimeOutTask(), QueuedTask() | HeldTask():
             return rejected(
                 "conflict",
                 "task_moved_on",
@@ -410,7 +444,7 @@ def decide(command: TaskCommand, state: TaskState | None) -> list[TaskEvent] | R
 def evolve(state: TaskState | None, event: TaskEvent) -> TaskState | None:
     """Apply ``event`` to ``state``; never raises, never checks rules."""
     if isinstance(event, TaskSubmitted):
-        return TaskState(
+        return QueuedTask(
             task_id=event.task_id,
             type=event.type,
             payload=event.payload,
@@ -420,33 +454,28 @@ def evolve(state: TaskState | None, event: TaskEvent) -> TaskState | None:
             lease_timeout_s=event.lease_timeout_s,
             run_timeout_s=event.run_timeout_s,
             max_attempts=event.max_attempts,
-            status="queued",
         )
     if state is None:
         return None
     match event:
-        case TaskQueued():
-            return state.model_copy(
-                update={"status": "queued", "agent_id": None, "not_before": event.not_before}
-            )
-        case TaskRetryScheduled():
-            return state.model_copy(
-                update={"status": "queued", "agent_id": None, "not_before": event.not_before}
+        case TaskQueued() | TaskRetryScheduled():
+            return _becomes(
+                state, QueuedTask, status="queued", agent_id=None, not_before=event.not_before
             )
         case TaskAssigned():
-            return state.model_copy(
-                update={"status": "assigned", "agent_id": event.agent_id, "attempts": event.attempt}
+            return _becomes(
+                state, HeldTask, status="assigned", agent_id=event.agent_id, attempts=event.attempt
             )
         case TaskStarted():
-            return state.model_copy(update={"status": "running"})
+            return _becomes(state, HeldTask, status="running", agent_id=event.agent_id)
         case TaskCompleted():
-            return state.model_copy(update={"status": "completed"})
+            return _becomes(state, FinishedTask, status="completed")
         case TaskFailed():
-            return state.model_copy(update={"status": "failed"})
+            return _becomes(state, FinishedTask, status="failed")
         case TaskCancelled():
-            return state.model_copy(update={"status": "cancelled"})
+            return _becomes(state, FinishedTask, status="cancelled")
         case TaskDeadLettered():
-            return state.model_copy(update={"status": "dead_lettered"})
+            return _becomes(state, FinishedTask, status="dead_lettered")
     return state
 
 

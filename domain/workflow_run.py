@@ -28,13 +28,23 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
+from functools import partial
 from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 
 from domain.backoff import backoff_seconds
-from domain.expressions import Budget, ExpressionError, evaluate, evaluate_sized, holds
+from domain.expressions import (
+    MAX_EXPRESSION_BYTES,
+    Budget,
+    ExpressionError,
+    evaluate,
+    evaluate_sized,
+    holds,
+)
 from domain.messages import Command, Decider, Event, Message, Rejection, rejected
 from domain.task import Priority
 from domain.workflow import StepSpec, WorkflowSpec
@@ -54,18 +64,32 @@ RUN_TERMINAL: frozenset[str] = frozenset({"completed", "failed", "cancelled"})
 STEP_FINISHED: frozenset[str] = frozenset({"completed", "failed", "skipped", "cancelled"})
 
 
-MAX_VALUE_BYTES = 512 * 1024
-"""The most a map's item list, a task payload or a step's result may take as JSON: every
-event is one Kafka record, and a broker refuses records over 1 MiB by default. A step
-whose value is larger fails, naming the size, instead of wedging its command partition."""
+MAX_VALUE_BYTES = MAX_EXPRESSION_BYTES
+"""The most bytes (as compact JSON) one value a run carries may take unless its decider
+is given another bound (``RunLimits``): a map's item list, a task's payload, a map
+step's results. Later steps read these values through expressions, so by default they
+are held to what an expression may build (domain/expressions.py). A step whose value
+is larger fails, naming the size."""
 
 
-BATCH_EVENT_BYTES = 256 * 1024
-"""About the most JSON one ``StepTasksScheduled``/``StepTasksSucceeded`` carries: a
-decision starts another event of the same step when the next unit would take it over."""
+@dataclass(frozen=True)
+class RunLimits:
+    """The bounds a run's decisions hold values to, set by the decider's caller.
+
+    ``max_value_bytes``: the most bytes (compact JSON) of one item list, task payload or
+    map step's results; over it the step fails. The caller derives it from what its
+    store takes in one event; ``run_decider`` binds it."""
+
+    max_value_bytes: int = MAX_VALUE_BYTES
+
+
+DEFAULT_LIMITS = RunLimits()
+"""The limits of ``RUN_DECIDER``."""
+
 
 UNIT_OVERHEAD_BYTES = 160
-"""What one listed unit takes as JSON besides its payload or result (ids, attempt...)."""
+"""What one listed unit takes as JSON besides its payload or result (ids, attempt...):
+``pack`` counts a unit as this plus its payload's or result's size."""
 
 
 def json_size(value: Any) -> int:
@@ -192,7 +216,8 @@ class StepTasksScheduled(RunEvent):
     and ``run_timeout_s`` (the same for every unit of a step, so given once).
 
     One decision emits one such event per step (a 1,000-item map's start: one event,
-    not 1,000), chunked so that no event is much over ``BATCH_EVENT_BYTES`` of JSON."""
+    not 1,000); ``pack`` cuts it into several of the same step, in order, where the
+    caller's store takes less in one event."""
 
     event_type: ClassVar[str] = "step_tasks_scheduled"
     step_id: str
@@ -214,7 +239,7 @@ class SucceededTask(Message):
 
 class StepTasksSucceeded(RunEvent):
     """The listed units' tasks succeeded, each with its ``result`` (and passed the gate,
-    for a plain step). One per step per decision, chunked like ``StepTasksScheduled``."""
+    for a plain step). One per step per decision, packed like ``StepTasksScheduled``."""
 
     event_type: ClassVar[str] = "step_tasks_succeeded"
     step_id: str
@@ -264,8 +289,8 @@ class WorkflowRunCompleted(RunEvent):
     the log already, in their ``StepCompleted`` events (null for a final step that was
     skipped, or failed with ``on_failure`` ``continue``), and ``run_result`` assembles it
     from the run's state. The event refers to them rather than copying them, so it stays
-    small however large they are (five final steps near the 256 KiB result limit would
-    not fit in one Kafka record, and the run could never finish).
+    small however large they are (five final steps near the value limit would not fit in
+    one event as the store takes it, and the run could never finish).
 
     ``result`` is what events written before this carried instead (the results
     themselves; None in events written now): read ``final_steps``,
@@ -339,6 +364,13 @@ class RunState(Message):
 
 def evolve(state: RunState | None, event: RunEvent) -> RunState | None:
     """Apply a run event; never raises, never checks rules."""
+    if isinstance(event, WorkflowRunStarted):
+        return _apply(None, event)
+    return None if state is None else _apply(state, event)
+
+
+def _apply(state: RunState | None, event: RunEvent) -> RunState | None:
+    """``evolve`` of a started run (of any state, for ``WorkflowRunStarted``)."""
     if isinstance(event, WorkflowRunStarted):
         return RunState(
             run_id=event.run_id,
@@ -436,6 +468,40 @@ def _close(state: RunState, status: RunStatus) -> RunState:
     return state.model_copy(update={"status": status, "steps": steps})
 
 
+def pack(events: Sequence[RunEvent], max_event_bytes: int) -> list[RunEvent]:
+    """``events`` with each ``StepTasksScheduled``/``StepTasksSucceeded`` cut into
+    consecutive events of the same step, each listing units of at most about
+    ``max_event_bytes`` of JSON (a unit counts ``UNIT_OVERHEAD_BYTES`` plus the size of
+    its payload or result; a unit larger than that alone is an event of its own).
+
+    The events fold to the same state as ``events`` (``evolve`` applies a list of units
+    one unit at a time, so listing them in several consecutive events changes nothing).
+    The caller passes what its store takes in one event: the command processor applies
+    it (``Decider.pack``) with a share of its record limit."""
+    out: list[RunEvent] = []
+    for event in events:
+        if not isinstance(event, StepTasksScheduled | StepTasksSucceeded):
+            out.append(event)
+            continue
+        chunks: list[tuple[ScheduledTask | SucceededTask, ...]] = []
+        chunk: list[ScheduledTask | SucceededTask] = []
+        size = 0
+        for task in event.tasks:
+            value = task.payload if isinstance(task, ScheduledTask) else task.result
+            weight = UNIT_OVERHEAD_BYTES + json_size(value)
+            if chunk and size + weight > max_event_bytes:
+                chunks.append(tuple(chunk))
+                chunk, size = [], 0
+            chunk.append(task)
+            size += weight
+        if not chunks:
+            out.append(event)
+            continue
+        chunks.append(tuple(chunk))
+        out.extend(event.model_copy(update={"tasks": c}) for c in chunks)
+    return out
+
+
 # ---------------------------------------------------------------------------------------
 # Deciding
 
@@ -455,11 +521,11 @@ class _Batch:
         self.common = common
         self.tasks: list[ScheduledTask | SucceededTask] = []
         self.indexes: set[int] = set()
-        self.size = 0
 
     def event(self) -> RunEvent:
-        tasks = tuple(self.tasks)
-        return self.kind(step_id=self.step_id, tasks=tasks, **self.common)  # type: ignore[arg-type]
+        """The event this batch became."""
+        fields = {"step_id": self.step_id, "tasks": tuple(self.tasks), **self.common}
+        return self.kind.model_validate(fields)
 
 
 class _Decision:
@@ -468,17 +534,19 @@ class _Decision:
     Unit events are batched: a unit scheduled or succeeded joins the step's open
     ``StepTasksScheduled``/``StepTasksSucceeded`` of this decision (one of each per step
     is open at a time), so a decision over many outcomes of a map emits a couple of events,
-    not two per item. Any other event closes every open batch (the events after it start
-    new ones), so the order the log gives is the order they were decided in, except that
+    not two per item (how many bytes one event may take is the caller's concern:
+    ``pack``). Any other event closes every open batch (the events after it start new
+    ones), so the order the log gives is the order they were decided in, except that
     units of the two kinds of one step may be listed in an earlier batch than they were
     decided: they are different units (a unit is only scheduled anew after a
     ``StepTaskFailed``, which closes the batches), and a unit scheduled in this decision
     never succeeds in a batch listed before it (``unit`` checks).
     """
 
-    def __init__(self, state: RunState, at: datetime) -> None:
+    def __init__(self, state: RunState, at: datetime, limits: RunLimits) -> None:
         self.state = state
         self.at = at
+        self.limits = limits
         # One budget for every expression this decision evaluates (domain/expressions.py).
         self.budget = Budget()
         self._events: list[RunEvent | _Batch] = []
@@ -490,20 +558,21 @@ class _Decision:
         return [e.event() if isinstance(e, _Batch) else e for e in self._events]
 
     def emit(self, event: RunEvent) -> None:
+        """Append ``event`` (closing the open batches) and fold it into ``state``."""
         self._open.clear()
         self._events.append(event)
-        self.state = evolve(self.state, event)  # type: ignore[assignment]
+        self.state = _apply(self.state, event) or self.state
 
     def unit(
         self,
         kind: type[StepTasksScheduled | StepTasksSucceeded],
         step_id: str,
         task: ScheduledTask | SucceededTask,
-        size: int,
         common: dict[str, Any],
     ) -> None:
-        """Add ``task`` (taking ``size`` bytes of JSON) to the step's open batch of
-        ``kind``, or to a new one; fold it into ``state``."""
+        """Add ``task`` to the step's open batch of ``kind``, or to a new one (when the
+        step's open batch of the other kind, opened after it, lists the same unit); fold
+        it into ``state``."""
         key = (kind, step_id)
         opened = self._open.get(key)
         if opened is not None:
@@ -516,9 +585,7 @@ class _Decision:
                 ),
                 None,
             )
-            if (batch.tasks and batch.size + size > BATCH_EVENT_BYTES) or (
-                other is not None and other[0] > position and task.index in other[1].indexes
-            ):
+            if other is not None and other[0] > position and task.index in other[1].indexes:
                 opened = None
         if opened is None:
             batch = _Batch(kind, step_id, common)
@@ -526,11 +593,15 @@ class _Decision:
             self._events.append(batch)
         batch.tasks.append(task)
         batch.indexes.add(task.index)
-        batch.size += size
         if isinstance(task, ScheduledTask):
             self.state = _scheduled(self.state, step_id, (task,))
         else:
             self.state = _succeeded(self.state, step_id, (task,))
+
+    def running(self) -> bool:
+        """Whether the run, as decided so far, is still running (neither compensating nor
+        over)."""
+        return self.state.status == "running"
 
     # -- context ------------------------------------------------------------------
 
@@ -565,6 +636,7 @@ class _Decision:
             # Sized as it is built, so that many keys each near the limit are refused
             # after the first few, not once all are built and written out.
             size = json_size(payload)
+            limit = self.limits.max_value_bytes
             ctx = self.context(**extra)
             for key, expr in spec.payload_from.items():
                 try:
@@ -573,12 +645,12 @@ class _Decision:
                     self.fail_step(spec, f"payload_from.{key}: {exc}")
                     return False
                 size += weight + len(key) + 4
-                if size > MAX_VALUE_BYTES:
-                    self.fail_step(spec, f"payload of over {size} bytes is over {MAX_VALUE_BYTES}")
+                if size > limit:
+                    self.fail_step(spec, f"payload of over {size} bytes is over {limit}")
                     return False
             # The estimate does not count escapes: measure what will be written.
-            if (size := json_size(payload)) > MAX_VALUE_BYTES:
-                self.fail_step(spec, f"payload of {size} bytes is over {MAX_VALUE_BYTES}")
+            if (size := json_size(payload)) > limit:
+                self.fail_step(spec, f"payload of {size} bytes is over {limit}")
                 return False
         self.unit(
             StepTasksScheduled,
@@ -590,7 +662,6 @@ class _Decision:
                 payload=payload,
                 not_before=not_before,
             ),
-            UNIT_OVERHEAD_BYTES + json_size(payload),
             {
                 "run_id": self.state.run_id,
                 "task_type": spec.task_type,
@@ -609,16 +680,16 @@ class _Decision:
             self.schedule(spec, 0, 1, None)
             return
         try:
-            # evaluate holds the value to MAX_VALUE_BYTES as estimated (escapes not
-            # counted), so measuring it exactly is cheap.
+            # evaluate holds the value to MAX_EXPRESSION_BYTES as estimated (escapes
+            # not counted), so measuring it exactly is cheap.
             items = evaluate(spec.map.items, self.context(), self.budget)
         except ExpressionError as exc:
             self.emit(StepStarted(run_id=rid, step_id=spec.id))
             self.fail_step(spec, f"map.items: {exc}")
             return
-        if (size := json_size(items)) > MAX_VALUE_BYTES:
+        if (size := json_size(items)) > (limit := self.limits.max_value_bytes):
             self.emit(StepStarted(run_id=rid, step_id=spec.id))
-            self.fail_step(spec, f"map.items of {size} bytes is over {MAX_VALUE_BYTES}")
+            self.fail_step(spec, f"map.items of {size} bytes is over {limit}")
             return
         listed = isinstance(items, list) and len(items) <= spec.map.max_items
         self.emit(StepStarted(run_id=rid, step_id=spec.id, items=items if listed else None))
@@ -639,8 +710,9 @@ class _Decision:
 
     def finish(self, spec: StepSpec, result: Any) -> None:
         """The step's work succeeded: check its size and gate, then complete or fail it."""
-        if spec.map is not None and (size := json_size(result)) > MAX_VALUE_BYTES:
-            self.fail_step(spec, f"the items' results, {size} bytes, are over {MAX_VALUE_BYTES}")
+        limit = self.limits.max_value_bytes
+        if spec.map is not None and (size := json_size(result)) > limit:
+            self.fail_step(spec, f"the items' results, {size} bytes, are over {limit}")
             return
         if spec.gate is not None and spec.map is not None:
             try:
@@ -696,10 +768,10 @@ class _Decision:
         """Start or skip every pending step whose dependencies have all finished, until
         nothing changes; complete the run when every step has finished."""
         changed = True
-        while changed and self.state.status == "running":
+        while changed and self.running():
             changed = False
             for spec in self.state.spec.steps:
-                if self.state.status != "running":
+                if not self.running():  # a step started above failed the run
                     return
                 if self.state.steps[spec.id].status != "pending":
                     continue
@@ -722,7 +794,7 @@ class _Decision:
                         self.skip(spec, f"condition is false: {spec.when}")
                         continue
                 self.start(spec)
-        if self.state.status == "running" and all(
+        if self.running() and all(
             self.state.steps[s.id].status in STEP_FINISHED for s in self.state.spec.steps
         ):
             self.emit(
@@ -765,7 +837,6 @@ class _Decision:
                     task_id=command.task_id,
                     result=command.result,
                 ),
-                UNIT_OVERHEAD_BYTES + json_size(command.result),
                 {"run_id": rid},
             )
             if spec.map is None:
@@ -833,8 +904,10 @@ def _stale(outcome: RecordStepTaskOutcome | StepTaskOutcome) -> Rejection:
     )
 
 
-def decide(command: RunCommand, state: RunState | None) -> list[RunEvent] | Rejection:
-    """Decide a run command.
+def decide(
+    command: RunCommand, state: RunState | None, limits: RunLimits = DEFAULT_LIMITS
+) -> list[RunEvent] | Rejection:
+    """Decide a run command, holding the values it writes to ``limits``.
 
     Rejections: ``run_exists`` (conflict), ``run_not_found`` (not_found),
     ``run_finished`` (conflict: the run is completed, failed or cancelled),
@@ -855,6 +928,7 @@ def decide(command: RunCommand, state: RunState | None) -> list[RunEvent] | Reje
                     steps={},
                 ),
                 command.at,
+                limits,
             )
             decision.emit(
                 WorkflowRunStarted(
@@ -886,11 +960,11 @@ def decide(command: RunCommand, state: RunState | None) -> list[RunEvent] | Reje
                 )
             if not _current(state, command):
                 return _stale(command)
-            decision = _Decision(state, command.at)
+            decision = _Decision(state, command.at, limits)
             decision.outcome(command)
             return decision.events
         case RecordStepTaskOutcomes(), RunState():
-            decision = _Decision(state, command.at)
+            decision = _Decision(state, command.at, limits)
             for item in command.outcomes:
                 if decision.state.status in RUN_TERMINAL:
                     break
@@ -918,28 +992,34 @@ def describe(state: RunState) -> dict[str, Any]:
     }
 
 
-RUN_DECIDER: Decider[RunCommand, RunState, RunEvent] = Decider(
-    aggregate_type=RUN,
-    command_types=(
-        StartWorkflowRun,
-        RecordStepTaskOutcome,
-        RecordStepTaskOutcomes,
-        CancelWorkflowRun,
-    ),
-    event_types=(
-        WorkflowRunStarted,
-        StepStarted,
-        StepTasksScheduled,
-        StepTasksSucceeded,
-        StepTaskFailed,
-        StepCompleted,
-        StepFailed,
-        StepSkipped,
-        WorkflowRunCompleted,
-        WorkflowRunFailed,
-        WorkflowRunCancelled,
-    ),
-    decide=decide,
-    evolve=evolve,
-    describe=describe,
-)
+def run_decider(limits: RunLimits = DEFAULT_LIMITS) -> Decider[RunCommand, RunState, RunEvent]:
+    """The run's decider, its decisions holding values to ``limits``."""
+    return Decider(
+        aggregate_type=RUN,
+        command_types=(
+            StartWorkflowRun,
+            RecordStepTaskOutcome,
+            RecordStepTaskOutcomes,
+            CancelWorkflowRun,
+        ),
+        event_types=(
+            WorkflowRunStarted,
+            StepStarted,
+            StepTasksScheduled,
+            StepTasksSucceeded,
+            StepTaskFailed,
+            StepCompleted,
+            StepFailed,
+            StepSkipped,
+            WorkflowRunCompleted,
+            WorkflowRunFailed,
+            WorkflowRunCancelled,
+        ),
+        decide=decide if limits == DEFAULT_LIMITS else partial(decide, limits=limits),
+        evolve=evolve,
+        describe=describe,
+        pack=pack,
+    )
+
+
+RUN_DECIDER = run_decider()

@@ -15,6 +15,7 @@ from domain.account import (
     MintTokens,
     OpenAccount,
     PayReward,
+    PendingUnstake,
     ReceiveTransfer,
     RequestUnstake,
     RewardAccrued,
@@ -226,11 +227,44 @@ def test_withdraw_takes_only_matured_unstakes() -> None:
     )
     s = (
         g.when(WithdrawUnstaked(account_id=A, at=at(15)))
-        .then(TokensUnstaked(account_id=A, amount=100))
+        .then(TokensUnstaked(account_id=A, amount=100, released=(pending(100, 10),)))
         .and_state(balance=100)
     )
     assert [p.amount for p in s.unstaking] == [50]
-    g.when(WithdrawUnstaked(account_id=A, at=at(20))).then(TokensUnstaked(account_id=A, amount=150))
+    g.when(WithdrawUnstaked(account_id=A, at=at(20))).then(
+        TokensUnstaked(account_id=A, amount=150, released=(pending(100, 10), pending(50, 20)))
+    )
+
+
+def pending(amount: int, seconds: int) -> PendingUnstake:
+    return PendingUnstake(amount=amount, available_at=at(seconds))
+
+
+def test_a_withdrawal_recorded_before_it_listed_what_it_released_folds_as_it_did() -> None:
+    # Three unstakes requested out of maturity order (a cooldown was cut in between), two
+    # of the same amount; the withdrawal at 25 s released those matured by then: 30 + 40.
+    history = [
+        *staked,
+        UnstakeRequested(account_id=A, amount=40, available_at=at(20)),
+        UnstakeRequested(account_id=A, amount=40, available_at=at(30)),
+        UnstakeRequested(account_id=A, amount=30, available_at=at(10)),
+    ]
+    # A record on the log in the old shape: no "released".
+    old = TokensUnstaked.model_validate({"account_id": A, "amount": 70})
+    assert old.released is None
+    before = ACCOUNT_DECIDER.fold(history)
+    assert before is not None
+    folded_old = ACCOUNT_DECIDER.fold([old], before)
+    assert folded_old is not None
+    # What the evolve of that time made of it: the matured ones gone, the rest oldest first.
+    assert folded_old.unstaking == (pending(40, 30),)
+    assert folded_old.balance == before.balance + 70
+    # The same withdrawal decided now says what it released, and folds to the same state.
+    new = ACCOUNT_DECIDER.decide(WithdrawUnstaked(account_id=A, at=at(25)), before)
+    assert new == [
+        TokensUnstaked(account_id=A, amount=70, released=(pending(30, 10), pending(40, 20)))
+    ]
+    assert ACCOUNT_DECIDER.fold(new, before) == folded_old
 
 
 def test_withdraw_with_no_unstake_is_rejected() -> None:

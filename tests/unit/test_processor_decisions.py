@@ -22,6 +22,8 @@ from commands.processor import (
 )
 from domain import agent as ag
 from domain import task as tk
+from domain import workflow as wf
+from domain import workflow_run as wr
 from domain.registry import DECIDERS
 from infra.bootstrap import Clients, build_processor
 from infra.clock import SystemClock
@@ -171,6 +173,34 @@ async def test_events_that_fit_are_encoded_and_checked_but_not_sent(
     assert all(record_size(r) <= processor.record_max_bytes for r in decision.events)
     assert decision.staged is not None and decision.staged[1] == 2
     assert ps.aggregates == {}, "nothing is committed to the partition's state by deciding"
+
+
+async def test_a_map_start_is_packed_into_events_that_each_fit_a_record(
+    processor: CommandProcessor,
+) -> None:
+    spec = wf.WorkflowSpec(
+        steps=(
+            wf.StepSpec(
+                id="a",
+                task_type="work",
+                map=wf.MapSpec(items="inputs.xs", max_parallelism=200),
+            ),
+        )
+    )
+    start = wr.StartWorkflowRun(
+        run_id="r1", workflow_id="w", version=1, spec=spec, inputs={"xs": ["x" * 100] * 200}, at=AT
+    )
+    ps = PartitionState(producer=None)  # type: ignore[arg-type]
+
+    decision = processor._decide_safely(ps, 0, record_at(), env(start), {})
+
+    # ~55 KiB of units: one event as decided, four as written at a 64 KiB record limit
+    assert decision.outcome.status == "accepted"
+    types = [e.type for e in decision.outcome.events]
+    assert types.count("io.swarmlog.workflow_run.step_tasks_scheduled") == 4
+    assert all(record_size(r) <= processor.record_max_bytes // 2 for r in decision.events)
+    assert decision.staged is not None
+    assert decision.staged[0].steps["a"].units.keys() == set(range(200))
 
 
 async def test_an_outcome_too_large_for_a_record_is_written_without_its_state(

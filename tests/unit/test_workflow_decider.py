@@ -28,12 +28,12 @@ from domain.workflow import (
     WorkflowUpdated,
 )
 from domain.workflow_run import (
-    BATCH_EVENT_BYTES,
     RUN_DECIDER,
     CancelWorkflowRun,
     RecordStepTaskOutcome,
     RecordStepTaskOutcomes,
     RunEvent,
+    RunLimits,
     RunState,
     ScheduledTask,
     StartWorkflowRun,
@@ -51,6 +51,8 @@ from domain.workflow_run import (
     WorkflowRunFailed,
     WorkflowRunStarted,
     json_size,
+    pack,
+    run_decider,
     run_result,
     step_task_id,
 )
@@ -616,17 +618,66 @@ def test_a_batch_of_outcomes_is_recorded_in_order_passing_over_stale_ones() -> N
     assert run_result(RUN_DECIDER.fold(out, state)) == {"a": [0, 1, 2]}
 
 
-def test_a_map_start_is_one_event_per_step_chunked_by_size() -> None:
+BATCH_EVENT_BYTES = 256 * 1024
+"""What the command processor packs events to with its default 1 MiB record limit."""
+
+
+def test_a_map_start_is_one_event_per_step_packed_by_size() -> None:
     spec = WorkflowSpec(
         steps=(step("a", map=MapSpec(items="inputs.xs", max_items=1000, max_parallelism=1000)),)
     )
     xs = ["x" * 400] * 1000  # ~400 KiB of items, ~560 KiB of units: three events' worth
-    events = start(spec, {"xs": xs})
+    decided = start(spec, {"xs": xs})
+    assert len([e for e in decided if isinstance(e, StepTasksScheduled)]) == 1
+    events = pack(decided, BATCH_EVENT_BYTES)
+    assert RUN_DECIDER.packed(decided, BATCH_EVENT_BYTES) == events
     batches = [e for e in events if isinstance(e, StepTasksScheduled)]
     assert len(batches) == 3
     assert [u.index for e in batches for u in e.tasks] == list(range(1000))
     assert all(json_size(e.model_dump(mode="json")) < BATCH_EVENT_BYTES + 1024 for e in batches)
     assert RUN_DECIDER.fold(events).steps["a"].units.keys() == set(range(1000))
+    assert RUN_DECIDER.fold(events) == RUN_DECIDER.fold(decided)
+
+
+def test_packing_keeps_the_order_of_events_and_folds_to_the_same_state() -> None:
+    spec = WorkflowSpec(steps=(step("a", map=MapSpec(items="inputs.xs", max_parallelism=3)),))
+    events = start(spec, {"xs": ["x" * 100, "y" * 100, "z" * 100]})
+    state = RUN_DECIDER.fold(events)
+    decided = RUN_DECIDER.decide(
+        RecordStepTaskOutcomes(
+            run_id=R,
+            outcomes=tuple(
+                StepTaskOutcome(
+                    step_id="a",
+                    index=i,
+                    attempt=1,
+                    task_id=step_task_id(R, "a", i, 1),
+                    succeeded=True,
+                    result="r" * 300,
+                )
+                for i in range(3)
+            ),
+            at=AT,
+        ),
+        state,
+    )
+    assert isinstance(decided, list)
+    packed = pack(decided, 500)  # one unit of about 460 bytes an event
+    assert [type(e) for e in packed] == [StepTasksSucceeded] * 3 + [type(e) for e in decided[1:]]
+    assert [t.index for e in packed[:3] for t in e.tasks] == [0, 1, 2]  # type: ignore[attr-defined]
+    assert RUN_DECIDER.fold(packed, state) == RUN_DECIDER.fold(decided, state)
+    assert pack(decided, 10**6) == decided
+
+
+def test_the_value_limit_is_the_callers() -> None:
+    spec = WorkflowSpec(steps=(step("a", map=MapSpec(items="inputs.xs")),))
+    command = StartWorkflowRun(
+        run_id=R, workflow_id=W, version=1, spec=spec, inputs={"xs": ["x" * 100] * 20}, at=AT
+    )
+    assert not any(isinstance(e, StepFailed) for e in start(spec, {"xs": ["x" * 100] * 20}))
+    out = run_decider(RunLimits(max_value_bytes=1000)).decide(command, None)
+    assert isinstance(out, list) and isinstance(out[-2], StepFailed)
+    assert out[-2].error == "map.items of 2061 bytes is over 1000"
 
 
 def test_a_unit_scheduled_and_succeeded_in_one_decision_is_listed_in_that_order() -> None:
