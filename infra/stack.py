@@ -556,20 +556,21 @@ def _run_async(make: Callable[[], Awaitable[T]]) -> T:
         asyncio.get_running_loop()
     except RuntimeError:
         return asyncio.run(main())
-    box: dict[str, Any] = {}
+    values: list[T] = []
+    errors: list[BaseException] = []
 
     def worker() -> None:
         try:
-            box["value"] = asyncio.run(main())
+            values.append(asyncio.run(main()))
         except BaseException as error:  # handed back to the caller's thread
-            box["error"] = error
+            errors.append(error)
 
     thread = threading.Thread(target=worker, name="swarmlog-stack-check")
     thread.start()
     thread.join()
-    if "error" in box:
-        raise box["error"]
-    return box["value"]  # type: ignore[no-any-return]
+    if errors:
+        raise errors[0]
+    return values[0]
 
 
 # --------------------------------------------------------------------------- ports

@@ -39,7 +39,7 @@ import functools
 from collections.abc import Container
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import Protocol, TypeVar
 
 from domain import account as ac
 from domain import agent as ag
@@ -54,8 +54,6 @@ from streams.unbuilt import Unbuilt, build
 # A pending reward or credit is planned again on every tick until its event arrives, and
 # uuid5 is most of a tick's cost under load: remember the ids (one string per cause).
 _id = functools.lru_cache(maxsize=1 << 20)(derived_id)
-
-T = TypeVar("T")
 
 
 @dataclass
@@ -128,7 +126,16 @@ class Planned:
     expected_version: int | None = None
 
 
-def _due(view: EconomyView, due: dict[str, Any], settled: set[str], key: str, value: Any) -> None:
+class _Numbered(Protocol):
+    """Something that comes due: numbered by ``_due`` so ``plan(since=...)`` can skip."""
+
+    seq: int
+
+
+N = TypeVar("N", bound=_Numbered)
+
+
+def _due(view: EconomyView, due: dict[str, N], settled: set[str], key: str, value: N) -> None:
     if key in settled:
         settled.discard(key)
     else:
@@ -140,7 +147,7 @@ def _due(view: EconomyView, due: dict[str, Any], settled: set[str], key: str, va
         due[key] = value
 
 
-def _settle(due: dict[str, object], settled: set[str], key: str | None) -> None:
+def _settle(due: dict[str, N], settled: set[str], key: str | None) -> None:
     if key is None:
         return
     if due.pop(key, None) is None:
@@ -198,7 +205,7 @@ def apply(view: EconomyView, stored: RecordedEvent) -> None:
                 Debit(e.account_id, e.to, e.amount, e.kind, e.task_id),
             )
             if e.kind == "reward":
-                _settle(view.rewards, view.rewards_settled, e.cause)  # type: ignore[arg-type]
+                _settle(view.rewards, view.rewards_settled, e.cause)
         case ac.StakeSlashed():
             view.staked[e.account_id] = view.staked.get(e.account_id, 0) - e.amount
             _due(
@@ -208,9 +215,9 @@ def apply(view: EconomyView, stored: RecordedEvent) -> None:
                 stored.id,
                 Debit(e.account_id, e.to, e.amount, "slash", e.task_id),
             )
-            _settle(view.slashes, view.slashes_settled, e.cause)  # type: ignore[arg-type]
+            _settle(view.slashes, view.slashes_settled, e.cause)
         case ac.TransferReceived() | ac.RewardAccrued():
-            _settle(view.debits, view.credits_settled, e.transfer_id)  # type: ignore[arg-type]
+            _settle(view.debits, view.credits_settled, e.transfer_id)
         case pr.ProposalCreated():
             view.proposals[e.proposal_id] = ProposalView(e.closes_at, "open", stored.version)
         case pr.VoteCast() | pr.ProposalClosed() | pr.ProposalExecuted():
@@ -225,14 +232,14 @@ def apply(view: EconomyView, stored: RecordedEvent) -> None:
                 view.params = e.change.applied_to(view.params)
 
 
-def _since(due: dict[str, T], since: int) -> list[tuple[str, T]]:
+def _since(due: dict[str, N], since: int) -> list[tuple[str, N]]:
     """The items of ``due`` (in ``seq`` order, see ``_due``) numbered above ``since``."""
     if not since:
         return list(due.items())
-    newer: list[tuple[str, T]] = []
+    newer: list[tuple[str, N]] = []
     for key in reversed(due):
         item = due[key]
-        if item.seq <= since:  # type: ignore[attr-defined]
+        if item.seq <= since:
             break
         newer.append((key, item))
     newer.reverse()

@@ -382,7 +382,8 @@ def plan(
         cid = start_id(request.id)
         if cid in skip:
             continue
-        r: wf.WorkflowExecutionRequested = request.event  # type: ignore[assignment]
+        r = request.event
+        assert isinstance(r, wf.WorkflowExecutionRequested)  # what ``apply`` keeps in starts
         start = build(
             failures,
             cid,
