@@ -615,7 +615,7 @@ def main(
             task_share,
             via,
             concurrency,
-            max_inflight,  # type: ignore[arg-type]
+            max_inflight,  # type: ignore[arg-type]  # set above whenever this path runs
             sample_s,
             warmup if warmup is not None else commands // 10,
             state_dir,

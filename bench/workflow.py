@@ -486,7 +486,7 @@ def main(
             cell(w.get(topic, (0, 0))),
         )
     total = [tuple(map(sum, zip(*x.values(), strict=True))) for x in (d, w)]
-    table.add_row("total", cell(total[0]), cell(total[1]))  # type: ignore[arg-type]
+    table.add_row("total", cell(total[0]), cell(total[1]))  # type: ignore[arg-type]  # sums of int pairs
     console.print(table)
 
 

@@ -31,12 +31,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from datetime import datetime, timedelta
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 
 from domain.economy import BP, MAX_AMOUNT, TREASURY, Tier, slash_amount, tier_for
-from domain.messages import Command, Decider, Event, Message, Rejection, rejected
+from domain.messages import Command, Decider, Event, Message, Rejection, Upcaster, rejected
 from domain.money import MicroTokens
 
 ACCOUNT = "account"
@@ -218,17 +218,26 @@ class UnstakeRequested(AccountEvent):
     available_at: datetime
 
 
+def _released_unknown(data: dict[str, Any]) -> dict[str, Any]:
+    """Upcast a version-1 ``TokensUnstaked`` (no ``released``) to version 2: what it
+    released is not in the record (None); ``released_from`` reads it from the state."""
+    return {**data, "released": None}
+
+
 class TokensUnstaked(AccountEvent):
     """``amount`` of matured unstakes moved back to the balance: the pending unstakes
     ``released`` (their amounts sum to ``amount``), as the decider found them matured.
 
-    ``released`` is None on records written before 2026-11-29, which lack it; they
-    released every pending unstake that had matured at the command's time, which are
-    the oldest (by ``available_at``) and sum to ``amount``, so ``released_from``
-    reads them back from the state they applied to.
+    Schema version 2 added ``released``. Version-1 records (written before 2026-11-29)
+    lack it and are upcast with ``released`` None; they released every pending unstake
+    that had matured at the command's time, which are the oldest (by ``available_at``)
+    and sum to ``amount``, so ``released_from`` reads them back from the state they
+    applied to.
     """
 
     event_type: ClassVar[str] = "tokens_unstaked"
+    schema_version: ClassVar[int] = 2
+    upcasters: ClassVar[tuple[Upcaster, ...]] = (_released_unknown,)
     amount: int
     released: tuple[PendingUnstake, ...] | None = None
 

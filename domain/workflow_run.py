@@ -77,8 +77,10 @@ class RunLimits:
     """The bounds a run's decisions hold values to, set by the decider's caller.
 
     ``max_value_bytes``: the most bytes (compact JSON) of one item list, task payload or
-    map step's results; over it the step fails. The caller derives it from what its
-    store takes in one event; ``run_decider`` binds it."""
+    map step's results; over it the step fails. ``run_decider(limits)`` binds it;
+    ``RUN_DECIDER`` (what the command processor runs) has ``DEFAULT_LIMITS``, whatever
+    ``SWARMLOG_RECORD_MAX_BYTES`` is: the processor packs events to its record limit
+    (``pack``), and a value over that limit is refused there as ``too_large``."""
 
     max_value_bytes: int = MAX_VALUE_BYTES
 

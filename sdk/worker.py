@@ -603,7 +603,7 @@ class Worker:
         if inspect.iscoroutinefunction(self.handler) or inspect.iscoroutinefunction(
             getattr(self.handler, "__call__", None)  # noqa: B004 (a callable object's async __call__)
         ):
-            return await self.handler(ctx)  # type: ignore[misc]
+            return await self.handler(ctx)  # type: ignore[misc]  # iscoroutinefunction does not narrow
         value = await asyncio.to_thread(self.handler, ctx)
         if inspect.isawaitable(value):
             value = await value

@@ -1,4 +1,5 @@
-"""The scheduler process manager: the decision, pure; the Kafka runner is streams/runner.py.
+"""The scheduler process manager: the decision, pure (its Kafka runner is
+streams/scheduler_runner.py).
 
 It is level-triggered: ``apply`` folds agent and task events into a ``SchedulerView``,
 and ``plan(view, now)`` looks at the whole view and returns every command the swarm

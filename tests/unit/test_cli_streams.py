@@ -20,7 +20,7 @@ def test_an_unknown_process_manager_is_refused_naming_the_option() -> None:
     assert "--only" in result.output and "sheduler" in result.output
 
 
-def test_run_streams_refuses_unknown_names() -> None:
+def test_unknown_process_manager_names_are_refused() -> None:
     with pytest.raises(ValueError, match="nope"):
         clients = bootstrap.Clients(
             Settings(), Kafka("unused:9092"), Topics(prefix="u"), SystemClock()

@@ -1,11 +1,11 @@
 """The event contract: the recorded-event envelope, the CloudEvents binding and the
 mapping of domain events with their upcasters.
 
-No event of ours has changed shape under a new schema version yet (WorkflowRunCompleted
-changed shape, ``result`` to ``result_steps``, by keeping both fields at version 1), so
-the upcasting test reads a real version-1 record of WorkflowRunCompleted, written in
-its old shape, through a version-2 declaration of the same event made here: what a
-real version 2 would declare on its class.
+TokensUnstaked is at schema version 2 (``released`` added, declared with its upcaster
+on the class): a version-1 record, as the log holds it, is read through the default
+mapper. WorkflowRunCompleted changed shape (``result`` to ``result_steps``) by keeping
+both fields at version 1; a test reads its real version-1 record, in its old shape,
+through a version-2 declaration of the same event made here.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import grimp
 import orjson
 import pytest
 
+from domain import account as ac
 from domain import workflow_run as wr
 from domain.ids import event_id
 from domain.recorded import Position, RecordedEvent
@@ -210,3 +211,37 @@ def test_the_process_managers_and_views_read_the_envelope_without_infra(module: 
     imported = graph.find_modules_directly_imported_by(module)
     assert "domain.recorded" in imported
     assert sorted(m for m in imported if m.split(".")[0] == "infra") == []
+
+
+def test_a_version_1_tokens_unstaked_record_is_upcast_by_the_default_mapper() -> None:
+    # As the log holds it: written before ``released`` existed, at schema version 1.
+    event = ac.TokensUnstaked(account_id="acct-1", amount=70)
+    recorded = RecordedEvent(
+        id=event_id("cmd-withdraw", 0),
+        aggregate_type=ac.ACCOUNT,
+        aggregate_id="acct-1",
+        version=5,
+        time=AT,
+        correlation_id="corr-1",
+        causation_id="cmd-withdraw",
+        event=event,
+    )
+    record = _consumed(encode_event("accounts", recorded))
+    assert dict(record.headers)["ce_schemaversion"] == b"2"  # what is written now
+    data = orjson.loads(record.value)
+    del data["released"]
+    record.value = orjson.dumps(data)
+    record.headers = [
+        (name, b"1" if name == "ce_schemaversion" else value) for name, value in record.headers
+    ]
+
+    read = decode_event(record)
+
+    assert isinstance(read.event, ac.TokensUnstaked)
+    assert read.event.amount == 70 and read.event.released is None
+    # A version newer than the class's is refused, never guessed at.
+    record.headers = [
+        (name, b"3" if name == "ce_schemaversion" else value) for name, value in record.headers
+    ]
+    with pytest.raises(DecodeError, match="newer"):
+        decode_event(record)

@@ -3,7 +3,7 @@ these commands; and, run against the deciders in memory, the runs it carries thr
 
 ``World`` is a command loop with no IO: commands go through the real deciders (with the
 processor's rule that a repeated command id writes nothing), their events are logged as
-StoredEvents and folded into the engine's view as they are written (unless ``live`` is
+RecordedEvents and folded into the engine's view as they are written (unless ``live`` is
 off, for tests that fold the log in another order), and ``settle`` plans and sends until
 nothing more is owed. Agents are played by hand: ``finish`` assigns, starts and ends a
 task the way the scheduler and an agent would.
