@@ -6,6 +6,10 @@ infra/deadletter_records.encode_dead_letter); the projector projects that topic 
 ``dead_letters`` table. Listing reads the table (cheap, keyset-paginated), or the topic
 itself (``from_log``: when no projector runs).
 
+Every function takes what it reads and writes from the composition root, which opens
+and closes it (``infra.bootstrap.open_operator``): the ``Kafka``, the ``Topics``, an
+asyncpg pool on the read models and their schema.
+
 Replay depends on what the record was:
 
 - An event (a record of an event topic, dead-lettered by the projector): the projector
