@@ -66,8 +66,10 @@ from commands.client import CommandClient
 from domain.account import MintTokens, PayReward
 from domain.economy import TREASURY
 from infra import stack
+from infra.bootstrap import open_operator
 from infra.envelope import CommandEnvelope
 from infra.kafka import Kafka
+from infra.settings import Settings
 from infra.supervise import Children, role_env
 from infra.topics import Topics, ensure_topics
 from projections.audit import audit_ledger
@@ -209,7 +211,16 @@ async def bench(
                 spy.wait(60)
             await conn.close()
         a0 = time.perf_counter()
-        audit = await audit_ledger(info.kafka_bootstrap_servers, topics, info.database_url, run)
+        settings = Settings(
+            kafka_bootstrap_servers=info.kafka_bootstrap_servers,
+            database_url=info.database_url,
+            redis_url=info.redis_url,
+            topic_prefix=run,
+            db_schema=run,
+            redis_prefix=run,
+        )
+        async with open_operator(settings) as op:
+            audit = await audit_ledger(op.kafka, op.topics, op.pool, op.schema)
         figures.update(
             sent_s=sent_s,
             accrued=done,

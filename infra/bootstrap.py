@@ -14,15 +14,19 @@ clients and the only one that closes them:
   are plain constructors (these parts have no client of their own to open);
   ``open_projector`` and ``open_api`` are async context managers (they open the
   PostgreSQL pool and the Redis client of that role, and close them on exit).
+* ``open_operator(settings)`` -> ``Operator``: Clients and a pool on the read models
+  (``open_read_models``) for the operator commands (``swarmlog audit ledger``,
+  ``swarmlog deadletters``), closed on exit.
 * ``deploy(settings, roles)``: the processor, streams and projector roles asked for,
   built together on one ``Clients``, as a ``Deployment`` whose ``run(stop)`` runs them
   until ``stop`` is set. The API is built by ``api.app.create_app``'s lifespan with
   ``open_api`` (on the Clients handed to ``create_app``, else on its own ``connect``).
 
 Who calls it: ``swarmlog processor|streams|projector`` (``infra.cli.run_roles``), the
-API's lifespan, ``swarmlog deadletters replay`` (the projector's replay), the e2e
-fixture (every role, and the app on the same Clients), the integration fixtures and
-unit tests (single parts on Clients of their own: another clock, other settings).
+API's lifespan, ``swarmlog audit ledger`` and ``swarmlog deadletters`` (an operator, and
+for an event's replay a projector), the e2e fixture (every role, and the app on the same
+Clients), the integration fixtures and unit tests (single parts on Clients of their own:
+another clock, other settings), the benches (an operator for the ledger audit).
 
 Signal handling and ``asyncio.run`` are the callers' (the CLI): nothing here installs a
 signal handler or starts an event loop.
@@ -282,6 +286,55 @@ async def open_projector(
             batch_size=settings.projector_batch_size,
             clock=clients.clock,
         )
+
+
+@asynccontextmanager
+async def open_read_models(clients: Clients) -> AsyncIterator[asyncpg.Pool]:
+    """A small PostgreSQL pool on the read models (with their JSON codecs, like every
+    pool here), for a short-lived reader of them such as an operator command; closed on
+    exit."""
+    database_url, _ = _service_urls(clients)
+    async with postgres_pool(database_url, min_size=0, max_size=2) as pool:
+        yield pool
+
+
+@dataclass(frozen=True)
+class Operator:
+    """What the operator commands (``swarmlog audit ledger``, ``swarmlog deadletters``)
+    work with: the deployment's ``clients`` and a ``pool`` on its read models."""
+
+    clients: Clients
+    pool: asyncpg.Pool
+
+    @property
+    def kafka(self) -> Kafka:
+        """The deployment's Kafka cluster."""
+        return self.clients.kafka
+
+    @property
+    def topics(self) -> Topics:
+        """The deployment's topics."""
+        return self.clients.topics
+
+    @property
+    def schema(self) -> str:
+        """The PostgreSQL schema of the deployment's read models."""
+        return self.clients.settings.db_schema
+
+
+@asynccontextmanager
+async def open_operator(
+    settings: Settings, *, kafka: Kafka | None = None
+) -> AsyncIterator[Operator]:
+    """The Clients of ``settings`` (see ``connect``; no topic is created: an operator
+    command only reads what the roles wrote) and a pool on its read models
+    (``open_read_models``), closed on exit.
+
+    Raises RuntimeError naming a service URL that ``settings`` lacks.
+    """
+    clients = await connect(settings, kafka=kafka, create_topics=False)
+    async with open_read_models(clients) as pool:
+        yield Operator(clients, pool)
 
 
 @dataclass(frozen=True)

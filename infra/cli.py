@@ -12,9 +12,9 @@ import asyncio
 import contextlib
 import os
 import signal
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich import box
@@ -331,14 +331,16 @@ def audit_ledger(state_dir: StateDir) -> None:
     """Check the ledger invariant (supply = balances + staked + unstaking + in flight) on
     the read models and on a fold of the log, and that the two agree; exit 1 on any
     difference."""
-    from infra.topics import Topics
+    from projections.audit import LedgerAudit
     from projections.audit import audit_ledger as run_audit
 
     settings = _settings(state_dir)
-    kafka_url, database_url, _ = settings.require_services()
-    result = asyncio.run(
-        run_audit(kafka_url, Topics.of(settings), database_url, settings.db_schema)
-    )
+
+    async def main() -> LedgerAudit:
+        async with bootstrap.open_operator(settings) as op:
+            return await run_audit(op.kafka, op.topics, op.pool, op.schema)
+
+    result = asyncio.run(main())
     table = Table(title="swarmlog ledger audit", title_justify="left", box=box.SIMPLE_HEAD)
     table.add_column("check")
     table.add_column("result", no_wrap=True)
@@ -389,7 +391,14 @@ def deadletters(
     from projections.deadletters import list_dead_letters
 
     settings = _settings(state_dir)
-    rows = asyncio.run(list_dead_letters(settings, limit=limit, topic=topic, from_log=from_log))
+
+    async def main() -> list[dict[str, Any]]:
+        async with bootstrap.open_operator(settings) as op:
+            return await list_dead_letters(
+                op.kafka, op.topics, op.pool, op.schema, limit=limit, topic=topic, from_log=from_log
+            )
+
+    rows = asyncio.run(main())
     if as_json:
         typer.echo(json.dumps(rows, default=str, indent=2))
         return
@@ -432,19 +441,24 @@ def deadletters_replay(
     again with the same key, value and headers, for its role to read again. Exit 1 if
     there is no such dead letter or it is still refused (nothing changes then).
     """
-    from projections.deadletters import replay
-    from projections.projector import Projector, ReplayError
+    from projections.deadletters import Replayed, replay
+    from projections.projector import ReplayError
 
     settings = _settings(state_dir)
 
-    @contextlib.asynccontextmanager
-    async def open_projector() -> AsyncIterator[Projector]:
-        clients = await bootstrap.connect(settings, create_topics=False)
-        async with bootstrap.open_projector(clients) as projector:
-            yield projector
+    async def main() -> Replayed:
+        async with bootstrap.open_operator(settings) as op:
+            return await replay(
+                op.kafka,
+                op.topics,
+                op.pool,
+                op.schema,
+                ref,
+                lambda: bootstrap.open_projector(op.clients),
+            )
 
     try:
-        done = asyncio.run(replay(settings, ref, open_projector))
+        done = asyncio.run(main())
     except (LookupError, ReplayError) as error:
         _err.print(f"[red]not replayed:[/] {escape(str(error))}", soft_wrap=True, highlight=False)
         raise typer.Exit(1) from error

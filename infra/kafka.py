@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.partitioner import DefaultPartitioner, murmur2
 
 from infra.cloudevents import Record
@@ -191,6 +192,11 @@ class Kafka:
     def consumer(self, *topics: str, group_id: str | None = None, **kw: Any) -> AIOKafkaConsumer:
         """A read_committed consumer with manual offset commits, subscribed to ``topics``."""
         return consumer(self.bootstrap_servers, *topics, group_id=group_id, **kw)
+
+    def admin(self, **kw: Any) -> AIOKafkaAdminClient:
+        """An admin client of this cluster (``kw`` as ``AIOKafkaAdminClient`` takes); the
+        caller starts it and closes it."""
+        return AIOKafkaAdminClient(bootstrap_servers=self.bootstrap_servers, **kw)
 
     async def partitions_of(self, topic: str, *, wait_s: float = 10.0) -> list[TopicPartition]:
         """Every partition of ``topic``, sorted (see the module function)."""

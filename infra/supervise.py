@@ -70,22 +70,30 @@ class Children:
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     log_dir: Path = Path(".")
 
-    def start(self, name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
-        """Start ``argv`` as child ``name`` (in a session of its own), its output to
-        ``<log_dir>/<name>.log``."""
+    def start(
+        self, name: str, argv: list[str], env: dict[str, str], *, cwd: Path | None = None
+    ) -> subprocess.Popen[bytes]:
+        """Start ``argv`` as child ``name`` (in a session of its own, in ``cwd`` if given),
+        its output to ``<log_dir>/<name>.log``."""
         log = open(self.log_path(name), "wb")  # noqa: SIM115 - owned by the child
         proc = subprocess.Popen(
-            argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            argv, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
         log.close()  # the child holds its own descriptor
         self.procs[name] = proc
         return proc
 
     def start_role(
-        self, role: str, env: dict[str, str], *args: str, name: str | None = None
+        self,
+        role: str,
+        env: dict[str, str],
+        *args: str,
+        name: str | None = None,
+        cwd: Path | None = None,
     ) -> subprocess.Popen[bytes]:
-        """Start ``swarmlog <role> <args>`` as child ``name`` (default: the role)."""
-        return self.start(name or role, [*CLI, role, *args], env)
+        """Start ``swarmlog <role> <args>`` as child ``name`` (default: the role), in
+        ``cwd`` if given."""
+        return self.start(name or role, [*CLI, role, *args], env, cwd=cwd)
 
     def start_roles(
         self,
@@ -174,6 +182,7 @@ async def remove_run(services: StackInfo, topics: Topics, schema: str, redis_pre
     with contextlib.suppress(Exception):
         r = aioredis.from_url(services.redis_url)
         try:
+            # Deletes everything under the run's prefix (RedisKeys.pattern; infra cannot import it).
             keys = [k async for k in r.scan_iter(match=f"{redis_prefix}:*")]
             for start in range(0, len(keys), 1000):
                 await r.delete(*keys[start : start + 1000])

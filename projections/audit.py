@@ -28,12 +28,13 @@ from domain.account import (
     LedgerTotals,
     ledger_totals,
 )
-from infra import kafka
 from infra.cloudevents import DecodeError
+from infra.kafka import Kafka
 from infra.mapper import decode_event
 from infra.topics import Topics
+from projections.db import checked_schema
 from projections.offsets import stored_offsets
-from projections.schema import checked_schema
+from projections.readmodels.accounts import all_accounts, ledger_sums
 
 
 @dataclass(frozen=True)
@@ -95,24 +96,19 @@ def _fold(
 
 
 async def audit_ledger(
-    bootstrap: str, topics: Topics, database_url: str, schema: str
+    kafka: Kafka, topics: Topics, pool: asyncpg.Pool, schema: str
 ) -> LedgerAudit:
-    """Run every check (see the module docstring)."""
+    """Run every check (see the module docstring) on the read models of ``schema`` (read
+    through ``pool``, in one repeatable-read snapshot) and the account events of
+    ``topics`` on ``kafka``, read to their end. The composition root builds the parts
+    (``infra.bootstrap.open_operator``) and closes them."""
     s = checked_schema(schema)
     audit = LedgerAudit()
-    conn = await asyncpg.connect(database_url)
-    try:
-        async with conn.transaction(isolation="repeatable_read", readonly=True):
-            rows = [dict(r) for r in await conn.fetch(f"SELECT * FROM {s}.accounts")]
-            legs = await conn.fetch(
-                f"SELECT account_id, bucket, sum(amount)::bigint AS amount"
-                f" FROM {s}.ledger_entries GROUP BY account_id, bucket"
-            )
-            offsets = await stored_offsets(conn, s)
-    finally:
-        await conn.close()
+    async with pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
+        rows = await all_accounts(conn, s)
+        by_leg = await ledger_sums(conn, s)
+        offsets = await stored_offsets(conn, s)
 
-    by_leg: dict[tuple[str, str], int] = {(r["account_id"], r["bucket"]): r["amount"] for r in legs}
     in_flight = by_leg.get(("in_flight", "in_flight"), 0)
     audit.read_model = LedgerTotals(
         supply=sum(r["supply"] for r in rows),
@@ -147,9 +143,9 @@ async def audit_ledger(
         Check("read models: each account's ledger equals its row", not wrong, "; ".join(wrong[:5]))
     )
 
-    tps = await kafka.partitions_of(bootstrap, topics.events(ACCOUNT))
+    tps = await kafka.partitions_of(topics.events(ACCOUNT))
     records: list[Any] = []
-    await kafka.read_to_end(bootstrap, tps, records.append)
+    await kafka.read_to_end(tps, records.append)
     states, events, undecodable = _fold(records, None)
     audit.log = ledger_totals(states.values(), events)
     check = _totals_check("log: supply = holdings + in flight", audit.log)

@@ -6,6 +6,10 @@ infra/deadletter_records.encode_dead_letter); the projector projects that topic 
 ``dead_letters`` table. Listing reads the table (cheap, keyset-paginated), or the topic
 itself (``from_log``: when no projector runs).
 
+Every function takes what it reads and writes from the composition root, which opens
+and closes it (``infra.bootstrap.open_operator``): the ``Kafka``, the ``Topics``, an
+asyncpg pool on the read models and their schema.
+
 Replay depends on what the record was:
 
 - An event (a record of an event topic, dead-lettered by the projector): the projector
@@ -26,6 +30,7 @@ Replay depends on what the record was:
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
@@ -37,12 +42,12 @@ from aiokafka import TopicPartition
 
 from domain.ids import derived_id
 from domain.recorded import Position
-from infra import kafka
-from infra.settings import Settings
+from infra.kafka import Kafka
 from infra.topics import Topics
 from projections.projector import Projector
 from projections.readmodels.dead_letters import (
     find_dead_letters,
+    mark_replayed,
     read_dead_letter,
 )
 from projections.readmodels.dead_letters import (
@@ -61,45 +66,49 @@ def parse_ref(ref: str) -> tuple[str | None, Position | None]:
     return None, Position(m["topic"], int(m["partition"]), int(m["offset"]))
 
 
-async def _table_rows(settings: Settings, **kw: Any) -> list[dict[str, Any]] | None:
+async def _table_rows(pool: asyncpg.Pool, schema: str, **kw: Any) -> list[dict[str, Any]] | None:
     """``find_dead_letters`` or the read model's ``list_dead_letters`` (``find`` in kw),
     None if the table does not exist yet (no projector ran on this schema)."""
-    _, database_url, _ = settings.require_services()
-    conn = await asyncpg.connect(database_url)
     try:
         if kw.pop("find", False):
-            return await find_dead_letters(conn, settings.db_schema, **kw)
-        return await table_dead_letters(conn, settings.db_schema, **kw)
+            return await find_dead_letters(pool, schema, **kw)
+        return await table_dead_letters(pool, schema, **kw)
     except asyncpg.UndefinedTableError:
         return None
-    finally:
-        await conn.close()
 
 
-async def _log_rows(settings: Settings) -> list[dict[str, Any]]:
+async def _log_rows(kafka: Kafka, topics: Topics) -> list[dict[str, Any]]:
     """Every dead letter on the dead-letter topic, as ``dead_letters`` rows (one per id)."""
-    kafka_url, _, _ = settings.require_services()
-    topics = Topics.of(settings)
-    tps = await kafka.partitions_of(kafka_url, topics.deadletter)
+    tps = await kafka.partitions_of(topics.deadletter)
     rows: dict[str, dict[str, Any]] = {}
 
     def keep(record: Any) -> None:
         row = read_dead_letter(record)
         rows.setdefault(row["id"], {**row, "replayed_at": None, "replay_note": None})
 
-    await kafka.read_to_end(kafka_url, tps, keep)
+    await kafka.read_to_end(tps, keep)
     return list(rows.values())
 
 
 async def list_dead_letters(
-    settings: Settings, *, limit: int = 50, topic: str | None = None, from_log: bool = False
+    kafka: Kafka,
+    topics: Topics,
+    pool: asyncpg.Pool,
+    schema: str,
+    *,
+    limit: int = 50,
+    topic: str | None = None,
+    from_log: bool = False,
 ) -> list[dict[str, Any]]:
     """The newest ``limit`` dead letters (of records from ``topic`` if given), newest
-    first, from the ``dead_letters`` table, or with ``from_log`` from the topic."""
+    first, from the ``dead_letters`` table of ``schema`` (through ``pool``), or with
+    ``from_log`` from the dead-letter topic of ``topics`` (on ``kafka``)."""
     if not from_log:
-        rows = await _table_rows(settings, topic=topic, limit=limit)
+        rows = await _table_rows(pool, schema, topic=topic, limit=limit)
         return rows or []
-    rows = [r for r in await _log_rows(settings) if topic is None or r["source_topic"] == topic]
+    rows = [
+        r for r in await _log_rows(kafka, topics) if topic is None or r["source_topic"] == topic
+    ]
     rows.sort(key=lambda r: (r["dead_lettered_at"], r["id"]), reverse=True)
     return [{k: v for k, v in r.items() if k != "letter"} for r in rows[:limit]]
 
@@ -112,15 +121,17 @@ class Replayed:
     how: str
 
 
-async def find(settings: Settings, ref: str) -> dict[str, Any]:
+async def find(
+    kafka: Kafka, topics: Topics, pool: asyncpg.Pool, schema: str, ref: str
+) -> dict[str, Any]:
     """The dead letter ``ref`` names (its id, or ``<topic>:<partition>:<offset>`` of the
     record), from the table, else from the topic; LookupError if there is none."""
     letter_id, position = parse_ref(ref)
-    rows = await _table_rows(settings, find=True, id=letter_id, source=position)
+    rows = await _table_rows(pool, schema, find=True, id=letter_id, source=position)
     if not rows:
         rows = [
             r
-            for r in await _log_rows(settings)
+            for r in await _log_rows(kafka, topics)
             if r["id"] == letter_id
             or (
                 position is not None
@@ -141,20 +152,23 @@ async def find(settings: Settings, ref: str) -> dict[str, Any]:
 
 
 async def replay(
-    settings: Settings,
+    kafka: Kafka,
+    topics: Topics,
+    pool: asyncpg.Pool,
+    schema: str,
     ref: str,
     open_projector: Callable[[], AbstractAsyncContextManager[Projector]],
 ) -> Replayed:
-    """Replay the dead letter ``ref`` (see the module docstring for how).
+    """Replay the dead letter ``ref`` (see the module docstring for how), found with
+    ``find``; a command is produced again through ``kafka`` and its ``dead_letters`` rows
+    in ``schema`` marked replayed through ``pool``.
 
     ``open_projector`` opens a projector (and closes its clients after): the composition
     root's ``infra.bootstrap.open_projector``, which is used only for an event.
     Raises LookupError if there is no such dead letter, ``projections.projector.
     ReplayError`` if an event is still refused (nothing changed then).
     """
-    kafka_url, database_url, _ = settings.require_services()
-    topics = Topics.of(settings)
-    row = await find(settings, ref)
+    row = await find(kafka, topics, pool, schema, ref)
     source = Position(row["source_topic"], row["source_partition"], row["source_offset"])
     if source.topic in topics.event_topics.values():
         async with open_projector() as projector:
@@ -170,9 +184,9 @@ async def replay(
             )
         )
         return Replayed(source, how)
-    key, value, headers = await _original(kafka_url, source)
+    key, value, headers = await _original(kafka, source)
     headers, renamed = _as_replay(headers)
-    producer = kafka.producer(kafka_url)
+    producer = kafka.producer()
     await producer.start()
     try:
         meta = await producer.send_and_wait(source.topic, value=value, key=key, headers=headers)
@@ -183,31 +197,19 @@ async def replay(
         + (f" as command {renamed}" if renamed else "")
         + f", now at partition {meta.partition} offset {meta.offset}"
     )
-    conn = await asyncpg.connect(database_url)
-    try:
-        await conn.execute(
-            f"UPDATE {settings.db_schema}.dead_letters SET replayed_at = now(), replay_note = $4"
-            " WHERE source_topic = $1 AND source_partition = $2 AND source_offset = $3",
-            source.topic,
-            source.partition,
-            source.offset,
-            how,
-        )
-    except asyncpg.UndefinedTableError:
-        pass
-    finally:
-        await conn.close()
+    with contextlib.suppress(asyncpg.UndefinedTableError):
+        await mark_replayed(pool, schema, source, how)
     return Replayed(source, how)
 
 
 async def _original(
-    bootstrap: str, source: Position
+    kafka: Kafka, source: Position
 ) -> tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]:
     """(key, value, headers) of the dead-lettered record, byte for byte from its topic;
     LookupError once retention deleted it (the dead letter's copy may be cut or
     re-encoded, so nothing is rebuilt from it)."""
     tp = TopicPartition(source.topic, source.partition)
-    c = kafka.consumer(bootstrap)
+    c = kafka.consumer()
     await c.start()
     try:
         c.assign([tp])

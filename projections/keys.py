@@ -18,6 +18,12 @@ class RedisKeys:
     prefix: str
 
     @property
+    def pattern(self) -> str:
+        """A glob (``SCAN ... MATCH``) matching every key under ``prefix``: what removing
+        a deployment's Redis views deletes."""
+        return f"{self.prefix}:*"
+
+    @property
     def leaderboard(self) -> str:
         """The earnings leaderboard: a sorted set of agent id -> micro-tokens earned."""
         return f"{self.prefix}:leaderboard:earnings"

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
+import asyncpg
+
 from domain.recorded import Position
 from projections.db import Db, checked_schema
 
@@ -35,6 +37,58 @@ async def stored_offsets(db: Db, schema: str) -> dict[tuple[str, int], int]:
         PROJECTION,
     )
     return {(r["topic"], r["partition"]): r["next_offset"] for r in records}
+
+
+async def lock_offsets(
+    conn: asyncpg.Connection, schema: str, partitions: Iterable[tuple[str, int]]
+) -> dict[tuple[str, int], int]:
+    """The next offset ``PROJECTION`` stored for each of ``partitions`` (topic, partition)
+    that has one, its rows locked (``FOR UPDATE``, in topic and partition order) until the
+    open transaction of ``conn`` ends: a projector batch holds them while it applies, so
+    two copies never apply the same records."""
+    s = checked_schema(schema)
+    wanted = sorted(set(partitions))
+    records = await conn.fetch(
+        f"SELECT o.topic, o.partition, o.next_offset FROM {s}.projection_offsets o"
+        " JOIN unnest($2::text[], $3::int[]) AS b(topic, partition)"
+        " USING (topic, partition) WHERE o.projection = $1"
+        " ORDER BY o.topic, o.partition FOR UPDATE OF o",
+        PROJECTION,
+        [t for t, _ in wanted],
+        [p for _, p in wanted],
+    )
+    return {(r["topic"], r["partition"]): r["next_offset"] for r in records}
+
+
+async def lock_offset(
+    conn: asyncpg.Connection, schema: str, topic: str, partition: int
+) -> int | None:
+    """The next offset ``PROJECTION`` stored for ``topic``/``partition`` (None if none),
+    its row locked (``FOR UPDATE``) until the open transaction of ``conn`` ends."""
+    s = checked_schema(schema)
+    next_offset: int | None = await conn.fetchval(
+        f"SELECT next_offset FROM {s}.projection_offsets WHERE projection = $1"
+        " AND topic = $2 AND partition = $3 FOR UPDATE",
+        PROJECTION,
+        topic,
+        partition,
+    )
+    return next_offset
+
+
+async def save_offsets(
+    conn: asyncpg.Connection, schema: str, offsets: Iterable[tuple[str, int, int]]
+) -> None:
+    """Store ``offsets`` (topic, partition, next offset) as ``PROJECTION``'s, in the open
+    transaction of ``conn`` (the one that applied the records below them), replacing
+    what was stored."""
+    s = checked_schema(schema)
+    await conn.executemany(
+        f"INSERT INTO {s}.projection_offsets (projection, topic, partition, next_offset,"
+        " updated_at) VALUES ($1, $2, $3, $4, now()) ON CONFLICT (projection, topic,"
+        " partition) DO UPDATE SET next_offset = EXCLUDED.next_offset, updated_at = now()",
+        [(PROJECTION, topic, partition, n) for topic, partition, n in offsets],
+    )
 
 
 async def projected_offsets(

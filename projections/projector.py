@@ -63,10 +63,11 @@ from infra.mapper import ce_type_of, decode_event
 from infra.topics import Topics
 from projections.db import checked_schema, has_json_codec
 from projections.keys import RedisKeys
-from projections.offsets import PROJECTION, stored_offsets
+from projections.offsets import lock_offset, lock_offsets, save_offsets, stored_offsets
 from projections.readmodels import READ_MODELS, Applied, DeadLetters, EventArchive, ReadModel
+from projections.readmodels.archive import count_archived
 from projections.readmodels.base import Row
-from projections.readmodels.dead_letters import read_dead_letter
+from projections.readmodels.dead_letters import mark_replayed, read_dead_letter
 from projections.schema import migrate
 
 log = structlog.get_logger("swarmlog.projector")
@@ -239,12 +240,6 @@ class Projector:
         )
         self.archive = EventArchive(self.schema, self.keys)
         self.dead_letters = DeadLetters(self.schema)
-        s = self.schema
-        self._save_offset = (
-            f"INSERT INTO {s}.projection_offsets (projection, topic, partition, next_offset,"
-            " updated_at) VALUES ($1, $2, $3, $4, now()) ON CONFLICT (projection, topic,"
-            " partition) DO UPDATE SET next_offset = EXCLUDED.next_offset, updated_at = now()"
-        )
         # Redis views still to write (after the commits that changed them), per read
         # model; all of them at start, which closes the gap a crash between a commit and
         # its write left.
@@ -367,13 +362,7 @@ class Projector:
         s = self.schema
         try:
             async with self.pool.acquire() as conn, conn.transaction():
-                next_offset = await conn.fetchval(
-                    f"SELECT next_offset FROM {s}.projection_offsets WHERE projection = $1"
-                    " AND topic = $2 AND partition = $3 FOR UPDATE",
-                    PROJECTION,
-                    tp.topic,
-                    tp.partition,
-                )
+                next_offset = await lock_offset(conn, s, tp.topic, tp.partition)
                 if next_offset is None or next_offset <= position.offset:
                     raise ReplayError(
                         f"{tp.topic}/{tp.partition} is not projected past offset"
@@ -403,9 +392,8 @@ class Projector:
                         event.aggregate_id,
                     ):
                         later.append((rec, e))
-                archived = f"SELECT count(*) FROM {s}.events WHERE event_id = ANY($1::text[])"
                 later_ids = [e.id for _, e in later]
-                later_before = await conn.fetchval(archived, later_ids)
+                later_before = await count_archived(conn, s, later_ids)
                 try:
                     async with conn.transaction():
                         first = await self._apply_all(conn, [event])
@@ -413,16 +401,14 @@ class Projector:
                     if is_transient(exc):
                         raise
                     raise ReplayError(f"still refused: {_reason(exc)}") from exc
-                applied = bool(await conn.fetchval(archived, [event.id]))
+                applied = bool(await count_archived(conn, s, [event.id]))
                 more, refused = await self._apply_isolated(conn, later, whole_failed=False)
                 await self._dead_letter(producer, refused)
-                later_applied = await conn.fetchval(archived, later_ids) - later_before
-                await conn.execute(
-                    f"UPDATE {s}.dead_letters SET replayed_at = now(), replay_note = $4"
-                    " WHERE source_topic = $1 AND source_partition = $2 AND source_offset = $3",
-                    tp.topic,
-                    tp.partition,
-                    position.offset,
+                later_applied = await count_archived(conn, s, later_ids) - later_before
+                await mark_replayed(
+                    conn,
+                    s,
+                    position,
                     f"re-applied by the projector: event {'applied' if applied else 'ignored'}"
                     f", {later_applied} later event(s) of {event.aggregate_id!r} applied",
                 )
@@ -473,24 +459,13 @@ class Projector:
     ) -> _Applied:
         """One try at ``batch`` in one transaction (see ``_project``); with ``isolate``,
         records whose rows fail on their own are dead-lettered instead of failing it."""
-        s = self.schema
         async with self.pool.acquire() as conn, conn.transaction():
             # The stored offsets, locked: records below them were projected already (by
             # this copy before a rebalance, or by another copy); they are skipped, so a
             # record is applied once whatever the consumer hands out.
-            tps = sorted(set(batch) | set(positions))
-            stored = {
-                (rec["topic"], rec["partition"]): rec["next_offset"]
-                for rec in await conn.fetch(
-                    f"SELECT o.topic, o.partition, o.next_offset FROM {s}.projection_offsets o"
-                    " JOIN unnest($2::text[], $3::int[]) AS b(topic, partition)"
-                    " USING (topic, partition) WHERE o.projection = $1"
-                    " ORDER BY o.topic, o.partition FOR UPDATE OF o",
-                    PROJECTION,
-                    [tp.topic for tp in tps],
-                    [tp.partition for tp in tps],
-                )
-            }
+            stored = await lock_offsets(
+                conn, self.schema, ((tp.topic, tp.partition) for tp in set(batch) | set(positions))
+            )
             items: list[tuple[Any, RecordedEvent]] = []
             rejected: list[tuple[Any, str]] = []
             letters: list[Row] = []
@@ -520,10 +495,11 @@ class Projector:
             offsets = {tp: records[-1].offset + 1 for tp, records in batch.items() if records}
             for tp, position in positions.items():
                 offsets[tp] = max(position, offsets.get(tp, 0))
-            await conn.executemany(
-                self._save_offset,
+            await save_offsets(
+                conn,
+                self.schema,
                 [
-                    (PROJECTION, tp.topic, tp.partition, n)
+                    (tp.topic, tp.partition, n)
                     for tp, n in offsets.items()
                     if n > stored.get((tp.topic, tp.partition), -1)
                 ],

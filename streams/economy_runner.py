@@ -14,7 +14,6 @@ from dataclasses import dataclass
 
 import structlog
 from aiokafka import TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
 
 from commands.client import CommandClient
 from domain import agent as ag
@@ -135,7 +134,7 @@ class EconomyRunner(ElectedRunner):
     async def _decided_offsets(self) -> dict[int, int] | None:
         """The command processor's committed offset of each command partition, or None
         when they cannot be read."""
-        admin = AIOKafkaAdminClient(bootstrap_servers=self.kafka.bootstrap_servers)
+        admin = self.kafka.admin()
         try:
             await admin.start()
             committed = await admin.list_consumer_group_offsets(f"{self.topics.prefix}-processor")

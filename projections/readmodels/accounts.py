@@ -258,3 +258,21 @@ async def economy_summary(db: Db, schema: str, *, bucket: str = "hour") -> Row:
         "tiers": [dict(r) for r in tiers],
         "flows": [dict(r) for r in flows],
     }
+
+
+async def all_accounts(db: Db, schema: str) -> list[Row]:
+    """Every account row, as stored (micro-tokens), in no particular order."""
+    s = checked_schema(schema)
+    return [dict(r) for r in await db.fetch(f"SELECT * FROM {s}.accounts")]
+
+
+async def ledger_sums(db: Db, schema: str) -> dict[tuple[str, str], int]:
+    """The sum of the ledger legs (micro-tokens) of each (account id, bucket), including
+    the two accounts outside the holders (``("in_flight", "in_flight")`` and
+    ``("mint", "mint")``)."""
+    s = checked_schema(schema)
+    records = await db.fetch(
+        f"SELECT account_id, bucket, sum(amount)::bigint AS amount"
+        f" FROM {s}.ledger_entries GROUP BY account_id, bucket"
+    )
+    return {(r["account_id"], r["bucket"]): r["amount"] for r in records}

@@ -132,3 +132,13 @@ async def aggregate_history(
         limit,
     )
     return [query_row(r) for r in records]
+
+
+async def count_archived(db: Db, schema: str, event_ids: Sequence[str]) -> int:
+    """How many of ``event_ids`` are archived (were applied by some read model); in the
+    open transaction when ``db`` is a connection in one."""
+    s = checked_schema(schema)
+    count: int = await db.fetchval(
+        f"SELECT count(*) FROM {s}.events WHERE event_id = ANY($1::text[])", list(event_ids)
+    )
+    return count

@@ -47,7 +47,7 @@ class ReadModel(ABC):
     """One read model of the event topics, as the projector drives it.
 
     ``name`` names it (and its Redis view, in ``Applied.redis``); ``ddl`` creates its
-    tables, idempotently, with ``{s}`` for the schema (``projections.readmodels.migrate``
+    tables, idempotently, with ``{s}`` for the schema (``projections.schema.migrate``
     runs every registered read model's). A read model is built once per projector with
     the (checked) schema and the deployment's Redis keys.
     """

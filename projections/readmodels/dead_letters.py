@@ -207,3 +207,17 @@ async def find_dead_letters(
         source.offset if source else None,
     )
     return [dict(r) for r in records]
+
+
+async def mark_replayed(db: Db, schema: str, source: Position, note: str) -> None:
+    """Mark the dead letters of the record at ``source`` replayed now, with ``note`` (what
+    the replay did) as their ``replay_note``."""
+    s = checked_schema(schema)
+    await db.execute(
+        f"UPDATE {s}.dead_letters SET replayed_at = now(), replay_note = $4"
+        " WHERE source_topic = $1 AND source_partition = $2 AND source_offset = $3",
+        source.topic,
+        source.partition,
+        source.offset,
+        note,
+    )

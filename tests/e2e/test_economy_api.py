@@ -16,6 +16,7 @@ import pytest
 import redis.asyncio as aioredis
 from httpx_sse import aconnect_sse
 
+from projections.keys import RedisKeys
 from tests.e2e.support import assert_problem, register
 from tests.e2e.test_live import cloudevent, take
 
@@ -135,7 +136,7 @@ async def test_grant_transfer_stake_unstake_and_the_ledger(swarm) -> None:
     # Redis keeps stake by tier (micro-tokens), written by the projector.
     # (after the commit of the rows, so it may be a moment behind them).
     r = aioredis.from_url(swarm.settings.require_services()[2])
-    key = f"{swarm.settings.redis_prefix}:economy:stake_by_tier"
+    key = RedisKeys(swarm.settings.redis_prefix).stake_by_tier
     try:
 
         async def bronze() -> bytes | None:

@@ -10,10 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import signal
-import subprocess
-import sys
 import time
 import uuid
 from collections import defaultdict
@@ -26,7 +22,7 @@ from aiokafka import TopicPartition
 
 from domain.messages import Command
 from domain.recorded import RecordedEvent
-from infra import kafka
+from infra import kafka, supervise
 from infra.bootstrap import Clients, build_processor
 from infra.clock import Clock, SystemClock
 from infra.cloudevents import DecodeError
@@ -213,39 +209,27 @@ def assert_log_is_clean(events: list[RecordedEvent]) -> None:
 # subprocess roles ---------------------------------------------------------------------
 
 
-def role_argv(role: str) -> list[str]:
-    """How to start ``role`` (processor, projector, streams) as its own process: its
-    ``swarmlog`` CLI subcommand."""
-    return [sys.executable, "-m", "infra.cli", role]
-
-
 def role_env(services: StackInfo, prefix: str, **extra: str) -> dict[str, str]:
-    """The environment of a role subprocess working under ``prefix``."""
-    env = dict(os.environ)
-    env.update(
-        KAFKA_BOOTSTRAP_SERVERS=services.kafka_bootstrap_servers,
-        DATABASE_URL=services.database_url,
-        REDIS_URL=services.redis_url,
-        SWARMLOG_TOPIC_PREFIX=prefix,
-        SWARMLOG_DB_SCHEMA=prefix,
-        SWARMLOG_REDIS_PREFIX=prefix,
-        SWARMLOG_PARTITIONS="3",
-        PYTHONUNBUFFERED="1",
-    )
-    env.update(extra)
+    """The environment of a role subprocess working under ``prefix`` (``infra.supervise.
+    role_env``, with 3 partitions and unbuffered output), plus the variables ``extra``."""
+    env = supervise.role_env(services, prefix, partitions=3)
+    env.update(PYTHONUNBUFFERED="1", **extra)
     return env
 
 
 class RoleProcess:
-    """A role running as a subprocess; its output goes to ``log_path``."""
+    """A role (processor, projector, streams) running as a child process, started and
+    stopped by its pid through ``infra.supervise.Children``; its output goes to
+    ``log_path`` (a ``<name>.log`` file)."""
 
     def __init__(self, role: str, env: dict[str, str], log_path: Path) -> None:
         self.role = role
         self.log_path = log_path
-        self._log = open(log_path, "ab")  # noqa: SIM115 (closed in wait/kill)
-        self.proc = subprocess.Popen(
-            role_argv(role), cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT
-        )
+        self._name = log_path.stem
+        self._children = supervise.Children(log_dir=log_path.parent)
+        if self._children.log_path(self._name) != log_path:
+            raise ValueError(f"{log_path}: a role's log is a <name>.log file")
+        self.proc = self._children.start_role(role, env, name=self._name, cwd=ROOT)
         self.pid = self.proc.pid
 
     def alive(self) -> bool:
@@ -254,23 +238,15 @@ class RoleProcess:
     def kill9(self) -> None:
         """SIGKILL this process (by its pid) and reap it."""
         if self.alive():
-            os.kill(self.pid, signal.SIGKILL)
+            self._children.kill(self._name)
         self.proc.wait(timeout=10)
-        self._log.close()
 
     def terminate(self, timeout: float = 20.0) -> None:
         """SIGTERM (a clean stop), SIGKILL if it does not exit in ``timeout`` seconds."""
-        if self.alive():
-            os.kill(self.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                os.kill(self.pid, signal.SIGKILL)
-                self.proc.wait(timeout=10)
-        self._log.close()
+        self._children.stop_all(timeout_s=timeout)
 
     def output(self) -> str:
-        return self.log_path.read_text(errors="replace")[-4000:]
+        return self._children.log_tail(self._name)
 
 
 async def read_at(bootstrap: str, topic: str, partition: int, offset: int) -> Any:

@@ -31,9 +31,9 @@ from infra.mapper import ce_type_of
 from infra.stack import StackInfo
 from infra.topics import Topics
 from projections import views
+from projections.keys import RedisKeys
 from projections.offsets import PROJECTION
 from projections.projector import Projector
-from projections.schema import init_connection
 from tests.integration.helpers import (
     RoleProcess,
     Running,
@@ -152,13 +152,6 @@ async def world(services: StackInfo) -> AsyncIterator[World]:
     r = Running(processor, "processor")
     pool = await asyncpg.create_pool(services.database_url, min_size=1, max_size=3)
     red = aioredis.from_url(services.redis_url)
-    projector_pool = await asyncpg.create_pool(
-        services.database_url,
-        min_size=0,
-        max_size=4,
-        init=init_connection,
-        server_settings={"application_name": f"swarmlog-projector-{topics.prefix}"},
-    )
     try:
         await wait_until(
             lambda: r.check() or len(processor.partitions) == 3,
@@ -172,10 +165,9 @@ async def world(services: StackInfo) -> AsyncIterator[World]:
         if not r.task.done():
             await r.stop()
         await client.stop()
-        await projector_pool.close()
         await pool.execute(f"DROP SCHEMA IF EXISTS {topics.prefix} CASCADE")
         await pool.close()
-        keys = [k async for k in red.scan_iter(f"{topics.prefix}:*")]
+        keys = [k async for k in red.scan_iter(RedisKeys(topics.prefix).pattern)]
         if keys:
             await red.delete(*keys)
         await red.aclose()
@@ -350,7 +342,7 @@ async def redis_mismatches(w: World) -> dict[str, tuple[Any, Any]]:
     load = Counter(t["agent_id"] for t in tasks.values() if t["status"] in ("assigned", "running"))
     out = {}
     for agent_id, row in agents.items():
-        h = await w.redis.hgetall(f"{w.topics.prefix}:agent:{agent_id}")
+        h = await w.redis.hgetall(RedisKeys(w.topics.prefix).agent(agent_id))
         got = {k.decode(): v.decode() for k, v in h.items()}
         status = row["lifecycle"]
         if status == "running":
