@@ -71,9 +71,19 @@ def create_app(
 
     ``clock`` stamps every command's ``at`` (default: the system clock). The lifespan asks
     the composition root (infra/bootstrap.py) for the API's parts: ``clients`` when given
-    (a test's or a deployment's Kafka, Topics and clock; ``clock`` is then theirs), else
+    (a test's or a deployment's settings, Kafka, Topics and clock: the API then uses
+    ``clients.settings`` and ``clients.clock``, one truth), else
     ``bootstrap.connect(settings, clock=clock)``, which also creates missing topics.
+
+    Raises ValueError when ``clients`` is given with a ``settings`` or ``clock`` that is
+    not the very object ``clients`` holds.
     """
+    if clients is not None:
+        if settings is not None and settings is not clients.settings:
+            raise ValueError("settings is not clients.settings: pass clients alone")
+        if clock is not None and clock is not clients.clock:
+            raise ValueError("clock is not clients.clock: pass clients alone")
+        settings, clock = clients.settings, clients.clock
     settings = settings or Settings()
     checked_schema(settings.db_schema)
     metrics = Metrics()

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from datetime import datetime, timedelta
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import Field
 
@@ -71,12 +71,18 @@ class MintTokens(AccountCommand):
     amount: int = Field(gt=0, le=MAX_AMOUNT)
 
 
+Memo = Annotated[str, Field(max_length=500)]
+"""A note on a movement of tokens: a grant's reason, a transfer's memo (also used by the
+HTTP API's bodies, api/schemas/accounts.py)."""
+DEFAULT_GRANT_REASON = "grant"
+
+
 class GrantTokens(AccountCommand):
     """The treasury grants ``amount`` to ``to`` (an admin act); mints any shortfall."""
 
     to: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:@-]+$")
     amount: int = Field(gt=0, le=MAX_AMOUNT)
-    reason: str = Field(default="grant", max_length=500)
+    reason: Memo = DEFAULT_GRANT_REASON
 
 
 class PayReward(AccountCommand):
@@ -93,7 +99,7 @@ class TransferTokens(AccountCommand):
 
     to: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:@-]+$")
     amount: int = Field(gt=0, le=MAX_AMOUNT)
-    memo: str = Field(default="", max_length=500)
+    memo: Memo = ""
 
 
 class ReceiveTransfer(AccountCommand):

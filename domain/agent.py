@@ -8,23 +8,43 @@ the agent's load (its assigned and running tasks); it is not stored twice here.
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import Field, field_validator
 
 from domain.messages import Command, Decider, Event, Message, Rejection, rejected
-from domain.money import MicroTokens
+from domain.money import MAX_PRICE, MicroTokens
 
 AGENT = "agent"
 
 Lifecycle = Literal["registered", "running", "stopped", "offline", "deregistered"]
 
 
+# The fields of the agent commands, declared once: the commands below and the HTTP API's
+# request bodies (api/schemas/agents.py) both use them, so a bound or default cannot drift.
+
+CapabilityName = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")]
+"""A capability's name: 1 to 64 of ``[A-Za-z0-9_.:-]``."""
+
+CapabilityLevel = Annotated[float, Field(ge=0.0, le=1.0)]
+"""How good an agent is at a capability, in [0, 1] (1 = expert)."""
+
+AgentName = Annotated[str, Field(min_length=1, max_length=200)]
+"""An agent's display name."""
+
+MaxConcurrentTasks = Annotated[int, Field(ge=1, le=1000)]
+"""How many tasks an agent may hold (assigned or running) at once."""
+DEFAULT_MAX_CONCURRENT_TASKS = 1
+
+CostPerTask = Annotated[int, Field(ge=0, le=MAX_PRICE)]
+"""What an agent charges per task, in micro-tokens."""
+
+
 class Capability(Message):
     """A named skill with a level in [0, 1] (1 = expert)."""
 
-    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")
-    level: float = Field(ge=0.0, le=1.0)
+    name: CapabilityName
+    level: CapabilityLevel
 
 
 def _unique_capabilities(value: tuple[Capability, ...]) -> tuple[Capability, ...]:
@@ -46,10 +66,10 @@ class AgentCommand(Command):
 class RegisterAgent(AgentCommand):
     """Register a new agent. ``cost_per_task`` is in micro-tokens."""
 
-    name: str = Field(min_length=1, max_length=200)
+    name: AgentName
     capabilities: tuple[Capability, ...] = ()
-    max_concurrent_tasks: int = Field(default=1, ge=1, le=1000)
-    cost_per_task: int = Field(default=0, ge=0, le=10**15)
+    max_concurrent_tasks: MaxConcurrentTasks = DEFAULT_MAX_CONCURRENT_TASKS
+    cost_per_task: CostPerTask = 0
 
     _unique = field_validator("capabilities")(_unique_capabilities)
 

@@ -24,7 +24,7 @@ by the rewards and slashing policies from the parameters in force.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field
 
@@ -79,6 +79,13 @@ class TierMultipliers(Message):
         return int(getattr(self, tier))
 
 
+SlashRateBp = Annotated[int, Field(ge=0, le=BP)]
+"""The share of stake slashed when an agent loses a task it had started, in basis points."""
+
+UnstakeCooldownS = Annotated[int, Field(ge=0, le=365 * 86_400)]
+"""Seconds between an unstake request and its withdrawal (at most a year)."""
+
+
 class EconomyParameters(Message):
     """The governed parameters of the economy.
 
@@ -89,8 +96,8 @@ class EconomyParameters(Message):
 
     base_reward: MicroTokens = Field(default=10 * MICRO, ge=0, le=MAX_AMOUNT)
     multipliers: TierMultipliers = Field(default_factory=TierMultipliers)
-    slash_rate_bp: int = Field(default=1_000, ge=0, le=BP)
-    unstake_cooldown_s: int = Field(default=7 * 86_400, ge=0, le=365 * 86_400)
+    slash_rate_bp: SlashRateBp = 1_000
+    unstake_cooldown_s: UnstakeCooldownS = 7 * 86_400
 
 
 class ParameterChange(Message):
@@ -98,8 +105,8 @@ class ParameterChange(Message):
 
     base_reward: MicroTokens | None = Field(default=None, ge=0, le=MAX_AMOUNT)
     multipliers: TierMultipliers | None = None
-    slash_rate_bp: int | None = Field(default=None, ge=0, le=BP)
-    unstake_cooldown_s: int | None = Field(default=None, ge=0, le=365 * 86_400)
+    slash_rate_bp: SlashRateBp | None = None
+    unstake_cooldown_s: UnstakeCooldownS | None = None
 
     def is_empty(self) -> bool:
         """True when the change changes nothing."""

@@ -15,7 +15,7 @@ from typing import Annotated, Any, Union, get_args, get_origin
 
 from domain.messages import MICRO
 
-__all__ = ["MICRO", "MicroTokens", "Money", "is_micro_tokens"]
+__all__ = ["MAX_PRICE", "MICRO", "MicroTokens", "Money", "is_micro_tokens"]
 
 
 @dataclass(frozen=True)
@@ -25,6 +25,11 @@ class Money:
 
 MicroTokens = Annotated[int, Money()]
 """An amount of money in integer micro-tokens (1 token = 1,000,000 micro-tokens)."""
+
+MAX_PRICE = 10**15
+"""The largest price a command may name (micro-tokens, 10^9 tokens): an agent's
+``cost_per_task``, a task's ``max_cost``; also the most tokens the HTTP API takes in
+any amount."""
 
 
 def is_micro_tokens(annotation: Any) -> bool:

@@ -20,7 +20,7 @@ Votes are accepted while ``at < closes_at``; ``CloseProposal`` is accepted from
 from __future__ import annotations
 
 from datetime import datetime, timedelta
-from typing import ClassVar, Literal
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import Field, field_validator
 
@@ -50,18 +50,36 @@ class ProposalCommand(Command):
     proposal_id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:@-]+$")
 
 
+# The fields of ``CreateProposal``, declared once: the command and the HTTP API's request
+# body (api/schemas/proposals.py) both use them, so a bound or default cannot drift.
+
+ProposalTitle = Annotated[str, Field(min_length=1, max_length=200)]
+"""A proposal's title."""
+
+WindowS = Annotated[int, Field(gt=0, le=90 * 86_400)]
+"""How long voting runs, in seconds (at most 90 days)."""
+
+QuorumBp = Annotated[int, Field(ge=0, le=BP)]
+"""The share of the total power that must vote, in basis points."""
+DEFAULT_QUORUM_BP = 2_000
+
+ThresholdBp = Annotated[int, Field(ge=0, lt=BP)]
+"""The share of the decisive votes (for + against) that "for" must exceed, in basis points."""
+DEFAULT_THRESHOLD_BP = 5_000
+
+
 class CreateProposal(ProposalCommand):
     """Propose ``change``; voting runs ``window_s`` seconds from ``at``.
 
     ``powers`` is the snapshot of every staker's stake at creation.
     """
 
-    title: str = Field(min_length=1, max_length=200)
+    title: ProposalTitle
     proposer: str = Field(min_length=1, max_length=128)
     change: ParameterChange
-    window_s: int = Field(gt=0, le=90 * 86_400)
-    quorum_bp: int = Field(default=2_000, ge=0, le=BP)
-    threshold_bp: int = Field(default=5_000, ge=0, lt=BP)
+    window_s: WindowS
+    quorum_bp: QuorumBp = DEFAULT_QUORUM_BP
+    threshold_bp: ThresholdBp = DEFAULT_THRESHOLD_BP
     powers: tuple[VoterPower, ...] = ()
 
     @field_validator("powers")

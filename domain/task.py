@@ -15,18 +15,19 @@ task is dead-lettered. Only the assigned agent may start, progress, complete or 
 from __future__ import annotations
 
 from datetime import datetime, timedelta
-from typing import Any, ClassVar, Literal, TypeVar
+from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
 from pydantic import Field, field_validator
 
 from domain.backoff import backoff_seconds
 from domain.messages import Command, Decider, Event, Message, Rejection, rejected
-from domain.money import MicroTokens
+from domain.money import MAX_PRICE, MicroTokens
 
 TASK = "task"
 
 Priority = Literal["low", "normal", "high", "urgent", "critical"]
 PRIORITY_RANK: dict[str, int] = {"low": 0, "normal": 1, "high": 2, "urgent": 3, "critical": 4}
+DEFAULT_PRIORITY: Priority = "normal"
 
 Status = Literal[
     "queued", "assigned", "running", "completed", "failed", "cancelled", "dead_lettered"
@@ -45,6 +46,42 @@ class TaskCommand(Command):
     task_id: str = Field(min_length=1, max_length=128)
 
 
+# The fields of the task commands, declared once: the commands below and the HTTP API's
+# request bodies (api/schemas/tasks.py) both use them, so a bound or default cannot drift.
+
+LeaseTimeoutS = Annotated[float, Field(gt=0, le=86_400)]
+"""How long an assigned task may wait to be started, in seconds (at most a day)."""
+DEFAULT_LEASE_TIMEOUT_S = 30.0
+
+RunTimeoutS = Annotated[float, Field(gt=0, le=7 * 86_400)]
+"""How long a started task may run, in seconds (at most a week)."""
+DEFAULT_RUN_TIMEOUT_S = 600.0
+
+MaxAttempts = Annotated[int, Field(ge=1, le=100)]
+"""How many assignments a task gets before it is dead-lettered."""
+DEFAULT_MAX_ATTEMPTS = 3
+
+MaxCost = Annotated[int, Field(ge=0, le=MAX_PRICE)]
+"""The most an agent may cost per task, in micro-tokens."""
+
+TaskType = Annotated[str, Field(min_length=1, max_length=128)]
+"""A task's type (what kind of work it is)."""
+
+Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
+"""A share in [0, 1]: a task's progress or the quality of its result."""
+DEFAULT_QUALITY = 1.0
+
+ProgressMessage = Annotated[str, Field(max_length=2000)]
+"""What an agent says with a progress report."""
+
+ErrorText = Annotated[str, Field(min_length=1, max_length=10_000)]
+"""Why a task failed, as its agent reports it."""
+
+CancelReason = Annotated[str, Field(max_length=2000)]
+"""Why a task or a workflow run was cancelled."""
+DEFAULT_CANCEL_REASON = "cancelled by user"
+
+
 class SubmitTask(TaskCommand):
     """Submit a task; it is queued at once.
 
@@ -53,14 +90,14 @@ class SubmitTask(TaskCommand):
     ``run_timeout_s`` how long it may run; both in seconds.
     """
 
-    type: str = Field(min_length=1, max_length=128)
+    type: TaskType
     payload: dict[str, Any] = Field(default_factory=dict)
     required_capabilities: tuple[str, ...] = ()
-    priority: Priority = "normal"
-    max_cost: int | None = Field(default=None, ge=0, le=10**15)
-    lease_timeout_s: float = Field(default=30.0, gt=0, le=86_400)
-    run_timeout_s: float = Field(default=600.0, gt=0, le=7 * 86_400)
-    max_attempts: int = Field(default=3, ge=1, le=100)
+    priority: Priority = DEFAULT_PRIORITY
+    max_cost: MaxCost | None = None
+    lease_timeout_s: LeaseTimeoutS = DEFAULT_LEASE_TIMEOUT_S
+    run_timeout_s: RunTimeoutS = DEFAULT_RUN_TIMEOUT_S
+    max_attempts: MaxAttempts = DEFAULT_MAX_ATTEMPTS
 
     @field_validator("required_capabilities")
     @classmethod
@@ -88,8 +125,8 @@ class ReportProgress(TaskCommand):
     """The assigned agent reports progress in [0, 1] on a running task."""
 
     agent_id: str = Field(min_length=1)
-    progress: float = Field(ge=0.0, le=1.0)
-    message: str | None = Field(default=None, max_length=2000)
+    progress: Fraction
+    message: ProgressMessage | None = None
 
 
 class CompleteTask(TaskCommand):
@@ -97,21 +134,21 @@ class CompleteTask(TaskCommand):
 
     agent_id: str = Field(min_length=1)
     result: dict[str, Any] = Field(default_factory=dict)
-    quality: float = Field(default=1.0, ge=0.0, le=1.0)
+    quality: Fraction = DEFAULT_QUALITY
 
 
 class FailTask(TaskCommand):
     """The assigned agent reports a failure; a retryable one is retried if attempts remain."""
 
     agent_id: str = Field(min_length=1)
-    error: str = Field(min_length=1, max_length=10_000)
+    error: ErrorText
     retryable: bool = True
 
 
 class CancelTask(TaskCommand):
     """Cancel a task that has not finished."""
 
-    reason: str = Field(default="cancelled by user", max_length=2000)
+    reason: CancelReason = DEFAULT_CANCEL_REASON
 
 
 class RequeueTask(TaskCommand):

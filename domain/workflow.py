@@ -29,7 +29,7 @@ step with the reason.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import Field, field_validator
 
@@ -424,12 +424,19 @@ class WorkflowCommand(Command):
     workflow_id: str = Field(min_length=1, max_length=128)
 
 
+WorkflowName = Annotated[str, Field(min_length=1, max_length=200)]
+"""A workflow definition's display name (also used by the HTTP API's bodies)."""
+
+Description = Annotated[str, Field(max_length=10_000)]
+"""A workflow definition's or a template's description."""
+
+
 class CreateWorkflow(WorkflowCommand):
     """Create a definition (version 1). ``params`` are bound template parameters, if any;
     ``template`` names the template and version it was made from (``name@3``)."""
 
-    name: str = Field(min_length=1, max_length=200)
-    description: str = Field(default="", max_length=10_000)
+    name: WorkflowName
+    description: Description = ""
     spec: WorkflowSpec
     params: dict[str, Any] = Field(default_factory=dict)
     template: str | None = None
@@ -440,8 +447,8 @@ class UpdateWorkflow(WorkflowCommand):
 
     Runs already started keep the version they started with."""
 
-    name: str | None = Field(default=None, min_length=1, max_length=200)
-    description: str | None = Field(default=None, max_length=10_000)
+    name: WorkflowName | None = None
+    description: Description | None = None
     spec: WorkflowSpec
 
 
@@ -633,7 +640,7 @@ class TemplateCommand(Command):
 class PublishTemplate(TemplateCommand):
     """Publish a new version of the template ``name`` (version 1 if it is new)."""
 
-    description: str = Field(default="", max_length=10_000)
+    description: Description = ""
     parameters: dict[str, ParameterSpec] = Field(default_factory=dict)
     spec: WorkflowSpec
 

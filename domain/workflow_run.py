@@ -46,7 +46,7 @@ from domain.expressions import (
     holds,
 )
 from domain.messages import Command, Decider, Event, Message, Rejection, rejected
-from domain.task import Priority
+from domain.task import DEFAULT_CANCEL_REASON, CancelReason, Priority
 from domain.workflow import StepSpec, WorkflowSpec
 
 RUN = "workflow_run"
@@ -163,7 +163,7 @@ class RecordStepTaskOutcomes(RunCommand):
 class CancelWorkflowRun(RunCommand):
     """Cancel the run: no further step starts; the engine cancels its unfinished tasks."""
 
-    reason: str = Field(default="cancelled by user", max_length=2000)
+    reason: CancelReason = DEFAULT_CANCEL_REASON
 
 
 # ---------------------------------------------------------------------------------------

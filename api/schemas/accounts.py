@@ -5,10 +5,11 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel
 
 from api.schemas.common import Id, In
 from api.schemas.money import PositiveTokens, TokenString
+from domain.account import DEFAULT_GRANT_REASON, Memo
 
 
 class AccountCreate(In):
@@ -21,7 +22,7 @@ class Grant(In):
     """A grant from the treasury (an admin act)."""
 
     amount: PositiveTokens
-    reason: str = Field(default="grant", max_length=500)
+    reason: Memo = DEFAULT_GRANT_REASON
 
 
 class Transfer(In):
@@ -29,7 +30,7 @@ class Transfer(In):
 
     to: Id
     amount: PositiveTokens
-    memo: str = Field(default="", max_length=500)
+    memo: Memo = ""
 
 
 class AmountIn(In):

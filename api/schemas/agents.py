@@ -9,22 +9,29 @@ from pydantic import BaseModel, Field
 
 from api.schemas.common import Id, In
 from api.schemas.money import Tokens, TokenString
+from domain.agent import (
+    DEFAULT_MAX_CONCURRENT_TASKS,
+    AgentName,
+    CapabilityLevel,
+    CapabilityName,
+    MaxConcurrentTasks,
+)
 
 
 class CapabilityIn(In):
     """A named skill with a level in [0, 1] (1 = expert)."""
 
-    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")
-    level: float = Field(ge=0.0, le=1.0)
+    name: CapabilityName
+    level: CapabilityLevel
 
 
 class AgentCreate(In):
     """Register an agent; ``agent_id`` defaults to a fresh uuid4."""
 
     agent_id: Id | None = None
-    name: str = Field(min_length=1, max_length=200)
+    name: AgentName
     capabilities: list[CapabilityIn] = Field(default_factory=list, max_length=100)
-    max_concurrent_tasks: int = Field(default=1, ge=1, le=1000)
+    max_concurrent_tasks: MaxConcurrentTasks = DEFAULT_MAX_CONCURRENT_TASKS
     cost_per_task: Tokens = "0"
 
 

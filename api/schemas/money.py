@@ -14,9 +14,9 @@ from typing import Annotated, Any, TypeAlias, Union, get_args, get_origin
 
 from pydantic import AfterValidator, BaseModel, Field, PlainSerializer
 
-from domain.money import MICRO, MicroTokens, Money, is_micro_tokens
+from domain.money import MAX_PRICE, MICRO, MicroTokens, Money, is_micro_tokens
 
-MAX_TOKENS = Decimal(10**9)  # 10**15 micro-tokens, the domain's bound
+MAX_TOKENS = Decimal(MAX_PRICE // MICRO)  # the domain's bound on a price, in tokens
 
 
 def _check_tokens(value: str) -> str:

@@ -5,12 +5,20 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel
 
 from api.schemas.common import Id, In
 from api.schemas.money import Tokens, TokenString, public_state
-from domain.economy import ParameterChange, TierMultipliers
-from domain.proposal import Choice
+from domain.economy import ParameterChange, SlashRateBp, TierMultipliers, UnstakeCooldownS
+from domain.proposal import (
+    DEFAULT_QUORUM_BP,
+    DEFAULT_THRESHOLD_BP,
+    Choice,
+    ProposalTitle,
+    QuorumBp,
+    ThresholdBp,
+    WindowS,
+)
 
 
 class MultipliersIn(TierMultipliers, In):
@@ -22,20 +30,20 @@ class ParameterChangeIn(In):
 
     base_reward: Tokens | None = None
     multipliers: MultipliersIn | None = None
-    slash_rate_bp: int | None = Field(default=None, ge=0, le=10_000)
-    unstake_cooldown_s: int | None = Field(default=None, ge=0, le=365 * 86_400)
+    slash_rate_bp: SlashRateBp | None = None
+    unstake_cooldown_s: UnstakeCooldownS | None = None
 
 
 class ProposalCreate(In):
     """Propose a parameter change; voting power is each account's stake now."""
 
     proposal_id: Id | None = None
-    title: str = Field(min_length=1, max_length=200)
+    title: ProposalTitle
     proposer: Id
     change: ParameterChangeIn
-    window_s: int = Field(gt=0, le=90 * 86_400)
-    quorum_bp: int = Field(default=2_000, ge=0, le=10_000)
-    threshold_bp: int = Field(default=5_000, ge=0, lt=10_000)
+    window_s: WindowS
+    quorum_bp: QuorumBp = DEFAULT_QUORUM_BP
+    threshold_bp: ThresholdBp = DEFAULT_THRESHOLD_BP
 
 
 class VoteIn(In):

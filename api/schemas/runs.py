@@ -5,11 +5,12 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel
 
 from api.schemas.commands import EventRef
 from api.schemas.common import In
 from domain import workflow_run as wr
+from domain.task import DEFAULT_CANCEL_REASON, CancelReason
 
 #: A run's status in the read model: the decider's, or ``pending`` before it started.
 RunStatus = Literal["pending", wr.RunStatus]
@@ -18,7 +19,7 @@ RunStatus = Literal["pending", wr.RunStatus]
 class RunCancel(In):
     """Cancel a run that has not finished."""
 
-    reason: str = Field(default="cancelled by user", max_length=2000)
+    reason: CancelReason = DEFAULT_CANCEL_REASON
 
 
 class StepPublic(BaseModel):

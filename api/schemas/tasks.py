@@ -11,7 +11,23 @@ from pydantic import BaseModel, Field
 from api.schemas.commands import BatchItemResult
 from api.schemas.common import BoundedJson, Id, In
 from api.schemas.money import Tokens, TokenString
-from domain.task import Priority
+from domain.task import (
+    DEFAULT_CANCEL_REASON,
+    DEFAULT_LEASE_TIMEOUT_S,
+    DEFAULT_MAX_ATTEMPTS,
+    DEFAULT_PRIORITY,
+    DEFAULT_QUALITY,
+    DEFAULT_RUN_TIMEOUT_S,
+    CancelReason,
+    ErrorText,
+    Fraction,
+    LeaseTimeoutS,
+    MaxAttempts,
+    Priority,
+    ProgressMessage,
+    RunTimeoutS,
+    TaskType,
+)
 
 MAX_BATCH = 1000
 
@@ -20,16 +36,16 @@ class TaskCreate(In):
     """Submit a task; ``task_id`` defaults to a fresh uuid4; times in seconds."""
 
     task_id: Id | None = None
-    type: str = Field(min_length=1, max_length=128)
+    type: TaskType
     payload: BoundedJson = Field(default_factory=dict)
     required_capabilities: list[Annotated[str, Field(min_length=1, max_length=64)]] = Field(
         default_factory=list, max_length=100
     )
-    priority: Priority = "normal"
+    priority: Priority = DEFAULT_PRIORITY
     max_cost: Tokens | None = None
-    lease_timeout_s: float = Field(default=30.0, gt=0, le=86_400)
-    run_timeout_s: float = Field(default=600.0, gt=0, le=7 * 86_400)
-    max_attempts: int = Field(default=3, ge=1, le=100)
+    lease_timeout_s: LeaseTimeoutS = DEFAULT_LEASE_TIMEOUT_S
+    run_timeout_s: RunTimeoutS = DEFAULT_RUN_TIMEOUT_S
+    max_attempts: MaxAttempts = DEFAULT_MAX_ATTEMPTS
 
 
 class TaskBatchCreate(In):
@@ -48,8 +64,8 @@ class TaskProgress(In):
     """The assigned agent reports progress in [0, 1]."""
 
     agent_id: Id
-    progress: float = Field(ge=0.0, le=1.0)
-    message: str | None = Field(default=None, max_length=2000)
+    progress: Fraction
+    message: ProgressMessage | None = None
 
 
 class TaskComplete(In):
@@ -57,21 +73,21 @@ class TaskComplete(In):
 
     agent_id: Id
     result: BoundedJson = Field(default_factory=dict)
-    quality: float = Field(default=1.0, ge=0.0, le=1.0)
+    quality: Fraction = DEFAULT_QUALITY
 
 
 class TaskFail(In):
     """The assigned agent reports a failure; a retryable one is retried if attempts remain."""
 
     agent_id: Id
-    error: str = Field(min_length=1, max_length=10_000)
+    error: ErrorText
     retryable: bool = True
 
 
 class TaskCancel(In):
     """Cancel a task that has not finished."""
 
-    reason: str = Field(default="cancelled by user", max_length=2000)
+    reason: CancelReason = DEFAULT_CANCEL_REASON
 
 
 class BatchResult(BaseModel):

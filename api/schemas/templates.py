@@ -9,7 +9,7 @@ from pydantic import BaseModel, Field
 
 from api.schemas.common import INT4_MAX, BoundedJson, Id, In
 from api.schemas.workflows import Compensations, Steps
-from domain.workflow import TEMPLATE_NAME, ParameterSpec
+from domain.workflow import TEMPLATE_NAME, Description, ParameterSpec, WorkflowName
 
 TemplateName = Annotated[
     str, Field(pattern=TEMPLATE_NAME, description="lower-case letters, digits, . _ -")
@@ -21,7 +21,7 @@ class TemplatePublish(In):
     """Publish a new version of the template ``name`` (version 1 if it is new)."""
 
     name: TemplateName
-    description: str = Field(default="", max_length=10_000)
+    description: Description = ""
     parameters: dict[ParameterName, ParameterSpec] = Field(default_factory=dict, max_length=100)
     steps: Steps
     compensations: Compensations = Field(default_factory=list)
@@ -34,8 +34,8 @@ class TemplateInstantiate(In):
     params: BoundedJson = Field(default_factory=dict)
     version: int | None = Field(default=None, ge=1, le=INT4_MAX)
     workflow_id: Id | None = None
-    name: str | None = Field(default=None, min_length=1, max_length=200)
-    description: str | None = Field(default=None, max_length=10_000)
+    name: WorkflowName | None = None
+    description: Description | None = None
 
 
 class TemplatePublic(BaseModel):

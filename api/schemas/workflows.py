@@ -8,7 +8,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, Field
 
 from api.schemas.common import BoundedJson, Id, In
-from domain.workflow import MAX_STEPS, StepSpec
+from domain.workflow import MAX_STEPS, Description, StepSpec, WorkflowName
 
 #: Most bytes a workflow's steps (with their payloads) may take as JSON: the definition
 #: travels whole in its events, and in every run's start event.
@@ -35,8 +35,8 @@ class WorkflowCreate(In):
     """Create a workflow definition; ``id`` defaults to a fresh uuid4."""
 
     id: Id | None = None
-    name: str = Field(min_length=1, max_length=200)
-    description: str = Field(default="", max_length=10_000)
+    name: WorkflowName
+    description: Description = ""
     steps: Steps
     compensations: Compensations = Field(default_factory=list)
 
@@ -45,8 +45,8 @@ class WorkflowUpdate(In):
     """Replace a definition's steps (with its compensations: none if omitted), name
     and/or description (omitted: unchanged); the definition's version goes up by one."""
 
-    name: str | None = Field(default=None, min_length=1, max_length=200)
-    description: str | None = Field(default=None, max_length=10_000)
+    name: WorkflowName | None = None
+    description: Description | None = None
     steps: Steps | None = None
     compensations: Compensations | None = None
 

@@ -191,7 +191,7 @@ async def _serve(
     base_url = f"http://127.0.0.1:{port}"
     server = uvicorn.Server(
         uvicorn.Config(
-            create_app(settings, clients=d.clients),
+            create_app(clients=d.clients),
             lifespan="on",
             log_level="warning",
             timeout_graceful_shutdown=3,
