@@ -41,8 +41,6 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
-import asyncpg
-import redis.asyncio as aioredis
 import structlog
 
 from infra.clock import Clock, SystemClock
@@ -50,7 +48,10 @@ from infra.kafka import Kafka
 from infra.settings import Settings
 from infra.topics import Topics, ensure_topics
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # imported where used: a role loads only the clients it opens
+    import asyncpg
+    import redis.asyncio as aioredis
+
     from api.live import StreamHub
     from api.metrics import Metrics
     from commands.client import CommandClient
@@ -135,6 +136,8 @@ async def postgres_pool(dsn: str, **kw: Any) -> AsyncIterator[asyncpg.Pool]:
 
     Every connection gets the read models' JSON codecs (``projections.schema.
     init_connection``), which the projector checks for and the queries rely on."""
+    import asyncpg
+
     from projections.schema import init_connection
 
     pool = await asyncpg.create_pool(dsn, init=init_connection, **kw)
@@ -147,6 +150,8 @@ async def postgres_pool(dsn: str, **kw: Any) -> AsyncIterator[asyncpg.Pool]:
 @asynccontextmanager
 async def redis_client(url: str) -> AsyncIterator[aioredis.Redis]:
     """A redis.asyncio client on ``url`` (connects on first use), closed on exit."""
+    import redis.asyncio as aioredis
+
     client = aioredis.from_url(url)
     try:
         yield client
