@@ -21,6 +21,7 @@ import pytest
 from domain import account as ac
 from domain import workflow_run as wr
 from domain.ids import event_id
+from domain.messages import Event
 from domain.recorded import Position, RecordedEvent
 from infra.cloudevents import DecodeError
 from infra.mapper import EVENTS, EventMapper, decode_event, encode_event, event_json
@@ -45,15 +46,21 @@ def _consumed(record: Any) -> ConsumerRecord:
     return ConsumerRecord(key=record.key, value=record.value, headers=list(record.headers))
 
 
-def _recorded(event: wr.RunEvent, time: datetime = AT) -> RecordedEvent:
+def _recorded(
+    event: Event,
+    time: datetime = AT,
+    *,
+    aggregate: tuple[str, str] = (wr.RUN, "run-1"),
+    command_id: str = "cmd-run",
+) -> RecordedEvent:
     return RecordedEvent(
-        id=event_id("cmd-run", 3),
-        aggregate_type=wr.RUN,
-        aggregate_id="run-1",
+        id=event_id(command_id, 3),
+        aggregate_type=aggregate[0],
+        aggregate_id=aggregate[1],
         version=7,
         time=time,
         correlation_id="corr-1",
-        causation_id="cmd-run",
+        causation_id=command_id,
         event=event,
     )
 
@@ -216,16 +223,7 @@ def test_the_process_managers_and_views_read_the_envelope_without_infra(module: 
 def test_a_version_1_tokens_unstaked_record_is_upcast_by_the_default_mapper() -> None:
     # As the log holds it: written before ``released`` existed, at schema version 1.
     event = ac.TokensUnstaked(account_id="acct-1", amount=70)
-    recorded = RecordedEvent(
-        id=event_id("cmd-withdraw", 0),
-        aggregate_type=ac.ACCOUNT,
-        aggregate_id="acct-1",
-        version=5,
-        time=AT,
-        correlation_id="corr-1",
-        causation_id="cmd-withdraw",
-        event=event,
-    )
+    recorded = _recorded(event, aggregate=(ac.ACCOUNT, "acct-1"), command_id="cmd-withdraw")
     record = _consumed(encode_event("accounts", recorded))
     assert dict(record.headers)["ce_schemaversion"] == b"2"  # what is written now
     data = orjson.loads(record.value)
