@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,7 +53,7 @@ from commands.idempotency import (
     outcome_subject,
 )
 from domain.ids import event_id
-from domain.messages import Rejection, rejected
+from domain.messages import Decider, Rejection, rejected
 from domain.recorded import RecordedEvent
 from domain.registry import DECIDERS
 from infra.clock import Clock, SystemClock
@@ -215,7 +216,8 @@ class CommandProcessor:
     ``<prefix>-processor`` shares the command partitions among them.
     ``outcome_cache_bytes`` bounds the outcomes kept in memory for repeated command ids
     and ``record_max_bytes`` is the largest record written (default: the Settings
-    ``processor_outcome_cache_bytes`` and ``record_max_bytes``).
+    ``processor_outcome_cache_bytes`` and ``record_max_bytes``). ``deciders`` maps each
+    aggregate type to its decider (default: ``domain.registry.DECIDERS``).
     """
 
     #: How often the command ids whose outcomes retention deleted are forgotten (seconds).
@@ -229,8 +231,10 @@ class CommandProcessor:
         clock: Clock | None = None,
         outcome_cache_bytes: int | None = None,
         record_max_bytes: int | None = None,
+        deciders: Mapping[str, Decider[Any, Any, Any]] = DECIDERS,
     ) -> None:
         self.kafka = kafka
+        self.deciders = deciders
         self.topics = topics
         self.clock = clock or SystemClock()
         if outcome_cache_bytes is None or record_max_bytes is None:
@@ -339,7 +343,7 @@ class CommandProcessor:
             if key in ps.broken:
                 return
             state, _ = ps.aggregates.get(key, (None, 0))
-            decider = DECIDERS[stored.aggregate_type]
+            decider = self.deciders[stored.aggregate_type]
             try:
                 ps.aggregates[key] = (decider.evolve(state, stored.event), stored.version)
             except Exception as exc:
@@ -539,7 +543,7 @@ class CommandProcessor:
             not command_id
             or len(parts) != 5
             or parts[2] != "command"
-            or parts[3] not in DECIDERS
+            or parts[3] not in self.deciders
             or len(command_id.encode()) + len(aggregate_id.encode()) > MAX_ID_BYTES
         ):
             return None
@@ -642,7 +646,7 @@ class CommandProcessor:
                 status="rejected",
                 version=version,
                 rejection=rejection,
-                state=DECIDERS[command.aggregate_type].summary(state),
+                state=self.deciders[command.aggregate_type].summary(state),
             )
         )
 
@@ -656,7 +660,7 @@ class CommandProcessor:
         events, checking each fits one record; writes nothing. Raises whatever the
         decider, ``evolve``, ``summary`` or the codec raises."""
         command = env.command
-        decider = DECIDERS[command.aggregate_type]
+        decider = self.deciders[command.aggregate_type]
         key = (command.aggregate_type, command.aggregate_id)
         if key in ps.broken:
             raise RuntimeError(f"the aggregate's events could not be replayed: {ps.broken[key]}")

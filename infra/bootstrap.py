@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol
@@ -56,7 +56,9 @@ if TYPE_CHECKING:  # imported where used: a role loads only the clients it opens
     from api.metrics import Metrics
     from commands.client import CommandClient
     from commands.processor import CommandProcessor
+    from domain.messages import Decider
     from projections.projector import Projector
+    from projections.readmodels.base import ReadModel
     from streams.economy_runner import EconomyRunner
     from streams.leader import ElectedRunner
     from streams.scheduler_runner import SchedulerRunner
@@ -167,7 +169,9 @@ def _service_urls(clients: Clients) -> tuple[str, str]:
 # one builder per role -------------------------------------------------------------------
 
 
-def build_processor(clients: Clients) -> CommandProcessor:
+def build_processor(
+    clients: Clients, *, deciders: Mapping[str, Decider[Any, Any, Any]] | None = None
+) -> CommandProcessor:
     """The command processor (consumer group ``<prefix>-processor``); it opens and closes
     its own Kafka consumer and producers (one transactional producer per partition) in
     ``run``."""
@@ -180,6 +184,7 @@ def build_processor(clients: Clients) -> CommandProcessor:
         clock=clients.clock,
         outcome_cache_bytes=settings.processor_outcome_cache_bytes,
         record_max_bytes=settings.record_max_bytes,
+        **({} if deciders is None else {"deciders": deciders}),
     )
 
 
@@ -257,11 +262,16 @@ def build_process_managers(
 
 @asynccontextmanager
 async def open_projector(
-    clients: Clients, *, pool: asyncpg.Pool | None = None, redis: aioredis.Redis | None = None
+    clients: Clients,
+    *,
+    pool: asyncpg.Pool | None = None,
+    redis: aioredis.Redis | None = None,
+    read_models: Sequence[type[ReadModel]] | None = None,
 ) -> AsyncIterator[Projector]:
     """The projector, with a PostgreSQL pool (sessions named
     ``swarmlog-projector-<schema>``) and a Redis client opened here and closed on exit;
-    ``pool`` and ``redis``, when given, are used instead (and left open)."""
+    ``pool`` and ``redis``, when given, are used instead (and left open); ``read_models``,
+    when given, replace ``projections.readmodels.READ_MODELS``."""
     from projections.projector import Projector
 
     settings = clients.settings
@@ -290,6 +300,7 @@ async def open_projector(
             redis_prefix=settings.redis_prefix,
             batch_size=settings.projector_batch_size,
             clock=clients.clock,
+            **({} if read_models is None else {"read_models": read_models}),
         )
 
 

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -207,6 +208,9 @@ class Projector:
     enough: one per batch, one for the Redis copies) and ``redis``. Keys in Redis start
     with ``redis_prefix`` (``RedisKeys``).
 
+    ``read_models`` are the read-model classes it keeps (default ``READ_MODELS``; the
+    composition root or a test may hand in others, in lock order).
+
     Several copies share the partitions. ``batch_size`` bounds the records per transaction.
     ``projected`` counts the events applied, ``retries`` the tries of a batch that failed
     for an outage.
@@ -223,6 +227,7 @@ class Projector:
         redis_prefix: str,
         batch_size: int = 500,
         clock: Clock | None = None,
+        read_models: Sequence[type[ReadModel]] = READ_MODELS,
     ) -> None:
         self.kafka = kafka
         self.topics = topics
@@ -236,7 +241,7 @@ class Projector:
         #: Tries of a batch that failed for an outage (or anything not a record's fault).
         self.retries = 0
         self.read_models: tuple[ReadModel, ...] = tuple(
-            model(self.schema, self.keys) for model in READ_MODELS
+            model(self.schema, self.keys) for model in read_models
         )
         self.archive = EventArchive(self.schema, self.keys)
         self.dead_letters = DeadLetters(self.schema)

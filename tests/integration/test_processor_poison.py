@@ -50,9 +50,13 @@ LIMIT = 256 * 1024  # the record limit these processors enforce (SWARMLOG_RECORD
 
 
 async def start(
-    bootstrap: str, topics: Topics, **settings: Any
+    bootstrap: str,
+    topics: Topics,
+    *,
+    deciders: dict[str, Any] | None = None,
+    **settings: Any,
 ) -> tuple[CommandProcessor, Running]:
-    processor = build_processor(clients(bootstrap, topics, **settings))
+    processor = build_processor(clients(bootstrap, topics, **settings), deciders=deciders)
     r = Running(processor, "processor")
     await wait_until(
         lambda: r.check() or len(processor.partitions) == topics.partitions,
@@ -90,7 +94,7 @@ async def send_all(client: CommandClient, envelopes: list[CommandEnvelope]) -> N
 
 
 async def test_a_raising_decider_and_a_too_large_event_amid_1000_commands_end_those_two_alone(
-    services: StackInfo, monkeypatch: pytest.MonkeyPatch
+    services: StackInfo,
 ) -> None:
     real = DECIDERS["agent"]
 
@@ -100,12 +104,13 @@ async def test_a_raising_decider_and_a_too_large_event_amid_1000_commands_end_th
             _recurse(0)
         return real.decide(command, state)
 
-    monkeypatch.setitem(DECIDERS, "agent", dataclasses.replace(real, decide=decide))
+    # Handed to the processor through the composition root, in the place of the real one.
+    deciders = {**DECIDERS, "agent": dataclasses.replace(real, decide=decide)}
     bootstrap = services.kafka_bootstrap_servers
     topics = await fresh_topics(bootstrap)
     client = CommandClient(Kafka(bootstrap), topics)
     await client.start()
-    processor, r = await start(bootstrap, topics, record_max_bytes=LIMIT)
+    processor, r = await start(bootstrap, topics, deciders=deciders, record_max_bytes=LIMIT)
     try:
         good = [
             envelope(register("poison-1")),

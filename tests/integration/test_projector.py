@@ -10,7 +10,7 @@ import contextlib
 import json
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,7 @@ from projections import views
 from projections.keys import RedisKeys
 from projections.offsets import PROJECTION
 from projections.projector import Projector
+from projections.readmodels.base import ReadModel
 from tests.integration.helpers import (
     RoleProcess,
     Running,
@@ -71,9 +72,16 @@ class World:
     def schema(self) -> str:
         return self.topics.prefix
 
-    async def projector(self, batch_size: int = 500, **settings: Any) -> Projector:
+    async def projector(
+        self,
+        batch_size: int = 500,
+        *,
+        read_models: Sequence[type[ReadModel]] | None = None,
+        **settings: Any,
+    ) -> Projector:
         """A projector built by the composition root, with its own pool and Redis client
-        (closed at the end of the test); ``settings`` as Settings field names."""
+        (closed at the end of the test); ``settings`` as Settings field names;
+        ``read_models`` instead of the deployed ones."""
         built = clients(
             self.bootstrap,
             self.topics,
@@ -81,7 +89,7 @@ class World:
             projector_batch_size=batch_size,
             **settings,
         )
-        return await self.parts.enter_async_context(open_projector(built))
+        return await self.parts.enter_async_context(open_projector(built, read_models=read_models))
 
     async def run_all(self, envelopes: list[CommandEnvelope], wait_s: float = 30.0) -> None:
         """Send ``envelopes`` and wait until every one is accepted."""
