@@ -66,6 +66,33 @@ async def start(
     return processor, r
 
 
+async def _all_decided_and_committed(
+    client: CommandClient,
+    processor: CommandProcessor,
+    stream: list[CommandEnvelope],
+    bootstrap: str,
+    topics: Topics,
+    *,
+    outcomes_s: float,
+) -> tuple[dict[TopicPartition, int], dict[TopicPartition, int]]:
+    """Wait (``outcomes_s``) for an outcome of every command of ``stream``, then (WAIT)
+    for the processor's committed offsets to reach the end of every command partition;
+    returns (the end offsets, the committed offsets)."""
+    await wait_until(
+        lambda: all(client.recent(e.command_id) for e in stream),
+        outcomes_s,
+        interval=0.2,
+        what="an outcome for every command",
+    )
+    ends = await end_offsets(bootstrap, [topics.commands])
+    committed = await wait_until(
+        lambda: _caught_up(bootstrap, processor.group_id, ends),
+        WAIT,
+        what="the committed offsets to reach the end of every command partition",
+    )
+    return ends, committed
+
+
 def register(agent_id: str) -> ag.RegisterAgent:
     return ag.RegisterAgent(agent_id=agent_id, name=agent_id, at=now())
 
@@ -125,17 +152,8 @@ async def test_a_raising_decider_and_a_too_large_event_amid_1000_commands_end_th
         stream = good[:500] + [poison, too_large] + good[500:]
 
         await send_all(client, stream)
-        await wait_until(
-            lambda: all(client.recent(e.command_id) for e in stream),
-            60,
-            interval=0.2,
-            what="an outcome for every command",
-        )
-        ends = await end_offsets(bootstrap, [topics.commands])
-        committed = await wait_until(
-            lambda: _caught_up(bootstrap, processor.group_id, ends),
-            WAIT,
-            what="the committed offsets to reach the end of every command partition",
+        ends, committed = await _all_decided_and_committed(
+            client, processor, stream, bootstrap, topics, outcomes_s=60
         )
         r.check()
     finally:
@@ -354,17 +372,8 @@ async def test_a_batch_over_its_decision_budget_commits_what_it_decided_and_read
     try:
         stream = [envelope(register(f"agent-{i}")) for i in range(60)]
         await send_all(client, stream)
-        await wait_until(
-            lambda: all(client.recent(e.command_id) for e in stream),
-            WAIT,
-            interval=0.2,
-            what="an outcome for every command",
-        )
-        ends = await end_offsets(bootstrap, [topics.commands])
-        committed = await wait_until(
-            lambda: _caught_up(bootstrap, processor.group_id, ends),
-            WAIT,
-            what="the committed offsets to reach the end of every command partition",
+        ends, committed = await _all_decided_and_committed(
+            client, processor, stream, bootstrap, topics, outcomes_s=WAIT
         )
         r.check()
     finally:
