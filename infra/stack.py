@@ -176,6 +176,8 @@ def up(state_dir: Path, *, console: Console | None = None, brokers: int | None =
     external = environment_info()
     if external is not None:
         _say(console, "[dim]Using KAFKA_BOOTSTRAP_SERVERS, DATABASE_URL and REDIS_URL.[/]")
+        if brokers is not None and brokers > 1:
+            _say(console, f"[yellow]--brokers {brokers} ignored: no Kafka is started.[/]")
         return external
     settings = Settings()
     given = (settings.kafka_bootstrap_servers, settings.database_url, settings.redis_url)
@@ -873,46 +875,28 @@ def _launch_kafka(
     voters = ",".join(f"{node}@{_HOST}:{state[_port_keys(node)[1]]}" for node in nodes)
     java = _java()
     classpath = f"{libs}/*"
+    to_start = [node for node in nodes if running[node] is None]
+    for node in to_start:
+        paths = layout.broker(node)
+        paths.dir.mkdir(parents=True, exist_ok=True)
+        port, controller_port = (int(state[key]) for key in _port_keys(node))
+        _write_kafka_config(paths, brokers, port, controller_port, voters)
+    _format_kafka(
+        layout,
+        state,
+        java,
+        classpath,
+        [n for n in to_start if not (layout.broker(n).data / "meta.properties").exists()],
+        brokers,
+    )
     launches: list[_KafkaLaunch] = []
     for node in nodes:
-        port, controller_port = (int(state[key]) for key in _port_keys(node))
+        port = int(state[_port_keys(node)[0]])
         pid = running[node]
         if pid is not None:
             launches.append(_KafkaLaunch(node, pid, port, started=False, since=time.monotonic()))
             continue
         paths = layout.broker(node)
-        paths.dir.mkdir(parents=True, exist_ok=True)
-        _write_kafka_config(paths, brokers, port, controller_port, voters)
-        log4j = f"-Dlog4j.configuration=file:{paths.log4j}"
-        if not (paths.data / "meta.properties").exists():
-            cluster_id = state.setdefault("kafka_cluster_id", _cluster_id())
-            format_command = [
-                java,
-                "-cp",
-                classpath,
-                log4j,
-                "kafka.tools.StorageTool",
-                "format",
-                f"--cluster-id={cluster_id}",  # one argument even for an id from an older run
-                "-c",
-                str(paths.properties),
-                "--ignore-formatted",
-            ]
-            result = subprocess.run(
-                format_command,
-                cwd=paths.dir,
-                stdin=subprocess.DEVNULL,
-                capture_output=True,
-                text=True,
-                check=False,
-            )
-            with open(paths.log, "a") as log:
-                log.write(f"\n--- {shlex.join(format_command)}\n{result.stdout}{result.stderr}")
-            if result.returncode != 0:
-                raise _failure(
-                    _broker_name(node, brokers), "formatting the KRaft storage failed", paths.log
-                )
-            state["kafka_formatted"] = True
         # One node keeps the heap it always had; three share 2 cores with everything else.
         heap = ["-Xms256m", "-Xmx768m"] if brokers == 1 else ["-Xms128m", "-Xmx512m"]
         command = [
@@ -920,7 +904,7 @@ def _launch_kafka(
             *heap,
             "-XX:+ExitOnOutOfMemoryError",
             "-Djava.awt.headless=true",
-            log4j,
+            f"-Dlog4j.configuration=file:{paths.log4j}",
             "-cp",
             classpath,
             "kafka.Kafka",
@@ -929,6 +913,60 @@ def _launch_kafka(
         process = _spawn(command, cwd=paths.dir, log=paths.log, pid_file=paths.pid)
         launches.append(_KafkaLaunch(node, process.pid, port, started=True, since=time.monotonic()))
     return launches
+
+
+def _format_kafka(
+    layout: _Layout,
+    state: dict[str, Any],
+    java: str,
+    classpath: str,
+    nodes: list[int],
+    brokers: int,
+) -> None:
+    """Format the KRaft storage of ``nodes`` (all at once: a JVM start each) with the
+    state's cluster id; raise StackError naming the first that failed and its log."""
+    if not nodes:
+        return
+    cluster_id = state.setdefault("kafka_cluster_id", _cluster_id())
+    running: list[tuple[int, list[str], subprocess.Popen[str]]] = []
+    for node in nodes:
+        paths = layout.broker(node)
+        command = [
+            java,
+            "-cp",
+            classpath,
+            f"-Dlog4j.configuration=file:{paths.log4j}",
+            "kafka.tools.StorageTool",
+            "format",
+            f"--cluster-id={cluster_id}",  # one argument even for an id from an older run
+            "-c",
+            str(paths.properties),
+            "--ignore-formatted",
+        ]
+        process = subprocess.Popen(
+            command,
+            cwd=paths.dir,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        running.append((node, command, process))
+    failed: list[int] = []
+    for node, command, process in running:
+        output, _ = process.communicate()
+        with open(layout.broker(node).log, "a") as log:
+            log.write(f"\n--- {shlex.join(command)}\n{output}")
+        if process.returncode != 0:
+            failed.append(node)
+    if failed:
+        node = failed[0]
+        raise _failure(
+            _broker_name(node, brokers),
+            "formatting the KRaft storage failed",
+            layout.broker(node).log,
+        )
+    state["kafka_formatted"] = True
 
 
 def _broker_name(node: int, brokers: int) -> str:

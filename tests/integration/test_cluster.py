@@ -34,7 +34,7 @@ from domain import task as tk
 from infra import kafka
 from infra.envelope import CommandEnvelope
 from infra.kafka import Kafka
-from infra.stack import ENV_VARS, StackInfo, down, status, up
+from infra.stack import ENV_VARS, StackError, StackInfo, down, status, up
 from tests.integration.helpers import (
     RoleProcess,
     assert_log_is_clean,
@@ -151,6 +151,25 @@ async def test_every_topic_has_three_replicas_and_min_insync_replicas_two(
         assert replicas and all(sorted(r) == [1, 2, 3] for r in replicas), (name, replicas)
         assert all(len(isr) == BROKERS for isr in described[name]["isr"]), described[name]
         assert described[name]["min.insync.replicas"] == "2", (name, described[name])
+
+
+def test_status_shows_each_broker_and_the_cluster_keeps_its_broker_count(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ENV_VARS:
+        monkeypatch.delenv(name, raising=False)
+    rows = status(cluster.state_dir)
+    kafka_rows = [row for row in rows if row["name"].startswith("Kafka")]
+
+    assert [row["name"] for row in kafka_rows] == ["Kafka 1", "Kafka 2", "Kafka 3"]
+    assert all(row["running"] and isinstance(row["pid"], int) for row in kafka_rows)
+    assert ",".join(row["address"] for row in kafka_rows) == (cluster.info.kafka_bootstrap_servers)
+    assert len({row["log"] for row in kafka_rows}) == BROKERS
+    with pytest.raises(StackError, match="holds a 3-broker Kafka"):
+        up(cluster.state_dir, console=Console(stderr=True), brokers=1)
+    with pytest.raises(StackError, match="use 1 .* or 3 to"):
+        up(cluster.state_dir, console=Console(stderr=True), brokers=2)
+    assert cluster.broker_pids() == {int(r["name"][-1]): r["pid"] for r in kafka_rows}
 
 
 # the fault test ------------------------------------------------------------------------
