@@ -116,7 +116,8 @@ def min_insync_replicas(replication_factor: int) -> int:
 
 async def cluster_replication_factor(admin: AIOKafkaAdminClient) -> int:
     """The cluster's ``default.replication.factor``, read with DescribeConfigs (KIP-133)
-    from one broker the metadata lists. Raises RuntimeError if no broker answers with it."""
+    from one broker the metadata lists. Raises RuntimeError if no broker answers with it
+    (e.g. an ACL refuses DescribeConfigs: then set ``SWARMLOG_REPLICATION_FACTOR``)."""
     cluster = await admin.describe_cluster()
     brokers = cluster.get("brokers") or []
     if not brokers:
@@ -128,7 +129,10 @@ async def cluster_replication_factor(admin: AIOKafkaAdminClient) -> int:
             for entry in described["config_entries"]:
                 if entry["config_names"] == name:
                     return int(entry["config_value"])
-    raise RuntimeError(f"broker {brokers[0]['node_id']} did not describe {name}")
+    raise RuntimeError(
+        f"broker {brokers[0]['node_id']} did not describe {name} (not allowed to"
+        " DescribeConfigs?): set SWARMLOG_REPLICATION_FACTOR"
+    )
 
 
 async def ensure_topics(bootstrap_servers: str, topics: Topics) -> list[str]:
