@@ -40,7 +40,11 @@ class Settings(BaseSettings):
     redis_prefix: str = "swarmlog"
     #: Partitions of the command topic and of every event topic (they are co-partitioned).
     partitions: int = 3
-    replication_factor: int = 1
+    #: Replication factor of the topics swarmlog creates; None (the default) takes the
+    #: cluster's ``default.replication.factor`` (1 on `swarmlog up`'s single node, 3 on
+    #: `swarmlog up --brokers 3`). Their ``min.insync.replicas`` is 2 from 3 replicas up,
+    #: else 1. More than the live brokers is refused by Kafka (infra/topics.py says so).
+    replication_factor: int | None = Field(default=None, ge=1)
 
     api_host: str = "127.0.0.1"
     api_port: int = 8000
