@@ -207,14 +207,16 @@ class Reconciliation:
     """What one :meth:`Worker.reconcile` did, in tasks: ``kept`` (running on the server
     and here), ``handed_back`` (running on the server, not here: failed as retryable),
     ``moot`` (the hand-back found the task had moved on), ``not_handed_back`` (the
-    hand-back got no definite answer; the next reconciliation tries again), and
-    ``offered`` (assigned, and new to this process: started)."""
+    hand-back got no definite answer; the next reconciliation tries again),
+    ``offered`` (assigned, and new to this process: started); ``complete`` is False when
+    a listing failed (nothing is handed back without the running list)."""
 
     kept: int = 0
     handed_back: int = 0
     moot: int = 0
     not_handed_back: int = 0
     offered: int = 0
+    complete: bool = True
 
 
 def error_text(exc: BaseException) -> str:
@@ -288,6 +290,7 @@ class Worker:
         self._slots = asyncio.Semaphore(max_concurrent_tasks)
         self._runners: set[asyncio.Task[None]] = set()
         self._background: set[asyncio.Task[None]] = set()
+        self._reconciling: asyncio.Task[None] | None = None
         self._stopping = False
         self._last_event_id: str | None = None
         self._server_retry_s: float | None = None
@@ -473,7 +476,7 @@ class Worker:
                     connected_at = loop.time()
                     self._log.info("assignments.connected", last_event_id=self._last_event_id)
                     # Subscribed first, then listed: nothing can fall between the two.
-                    self._spawn_reconcile()
+                    self._spawn_reconcile(always=True)
                     async for message in messages:
                         self._on_message(message.event, message.data, message.id, message.retry)
                 reason = "stream ended"
@@ -493,8 +496,9 @@ class Worker:
             except Exception as exc:  # noqa: BLE001 - any read error means: reconnect
                 reason = f"{type(exc).__name__}: {exc}"
             if connected_at is None:
-                # Could not subscribe: still pick up what was assigned meanwhile.
-                self._spawn_reconcile()
+                # Could not subscribe: still pick up what was assigned meanwhile (unless a
+                # reconciliation is still at it: an outage would pile them up).
+                self._spawn_reconcile(always=False)
             elif loop.time() - connected_at >= 10.0:
                 backoff.reset()
             delay = backoff.next_delay()
@@ -516,8 +520,11 @@ class Worker:
         if assignment is not None:
             self.offer(assignment)
 
-    def _spawn_reconcile(self) -> None:
+    def _spawn_reconcile(self, *, always: bool) -> None:
+        if not always and self._reconciling is not None and not self._reconciling.done():
+            return
         task = asyncio.create_task(self._reconcile_logged(), name="swarmlog-reconcile")
+        self._reconciling = task
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
@@ -538,7 +545,8 @@ class Worker:
         retried until a definite answer or the task's run timeout from now. Run on every
         (re)connect of the assignment stream, so also at startup: a process restarted
         under the same agent id hands back what its dead predecessor held. Listing
-        failures are logged, not raised (the next reconnect reconciles again).
+        failures are logged, not raised (``complete`` is then False, and the next
+        reconnect reconciles again).
         RuntimeError when there is no client (neither ``client=`` nor :meth:`run`).
         """
         client = self._client
@@ -550,12 +558,14 @@ class Worker:
                 running.append(item)
         except SwarmError as exc:
             self._log.warning(
-                "assignments.list_failed",
+                "assignments.reconcile_failed",
                 status_listed="running",
                 status=exc.status,
                 code=exc.code,
                 detail=exc.detail,
             )
+            return Reconciliation(complete=False)
+        complete = True
         offered = 0
         try:
             async for item in client.iter_tasks(agent_id=self.agent_id, status="assigned"):
@@ -563,6 +573,7 @@ class Worker:
                 if assignment is not None and self.offer(assignment):
                     offered += 1
         except SwarmError as exc:
+            complete = False
             self._log.warning(
                 "assignments.list_failed",
                 status_listed="assigned",
@@ -577,6 +588,7 @@ class Worker:
             moot=outcomes.count("moot"),
             not_handed_back=outcomes.count("not_handed_back"),
             offered=offered,
+            complete=complete,
         )
         self._log.info(
             "assignments.reconciled",
@@ -585,6 +597,7 @@ class Worker:
             moot=result.moot,
             not_handed_back=result.not_handed_back,
             offered=result.offered,
+            complete=result.complete,
         )
         return result
 
