@@ -151,12 +151,19 @@ class TaskContext:
     def progress_sync(
         self, fraction: float, message: str | None = None, timeout_s: float = 30.0
     ) -> None:
-        """:meth:`progress` for a sync handler running in a worker thread (blocks up to
-        ``timeout_s`` seconds); raises TaskRevoked likewise."""
+        """:meth:`progress` for a sync handler running in a worker thread; raises
+        TaskRevoked likewise. Blocks up to ``timeout_s`` seconds; a report still
+        unanswered then (the API is away) goes on being retried in the background, with
+        its key, and this returns."""
         if self._loop is None:
             return
         future = asyncio.run_coroutine_threadsafe(self.progress(fraction, message), self._loop)
-        future.result(timeout=timeout_s)
+        try:
+            future.result(timeout=timeout_s)
+        except TimeoutError:
+            structlog.get_logger("swarmlog.sdk.worker").info(
+                "task.progress_pending", task_id=self.task_id, waited_s=timeout_s
+            )
 
 
 def normalize_result(value: Any) -> HandlerResult:

@@ -13,6 +13,7 @@ import os
 import socket
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -310,3 +311,94 @@ async def test_an_agent_killed_mid_task_has_it_handed_back_by_its_next_process(
     assert len(_of(events, "held", tk.TaskStarted)) == 2  # one per attempt
     assert len(_of(events, "held", tk.TaskCompleted)) == 1
     assert _of(events, "held", tk.TaskTimedOut) == []
+
+
+class ListsLate(httpx.AsyncBaseTransport):
+    """The network, except that the first ``GET /tasks?status=running`` (the worker's first
+    reconciliation) is held until ``ready()`` says so, then sent: it reads the read model
+    as it is *after* what happened meanwhile. ``listed`` is set once the reconciliation's
+    second listing (``status=assigned``) has been answered."""
+
+    def __init__(self, ready: Callable[[], Awaitable[bool]]) -> None:
+        self.inner = httpx.AsyncHTTPTransport()
+        self.ready = ready
+        self.held = False
+        self.listed = asyncio.Event()
+        self.fails: list[str] = []
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        listing = request.method == "GET" and request.url.path == "/tasks"
+        status = request.url.params.get("status")
+        if listing and status == "running" and not self.held:
+            self.held = True
+            for _ in range(300):
+                if await self.ready():
+                    break
+                await asyncio.sleep(0.1)
+        if request.method == "POST" and request.url.path.endswith("/fail"):
+            self.fails.append(request.url.path)
+        response = await self.inner.handle_async_request(request)
+        if listing and status == "assigned" and self.held:
+            self.listed.set()
+        return response
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def test_a_reconciliation_listing_a_task_this_process_just_started_keeps_it(
+    swarm: Any,
+) -> None:
+    """The race of the old orphan check (snapshot, then list): the worker's first
+    reconciliation lists ``running`` only once the task it was offered meanwhile (by the
+    stream) is running, so the listing names a task this process runs; it must keep it."""
+    c = swarm.client
+    submitted = asyncio.Event()
+
+    async def running_in_read_model() -> bool:
+        if not submitted.is_set():
+            return False
+        return bool((await c.get("/tasks/race")).json().get("status") == "running")
+
+    transport = ListsLate(running_in_read_model)
+
+    async def slow(ctx: TaskContext) -> tuple[dict[str, Any], float]:
+        await asyncio.wait_for(transport.listed.wait(), 40)
+        await asyncio.sleep(1.0)  # past the hand-back decision, which follows the listing
+        return {"attempt": ctx.attempt}, 1.0
+
+    client = SwarmClient(swarm.base_url, transport=transport)
+    worker = Worker(
+        swarm.base_url,
+        agent_id="k3",
+        name="echo",
+        capabilities={"echo": 1.0},
+        handler=slow,
+        heartbeat_interval_s=1.0,
+        client=client,
+    )
+    try:
+        async with running(worker):
+            await swarm.eventually(
+                lambda: _true(worker.last_event_id or (transport.held or None)),
+                what="the worker's first reconciliation",
+            )
+            r = await c.post(
+                "/tasks",
+                json={"task_id": "race", "type": "echo", "required_capabilities": ["echo"]},
+            )
+            assert r.status_code == 201, r.text
+            submitted.set()
+
+            async def completed() -> dict[str, Any] | None:
+                task = (await c.get("/tasks/race")).json()
+                return task if task.get("status") == "completed" else None
+
+            task = await swarm.eventually(completed, what="the task to complete", timeout_s=60)
+    finally:
+        await client.aclose()
+    assert transport.listed.is_set() and transport.fails == []
+    assert task["attempts"] == 1 and task["result"] == {"attempt": 1}
+    events = await read_events(swarm.bootstrap, swarm.topics)
+    assert _of(events, "race", tk.TaskFailed) == []
+    assert len(_of(events, "race", tk.TaskStarted)) == 1
