@@ -5,7 +5,9 @@ logical call), so when the connection breaks or the API answers 429/502/503/504 
 is sent again with the same key and the API returns the first outcome instead of
 deciding the command twice. Error answers (RFC 9457 problem+json) raise
 :class:`~sdk.errors.SwarmError`; no answer after every retry raises
-:class:`~sdk.errors.SwarmConnectionError`.
+:class:`~sdk.errors.SwarmConnectionError`. A command given ``until`` (a deadline on the
+client's monotonic clock) is retried until a definite answer instead, however many tries
+that takes, and raises :class:`~sdk.errors.DeadlineExceeded` if the deadline comes first.
 
 Units: times in seconds; token amounts as decimal strings of tokens (``"0.5"``), which
 the API turns into micro-tokens (1 token = 1,000,000).
@@ -479,9 +481,9 @@ class SwarmClient:
         """``POST /tasks/{id}/fail``; a ``retryable`` failure is retried while attempts remain.
 
         ``until`` as for :meth:`start_task` (it overrides ``retries``).
-        ``expected_version`` is sent as ``If-Match``: the failure is decided only if the
-        task is still at that version, else 412 ``version_mismatch`` (a fail names no
-        attempt, so this is how a hand-back avoids failing a later attempt).
+        ``expected_version`` is sent as ``If-Match`` (RFC 9110 §13.1.1): the failure is
+        decided only if the task is still at that version, else 412 ``version_mismatch``
+        (a fail names no attempt, so this is how a hand-back avoids failing a later one).
         """
         body = {"agent_id": agent_id, "error": error or "failed", "retryable": retryable}
         return await self._command(
