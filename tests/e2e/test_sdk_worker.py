@@ -240,6 +240,12 @@ async def test_a_report_the_api_decided_then_died_on_lands_exactly_once_when_it_
                 return task if task.get("status") == "completed" else None
 
             task = await swarm.eventually(completed, what="the task to complete", timeout_s=60)
+            # ... and the worker has its answer (for a complete, the replay of the first).
+            await swarm.eventually(
+                lambda: _true(None if worker.in_flight else True),
+                what="the worker to hear the outcome",
+                timeout_s=30,
+            )
         assert task["attempts"] == 1 and task["result"] == {"echo": {"n": 1}, "attempt": 1}
         # The worker kept resending the step with its one key through the outage.
         assert len(transport.sent) >= 2 and len(set(transport.sent)) == 1
