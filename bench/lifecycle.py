@@ -152,6 +152,27 @@ async def bench(
                 )
                 or []
             ]
+            offline = await conn.fetchval(
+                f"SELECT count(*) FROM {run}.events WHERE aggregate_type = 'agent'"
+                f" AND aggregate_id LIKE $1 AND type LIKE '%.marked_offline'",
+                f"{run}-agent-%",
+            )
+            requeued = await conn.fetchval(
+                f"SELECT count(*) FROM {run}.events WHERE aggregate_id LIKE $1"
+                f" AND type LIKE '%.requeued' AND data->>'reason' = 'agent_offline'",
+                f"{run}-t%",
+            )
+            gaps = [
+                float(v)
+                for v in await conn.fetchval(
+                    f"SELECT array_agg(gap) FROM (SELECT extract(epoch FROM time - lag(time)"
+                    f" OVER (PARTITION BY aggregate_id ORDER BY version)) * 1000 AS gap"
+                    f" FROM {run}.events WHERE aggregate_id LIKE $1"
+                    f" AND type LIKE '%.heartbeat_recorded') g WHERE gap IS NOT NULL",
+                    f"{run}-agent-%",
+                )
+                or []
+            ]
         finally:
             await conn.close()
         assign = [float(r["assign_ms"]) for r in rows]
@@ -163,6 +184,13 @@ async def bench(
             submit_to_assigned_ms={"p50": _pct(assign, 0.5), "p99": _pct(assign, 0.99)},
             submit_to_completed_ms={"p50": _pct(complete, 0.5), "p99": _pct(complete, 0.99)},
             projection_lag_ms={"p50": _pct(lag, 0.5), "p99": _pct(lag, 0.99)},
+            marked_offline=offline,
+            requeued_agent_offline=requeued,
+            heartbeat_gap_ms={
+                "p50": _pct(gaps, 0.5),
+                "p99": _pct(gaps, 0.99),
+                "max": max(gaps, default=float("nan")),
+            },
         )
     finally:
         stop.set()
@@ -206,6 +234,13 @@ def main(
     console.print(
         f"projection lag (event time -> row committed): p50"
         f" {f['projection_lag_ms']['p50']:.0f} ms, p99 {f['projection_lag_ms']['p99']:.0f} ms"
+    )
+    g = f["heartbeat_gap_ms"]
+    console.print(
+        f"heartbeat timeouts among the {agents} live agents: {f['marked_offline']} marked"
+        f" offline, {f['requeued_agent_offline']} tasks requeued for it; gap between"
+        f" an agent's recorded heartbeats p50 {g['p50']:.0f} ms, p99 {g['p99']:.0f} ms,"
+        f" max {g['max']:.0f} ms"
     )
 
 
