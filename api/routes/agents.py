@@ -113,7 +113,8 @@ async def heartbeat_agent(
     if body is not None and body.sent_at is not None:
         received = command.at
         earliest = received - timedelta(seconds=settings.heartbeat_max_skew_s)
-        sent = min(max(body.sent_at.astimezone(received.tzinfo), earliest), received)
+        # Clamped first: converting year 1 at +05:00 to UTC would overflow.
+        sent = min(max(body.sent_at, earliest), received).astimezone(received.tzinfo)
         command = command.model_copy(update={"at": sent})
     return await dispatch.execute(command)
 

@@ -34,6 +34,11 @@ async def test_a_heartbeat_counts_from_its_sent_at_clamped_to_the_skew(swarm) ->
     after = datetime.now(UTC)
     assert before - skew <= _last_heartbeat(r) <= after - skew
 
+    # The earliest time there is, at an offset that would take it out of range in UTC.
+    before = datetime.now(UTC)
+    r = await c.post(url, json={"sent_at": "0001-01-01T00:30:00+05:00"})
+    assert before - skew <= _last_heartbeat(r) <= datetime.now(UTC) - skew
+
     # Sent 2 s ago (it waited in a queue): counted from when it was sent, to the microsecond,
     # whatever offset the agent wrote it in.
     sent = datetime.now(UTC) - timedelta(seconds=2)
@@ -52,19 +57,19 @@ async def test_a_heartbeat_counts_from_its_sent_at_clamped_to_the_skew(swarm) ->
     assert before <= _last_heartbeat(r) <= datetime.now(UTC)
 
     # The event says when the heartbeat was sent, and that is the event's time.
-    async def four_beats() -> list[dict[str, object]] | None:
+    async def five_beats() -> list[dict[str, object]] | None:
         beats = [
             e
             for e in await history(c, "agent", "beater")
             if e["type"] == "io.swarmlog.agent.heartbeat_recorded"
         ]
-        return beats if len(beats) == 4 else None
+        return beats if len(beats) == 5 else None
 
-    beats = await swarm.eventually(four_beats, what="the four heartbeats archived")
-    second = beats[1]
+    beats = await swarm.eventually(five_beats, what="the five heartbeats archived")
+    second = beats[2]
     assert datetime.fromisoformat(str(second["time"])) == sent
     assert datetime.fromisoformat(str(second["data"]["sent_at"])) == sent  # type: ignore[index]
-    print(second)
+    assert second["schemaversion"] == 2
 
 
 async def _never_called(ctx: TaskContext) -> dict[str, object]:
