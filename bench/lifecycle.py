@@ -10,7 +10,11 @@ processes) on the local stack or the services the environment names:
 2. sustained lifecycles: ``--tasks`` tasks submitted with ``POST /tasks:batch`` and run by
    ``--agents`` no-op agents; lifecycles/s = tasks / (first submit -> last completion
    projected), with submit-to-assigned and submit-to-completed percentiles from the read
-   model, and projection lag (event time to the commit of its row in the archive).
+   model, and projection lag (event time to the commit of its row in the archive);
+   and the agents' liveness under that load: how many times an agent was marked offline
+   (every agent lives throughout, so each is a false heartbeat timeout), how many tasks
+   were requeued for it, and the gaps between an agent's recorded heartbeats (by the
+   time each was sent; the agents send one every 2 s).
 
 Run: ``eval "$(swarmlog up)"; python -m bench.lifecycle --tasks 2000 --agents 8``.
 """

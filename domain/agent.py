@@ -106,7 +106,7 @@ class MarkAgentOffline(AgentCommand):
     """
 
     reason: str = "heartbeat_timeout"
-    timeout_s: float | None = Field(default=None, gt=0)
+    timeout_s: float | None = Field(default=None, ge=0)
 
 
 class UpdateCapabilities(AgentCommand):

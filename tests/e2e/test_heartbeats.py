@@ -125,3 +125,9 @@ async def _heartbeats(c: httpx.AsyncClient) -> int:
         e["type"] == "io.swarmlog.agent.heartbeat_recorded"
         for e in await history(c, "agent", "jammed")
     )
+
+
+async def test_the_sdk_refuses_a_naive_sent_at_before_sending_anything() -> None:
+    async with SwarmClient("http://127.0.0.1:9") as client:  # nothing listens on port 9
+        with pytest.raises(ValueError, match="timezone-aware"):
+            await client.heartbeat("a", sent_at=datetime(2026, 12, 8, 3, 0))  # noqa: DTZ001
