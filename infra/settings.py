@@ -73,6 +73,9 @@ class Settings(BaseSettings):
     aging_interval_s: float = 30.0
     #: An agent with no heartbeat for this long is marked offline.
     heartbeat_timeout_s: float = 15.0
+    #: API: a heartbeat counts from the ``sent_at`` its agent says, but never from more
+    #: than this many seconds before the API took it up (a slow or wrong agent clock).
+    heartbeat_max_skew_s: float = Field(default=5.0, ge=0)
     #: Economy: a command not answered by an event within this long is sent again (same id).
     economy_resend_s: float = 10.0
     #: Workflow engine: the same, for the commands it sends.

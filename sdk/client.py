@@ -21,6 +21,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from datetime import UTC, datetime
 from decimal import Decimal
 from types import TracebackType
 from typing import Any
@@ -314,14 +315,28 @@ class SwarmClient:
         )
 
     async def heartbeat(
-        self, agent_id: str, *, idempotency_key: str | None = None, retries: int | None = None
+        self,
+        agent_id: str,
+        *,
+        idempotency_key: str | None = None,
+        retries: int | None = None,
+        sent_at: datetime | None = None,
     ) -> CommandResult:
-        """``POST /agents/{id}/heartbeat``; brings an offline agent back.
+        """``POST /agents/{id}/heartbeat`` with ``sent_at`` (default: now, UTC); brings an
+        offline agent back. Every try of the call sends the same ``sent_at``, so the
+        heartbeat counts from when it was first sent (the API clamps it to a few seconds
+        before it received it). ValueError for a naive ``sent_at``.
 
         409 ``agent_not_running`` when the agent is registered or stopped.
         """
+        sent = sent_at if sent_at is not None else datetime.now(UTC)
+        if sent.tzinfo is None or sent.utcoffset() is None:
+            raise ValueError("sent_at must be timezone-aware")
         return await self._command(
-            f"/agents/{_seg(agent_id)}/heartbeat", idempotency_key=idempotency_key, retries=retries
+            f"/agents/{_seg(agent_id)}/heartbeat",
+            {"sent_at": sent.isoformat()},
+            idempotency_key=idempotency_key,
+            retries=retries,
         )
 
     async def get_agent(self, agent_id: str) -> dict[str, Any]:

@@ -4,7 +4,9 @@ What :meth:`Worker.run` does, in order:
 
 1. registers the agent (``agent_already_registered`` is fine) and starts it
    (``agent_already_running`` is fine: an offline agent comes back with its heartbeat);
-2. sends a heartbeat every ``heartbeat_interval_s`` seconds;
+2. sends a heartbeat every ``heartbeat_interval_s`` seconds, on a client of its own
+   (its own connections, so it never waits behind the work's calls), each stamped with
+   when it was sent and not abandoned after one interval (a few may be in flight);
 3. follows ``GET /agents/{id}/assignments`` (SSE), remembering the last event id and
    reconnecting with exponential backoff; on every (re)connect, and after a failed one,
    it reconciles with the server (:meth:`Worker.reconcile`): of the tasks the server
@@ -51,6 +53,7 @@ import inspect
 import math
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any, TypeAlias
 
@@ -90,6 +93,9 @@ DEFAULT_LEASE_TIMEOUT_S = 30.0
 
 DEFAULT_RUN_TIMEOUT_S = 600.0
 """The API's default run timeout (seconds a started task may run)."""
+
+MAX_HEARTBEATS_IN_FLIGHT = 3
+"""Heartbeats of one worker sent and not yet answered, at most (one more is skipped)."""
 
 
 @dataclass
@@ -244,6 +250,8 @@ class Worker:
     ``default_lease_timeout_s`` and ``default_run_timeout_s`` (seconds, the API's
     defaults) bound how long a report is retried when the assignment does not carry
     the task's own timeouts (see the module docstring).
+    Heartbeats go on ``heartbeat_client`` if given, else on a client the worker makes
+    for them alone (``base_url``, ``token``, its own connection pool).
     """
 
     def __init__(
@@ -259,6 +267,7 @@ class Worker:
         heartbeat_interval_s: float = 2.0,
         token: str | None = None,
         client: SwarmClient | None = None,
+        heartbeat_client: SwarmClient | None = None,
         reconnect_base_s: float = 0.5,
         reconnect_cap_s: float = 30.0,
         stream_read_timeout_s: float | None = 60.0,
@@ -293,12 +302,15 @@ class Worker:
         self._token = token
         self._shared_client = client
         self._client: SwarmClient | None = client
+        self._heartbeat_client = heartbeat_client
         self._tracker = AssignmentTracker()
         self._slots = asyncio.Semaphore(max_concurrent_tasks)
         self._runners: set[asyncio.Task[None]] = set()
         self._background: set[asyncio.Task[None]] = set()
         self._reconciling: asyncio.Task[None] | None = None
         self._stopping = False
+        self._own_beats: SwarmClient | None = None
+        self._beat_failing = False
         self._last_event_id: str | None = None
         self._server_retry_s: float | None = None
         self._log = structlog.get_logger("swarmlog.sdk.worker").bind(agent_id=agent_id)
@@ -330,8 +342,12 @@ class Worker:
             await asyncio.wait([startup, stopped], return_when=asyncio.FIRST_COMPLETED)
             if not startup.done() or not startup.result():
                 return  # stopped while the API was still unreachable
+            beats = self._heartbeat_client or SwarmClient(
+                self.base_url, token=self._token, retries=0, pending_resends=0
+            )
+            self._own_beats = None if self._heartbeat_client else beats
             loops = [
-                asyncio.create_task(self._heartbeat_loop(client), name="swarmlog-heartbeat"),
+                asyncio.create_task(self._heartbeat_loop(beats), name="swarmlog-heartbeat"),
                 asyncio.create_task(self._follow_assignments(client), name="swarmlog-assignments"),
             ]
             try:
@@ -346,6 +362,9 @@ class Worker:
             for task in (startup, stopped):
                 task.cancel()
             await asyncio.gather(startup, stopped, return_exceptions=True)
+            if self._own_beats is not None:
+                await self._own_beats.aclose()
+                self._own_beats = None
             if self._shared_client is None:
                 await client.aclose()
                 self._client = None
@@ -438,32 +457,55 @@ class Worker:
             self._log.warning("agent.stop_timed_out", timeout_s=self.shutdown_timeout_s)
 
     async def _heartbeat_loop(self, client: SwarmClient) -> None:
-        """Send a heartbeat every interval; failures are logged, never fatal."""
-        complained = False
-        while True:
-            try:
-                await asyncio.wait_for(
-                    client.heartbeat(self.agent_id, retries=0),
-                    timeout=max(self.heartbeat_interval_s, 1.0),
+        """Send a heartbeat every ``heartbeat_interval_s`` seconds, whether or not the
+        previous ones were answered: each is stamped with when it was sent and may take
+        up to :attr:`heartbeat_call_timeout_s` (a slow API still records it, counted from
+        its send time); at most ``MAX_HEARTBEATS_IN_FLIGHT`` are in flight. Failures are
+        logged once until a heartbeat succeeds again, never fatal."""
+        loop = asyncio.get_running_loop()
+        in_flight: set[asyncio.Task[None]] = set()
+        try:
+            while True:
+                sent = loop.time()
+                if len(in_flight) < MAX_HEARTBEATS_IN_FLIGHT:
+                    beat = asyncio.create_task(self._beat(client, datetime.now(UTC)))
+                    in_flight.add(beat)
+                    beat.add_done_callback(in_flight.discard)
+                else:
+                    self._log.debug("agent.heartbeat_skipped", in_flight=len(in_flight))
+                await asyncio.sleep(max(0.0, sent + self.heartbeat_interval_s - loop.time()))
+        finally:
+            for beat in in_flight:
+                beat.cancel()
+            await asyncio.gather(*in_flight, return_exceptions=True)
+
+    @property
+    def heartbeat_call_timeout_s(self) -> float:
+        """How long one heartbeat call may take, seconds: 3 intervals, at least 10 s."""
+        return max(3 * self.heartbeat_interval_s, 10.0)
+
+    async def _beat(self, client: SwarmClient, sent_at: datetime) -> None:
+        try:
+            await asyncio.wait_for(
+                client.heartbeat(self.agent_id, retries=0, sent_at=sent_at),
+                timeout=self.heartbeat_call_timeout_s,
+            )
+            if self._beat_failing:
+                self._log.info("agent.heartbeat_ok")
+            self._beat_failing = False
+        except SwarmError as exc:
+            if not self._beat_failing:
+                # agent_not_running: stopped by an operator; we do not overrule that.
+                self._log.warning(
+                    "agent.heartbeat_failed", status=exc.status, code=exc.code, detail=exc.detail
                 )
-                if complained:
-                    self._log.info("agent.heartbeat_ok")
-                complained = False
-            except SwarmError as exc:
-                if not complained:
-                    # agent_not_running: stopped by an operator; we do not overrule that.
-                    self._log.warning(
-                        "agent.heartbeat_failed",
-                        status=exc.status,
-                        code=exc.code,
-                        detail=exc.detail,
-                    )
-                complained = True
-            except TimeoutError:
-                if not complained:
-                    self._log.warning("agent.heartbeat_timed_out")
-                complained = True
-            await asyncio.sleep(self.heartbeat_interval_s)
+            self._beat_failing = True
+        except TimeoutError:
+            if not self._beat_failing:
+                self._log.warning(
+                    "agent.heartbeat_timed_out", timeout_s=self.heartbeat_call_timeout_s
+                )
+            self._beat_failing = True
 
     # -- assignments ----------------------------------------------------------------------
 
