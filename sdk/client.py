@@ -76,7 +76,7 @@ class SwarmClient:
       up to ``pending_resends`` times, after which the 202 is returned;
     - **until a deadline**: a command call given ``until`` (a point on ``clock``, by
       default :func:`time.monotonic`, in seconds) is resent on no answer, on
-      429/502/503/504 and on 202 for as long as it takes to get a definite answer (2xx
+      429, on any 5xx and on 202 for as long as it takes to get a definite answer (2xx
       other than 202, or an error that retrying cannot change), and raises
       :class:`~sdk.errors.DeadlineExceeded` once ``until`` has passed without one. A
       try in flight at the deadline is let finish (it is bounded by ``timeout``).
@@ -184,7 +184,9 @@ class SwarmClient:
                         response.content,
                         retry_after=response.headers.get("retry-after"),
                     )
-                    if not error.retryable:
+                    # Before a deadline a 5xx is no answer either: the API failed around
+                    # the command, which the same key makes safe to send again.
+                    if not (error.retryable or (until is not None and error.status >= 500)):
                         raise error
             if until is None and attempt >= tries and error is not None:
                 if isinstance(error, SwarmConnectionError):
@@ -426,7 +428,7 @@ class SwarmClient:
 
         ``until`` is the deadline of this report, a point on :attr:`clock` (by default
         ``time.monotonic()``, seconds): the call is resent with the same Idempotency-Key
-        on no answer, 429/502/503/504 and 202 until a definite answer, and raises
+        on no answer, 429, any 5xx and 202 until a definite answer, and raises
         :class:`~sdk.errors.DeadlineExceeded` once ``until`` has passed without one.
         Give it the task's own deadline (the Worker uses: when the start was first sent
         + the lease timeout + the run timeout; for the reports after it, when the start

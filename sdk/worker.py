@@ -28,7 +28,7 @@ Reports are delivered exactly once, however long the API is away: start, progres
 complete and fail carry idempotency keys derived from (agent, task, attempt, step), so a
 retry, or a worker restarted mid-task, never doubles a command; and each is resent with
 its key (capped exponential backoff with jitter, :mod:`sdk.backoff`) on no answer,
-429/502/503/504 and 202 until a definite answer, or until the task's own deadline:
+429, any 5xx and 202 until a definite answer, or until the task's own deadline:
 for the start, when it was first sent + the lease timeout + the run timeout (a start
 decided in time runs at most that long); for the reports after it, when the start was
 acknowledged + the run timeout. Past it the server has timed the task out, and a report
