@@ -143,6 +143,7 @@ _CHATTER = (
     "FindCoordinator Request failed",
     "Heartbeat session expired",
     "Heartbeat send request failed",
+    "Error sending HeartbeatRequest",
     "Heartbeat failed: %r",
     "Failed to restore the pool connection floor",
 )

@@ -22,6 +22,7 @@ one service for 15 s with ``infra.stack.stop_service``, starts it again with
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -149,6 +150,21 @@ class Trickle:
             await asyncio.sleep(pause_s)
 
 
+async def _read(http: httpx.AsyncClient, trickle: Trickle, stop: asyncio.Event) -> Counter[int]:
+    """Reads from PostgreSQL (a task) and Redis (the leaderboard) while the trickle runs:
+    the status codes answered (an outage is a 503, never a 500)."""
+    codes: Counter[int] = Counter()
+    while not stop.is_set():
+        for path in (
+            f"/tasks/{trickle.accepted[0]}" if trickle.accepted else "/tasks",
+            "/leaderboard",
+        ):
+            with contextlib.suppress(httpx.HTTPError):
+                codes[(await http.get(path)).status_code] += 1
+        await asyncio.sleep(0.3)
+    return codes
+
+
 async def _poll_ready(http: httpx.AsyncClient, stop: asyncio.Event, out: list[tuple]) -> None:
     while not stop.is_set():
         try:
@@ -167,6 +183,7 @@ async def _ride_out(deployment: Deployment, service: str) -> None:
         trickle = Trickle(http, f"{service}-{fresh_prefix()}")
         load = asyncio.create_task(trickle.run(stop))
         poller = asyncio.create_task(_poll_ready(http, stop, readiness))
+        reader = asyncio.create_task(_read(http, trickle, stop))
         await asyncio.sleep(3)
         stopped = await asyncio.to_thread(stop_service, deployment.state_dir, service)
         assert "stopped" in stopped, stopped
@@ -179,6 +196,10 @@ async def _ride_out(deployment: Deployment, service: str) -> None:
         stop.set()
         await asyncio.wait_for(load, 60)
         await poller
+        codes = await reader
+        assert set(codes) <= {200, 404, 503}, codes  # 404: a task accepted, not yet projected
+        if service != "kafka":  # reads need no Kafka
+            assert codes[503], codes
 
         # every role rode it out
         for role, proc in deployment.children.procs.items():
