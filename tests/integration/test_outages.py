@@ -26,26 +26,18 @@ import contextlib
 import time
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
 from rich.console import Console
 
-from domain.task import TaskSubmitted
 from infra import supervise
 from infra.stack import StackInfo, down, stop_service, up
 from infra.topics import Topics
-from tests.integration.helpers import (
-    ROOT,
-    assert_log_is_clean,
-    fresh_prefix,
-    read_events,
-    read_outcomes,
-    role_env,
-    wait_until,
-)
+from tests.integration.helpers import ROOT, fresh_prefix, role_env, wait_until
+from tests.integration.load import Trickle
 
 pytestmark = pytest.mark.integration
 
@@ -109,45 +101,6 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
             children.stop_all(timeout_s=15)
     finally:
         down(state_dir, purge=True)
-
-
-@dataclass
-class Trickle:
-    """Clients submitting tasks through the API, each retrying its request (same
-    Idempotency-Key) until the API answers 201 or 202."""
-
-    http: httpx.AsyncClient
-    name: str
-    accepted: list[str] = field(default_factory=list)
-    unexpected: list[str] = field(default_factory=list)
-    retries: int = 0
-
-    async def run(self, stop: asyncio.Event, workers: int = 3, pause_s: float = 0.2) -> None:
-        await asyncio.gather(*(self._worker(k, stop, pause_s) for k in range(workers)))
-
-    async def _worker(self, k: int, stop: asyncio.Event, pause_s: float) -> None:
-        i = 0
-        while not stop.is_set():
-            task_id = f"{self.name}-{k}-{i}"
-            i += 1
-            while True:  # a real client retries until it gets an answer
-                try:
-                    r = await self.http.post(
-                        "/tasks",
-                        json={"task_id": task_id, "type": "lint", "payload": {"n": i}},
-                        headers={"Idempotency-Key": task_id},
-                    )
-                except httpx.HTTPError:
-                    r = None
-                if r is not None and r.status_code in (201, 202):
-                    self.accepted.append(task_id)
-                    break
-                if r is not None and r.status_code < 500:
-                    self.unexpected.append(f"{task_id}: {r.status_code} {r.text[:200]}")
-                    break
-                self.retries += 1
-                await asyncio.sleep(0.3)
-            await asyncio.sleep(pause_s)
 
 
 async def _read(http: httpx.AsyncClient, trickle: Trickle, stop: asyncio.Event) -> Counter[int]:
@@ -218,33 +171,11 @@ async def _ride_out(deployment: Deployment, service: str) -> None:
         )
 
         # nothing accepted is lost: every task is on the read models
-        assert not trickle.unexpected, trickle.unexpected[:5]
         assert len(trickle.accepted) > 20
-        pending = list(trickle.accepted)
-
-        async def projected() -> bool:
-            for task_id in list(pending):
-                r = await http.get(f"/tasks/{task_id}")
-                if r.status_code != 200:
-                    return False
-                pending.remove(task_id)
-            return True
-
-        await wait_until(projected, 60, interval=0.5, what=f"tasks projected: {pending[:5]}")
+        await trickle.check_projected()
 
     # ... nor doubled: one TaskSubmitted per task, one first outcome per command
-    events = await read_events(deployment.services.kafka_bootstrap_servers, deployment.topics)
-    assert_log_is_clean(events)
-    submitted = Counter(
-        e.aggregate_id
-        for e in events
-        if isinstance(e.event, TaskSubmitted) and e.aggregate_id.startswith(trickle.name)
-    )
-    assert set(submitted) == set(trickle.accepted)
-    assert all(n == 1 for n in submitted.values()), submitted.most_common(3)
-    outcomes = await read_outcomes(deployment.services.kafka_bootstrap_servers, deployment.topics)
-    firsts = Counter(o.command_id for o in outcomes if not o.duplicate)
-    assert all(n == 1 for n in firsts.values()), firsts.most_common(3)
+    await trickle.check_log(deployment.services.kafka_bootstrap_servers, deployment.topics)
 
     # each role that uses the service said so once when it went and once when it came back
     for role in USERS[service]:
