@@ -60,7 +60,7 @@ from infra.clock import Clock, SystemClock
 from infra.cloudevents import DecodeError, Record
 from infra.deadletter_records import encode_dead_letter
 from infra.envelope import CommandEnvelope, decode_command
-from infra.kafka import Kafka, send
+from infra.kafka import Kafka, send, stop_client
 from infra.mapper import ce_type_of, decode_event, encode_event
 from infra.outcome import Outcome, WrittenEvent, decode_outcome, encode_outcome
 from infra.settings import Settings
@@ -205,7 +205,7 @@ class OutcomeReader:
     async def stop(self) -> None:
         """Close the consumer, if it was started."""
         if self._consumer is not None:
-            await self._consumer.stop()
+            await stop_client(self._consumer)
             self._consumer = None
 
 
@@ -308,7 +308,7 @@ class CommandProcessor:
                         )
                     )
         finally:
-            await self.consumer.stop()
+            await stop_client(self.consumer)
             for p in list(self.partitions):
                 await self._release(p)
             await self.reader.stop()
