@@ -39,9 +39,6 @@ from typing import Any
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import (
-    KafkaConnectionError,
-    KafkaError,
-    KafkaTimeoutError,
     MessageSizeTooLargeError,
     ProducerFenced,
     RecordListTooLargeError,
@@ -63,7 +60,7 @@ from infra.clock import Clock, SystemClock
 from infra.cloudevents import DecodeError, Record
 from infra.deadletter_records import encode_dead_letter
 from infra.envelope import CommandEnvelope, decode_command
-from infra.kafka import Kafka, send, stop_client
+from infra.kafka import Kafka, is_kafka_outage, send, stop_client
 from infra.mapper import ce_type_of, decode_event, encode_event
 from infra.outcome import Outcome, WrittenEvent, decode_outcome, encode_outcome
 from infra.settings import Settings
@@ -86,14 +83,6 @@ RETRY_BACKOFF_MAX_S = 5.0
 
 #: Errors of one record that the broker or the producer refuses as too large.
 _TOO_LARGE_ERRORS = (MessageSizeTooLargeError, RecordTooLargeError, RecordListTooLargeError)
-
-
-def _is_outage(exc: BaseException) -> bool:
-    """True for a failure to reach Kafka that a retry may get past: a connection or
-    timeout error, or a Kafka error marked retriable (aiokafka's ``retriable``)."""
-    if isinstance(exc, (OSError, TimeoutError, KafkaConnectionError, KafkaTimeoutError)):
-        return True
-    return isinstance(exc, KafkaError) and bool(getattr(exc, "retriable", False))
 
 
 @dataclass
@@ -301,7 +290,7 @@ class CommandProcessor:
                             await processor._acquire(tp.partition)
                         except Exception as exc:  # noqa: BLE001 (raised by run())
                             try:
-                                if not _is_outage(exc):
+                                if not is_kafka_outage(exc):
                                     raise
                                 await processor._reacquire(tp.partition)  # wait it out
                             except Exception as final:  # noqa: BLE001 (raised by run())
@@ -411,7 +400,7 @@ class CommandProcessor:
         exponential backoff (``retry_backoff_s``: 0.5 s doubling to 5 s) until it works:
         during a Kafka outage the new producer cannot start (its ``init_producer_id``
         needs the broker), and the role must wait the outage out, not exit. Raises what
-        is not an outage (``_is_outage``)."""
+        is not an outage (``infra.kafka.is_kafka_outage``)."""
         while True:
             await asyncio.sleep(self.retry_backoff_s)
             self.retry_backoff_s = min(self.retry_backoff_s * 2, RETRY_BACKOFF_MAX_S)
@@ -420,7 +409,7 @@ class CommandProcessor:
                 return
             except Exception as exc:
                 self.partitions.pop(partition, None)
-                if not _is_outage(exc):
+                if not is_kafka_outage(exc):
                     raise  # not an outage to wait out (misconfigured, unauthorized)
                 log.debug("partition not taken over yet", partition=partition, error=repr(exc))
 

@@ -36,15 +36,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
 
 import structlog
 
 from infra.clock import Clock, SystemClock
-from infra.kafka import Kafka
+from infra.kafka import Kafka, is_kafka_outage
 from infra.settings import Settings
 from infra.topics import Topics, ensure_topics
 from infra.watch import QuietReconnects, ServiceWatch, kafka_addresses, url_address
@@ -112,6 +113,62 @@ class Clients:
     clock: Clock
 
 
+#: Seconds a role starting during an outage waits for Kafka (or the API for PostgreSQL)
+#: before it gives up (an address that never answers is more likely a misconfiguration).
+START_WAIT_S = 300.0
+
+T = TypeVar("T")
+
+
+def is_outage(exc: BaseException) -> bool:
+    """True for a failure to reach a service that a retry may get past: Kafka's (see
+    ``infra.kafka.is_kafka_outage``: connection, timeout, retriable errors) or asyncpg's
+    connection errors (checked only where asyncpg is loaded: a role that never opened
+    PostgreSQL does not load it for this)."""
+    if is_kafka_outage(exc):
+        return True
+    asyncpg = sys.modules.get("asyncpg")
+    return asyncpg is not None and isinstance(
+        exc, (asyncpg.PostgresConnectionError, asyncpg.exceptions.CannotConnectNowError)
+    )
+
+
+async def wait_out_outage(
+    service: str, attempt: Callable[[], Awaitable[T]], *, wait_s: float = START_WAIT_S
+) -> T:
+    """``await attempt()``, again with capped exponential backoff (0.5 s doubling to 5 s)
+    while it fails for an outage (``is_outage``) of ``service``, for up to ``wait_s``
+    seconds; a role started during an outage waits for the service instead of exiting.
+    Logs once when it starts waiting and once when the service answers. Raises what is
+    not an outage at once, and RuntimeError naming the service after ``wait_s``."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait_s
+    delay, waiting_since = 0.5, None
+    while True:
+        try:
+            result = await attempt()
+        except Exception as exc:
+            if not is_outage(exc):
+                raise
+            if loop.time() + delay > deadline:
+                raise RuntimeError(
+                    f"{service} unreachable for {wait_s:.0f} s at start"
+                    f" ({type(exc).__name__}: {exc}); is its address right?"
+                ) from exc
+            if waiting_since is None:
+                waiting_since = loop.time()
+                log.warning(
+                    f"{service} is unreachable at start; waiting for it",
+                    error=f"{type(exc).__name__}: {exc}",
+                )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+            continue
+        if waiting_since is not None:
+            log.info(f"{service} is back", waited_s=round(loop.time() - waiting_since, 1))
+        return result
+
+
 async def connect(
     settings: Settings,
     *,
@@ -123,13 +180,15 @@ async def connect(
     KAFKA_BOOTSTRAP_SERVERS), its Topics (created on the broker if missing, unless
     ``create_topics`` is False) and ``clock`` (default: the system clock).
 
-    Raises RuntimeError naming a service URL that ``settings`` lacks.
+    An unreachable Kafka is waited for (``wait_out_outage``). Raises RuntimeError naming
+    a service URL that ``settings`` lacks, or a Kafka unreachable for ``START_WAIT_S``.
     """
     if kafka is None:
         kafka = Kafka(settings.require_services()[0])
     topics = Topics.of(settings)
     if create_topics:
-        created = await ensure_topics(kafka.bootstrap_servers, topics)
+        servers = kafka.bootstrap_servers
+        created = await wait_out_outage("kafka", lambda: ensure_topics(servers, topics))
         if created:
             log.info("topics created", topics=created)
     return Clients(settings=settings, kafka=kafka, topics=topics, clock=clock or SystemClock())
@@ -406,7 +465,9 @@ async def open_api(clients: Clients, metrics: Metrics) -> AsyncIterator[ApiParts
     settings = clients.settings
     database_url, redis_url = _service_urls(clients)
     async with (
-        postgres_pool(database_url, min_size=1, max_size=10) as pool,
+        # min_size 0: an API started during a PostgreSQL outage opens its pool anyway
+        # (connections are made on demand; /ready says postgres is down meanwhile).
+        postgres_pool(database_url, min_size=0, max_size=10) as pool,
         redis_client(redis_url) as redis,
     ):
         client = CommandClient(
@@ -422,8 +483,12 @@ async def open_api(clients: Clients, metrics: Metrics) -> AsyncIterator[ApiParts
         watching = asyncio.Event()
         watcher = asyncio.create_task(watch.run(watching), name="service-watch")
         try:
-            async with pool.acquire() as conn:
-                await migrate(conn, settings.db_schema)
+
+            async def migrated() -> None:
+                async with pool.acquire() as conn:
+                    await migrate(conn, settings.db_schema)
+
+            await wait_out_outage("postgres", migrated)
             await client.start()
             yield ApiParts(pool=pool, redis=redis, command_client=client, hub=hub)
         finally:

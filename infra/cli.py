@@ -264,13 +264,28 @@ def run_roles(
 ) -> None:
     """Run ``roles`` (processor, streams, projector) of ``settings`` in this process until
     SIGTERM or SIGINT, built by the composition root (``bootstrap.deploy``), which closes
-    their clients afterwards. ``only`` chooses the process managers of ``streams``."""
+    their clients afterwards. ``only`` chooses the process managers of ``streams``.
+
+    Outages of Kafka, PostgreSQL or Redis are waited out; what a role cannot survive (a
+    newer copy fenced it, a misconfiguration) ends it: the traceback, then one line
+    naming the role and the reason, and exit code 1 (typer.Exit).
+    """
 
     async def main() -> None:
         async with bootstrap.deploy(settings, roles, only=only) as deployment:
             await _until_signalled(deployment.run)
 
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    except Exception as error:
+        _log.exception("role stopped by an error it cannot survive", roles=list(roles))
+        _err.print(
+            f"[red]swarmlog {' '.join(roles)} stopped:[/] {escape(type(error).__name__)}:"
+            f" {escape(str(error))}",
+            soft_wrap=True,
+            highlight=False,
+        )
+        raise typer.Exit(1) from error
 
 
 @app.command()

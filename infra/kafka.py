@@ -11,6 +11,7 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.errors import KafkaConnectionError, KafkaError, KafkaTimeoutError
 from aiokafka.partitioner import DefaultPartitioner, murmur2
 
 from infra.cloudevents import Record
@@ -39,6 +40,15 @@ class CachedPartitioner:
                 self._index.clear()
             index = self._index[(key, n)] = (murmur2(key) & 0x7FFFFFFF) % n
         return all_partitions[index]
+
+
+def is_kafka_outage(exc: BaseException) -> bool:
+    """True for a failure to reach Kafka that a retry may get past: a connection or
+    timeout error (OSError, TimeoutError, aiokafka's KafkaConnectionError and
+    KafkaTimeoutError) or a Kafka error aiokafka marks ``retriable``."""
+    if isinstance(exc, (OSError, TimeoutError, KafkaConnectionError, KafkaTimeoutError)):
+        return True
+    return isinstance(exc, KafkaError) and bool(getattr(exc, "retriable", False))
 
 
 async def stop_client(client: AIOKafkaConsumer | AIOKafkaProducer) -> None:

@@ -46,6 +46,9 @@ pytestmark = pytest.mark.integration
 OUTAGE_S = 15.0
 ROLES = ("processor", "streams", "projector", "api")
 #: Which roles use which service (the processor and the process managers only Kafka).
+#: The role started again while each service is out (it must wait, not exit): the API
+#: needs PostgreSQL at start (its schema), every role needs Kafka (its topics).
+LATE = {"kafka": "processor", "postgres": "api", "redis": "api"}
 USERS = {
     "kafka": ROLES,
     "postgres": ("projector", "api"),
@@ -72,6 +75,7 @@ class Deployment:
     topics: Topics
     base_url: str
     children: supervise.Children
+    env: dict[str, str]
 
     def log_sizes(self) -> dict[str, int]:
         return {r: self.children.log_path(r).stat().st_size for r in ROLES}
@@ -97,7 +101,7 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
         asyncio.run(supervise.wait_ready(base_url, children, timeout_s=120))
         try:
             yield Deployment(
-                state_dir, services, Topics(prefix=prefix, partitions=3), base_url, children
+                state_dir, services, Topics(prefix=prefix, partitions=3), base_url, children, env
             )
         finally:
             children.stop_all(timeout_s=15)
@@ -143,11 +147,24 @@ async def _ride_out(deployment: Deployment, service: str) -> None:
         stopped = await asyncio.to_thread(stop_service, deployment.state_dir, service)
         assert "stopped" in stopped, stopped
         outage_from = time.monotonic()
-        await asyncio.sleep(OUTAGE_S)
+        await asyncio.sleep(2)
+        # A role started during the outage waits for the service instead of exiting.
+        late_role = LATE[service]
+        late_port = supervise.free_port()
+        late_env = {**deployment.env, "SWARMLOG_API_PORT": str(late_port)}
+        late = deployment.children.start_role(
+            late_role, late_env, name=f"{late_role}-late-{service}", cwd=ROOT
+        )
+        await asyncio.sleep(OUTAGE_S - 2)
         again = await asyncio.to_thread(_up, deployment.state_dir)
         outage_to = time.monotonic()
         assert again == deployment.services  # the same addresses: clients reconnect
         await asyncio.sleep(5)
+        if late_role == "api":
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{late_port}") as late_http:
+                await wait_until(
+                    lambda: _is_ready(late_http), 60, interval=0.5, what="the late API ready"
+                )
         stop.set()
         await asyncio.wait_for(load, 60)
         await poller
@@ -156,7 +173,9 @@ async def _ride_out(deployment: Deployment, service: str) -> None:
         if service != "kafka":  # reads need no Kafka
             assert codes[503], codes
 
-        # every role rode it out
+        # every role rode it out, and the one started during the outage runs
+        assert late.poll() is None, deployment.children.log_tail(f"{late_role}-late-{service}")
+        deployment.children.stop_all(prefix=f"{late_role}-late-{service}", timeout_s=15)
         for role, proc in deployment.children.procs.items():
             assert proc.poll() is None, (
                 f"{role} exited with {proc.returncode} during the {service} outage:\n"
