@@ -124,6 +124,17 @@ async def _read(http: httpx.AsyncClient, trickle: Trickle, stop: asyncio.Event) 
     return codes
 
 
+async def _follow_sse(base_url: str, lines: list[str]) -> None:
+    """Hold a live SSE stream of every event open, keeping its ``data:`` lines."""
+    async with (
+        httpx.AsyncClient(base_url=base_url, timeout=httpx.Timeout(5, read=None)) as http,
+        http.stream("GET", "/events") as response,
+    ):
+        async for line in response.aiter_lines():
+            if line.startswith("data:"):
+                lines.append(line)
+
+
 async def _poll_ready(http: httpx.AsyncClient, stop: asyncio.Event, out: list[tuple]) -> None:
     while not stop.is_set():
         try:
@@ -143,6 +154,8 @@ async def _ride_out(deployment: Deployment, service: str) -> None:
         load = asyncio.create_task(trickle.run(stop))
         poller = asyncio.create_task(_poll_ready(http, stop, readiness))
         reader = asyncio.create_task(_read(http, trickle, stop))
+        sse_lines: list[str] = []
+        sse = asyncio.create_task(_follow_sse(deployment.base_url, sse_lines))
         await asyncio.sleep(3)
         stopped = await asyncio.to_thread(stop_service, deployment.state_dir, service)
         assert "stopped" in stopped, stopped
@@ -194,6 +207,20 @@ async def _ride_out(deployment: Deployment, service: str) -> None:
         # nothing accepted is lost: every task is on the read models
         assert len(trickle.accepted) > 20
         await trickle.check_projected()
+
+        # the live stream opened before the outage still carries events after it
+        last = trickle.accepted[-1]
+        try:
+            await wait_until(
+                lambda: sse.done() or any(last in line for line in sse_lines),
+                30,
+                what=f"the SSE stream to carry {last}",
+            )
+            assert not sse.done(), f"the SSE stream ended: {sse}"
+        finally:
+            sse.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sse
 
     # ... nor doubled: one TaskSubmitted per task, one first outcome per command
     await trickle.check_log(deployment.services.kafka_bootstrap_servers, deployment.topics)
