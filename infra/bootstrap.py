@@ -36,17 +36,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
 
 import structlog
 
 from infra.clock import Clock, SystemClock
-from infra.kafka import Kafka
+from infra.kafka import Kafka, is_kafka_outage
 from infra.settings import Settings
 from infra.topics import Topics, ensure_topics
+from infra.watch import QuietReconnects, ServiceWatch, kafka_addresses, url_address
 
 if TYPE_CHECKING:  # imported where used: a role loads only the clients it opens
     import asyncpg
@@ -75,9 +77,14 @@ PROCESS_MANAGERS = ("scheduler", "economy", "workflow")
 
 
 def configure_logging(level: str = "INFO") -> None:
-    """structlog to stderr, and quieter aiokafka (its coordinator chatter is expected)."""
+    """structlog to stderr, and quieter aiokafka (its coordinator chatter is expected) and
+    asyncpg: their line per reconnection attempt is dropped (``infra.watch.QuietReconnects``;
+    a role's ``ServiceWatch`` logs an outage once when it starts and once when it ends)."""
     logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), format="%(message)s")
     logging.getLogger("aiokafka").setLevel(logging.ERROR)
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, QuietReconnects) for f in handler.filters):
+            handler.addFilter(QuietReconnects())
     structlog.configure(
         processors=[
             structlog.processors.add_log_level,
@@ -106,6 +113,62 @@ class Clients:
     clock: Clock
 
 
+#: Seconds a role starting during an outage waits for Kafka (or the API for PostgreSQL)
+#: before it gives up (an address that never answers is more likely a misconfiguration).
+START_WAIT_S = 300.0
+
+T = TypeVar("T")
+
+
+def is_outage(exc: BaseException) -> bool:
+    """True for a failure to reach a service that a retry may get past: Kafka's (see
+    ``infra.kafka.is_kafka_outage``: connection, timeout, retriable errors) or asyncpg's
+    connection errors (checked only where asyncpg is loaded: a role that never opened
+    PostgreSQL does not load it for this)."""
+    if is_kafka_outage(exc):
+        return True
+    asyncpg = sys.modules.get("asyncpg")
+    return asyncpg is not None and isinstance(
+        exc, (asyncpg.PostgresConnectionError, asyncpg.exceptions.CannotConnectNowError)
+    )
+
+
+async def wait_out_outage(
+    service: str, attempt: Callable[[], Awaitable[T]], *, wait_s: float = START_WAIT_S
+) -> T:
+    """``await attempt()``, again with capped exponential backoff (0.5 s doubling to 5 s)
+    while it fails for an outage (``is_outage``) of ``service``, for up to ``wait_s``
+    seconds; a role started during an outage waits for the service instead of exiting.
+    Logs once when it starts waiting and once when the service answers. Raises what is
+    not an outage at once, and RuntimeError naming the service after ``wait_s``."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait_s
+    delay, waiting_since = 0.5, None
+    while True:
+        try:
+            result = await attempt()
+        except Exception as exc:
+            if not is_outage(exc):
+                raise
+            if loop.time() + delay > deadline:
+                raise RuntimeError(
+                    f"{service} unreachable for {wait_s:.0f} s at start"
+                    f" ({type(exc).__name__}: {exc}); is its address right?"
+                ) from exc
+            if waiting_since is None:
+                waiting_since = loop.time()
+                log.warning(
+                    f"{service} is unreachable at start; waiting for it",
+                    error=f"{type(exc).__name__}: {exc}",
+                )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+            continue
+        if waiting_since is not None:
+            log.info(f"{service} is back", waited_s=round(loop.time() - waiting_since, 1))
+        return result
+
+
 async def connect(
     settings: Settings,
     *,
@@ -117,13 +180,15 @@ async def connect(
     KAFKA_BOOTSTRAP_SERVERS), its Topics (created on the broker if missing, unless
     ``create_topics`` is False) and ``clock`` (default: the system clock).
 
-    Raises RuntimeError naming a service URL that ``settings`` lacks.
+    An unreachable Kafka is waited for (``wait_out_outage``). Raises RuntimeError naming
+    a service URL that ``settings`` lacks, or a Kafka unreachable for ``START_WAIT_S``.
     """
     if kafka is None:
         kafka = Kafka(settings.require_services()[0])
     topics = Topics.of(settings)
     if create_topics:
-        created = await ensure_topics(kafka.bootstrap_servers, topics)
+        servers = kafka.bootstrap_servers
+        created = await wait_out_outage("kafka", lambda: ensure_topics(servers, topics))
         if created:
             log.info("topics created", topics=created)
     return Clients(settings=settings, kafka=kafka, topics=topics, clock=clock or SystemClock())
@@ -164,6 +229,28 @@ async def redis_client(url: str) -> AsyncIterator[aioredis.Redis]:
 def _service_urls(clients: Clients) -> tuple[str, str]:
     _, database_url, redis_url = clients.settings.require_services()
     return database_url, redis_url
+
+
+def watch_services(
+    clients: Clients, role: str, services: Iterable[str] = ("kafka", "postgres", "redis")
+) -> ServiceWatch:
+    """A ``ServiceWatch`` of ``services`` (among kafka, postgres, redis): the Kafka of
+    ``clients``, the database and Redis its settings name; it logs as ``role``, one
+    warning when a service stops answering, one info line when it is back. Raises
+    RuntimeError naming a service URL the settings lack.
+    """
+    settings = clients.settings
+    chosen = tuple(services)
+    if ("postgres" in chosen or "redis" in chosen) and not (
+        settings.database_url and settings.redis_url
+    ):
+        settings.require_services()  # raises, naming what is missing
+    addresses = {
+        "kafka": kafka_addresses(clients.kafka.bootstrap_servers),
+        "postgres": [url_address(settings.database_url or "", 5432)],
+        "redis": [url_address(settings.redis_url or "", 6379)],
+    }
+    return ServiceWatch({name: addresses[name] for name in chosen}, role=role)
 
 
 # one builder per role -------------------------------------------------------------------
@@ -378,7 +465,9 @@ async def open_api(clients: Clients, metrics: Metrics) -> AsyncIterator[ApiParts
     settings = clients.settings
     database_url, redis_url = _service_urls(clients)
     async with (
-        postgres_pool(database_url, min_size=1, max_size=10) as pool,
+        # min_size 0: an API started during a PostgreSQL outage opens its pool anyway
+        # (connections are made on demand; /ready says postgres is down meanwhile).
+        postgres_pool(database_url, min_size=0, max_size=10) as pool,
         redis_client(redis_url) as redis,
     ):
         client = CommandClient(
@@ -390,12 +479,21 @@ async def open_api(clients: Clients, metrics: Metrics) -> AsyncIterator[ApiParts
             metrics,
             window_bytes=settings.sse_window_bytes,
         )
+        watch = watch_services(clients, "api")
+        watching = asyncio.Event()
+        watcher = asyncio.create_task(watch.run(watching), name="service-watch")
         try:
-            async with pool.acquire() as conn:
-                await migrate(conn, settings.db_schema)
+
+            async def migrated() -> None:
+                async with pool.acquire() as conn:
+                    await migrate(conn, settings.db_schema)
+
+            await wait_out_outage("postgres", migrated)
             await client.start()
             yield ApiParts(pool=pool, redis=redis, command_client=client, hub=hub)
         finally:
+            watching.set()
+            await watcher
             await hub.close_all()
             await client.stop()
 
@@ -413,6 +511,8 @@ class Deployment:
     processor: CommandProcessor | None = None
     process_managers: dict[str, ElectedRunner] = field(default_factory=dict)
     projector: Projector | None = None
+    #: Logs once per outage of a service the roles use (see ``watch_services``).
+    watch: ServiceWatch | None = None
 
     @property
     def runnables(self) -> dict[str, Runnable]:
@@ -426,8 +526,12 @@ class Deployment:
         return parts
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Run every part until ``stop`` is set; the first to fail fails this."""
-        await asyncio.gather(*(part.run(stop) for part in self.runnables.values()))
+        """Run every part (and the service watch) until ``stop`` is set; the first to
+        fail fails this."""
+        parts = [part.run(stop) for part in self.runnables.values()]
+        if self.watch is not None:
+            parts.append(self.watch.run(stop))
+        await asyncio.gather(*parts)
 
 
 @asynccontextmanager
@@ -449,6 +553,9 @@ async def deploy(
         raise ValueError(f"deploy builds processor, streams and projector, not {sorted(wanted)}")
     clients = await connect(settings, kafka=kafka, clock=clock)
     deployment = Deployment(clients)
+    used = ("kafka", "postgres", "redis") if "projector" in wanted else ("kafka",)
+    role = ",".join(r for r in ROLES if r in wanted)
+    deployment.watch = watch_services(clients, role, used)
     if "processor" in wanted:
         deployment.processor = build_processor(clients)
     if "streams" in wanted:

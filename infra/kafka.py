@@ -11,6 +11,7 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.errors import KafkaConnectionError, KafkaError, KafkaTimeoutError
 from aiokafka.partitioner import DefaultPartitioner, murmur2
 
 from infra.cloudevents import Record
@@ -39,6 +40,30 @@ class CachedPartitioner:
                 self._index.clear()
             index = self._index[(key, n)] = (murmur2(key) & 0x7FFFFFFF) % n
         return all_partitions[index]
+
+
+def is_kafka_outage(exc: BaseException) -> bool:
+    """True for a failure to reach Kafka that a retry may get past: a connection or
+    timeout error (OSError, TimeoutError, aiokafka's KafkaConnectionError and
+    KafkaTimeoutError) or a Kafka error aiokafka marks ``retriable``."""
+    if isinstance(exc, (OSError, TimeoutError, KafkaConnectionError, KafkaTimeoutError)):
+        return True
+    return isinstance(exc, KafkaError) and bool(getattr(exc, "retriable", False))
+
+
+async def stop_client(client: AIOKafkaConsumer | AIOKafkaProducer) -> None:
+    """``client.stop()``, except that a CancelledError that is not this task's own is
+    swallowed: aiokafka's fetcher cancels its pending fetch requests on close and awaits
+    them unguarded (aiokafka 0.12, ``Fetcher.close``), so stopping a consumer while the
+    broker is unreachable raised CancelledError out of ``stop`` (a role stopped on
+    SIGTERM during a Kafka outage then exited 1, its other clients left open). A
+    cancellation of the calling task itself still propagates."""
+    try:
+        await client.stop()
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise
 
 
 def producer(bootstrap_servers: str, *, transactional_id: str | None = None) -> AIOKafkaProducer:
@@ -130,7 +155,7 @@ async def partitions_of(
             await asyncio.sleep(0.1)
         return [TopicPartition(topic, p) for p in sorted(parts or ())]
     finally:
-        await c.stop()
+        await stop_client(c)
 
 
 async def read_to_end(
@@ -170,7 +195,7 @@ async def read_to_end(
                     pending.discard(tp)
         return positions
     finally:
-        await c.stop()
+        await stop_client(c)
 
 
 @dataclass(frozen=True)

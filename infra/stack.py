@@ -87,6 +87,7 @@ from infra.settings import Settings
 
 __all__ = [
     "KAFKA_VERSION",
+    "SERVICES",
     "StackError",
     "StackInfo",
     "down",
@@ -96,6 +97,7 @@ __all__ = [
     "info",
     "kafka_jars_dir",
     "status",
+    "stop_service",
     "up",
 ]
 
@@ -235,6 +237,35 @@ def down(state_dir: Path, *, purge: bool = False) -> list[str]:
         shutil.rmtree(layout.root, ignore_errors=True)
         messages.append(f"Deleted {layout.root}.")
     return messages
+
+
+#: The services :func:`stop_service` knows, by the name it takes.
+SERVICES = ("kafka", "postgres", "redis")
+
+
+def stop_service(state_dir: Path, service: str) -> str:
+    """Stop one service of the local stack under ``state_dir``, by recorded pid; say what was done.
+
+    ``service`` is ``"kafka"``, ``"postgres"`` or ``"redis"``; the other two keep running.
+    It is stopped as :func:`down` stops it (SIGTERM then SIGKILL after 20 s; PostgreSQL
+    with ``pg_ctl stop -m fast``) and its data and ports stay recorded, so a later
+    :func:`up` on the same ``state_dir`` starts it again on the same port (unless another
+    program took the port meanwhile, which ``up`` then says). Meant for outage tests.
+
+    Returns a message such as ``"Redis: stopped (pid 1234)."``. Raises ValueError for an
+    unknown ``service``; StackError if ``state_dir`` holds no stack.
+    """
+    if service not in SERVICES:
+        raise ValueError(f"unknown service {service!r}: expected one of {', '.join(SERVICES)}")
+    layout = _Layout(state_dir)
+    if not layout.state_file.exists():
+        raise StackError(f"No local stack under {layout.root} (no {layout.state_file.name})")
+    with _locked(layout.lock):
+        if service == "kafka":
+            return _stop_pidfile("Kafka", layout.kafka_pid, "kafka.Kafka")
+        if service == "postgres":
+            return _stop_postgres(layout, _load_state(layout))
+        return _stop_pidfile("Redis", layout.redis_pid, "redis-server")
 
 
 def status(state_dir: Path) -> list[dict[str, Any]]:
