@@ -246,7 +246,9 @@ SERVICES = ("kafka", "postgres", "redis")
 def stop_service(state_dir: Path, service: str) -> str:
     """Stop one service of the local stack under ``state_dir``, by recorded pid; say what was done.
 
-    ``service`` is ``"kafka"``, ``"postgres"`` or ``"redis"``; the other two keep running.
+    ``service`` is ``"kafka"`` (every broker of a ``--brokers 3`` cluster: to stop one
+    broker, kill its pid from :func:`status`), ``"postgres"`` or ``"redis"``; the other two
+    keep running.
     It is stopped as :func:`down` stops it (SIGTERM then SIGKILL after 20 s; PostgreSQL
     with ``pg_ctl stop -m fast``) and its data and ports stay recorded, so a later
     :func:`up` on the same ``state_dir`` starts it again on the same port (unless another
@@ -262,7 +264,7 @@ def stop_service(state_dir: Path, service: str) -> str:
         raise StackError(f"No local stack under {layout.root} (no {layout.state_file.name})")
     with _locked(layout.lock):
         if service == "kafka":
-            return _stop_pidfile("Kafka", layout.kafka_pid, "kafka.Kafka")
+            return " ".join(_stop_brokers(layout, _load_state(layout)))
         if service == "postgres":
             return _stop_postgres(layout, _load_state(layout))
         return _stop_pidfile("Redis", layout.redis_pid, "redis-server")
