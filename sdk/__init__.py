@@ -13,15 +13,23 @@ Only the public HTTP API is used, so an agent in any language can do the same::
 """
 
 from sdk.client import SwarmClient
-from sdk.errors import NonRetryableError, SwarmConnectionError, SwarmError, TaskRevoked
+from sdk.errors import (
+    DeadlineExceeded,
+    NonRetryableError,
+    SwarmConnectionError,
+    SwarmError,
+    TaskRevoked,
+)
 from sdk.models import Assignment, CommandResult, TaskPage
-from sdk.worker import HandlerResult, TaskContext, Worker
+from sdk.worker import HandlerResult, Reconciliation, TaskContext, Worker
 
 __all__ = [
     "Assignment",
     "CommandResult",
+    "DeadlineExceeded",
     "HandlerResult",
     "NonRetryableError",
+    "Reconciliation",
     "SwarmClient",
     "SwarmConnectionError",
     "SwarmError",

@@ -14,8 +14,10 @@ the API turns into micro-tokens (1 token = 1,000,000).
 from __future__ import annotations
 
 import asyncio
+import random
+import time
 import uuid
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from decimal import Decimal
 from types import TracebackType
@@ -27,7 +29,12 @@ import structlog
 from httpx_sse import ServerSentEvent, aconnect_sse
 
 from sdk.backoff import Backoff
-from sdk.errors import SwarmConnectionError, SwarmError, problem_from_response
+from sdk.errors import (
+    DeadlineExceeded,
+    SwarmConnectionError,
+    SwarmError,
+    problem_from_response,
+)
 from sdk.models import CommandResult, TaskPage, capabilities_body, format_tokens
 
 USER_AGENT = "swarmlog-sdk/0.1"
@@ -52,12 +59,27 @@ class SwarmClient:
     """Async client of the swarmlog API; use as ``async with SwarmClient(url) as client``.
 
     ``token`` is a JWT sent as ``Authorization: Bearer``; ``timeout`` is the per-request
-    timeout in seconds. A call is sent at most ``1 + retries`` times, ``backoff_base_s``
-    doubling up to ``backoff_cap_s`` seconds between tries (or the server's Retry-After
-    when longer, up to ``max_retry_after_s``). A 202 (accepted, not yet decided) is asked
-    again, with the same key, up to ``pending_resends`` times. ``transport`` replaces
-    httpx's network transport (e.g. ``httpx.ASGITransport(app)``). Nothing connects until
-    the first call.
+    timeout in seconds. ``transport`` replaces httpx's network transport (e.g.
+    ``httpx.ASGITransport(app)``). Nothing connects until the first call.
+
+    Two retry modes, both resending a command with the same Idempotency-Key and both
+    waiting a capped exponential backoff with jitter between tries (``backoff_base_s``
+    doubling up to ``backoff_cap_s`` seconds, scaled by a draw of ``rng`` in [0.5, 1],
+    see :mod:`sdk.backoff`; or the server's Retry-After when longer, up to
+    ``max_retry_after_s``):
+
+    - **by count** (the default): a call is sent at most ``1 + retries`` times on no
+      answer or 429/502/503/504, and a 202 (accepted, not yet decided) is asked again
+      up to ``pending_resends`` times, after which the 202 is returned;
+    - **until a deadline**: a command call given ``until`` (a point on ``clock``, by
+      default :func:`time.monotonic`, in seconds) is resent on no answer, on
+      429/502/503/504 and on 202 for as long as it takes to get a definite answer (2xx
+      other than 202, or an error that retrying cannot change), and raises
+      :class:`~sdk.errors.DeadlineExceeded` once ``until`` has passed without one. A
+      try in flight at the deadline is let finish (it is bounded by ``timeout``).
+
+    ``clock`` (seconds, monotonic), ``sleep`` and ``rng`` (draws in [0, 1)) are injected
+    so tests can drive the schedule without waiting.
     """
 
     def __init__(
@@ -72,6 +94,9 @@ class SwarmClient:
         max_retry_after_s: float = 30.0,
         pending_resends: int = 2,
         transport: httpx.AsyncBaseTransport | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        rng: Callable[[], float] = random.random,
     ) -> None:
         headers = {"User-Agent": USER_AGENT, "Accept": "application/json"}
         if token:
@@ -83,6 +108,9 @@ class SwarmClient:
         self.backoff_cap_s = backoff_cap_s
         self.max_retry_after_s = max_retry_after_s
         self.pending_resends = max(0, pending_resends)
+        self.clock = clock
+        self._sleep = sleep
+        self._rng = rng
         self._http = httpx.AsyncClient(
             base_url=self.base_url, headers=headers, timeout=timeout, transport=transport
         )
@@ -113,56 +141,85 @@ class SwarmClient:
         params: Mapping[str, Any] | None = None,
         headers: Mapping[str, str] | None = None,
         retries: int | None = None,
+        until: float | None = None,
+        resend_pending: bool = False,
     ) -> httpx.Response:
-        """Send one logical request, retrying when nothing was decided; raise on an error answer."""
+        """Send one logical request, retrying while nothing was decided (see the class
+        docstring for the two modes); raise on an error answer.
+
+        ``resend_pending`` asks again on a 202 (commands only: the same key returns the
+        decision once there is one, and a repeated command id writes nothing).
+        """
         tries = 1 + (self.retries if retries is None else max(0, retries))
-        backoff = Backoff(base_s=self.backoff_base_s, cap_s=self.backoff_cap_s)
+        backoff = Backoff(base_s=self.backoff_base_s, cap_s=self.backoff_cap_s, rng=self._rng)
         query = {k: v for k, v in (params or {}).items() if v is not None}
-        for attempt in range(1, tries + 1):
+        attempt = 0
+        resends = 0
+        while True:
+            attempt += 1
+            error: SwarmError | None = None
             try:
                 response = await self._http.request(
                     method, path, json=json, params=query or None, headers=headers
                 )
             except httpx.TransportError as exc:
-                if attempt == tries:
-                    raise SwarmConnectionError(
-                        f"{method} {path}: {type(exc).__name__}: {exc} (after {tries} tries)"
-                    ) from exc
-                delay = backoff.next_delay()
-                log.info(
-                    "api.retry",
-                    method=method,
-                    path=path,
-                    error=type(exc).__name__,
-                    attempt=attempt,
-                    delay_s=round(delay, 3),
-                )
-                await asyncio.sleep(delay)
-                continue
-            if response.status_code < 400:
-                return response
-            error = problem_from_response(
-                response.status_code,
-                response.headers.get("content-type"),
-                response.content,
-                retry_after=response.headers.get("retry-after"),
-            )
-            if not error.retryable or attempt == tries:
+                error = SwarmConnectionError(f"{method} {path}: {type(exc).__name__}: {exc}")
+                error.__cause__ = exc
+            else:
+                if response.status_code == 202 and resend_pending:
+                    if until is None:
+                        if resends >= self.pending_resends:
+                            return response
+                        resends += 1
+                        attempt -= 1  # a 202 is an answer: it does not use up a retry
+                elif response.status_code < 400:
+                    return response
+                else:
+                    error = problem_from_response(
+                        response.status_code,
+                        response.headers.get("content-type"),
+                        response.content,
+                        retry_after=response.headers.get("retry-after"),
+                    )
+                    if not error.retryable:
+                        raise error
+            if until is None and attempt >= tries and error is not None:
+                if isinstance(error, SwarmConnectionError):
+                    raise SwarmConnectionError(f"{error.detail} (after {tries} tries)") from (
+                        error.__cause__
+                    )
                 raise error
             delay = backoff.next_delay()
-            if error.retry_after_s is not None:
+            if error is not None and error.retry_after_s is not None:
                 delay = max(delay, min(error.retry_after_s, self.max_retry_after_s))
+            if until is not None:
+                remaining = until - self.clock()
+                if remaining <= 0:
+                    log.warning(
+                        "api.deadline_exceeded",
+                        method=method,
+                        path=path,
+                        tries=attempt,
+                        last=_what(error),
+                    )
+                    raise DeadlineExceeded(
+                        f"{method} {path}: no definite answer in {attempt} tries before the "
+                        f"deadline (last: {_what(error)})",
+                        last_error=error,
+                        pending=error is None,
+                    ) from error
+                delay = min(delay, remaining)
             log.info(
                 "api.retry",
                 method=method,
                 path=path,
-                status=error.status,
-                code=error.code,
+                status=202 if error is None else error.status,
+                code="pending" if error is None else error.code,
                 attempt=attempt,
                 delay_s=round(delay, 3),
+                **({} if until is None else {"deadline_in_s": round(until - self.clock(), 1)}),
             )
-            await asyncio.sleep(delay)
-        raise AssertionError("unreachable")  # pragma: no cover
+            await self._sleep(delay)
 
     async def _get(self, path: str, params: Mapping[str, Any] | None = None) -> Any:
         return _body(await self._request("GET", path, params=params))
@@ -174,22 +231,28 @@ class SwarmClient:
         *,
         idempotency_key: str | None = None,
         retries: int | None = None,
+        until: float | None = None,
+        expected_version: int | None = None,
     ) -> CommandResult:
-        """POST a command with one Idempotency-Key for every try of this logical call."""
+        """POST a command with one Idempotency-Key for every try of this logical call.
+
+        ``until`` (on :attr:`clock`) switches to retrying until a definite answer or that
+        deadline; ``expected_version`` is sent as ``If-Match`` (a mismatch is a 412
+        ``version_mismatch``).
+        """
         key = idempotency_key or str(uuid.uuid4())
         headers = {"Idempotency-Key": key}
-        payload = dict(body or {})
-        response = await self._request("POST", path, json=payload, headers=headers, retries=retries)
-        backoff = Backoff(base_s=max(self.backoff_base_s, 0.25), cap_s=self.backoff_cap_s)
-        resends = 0
-        # 202: accepted, not decided in time. The same key again returns the decision once
-        # there is one (a repeated command id writes nothing).
-        while response.status_code == 202 and resends < self.pending_resends:
-            resends += 1
-            await asyncio.sleep(backoff.next_delay())
-            response = await self._request(
-                "POST", path, json=payload, headers=headers, retries=retries
-            )
+        if expected_version is not None:
+            headers["If-Match"] = f'"{expected_version}"'
+        response = await self._request(
+            "POST",
+            path,
+            json=dict(body or {}),
+            headers=headers,
+            retries=retries,
+            until=until,
+            resend_pending=True,
+        )
         return CommandResult(response.status_code, _body(response), key)
 
     # -- agents ---------------------------------------------------------------------------
@@ -203,12 +266,13 @@ class SwarmClient:
         max_concurrent_tasks: int = 1,
         cost_per_task: str | Decimal | int = "0",
         idempotency_key: str | None = None,
+        until: float | None = None,
     ) -> CommandResult:
         """``POST /agents``: register an agent (201); the body has ``id``, ``version``, ``state``.
 
         ``capabilities`` maps a name to a level in [0, 1]; ``cost_per_task`` is in tokens
         (decimal string, Decimal, or whole tokens as int). 409 ``agent_already_registered``
-        when the id exists.
+        when the id exists. ``until`` as for :meth:`start_task`.
         """
         body: dict[str, Any] = {
             "name": name,
@@ -218,30 +282,33 @@ class SwarmClient:
         }
         if agent_id is not None:
             body["agent_id"] = agent_id
-        return await self._command("/agents", body, idempotency_key=idempotency_key)
+        return await self._command("/agents", body, idempotency_key=idempotency_key, until=until)
 
     async def start_agent(
-        self, agent_id: str, *, idempotency_key: str | None = None
+        self, agent_id: str, *, idempotency_key: str | None = None, until: float | None = None
     ) -> CommandResult:
-        """``POST /agents/{id}/start``; 409 ``agent_already_running`` when running or offline."""
+        """``POST /agents/{id}/start``; 409 ``agent_already_running`` when running or
+        offline. ``until`` as for :meth:`start_task`."""
         return await self._command(
-            f"/agents/{_seg(agent_id)}/start", idempotency_key=idempotency_key
+            f"/agents/{_seg(agent_id)}/start", idempotency_key=idempotency_key, until=until
         )
 
     async def stop_agent(
-        self, agent_id: str, *, idempotency_key: str | None = None
+        self, agent_id: str, *, idempotency_key: str | None = None, until: float | None = None
     ) -> CommandResult:
-        """``POST /agents/{id}/stop``; 409 ``agent_already_stopped``."""
+        """``POST /agents/{id}/stop``; 409 ``agent_already_stopped``. ``until`` as for
+        :meth:`start_task`."""
         return await self._command(
-            f"/agents/{_seg(agent_id)}/stop", idempotency_key=idempotency_key
+            f"/agents/{_seg(agent_id)}/stop", idempotency_key=idempotency_key, until=until
         )
 
     async def restart_agent(
-        self, agent_id: str, *, idempotency_key: str | None = None
+        self, agent_id: str, *, idempotency_key: str | None = None, until: float | None = None
     ) -> CommandResult:
-        """``POST /agents/{id}/restart``."""
+        """``POST /agents/{id}/restart``. ``until`` as for
+        :meth:`start_task`."""
         return await self._command(
-            f"/agents/{_seg(agent_id)}/restart", idempotency_key=idempotency_key
+            f"/agents/{_seg(agent_id)}/restart", idempotency_key=idempotency_key, until=until
         )
 
     async def heartbeat(
@@ -268,17 +335,19 @@ class SwarmClient:
         *,
         task_id: str | None = None,
         idempotency_key: str | None = None,
+        until: float | None = None,
         **options: Any,
     ) -> CommandResult:
         """``POST /tasks``: submit a task of ``type`` with ``payload``.
 
         ``options`` are passed as they are (``required_capabilities``, ``priority``,
         ``max_cost`` in tokens, ``lease_timeout_s``, ``run_timeout_s``, ``max_attempts``).
+        ``until`` as for :meth:`start_task`.
         """
         body: dict[str, Any] = {"type": type, "payload": dict(payload or {}), **options}
         if task_id is not None:
             body["task_id"] = task_id
-        return await self._command("/tasks", body, idempotency_key=idempotency_key)
+        return await self._command("/tasks", body, idempotency_key=idempotency_key, until=until)
 
     async def get_task(self, task_id: str) -> dict[str, Any]:
         """``GET /tasks/{id}``: the task item (``task_id``, ``type``, ``payload``, ``status``,
@@ -328,12 +397,31 @@ class SwarmClient:
             cursor = page.next_cursor
 
     async def start_task(
-        self, task_id: str, agent_id: str, *, idempotency_key: str | None = None
+        self,
+        task_id: str,
+        agent_id: str,
+        *,
+        idempotency_key: str | None = None,
+        until: float | None = None,
     ) -> CommandResult:
         """``POST /tasks/{id}/start`` as ``agent_id``; 403 ``not_assigned_agent``, 409
-        ``task_not_assigned``/``task_finished`` when the task is no longer this agent's."""
+        ``task_not_assigned``/``task_finished`` when the task is no longer this agent's.
+
+        ``until`` is the deadline of this report, a point on :attr:`clock` (by default
+        ``time.monotonic()``, seconds): the call is resent with the same Idempotency-Key
+        on no answer, 429/502/503/504 and 202 until a definite answer, and raises
+        :class:`~sdk.errors.DeadlineExceeded` once ``until`` has passed without one.
+        Give it the task's own deadline (the Worker uses: when the start was first sent
+        + the lease timeout + the run timeout; for the reports after it, when the start
+        was acknowledged + the run timeout), past which the server has timed the task
+        out and any answer would be moot. None (the default) retries by count
+        (``retries``, ``pending_resends``) as every other call does.
+        """
         return await self._command(
-            f"/tasks/{_seg(task_id)}/start", {"agent_id": agent_id}, idempotency_key=idempotency_key
+            f"/tasks/{_seg(task_id)}/start",
+            {"agent_id": agent_id},
+            idempotency_key=idempotency_key,
+            until=until,
         )
 
     async def report_progress(
@@ -344,13 +432,15 @@ class SwarmClient:
         message: str | None = None,
         *,
         idempotency_key: str | None = None,
+        until: float | None = None,
     ) -> CommandResult:
-        """``POST /tasks/{id}/progress``: ``progress`` is a fraction in [0, 1]."""
+        """``POST /tasks/{id}/progress``: ``progress`` is a fraction in [0, 1]; ``until`` as
+        for :meth:`start_task`."""
         body: dict[str, Any] = {"agent_id": agent_id, "progress": _fraction("progress", progress)}
         if message is not None:
             body["message"] = message
         return await self._command(
-            f"/tasks/{_seg(task_id)}/progress", body, idempotency_key=idempotency_key
+            f"/tasks/{_seg(task_id)}/progress", body, idempotency_key=idempotency_key, until=until
         )
 
     async def complete_task(
@@ -361,15 +451,17 @@ class SwarmClient:
         quality: float = 1.0,
         *,
         idempotency_key: str | None = None,
+        until: float | None = None,
     ) -> CommandResult:
-        """``POST /tasks/{id}/complete`` with a JSON ``result`` and ``quality`` in [0, 1]."""
+        """``POST /tasks/{id}/complete`` with a JSON ``result`` and ``quality`` in [0, 1];
+        ``until`` as for :meth:`start_task`."""
         body = {
             "agent_id": agent_id,
             "result": dict(result),
             "quality": _fraction("quality", quality),
         }
         return await self._command(
-            f"/tasks/{_seg(task_id)}/complete", body, idempotency_key=idempotency_key
+            f"/tasks/{_seg(task_id)}/complete", body, idempotency_key=idempotency_key, until=until
         )
 
     async def fail_task(
@@ -381,11 +473,24 @@ class SwarmClient:
         *,
         idempotency_key: str | None = None,
         retries: int | None = None,
+        until: float | None = None,
+        expected_version: int | None = None,
     ) -> CommandResult:
-        """``POST /tasks/{id}/fail``; a ``retryable`` failure is retried while attempts remain."""
+        """``POST /tasks/{id}/fail``; a ``retryable`` failure is retried while attempts remain.
+
+        ``until`` as for :meth:`start_task` (it overrides ``retries``).
+        ``expected_version`` is sent as ``If-Match``: the failure is decided only if the
+        task is still at that version, else 412 ``version_mismatch`` (a fail names no
+        attempt, so this is how a hand-back avoids failing a later attempt).
+        """
         body = {"agent_id": agent_id, "error": error or "failed", "retryable": retryable}
         return await self._command(
-            f"/tasks/{_seg(task_id)}/fail", body, idempotency_key=idempotency_key, retries=retries
+            f"/tasks/{_seg(task_id)}/fail",
+            body,
+            idempotency_key=idempotency_key,
+            retries=retries,
+            until=until,
+            expected_version=expected_version,
         )
 
     # -- streams --------------------------------------------------------------------------
@@ -454,6 +559,13 @@ class SwarmClient:
             last_event_id=last_event_id,
             read_timeout_s=read_timeout_s,
         )
+
+
+def _what(error: SwarmError | None) -> str:
+    """A short name of the last retryable answer, for logs and errors."""
+    if error is None:
+        return "202 pending"
+    return f"{error.status} {error.code}" if error.status else error.code
 
 
 def _body(response: httpx.Response) -> Any:

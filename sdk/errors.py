@@ -76,6 +76,23 @@ class SwarmConnectionError(SwarmError):
         super().__init__(0, "connection_error", detail)
 
 
+class DeadlineExceeded(SwarmError):
+    """No definite answer before the caller's deadline (``until``), though retries went on.
+
+    ``status`` is 0 and ``code`` is ``deadline_exceeded``. ``last_error`` is the last
+    retryable error seen (a :class:`SwarmConnectionError`, a 429/502/503/504), or None
+    when the last answer was a 202 (accepted, not yet decided: ``pending`` is then True).
+    The command may or may not have been decided: the server's state says which.
+    """
+
+    def __init__(
+        self, detail: str, *, last_error: SwarmError | None = None, pending: bool = False
+    ) -> None:
+        super().__init__(0, "deadline_exceeded", detail)
+        self.last_error = last_error
+        self.pending = pending
+
+
 class NonRetryableError(Exception):
     """Raise from a task handler to fail the task for good (``retryable: false``).
 

@@ -43,6 +43,31 @@ class AssignmentTracker:
         self._evict()
         return True
 
+    def take_back(self, task_id: str, attempt: int | None) -> bool:
+        """Decide, now, whether this process may hand back attempt ``attempt`` of ``task_id``
+        (the server says this agent runs it): True, and the attempt is marked in flight
+        until :meth:`release`, when no attempt of the task is in flight here and no later
+        attempt was seen; False when it is running here (keep it) or the server's view
+        is older than ours.
+
+        Race-free with :meth:`claim` as long as both are called from one event loop: the
+        start path claims an attempt before it sends its start, so an attempt being
+        started is in flight and is never taken back, and an attempt taken back is seen,
+        so an offer of it that arrives meanwhile is a repeat and is not started.
+        """
+        if self.is_active(task_id):
+            return False
+        previous = self._seen.get(task_id)
+        if attempt is not None and previous is not None and previous > attempt:
+            return False
+        newer = attempt is not None and (previous is None or previous < attempt)
+        if newer or task_id not in self._seen:
+            self._seen[task_id] = attempt
+        self._seen.move_to_end(task_id)
+        self._active.add((task_id, attempt))
+        self._evict()
+        return True
+
     def release(self, task_id: str, attempt: int | None) -> None:
         """The attempt is over (done, failed or dropped); it stays remembered as seen."""
         self._active.discard((task_id, attempt))

@@ -7,8 +7,12 @@ What :meth:`Worker.run` does, in order:
 2. sends a heartbeat every ``heartbeat_interval_s`` seconds;
 3. follows ``GET /agents/{id}/assignments`` (SSE), remembering the last event id and
    reconnecting with exponential backoff; on every (re)connect, and after a failed one,
-   it also lists ``GET /tasks?agent_id=<me>&status=assigned`` to pick up assignments it
-   missed while away;
+   it reconciles with the server (:meth:`Worker.reconcile`): of the tasks the server
+   says this agent holds, an *assigned* one is offered (picking up what it missed while
+   away), a *running* one that this process runs is kept, and a *running* one that it
+   does not run (its previous process died with it, or gave up reporting on it) is
+   handed back at once: failed as retryable, with the reason, so it is retried now
+   rather than after its run timeout;
 4. runs each new assignment (at most ``max_concurrent_tasks`` at a time): ``POST start``,
    the handler, then ``POST complete`` or ``POST fail``. An assignment seen twice runs
    once (:class:`~sdk.tracker.AssignmentTracker`). If the API says the task is no longer
@@ -18,8 +22,25 @@ What :meth:`Worker.run` does, in order:
    retryable failure, so its task is retried at once rather than after its run timeout),
    and sends ``POST /agents/{id}/stop``.
 
-Commands about a task carry idempotency keys derived from (agent, task, attempt, step),
-so a retry, or a worker restarted mid-task, never doubles a command.
+Reports are delivered exactly once, however long the API is away: start, progress,
+complete and fail carry idempotency keys derived from (agent, task, attempt, step), so a
+retry, or a worker restarted mid-task, never doubles a command; and each is resent with
+its key (capped exponential backoff with jitter, :mod:`sdk.backoff`) on no answer,
+429/502/503/504 and 202 until a definite answer, or until the task's own deadline:
+for the start, when it was first sent + the lease timeout + the run timeout (a start
+decided in time runs at most that long); for the reports after it, when the start was
+acknowledged + the run timeout. Past it the server has timed the task out, and a report
+is moot. The timeouts come from the task item when the assignment carries them (a
+poll's does; the stream's carries none), else from ``default_lease_timeout_s`` and
+``default_run_timeout_s``. A report given up at its deadline leaves the task to the
+server's timeout, or to the hand-back of the next reconciliation.
+
+The hand-back is race-free with the worker's own starts: an assignment is claimed in
+the tracker before its start is sent, and each hand-back is decided against the tracker
+at the moment it is sent (:meth:`~sdk.tracker.AssignmentTracker.take_back`), so a task
+this process is starting or running is never failed. The fail carries ``If-Match`` with
+the task version the listing showed (a fail names no attempt): if the task moved on
+meanwhile, the API answers 412 and the worker reads the task again before deciding.
 """
 
 from __future__ import annotations
@@ -38,6 +59,7 @@ import structlog
 from sdk.backoff import Backoff
 from sdk.client import SwarmClient
 from sdk.errors import (
+    DeadlineExceeded,
     NonRetryableError,
     SwarmError,
     TaskRevoked,
@@ -63,6 +85,12 @@ MAX_ERROR_CHARS = 10_000
 MAX_MESSAGE_CHARS = 2_000
 """The API's limit on a progress message (longer ones are cut)."""
 
+DEFAULT_LEASE_TIMEOUT_S = 30.0
+"""The API's default lease timeout (seconds an assigned task may wait to be started)."""
+
+DEFAULT_RUN_TIMEOUT_S = 600.0
+"""The API's default run timeout (seconds a started task may run)."""
+
 
 @dataclass
 class TaskContext:
@@ -84,12 +112,16 @@ class TaskContext:
     _client: SwarmClient | None = field(default=None, repr=False)
     _loop: asyncio.AbstractEventLoop | None = field(default=None, repr=False)
     _reports: int = field(default=0, repr=False)
+    _until: float | None = field(default=None, repr=False)
 
     async def progress(self, fraction: float, message: str | None = None) -> None:
         """Report progress ``fraction`` in [0, 1] with an optional message.
 
-        Raises :class:`~sdk.errors.TaskRevoked` when the task is no longer this agent's
-        (stop working on it; the worker drops it quietly). Other failures to report are
+        Like every report it is resent with one idempotency key until a definite answer
+        or the task's deadline (so it is never lost to a short outage, nor recorded
+        twice), which means this call waits while the API is away. Raises
+        :class:`~sdk.errors.TaskRevoked` when the task is no longer this agent's (stop
+        working on it; the worker drops it quietly). Other failures to report are
         logged and ignored: progress is advisory.
         """
         if self._client is None:
@@ -103,6 +135,7 @@ class TaskContext:
                 fraction,
                 None if message is None else message[:MAX_MESSAGE_CHARS],
                 idempotency_key=key,
+                until=self._until,
             )
         except SwarmError as exc:
             if is_revocation(exc):
@@ -149,6 +182,41 @@ def normalize_result(value: Any) -> HandlerResult:
     )
 
 
+def task_timeouts(
+    task: Mapping[str, Any] | None,
+    *,
+    default_lease_s: float = DEFAULT_LEASE_TIMEOUT_S,
+    default_run_s: float = DEFAULT_RUN_TIMEOUT_S,
+) -> tuple[float, float]:
+    """``(lease_timeout_s, run_timeout_s)`` of a task item (``GET /tasks/{id}``), in seconds.
+
+    A value that is missing, not a number, or not positive falls back to the default.
+    """
+
+    def pick(name: str, default: float) -> float:
+        value = (task or {}).get(name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return default
+        return float(value) if value > 0 and math.isfinite(value) else default
+
+    return pick("lease_timeout_s", default_lease_s), pick("run_timeout_s", default_run_s)
+
+
+@dataclass(frozen=True)
+class Reconciliation:
+    """What one :meth:`Worker.reconcile` did, in tasks: ``kept`` (running on the server
+    and here), ``handed_back`` (running on the server, not here: failed as retryable),
+    ``moot`` (the hand-back found the task had moved on), ``not_handed_back`` (the
+    hand-back got no definite answer; the next reconciliation tries again), and
+    ``offered`` (assigned, and new to this process: started)."""
+
+    kept: int = 0
+    handed_back: int = 0
+    moot: int = 0
+    not_handed_back: int = 0
+    offered: int = 0
+
+
 def error_text(exc: BaseException) -> str:
     """The ``error`` text of a failure report: ``Type: message``, at most 10,000 characters."""
     message = str(exc).strip()
@@ -164,6 +232,9 @@ class Worker:
     seconds. ``handler`` gets a :class:`TaskContext` and returns ``(result, quality)``;
     raising fails the attempt (retryable unless it is :class:`NonRetryableError`). Pass
     ``client`` to share a :class:`SwarmClient` (the worker then does not close it).
+    ``default_lease_timeout_s`` and ``default_run_timeout_s`` (seconds, the API's
+    defaults) bound how long a report is retried when the assignment does not carry
+    the task's own timeouts (see the module docstring).
     """
 
     def __init__(
@@ -184,6 +255,8 @@ class Worker:
         stream_read_timeout_s: float | None = 60.0,
         shutdown_timeout_s: float = 5.0,
         fail_on_stop: bool = True,
+        default_lease_timeout_s: float = DEFAULT_LEASE_TIMEOUT_S,
+        default_run_timeout_s: float = DEFAULT_RUN_TIMEOUT_S,
     ) -> None:
         if not agent_id:
             raise ValueError("agent_id must not be empty")
@@ -191,6 +264,8 @@ class Worker:
             raise ValueError("max_concurrent_tasks must be at least 1")
         if heartbeat_interval_s <= 0:
             raise ValueError("heartbeat_interval_s must be positive")
+        if default_lease_timeout_s <= 0 or default_run_timeout_s <= 0:
+            raise ValueError("default_lease_timeout_s and default_run_timeout_s must be positive")
         self.base_url = base_url
         self.agent_id = agent_id
         self.name = name
@@ -204,11 +279,12 @@ class Worker:
         self.stream_read_timeout_s = stream_read_timeout_s
         self.shutdown_timeout_s = shutdown_timeout_s
         self.fail_on_stop = fail_on_stop
+        self.default_lease_timeout_s = default_lease_timeout_s
+        self.default_run_timeout_s = default_run_timeout_s
         self._token = token
         self._shared_client = client
         self._client: SwarmClient | None = client
         self._tracker = AssignmentTracker()
-        self._orphans_checked = False
         self._slots = asyncio.Semaphore(max_concurrent_tasks)
         self._runners: set[asyncio.Task[None]] = set()
         self._background: set[asyncio.Task[None]] = set()
@@ -397,7 +473,7 @@ class Worker:
                     connected_at = loop.time()
                     self._log.info("assignments.connected", last_event_id=self._last_event_id)
                     # Subscribed first, then listed: nothing can fall between the two.
-                    self._spawn_poll(client)
+                    self._spawn_reconcile()
                     async for message in messages:
                         self._on_message(message.event, message.data, message.id, message.retry)
                 reason = "stream ended"
@@ -418,7 +494,7 @@ class Worker:
                 reason = f"{type(exc).__name__}: {exc}"
             if connected_at is None:
                 # Could not subscribe: still pick up what was assigned meanwhile.
-                self._spawn_poll(client)
+                self._spawn_reconcile()
             elif loop.time() - connected_at >= 10.0:
                 backoff.reset()
             delay = backoff.next_delay()
@@ -440,47 +516,163 @@ class Worker:
         if assignment is not None:
             self.offer(assignment)
 
-    def _spawn_poll(self, client: SwarmClient) -> None:
-        task = asyncio.create_task(self._poll_assigned(client))
+    def _spawn_reconcile(self) -> None:
+        task = asyncio.create_task(self._reconcile_logged(), name="swarmlog-reconcile")
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _poll_assigned(self, client: SwarmClient) -> None:
-        """Offer every task the read model lists as assigned to this agent; and, once,
-        hand back the tasks it lists as *running* on this agent that this process is not
-        running: a previous process of this agent died with them, and nobody else will
-        give them up before their run timeout. They are failed as retryable, so they
-        are retried (an agent id is one worker process at a time)."""
-        found = 0
+    async def _reconcile_logged(self) -> None:
         try:
-            if not self._orphans_checked:
-                self._orphans_checked = True
-                mine = {task_id for task_id, _ in self._tracker.active}
-                async for item in client.iter_tasks(agent_id=self.agent_id, status="running"):
-                    task_id = item.get("task_id")
-                    if isinstance(task_id, str) and task_id not in mine:
-                        self._log.warning("task.orphan_returned", task_id=task_id)
-                        try:
-                            await client.fail_task(
-                                task_id,
-                                self.agent_id,
-                                "the agent restarted while running it",
-                                retryable=True,
-                            )
-                        except SwarmError as exc:
-                            self._log.info(
-                                "task.orphan_not_returned", task_id=task_id, code=exc.code
-                            )
-            async for item in client.iter_tasks(agent_id=self.agent_id, status="assigned"):
-                assignment = assignment_from_task(item)
-                if assignment is not None:
-                    found += 1
-                    self.offer(assignment)
-            self._log.debug("assignments.polled", found=found)
+            await self.reconcile()
+        except Exception:  # noqa: BLE001 - the next (re)connect reconciles again
+            self._log.exception("assignments.reconcile_crashed")
+
+    async def reconcile(self) -> Reconciliation:
+        """Make this process and the server agree on what this agent holds.
+
+        Lists ``GET /tasks?agent_id=<me>&status=running`` and ``...&status=assigned``.
+        Each *assigned* task is offered (a repeat is ignored). Each *running* task is
+        decided at the moment of handing back, against the tracker: running here, it is
+        kept; not running here, it is handed back (``POST /tasks/{id}/fail``, retryable,
+        with ``If-Match`` its listed version and a reason naming this agent), the report
+        retried until a definite answer or the task's run timeout from now. Run on every
+        (re)connect of the assignment stream, so also at startup: a process restarted
+        under the same agent id hands back what its dead predecessor held. Listing
+        failures are logged, not raised (the next reconnect reconciles again).
+        RuntimeError when there is no client (neither ``client=`` nor :meth:`run`).
+        """
+        client = self._client
+        if client is None:
+            raise RuntimeError("reconcile needs a client: pass client= or call it during run()")
+        running: list[dict[str, Any]] = []
+        try:
+            async for item in client.iter_tasks(agent_id=self.agent_id, status="running"):
+                running.append(item)
         except SwarmError as exc:
             self._log.warning(
-                "assignments.poll_failed", status=exc.status, code=exc.code, detail=exc.detail
+                "assignments.list_failed",
+                status_listed="running",
+                status=exc.status,
+                code=exc.code,
+                detail=exc.detail,
             )
+        offered = 0
+        try:
+            async for item in client.iter_tasks(agent_id=self.agent_id, status="assigned"):
+                assignment = assignment_from_task(item)
+                if assignment is not None and self.offer(assignment):
+                    offered += 1
+        except SwarmError as exc:
+            self._log.warning(
+                "assignments.list_failed",
+                status_listed="assigned",
+                status=exc.status,
+                code=exc.code,
+                detail=exc.detail,
+            )
+        outcomes = await asyncio.gather(*(self._hand_back(client, item) for item in running))
+        result = Reconciliation(
+            kept=outcomes.count("kept"),
+            handed_back=outcomes.count("handed_back"),
+            moot=outcomes.count("moot"),
+            not_handed_back=outcomes.count("not_handed_back"),
+            offered=offered,
+        )
+        self._log.info(
+            "assignments.reconciled",
+            kept=result.kept,
+            handed_back=result.handed_back,
+            moot=result.moot,
+            not_handed_back=result.not_handed_back,
+            offered=result.offered,
+        )
+        return result
+
+    async def _hand_back(self, client: SwarmClient, item: Mapping[str, Any]) -> str:
+        """Hand back one task the server lists as running on this agent, unless it runs
+        here; returns ``kept``, ``handed_back``, ``moot`` or ``not_handed_back``."""
+        listed = assignment_from_task(item)
+        if listed is None or listed.agent_id != self.agent_id:
+            return "moot"
+        tid, attempt, aid = listed.task_id, listed.attempt, self.agent_id
+        log = self._log.bind(task_id=tid, attempt=attempt)
+        # The decision, made here against the tracker with no await before it is marked.
+        if not self._tracker.take_back(tid, attempt):
+            log.info("task.kept", reason="running in this process (or listed stale)")
+            return "kept"
+        try:
+            _, run_s = task_timeouts(
+                item,
+                default_lease_s=self.default_lease_timeout_s,
+                default_run_s=self.default_run_timeout_s,
+            )
+            until = client.clock() + run_s
+            version = _version(item.get("version"))
+            reason = (
+                f"agent {aid} restarted or reconnected and is not running this task "
+                f"(attempt {attempt}): handed back for a retry"
+            )
+            backoff = Backoff(base_s=0.2, cap_s=2.0)
+            while True:
+                try:
+                    await client.fail_task(
+                        tid,
+                        aid,
+                        reason,
+                        True,
+                        idempotency_key=derived_key(aid, tid, attempt, "hand-back", version),
+                        until=until,
+                        expected_version=version,
+                    )
+                except DeadlineExceeded as exc:
+                    log.warning("task.hand_back_abandoned", detail=exc.detail)
+                    return "not_handed_back"
+                except SwarmError as exc:
+                    if exc.status == 412 and client.clock() < until:
+                        # The task moved on since it was listed: look again before deciding.
+                        fresh = await self._still_running_here(client, tid, attempt, log)
+                        if fresh is None:
+                            return "moot"
+                        version = _version(fresh.get("version"))
+                        await asyncio.sleep(backoff.next_delay())
+                        continue
+                    if is_revocation(exc):
+                        log.info("task.hand_back_moot", status=exc.status, code=exc.code)
+                        return "moot"
+                    log.warning(
+                        "task.hand_back_failed",
+                        status=exc.status,
+                        code=exc.code,
+                        detail=exc.detail,
+                    )
+                    return "not_handed_back"
+                log.warning("task.handed_back", version=version, reason=reason)
+                return "handed_back"
+        finally:
+            self._tracker.release(tid, attempt)
+
+    async def _still_running_here(
+        self, client: SwarmClient, task_id: str, attempt: int | None, log: Any
+    ) -> dict[str, Any] | None:
+        """The task item if it is still attempt ``attempt`` running on this agent, else None."""
+        try:
+            item = await client.get_task(task_id)
+        except SwarmError as exc:
+            log.warning("task.hand_back_unchecked", status=exc.status, code=exc.code)
+            return None
+        if (
+            item.get("status") != "running"
+            or item.get("agent_id") != self.agent_id
+            or (attempt is not None and item.get("attempts") != attempt)
+        ):
+            log.info(
+                "task.hand_back_moot",
+                status_now=item.get("status"),
+                agent_now=item.get("agent_id"),
+                attempt_now=item.get("attempts"),
+            )
+            return None
+        return item
 
     def offer(self, assignment: Assignment) -> bool:
         """Take on ``assignment`` unless stopping, someone else's, or already seen.
@@ -548,10 +740,23 @@ class Worker:
             if task is None:
                 return  # the lease runs out and the scheduler requeues it
         attempt = assignment.attempt if assignment.attempt is not None else task.get("attempts")
+        lease_s, run_s = task_timeouts(
+            task,
+            default_lease_s=self.default_lease_timeout_s,
+            default_run_s=self.default_run_timeout_s,
+        )
+        # This attempt was claimed in the tracker when it was offered, before this start is
+        # sent: a reconciliation running meanwhile keeps it rather than handing it back.
         try:
             await client.start_task(
-                tid, aid, idempotency_key=derived_key(aid, tid, attempt, "start")
+                tid,
+                aid,
+                idempotency_key=derived_key(aid, tid, attempt, "start"),
+                until=client.clock() + lease_s + run_s,
             )
+        except DeadlineExceeded as exc:
+            log.warning("task.start_abandoned", detail=exc.detail)
+            return
         except SwarmError as exc:
             if is_revocation(exc):
                 log.info("task.dropped", step="start", status=exc.status, code=exc.code)
@@ -560,7 +765,8 @@ class Worker:
                     "task.start_failed", status=exc.status, code=exc.code, detail=exc.detail
                 )
             return
-        log.info("task.started", type=task.get("type"))
+        until = client.clock() + run_s
+        log.info("task.started", type=task.get("type"), run_timeout_s=run_s)
         ctx = TaskContext(
             task_id=tid,
             type=str(task.get("type", "")),
@@ -570,6 +776,7 @@ class Worker:
             task=task,
             _client=client,
             _loop=asyncio.get_running_loop(),
+            _until=until,
         )
         try:
             raw = await self._invoke(ctx)
@@ -620,8 +827,12 @@ class Worker:
                 result,
                 quality,
                 idempotency_key=derived_key(ctx.agent_id, ctx.task_id, ctx.attempt, "complete"),
+                until=ctx._until,
             )
             log.info("task.completed", quality=quality)
+        except DeadlineExceeded as exc:
+            # The run timeout has passed: the server timed the task out (or will).
+            log.warning("task.report_abandoned", step="complete", detail=exc.detail)
         except SwarmError as exc:
             if is_revocation(exc):
                 log.info("task.dropped", step="complete", status=exc.status, code=exc.code)
@@ -639,18 +850,26 @@ class Worker:
         log: Any,
         timeout_s: float | None = None,
     ) -> None:
-        assert self._client is not None
-        call = self._client.fail_task(
+        client = self._client
+        assert client is not None
+        until = ctx._until
+        if timeout_s is not None:
+            # Stopping: bounded; what is not delivered the next process hands back.
+            soon = client.clock() + timeout_s
+            until = soon if until is None else min(until, soon)
+        call = client.fail_task(
             ctx.task_id,
             ctx.agent_id,
             error,
             retryable,
             idempotency_key=derived_key(ctx.agent_id, ctx.task_id, ctx.attempt, "fail"),
-            retries=0 if timeout_s is not None else None,
+            until=until,
         )
         try:
             await (asyncio.wait_for(call, timeout_s) if timeout_s is not None else call)
             log.info("task.failed", retryable=retryable, error=error[:200])
+        except DeadlineExceeded as exc:
+            log.warning("task.report_abandoned", step="fail", detail=exc.detail)
         except SwarmError as exc:
             if is_revocation(exc):
                 log.info("task.dropped", step="fail", status=exc.status, code=exc.code)
@@ -660,6 +879,11 @@ class Worker:
                 )
         except TimeoutError:
             log.warning("task.fail_not_reported", timeout_s=timeout_s)
+
+
+def _version(value: Any) -> int | None:
+    """An aggregate version from a task item (None when absent or not an int)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 async def _wait(stop: asyncio.Event, seconds: float) -> None:

@@ -56,3 +56,27 @@ def test_the_oldest_finished_tasks_are_forgotten_but_never_one_in_flight() -> No
 def test_capacity_must_be_positive() -> None:
     with pytest.raises(ValueError):
         AssignmentTracker(capacity=0)
+
+
+def test_a_task_in_flight_here_is_never_taken_back() -> None:
+    tracker = AssignmentTracker()
+    tracker.claim("t1", 1)  # the start path claims before it sends the start
+    assert not tracker.take_back("t1", 1)
+    assert tracker.active == {("t1", 1)}
+
+
+def test_a_task_not_running_here_is_taken_back_once_and_its_offer_is_then_a_repeat() -> None:
+    tracker = AssignmentTracker()
+    assert tracker.take_back("t1", 2)  # a dead process of this agent ran attempt 2
+    assert not tracker.take_back("t1", 2)  # a second reconciliation meanwhile
+    assert not tracker.claim("t1", 2)  # the stream replays attempt 2's assignment
+    tracker.release("t1", 2)
+    assert tracker.claim("t1", 3)  # the retry, assigned to us again, runs
+
+
+def test_a_listing_older_than_what_this_process_saw_is_not_acted_on() -> None:
+    tracker = AssignmentTracker()
+    tracker.claim("t1", 3)
+    tracker.release("t1", 3)
+    assert not tracker.take_back("t1", 2)
+    assert tracker.take_back("t1", 3)  # attempt 3 ended here, yet the server says it runs
