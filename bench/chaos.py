@@ -35,7 +35,9 @@ is a public module in bench/ (as bench.soak is for its unit test) rather than in
 tests/ (which bench must not import).
 
 Run: ``python -m bench.chaos --help``; e.g. ``python -m bench.chaos --duration 180
---tasks 3000 --agents 4 --seed 7``.
+--tasks 1000 --agents 4 --seed 7``. On this 2-core machine the whole system completes
+about 15 chaos tasks/s between faults, so the defaults (1,000 tasks over 180 s) leave
+room for the backlog the faults build up.
 """
 
 from __future__ import annotations
@@ -130,7 +132,10 @@ class ChaosReport:
     ``submit_answers`` counts the answers to ``POST /tasks`` (HTTP status, or the
     exception's class name); ``settle_s`` is from the faults' end to the last task's
     completion on the log (0 if all completed before), ``read_model_settle_s`` to when
-    the read model showed every task completed (None if not within the bound).
+    the read model showed every task completed (None if not within the bound);
+    ``open_at_faults_end`` and ``open_at_bound`` count the tasks not completed in the
+    read model, by status, when the faults stopped and (if they did not all complete in
+    time) when the bound passed: a backlog (queued) or stuck work (assigned, running).
     """
 
     config: ChaosConfig
@@ -147,6 +152,8 @@ class ChaosReport:
     faults_s: float = 0.0
     settle_s: float | None = None
     read_model_settle_s: float | None = None
+    open_at_faults_end: Counter[str] = field(default_factory=Counter)
+    open_at_bound: Counter[str] = field(default_factory=Counter)
     events: list[RecordedEvent] = field(default_factory=list, repr=False)
     checks: list[Check] = field(default_factory=list)
 
@@ -354,6 +361,20 @@ async def _fund(base_url: str, agent_ids: list[str]) -> None:
                 raise RuntimeError(f"stake of {a}: {s.status_code} {s.text}")
 
 
+async def _statuses(conn: asyncpg.Connection, schema: str, tasks: int) -> Counter[str]:
+    """The read model's tasks that are not completed, by status (``unprojected``: driven
+    but not in the read model yet)."""
+    rows = await conn.fetch(
+        f"SELECT status, count(*) AS n FROM {schema}.tasks WHERE status <> 'completed'"
+        " GROUP BY status"
+    )
+    out = Counter({r["status"]: int(r["n"]) for r in rows})
+    total = int(await conn.fetchval(f"SELECT count(*) FROM {schema}.tasks"))
+    if tasks > total:
+        out["unprojected"] = tasks - total
+    return out
+
+
 async def _completed_count(conn: asyncpg.Connection, schema: str) -> int:
     return int(
         await conn.fetchval(f"SELECT count(*) FROM {schema}.tasks WHERE status = 'completed'")
@@ -425,6 +446,8 @@ def check_completions(
             f"{len(missing)} not completed; last events: "
             + ", ".join(_last_event(t, last.get(t)) for t in missing[:5])
         )
+    if r.open_at_bound:
+        detail.append(f"open in the read model at the bound: {_counts(r.open_at_bound)}")
     times = [es[0].time for es in completed.values()]
     r.settle_s = max(0.0, (max(times) - faults_end).total_seconds()) if times else None
     bound = r.config.settle_timeout_s
@@ -441,6 +464,10 @@ def check_completions(
             f"last completion {r.settle_s:.1f} s after" if r.settle_s is not None else "none",
         ),
     ]
+
+
+def _counts(counts: Counter[str]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "none"
 
 
 def _last_event(task_id: str, e: RecordedEvent | None) -> str:
@@ -677,12 +704,15 @@ async def run_chaos(
         console.print(f"faults over after {report.faults_s:.0f} s; settling")
         conn = await asyncpg.connect(info.database_url)
         try:
+            report.open_at_faults_end = await _statuses(conn, run, config.tasks)
             bound = faults_end + config.settle_timeout_s
             while time.monotonic() < bound:
                 if driver.done() and await _completed_count(conn, run) >= config.tasks:
                     report.read_model_settle_s = time.monotonic() - faults_end
                     break
                 await asyncio.sleep(0.5)
+            else:
+                report.open_at_bound = await _statuses(conn, run, config.tasks)
         finally:
             await conn.close()
         if not driver.done():
@@ -742,6 +772,10 @@ def render(report: ChaosReport, console: Console) -> None:
     )
     for service, down_s, restart_s in report.outages:
         console.print(f"outage: {service} down {down_s:.1f} s (restart took {restart_s:.1f} s)")
+    console.print(
+        "kill times (s after the faults began): "
+        + ", ".join(f"{t:.0f} {name}" for t, name in report.kill_log)
+    )
     console.print(f"roles that exited by themselves: {len(report.exits)}")
     for line in report.exits[:10]:
         console.print(f"  {line}")
@@ -759,6 +793,10 @@ def render(report: ChaosReport, console: Console) -> None:
     console.print(
         f"faults lasted {report.faults_s:.0f} s; time to settle after they stopped: {settle}"
         f" (last completion on the log), {rm} (read model shows every task completed)"
+    )
+    console.print(
+        f"tasks not completed when the faults stopped: {_counts(report.open_at_faults_end)}"
+        + (f"; at the bound: {_counts(report.open_at_bound)}" if report.open_at_bound else "")
     )
     table = Table(title="checks", title_justify="left")
     for col in ("check", "result", "detail"):
@@ -783,7 +821,14 @@ def main(
     outage: Annotated[
         float, typer.Option(min=1, help="Seconds PostgreSQL, then Redis, stay stopped.")
     ] = 15.0,
-    tasks: Annotated[int, typer.Option(min=1, help="Tasks submitted over the faults.")] = 2000,
+    tasks: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Tasks submitted evenly over the faults; keep the rate under what the"
+            " machine completes, or the backlog, not the faults, decides the settle time.",
+        ),
+    ] = 1000,
     agents: Annotated[int, typer.Option(min=1, help="Agent processes (SDK workers).")] = 4,
     slots: Annotated[int, typer.Option(min=1, help="Tasks each agent runs at once.")] = 4,
     work_ms: Annotated[int, typer.Option(min=0, help="Most ms a task's work takes.")] = 200,
@@ -812,7 +857,7 @@ def main(
         agent_slots=slots,
         work_ms=work_ms,
     )
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 140)
     report = asyncio.run(run_chaos(config, state_dir, console=console, keep_stack=keep_stack))
     render(report, console)
     raise typer.Exit(0 if report.ok else 1)
