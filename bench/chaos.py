@@ -284,10 +284,40 @@ class _Chaos:
         self.report.outages.append((service, back - t, back - down - self.config.outage_s))
 
 
+async def post_until_answered(
+    http: httpx.AsyncClient,
+    path: str,
+    body: dict[str, Any],
+    key: str,
+    answers: Counter[str] | None = None,
+    max_delay_s: float = 2.0,
+) -> httpx.Response:
+    """``POST path`` with ``Idempotency-Key: key`` as a real client does: resent with the
+    same key on a connection error or timeout, a 5xx, a 429 or a 202 (capped exponential
+    backoff with jitter, 0.2 s doubling to ``max_delay_s``) until any other answer, which
+    is returned. Each answer's status (or exception class name) is counted in
+    ``answers``."""
+    headers = {"Idempotency-Key": key}
+    delay = 0.2
+    while True:
+        try:
+            answer = await http.post(path, json=body, headers=headers)
+        except httpx.HTTPError as exc:
+            if answers is not None:
+                answers[type(exc).__name__] += 1
+        else:
+            if answers is not None:
+                answers[str(answer.status_code)] += 1
+            if answer.status_code not in (202, 429) and answer.status_code < 500:
+                return answer
+        await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+        delay = min(max_delay_s, delay * 2)
+
+
 async def _submit(
     http: httpx.AsyncClient, run: str, i: int, cfg: ChaosConfig, r: ChaosReport
 ) -> None:
-    """Submit task ``i`` as a real client does: one idempotency key, resent until 201."""
+    """Submit task ``i`` (``post_until_answered``): accepted on a 201, else refused."""
     task_id = f"{run}-t{i}"
     body = {
         "task_id": task_id,
@@ -296,23 +326,11 @@ async def _submit(
         "max_attempts": cfg.max_attempts,
         "payload": {"i": i},
     }
-    headers = {"Idempotency-Key": f"{run}-submit-{i}"}
-    delay = 0.2
-    while True:
-        try:
-            answer = await http.post("/tasks", json=body, headers=headers)
-        except httpx.HTTPError as exc:
-            r.submit_answers[type(exc).__name__] += 1
-        else:
-            r.submit_answers[str(answer.status_code)] += 1
-            if answer.status_code in (200, 201):
-                r.accepted.add(task_id)
-                return
-            if answer.status_code not in (202, 429) and answer.status_code < 500:
-                r.refused[task_id] = f"{answer.status_code} {answer.text[:300]}"
-                return
-        await asyncio.sleep(delay * random.uniform(0.5, 1.0))
-        delay = min(2.0, delay * 2)
+    answer = await post_until_answered(http, "/tasks", body, f"{run}-submit-{i}", r.submit_answers)
+    if answer.status_code in (200, 201):
+        r.accepted.add(task_id)
+    else:
+        r.refused[task_id] = f"{answer.status_code} {answer.text[:300]}"
 
 
 async def _drive(base_url: str, cfg: ChaosConfig, r: ChaosReport) -> None:
@@ -338,10 +356,11 @@ async def _fund(base_url: str, agent_ids: list[str]) -> None:
     """Grant each agent ``GRANT_TOKENS`` from the treasury and stake ``STAKE_TOKENS``."""
     async with httpx.AsyncClient(base_url=base_url, timeout=30.0) as http:
         for a in agent_ids:
-            g = await http.post(
+            g = await post_until_answered(
+                http,
                 f"/accounts/{a}/grant",
-                json={"amount": str(GRANT_TOKENS), "reason": "chaos"},
-                headers={"Idempotency-Key": f"{a}-grant"},
+                {"amount": str(GRANT_TOKENS), "reason": "chaos"},
+                f"{a}-grant",
             )
             if g.status_code != 200:
                 raise RuntimeError(f"grant to {a}: {g.status_code} {g.text}")
@@ -352,10 +371,8 @@ async def _fund(base_url: str, agent_ids: list[str]) -> None:
                 if acc.status_code == 200 and acc.json()["balance"] != "0.000000":
                     break
                 await asyncio.sleep(0.2)
-            s = await http.post(
-                f"/accounts/{a}/stake",
-                json={"amount": str(STAKE_TOKENS)},
-                headers={"Idempotency-Key": f"{a}-stake"},
+            s = await post_until_answered(
+                http, f"/accounts/{a}/stake", {"amount": str(STAKE_TOKENS)}, f"{a}-stake"
             )
             if s.status_code != 200:
                 raise RuntimeError(f"stake of {a}: {s.status_code} {s.text}")
