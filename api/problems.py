@@ -9,6 +9,7 @@ Rejection's code, or the API's own: ``validation_error``, ``bad_position`` ...) 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -204,8 +205,35 @@ async def _on_http(request: Request, exc: Exception) -> JSONResponse:
     return Problem(exc.status_code, code, detail, headers=exc.headers).response()
 
 
+#: Seconds during which further 503s for the same kind of failure are counted, not logged:
+#: an outage is logged once (the role's ServiceWatch says when the service is back), not
+#: once per request that meets it.
+UNAVAILABLE_LOG_QUIET_S = 60.0
+
+# exception type name -> [monotonic time of the last line logged, requests not logged since]
+_unavailable_logged: dict[str, list[float]] = {}
+
+
+def _log_unavailable(request: Request, exc: Exception) -> None:
+    kind = type(exc).__name__
+    now = time.monotonic()
+    seen = _unavailable_logged.get(kind)
+    if seen is not None and now - seen[0] < UNAVAILABLE_LOG_QUIET_S:
+        seen[1] += 1
+        return
+    unlogged = int(seen[1]) if seen is not None else 0
+    _unavailable_logged[kind] = [now, 0]
+    log.warning(
+        "dependency unavailable: answering 503 (further ones of this kind are counted, not"
+        f" logged, for {UNAVAILABLE_LOG_QUIET_S:.0f} s)",
+        path=request.url.path,
+        error=repr(exc),
+        **({"not_logged_before": unlogged} if unlogged else {}),
+    )
+
+
 async def _on_unavailable(request: Request, exc: Exception) -> JSONResponse:
-    log.warning("dependency unavailable", path=request.url.path, error=repr(exc))
+    _log_unavailable(request, exc)
     return Problem(
         503,
         "service_unavailable",

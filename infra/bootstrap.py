@@ -47,6 +47,7 @@ from infra.clock import Clock, SystemClock
 from infra.kafka import Kafka
 from infra.settings import Settings
 from infra.topics import Topics, ensure_topics
+from infra.watch import QuietReconnects, ServiceWatch, kafka_addresses, url_address
 
 if TYPE_CHECKING:  # imported where used: a role loads only the clients it opens
     import asyncpg
@@ -75,9 +76,14 @@ PROCESS_MANAGERS = ("scheduler", "economy", "workflow")
 
 
 def configure_logging(level: str = "INFO") -> None:
-    """structlog to stderr, and quieter aiokafka (its coordinator chatter is expected)."""
+    """structlog to stderr, and quieter aiokafka (its coordinator chatter is expected) and
+    asyncpg: their line per reconnection attempt is dropped (``infra.watch.QuietReconnects``;
+    a role's ``ServiceWatch`` logs an outage once when it starts and once when it ends)."""
     logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), format="%(message)s")
     logging.getLogger("aiokafka").setLevel(logging.ERROR)
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, QuietReconnects) for f in handler.filters):
+            handler.addFilter(QuietReconnects())
     structlog.configure(
         processors=[
             structlog.processors.add_log_level,
@@ -164,6 +170,28 @@ async def redis_client(url: str) -> AsyncIterator[aioredis.Redis]:
 def _service_urls(clients: Clients) -> tuple[str, str]:
     _, database_url, redis_url = clients.settings.require_services()
     return database_url, redis_url
+
+
+def watch_services(
+    clients: Clients, role: str, services: Iterable[str] = ("kafka", "postgres", "redis")
+) -> ServiceWatch:
+    """A ``ServiceWatch`` of ``services`` (among kafka, postgres, redis): the Kafka of
+    ``clients``, the database and Redis its settings name; it logs as ``role``, one
+    warning when a service stops answering, one info line when it is back. Raises
+    RuntimeError naming a service URL the settings lack.
+    """
+    settings = clients.settings
+    chosen = tuple(services)
+    if ("postgres" in chosen or "redis" in chosen) and not (
+        settings.database_url and settings.redis_url
+    ):
+        settings.require_services()  # raises, naming what is missing
+    addresses = {
+        "kafka": kafka_addresses(clients.kafka.bootstrap_servers),
+        "postgres": [url_address(settings.database_url or "", 5432)],
+        "redis": [url_address(settings.redis_url or "", 6379)],
+    }
+    return ServiceWatch({name: addresses[name] for name in chosen}, role=role)
 
 
 # one builder per role -------------------------------------------------------------------
@@ -390,12 +418,17 @@ async def open_api(clients: Clients, metrics: Metrics) -> AsyncIterator[ApiParts
             metrics,
             window_bytes=settings.sse_window_bytes,
         )
+        watch = watch_services(clients, "api")
+        watching = asyncio.Event()
+        watcher = asyncio.create_task(watch.run(watching), name="service-watch")
         try:
             async with pool.acquire() as conn:
                 await migrate(conn, settings.db_schema)
             await client.start()
             yield ApiParts(pool=pool, redis=redis, command_client=client, hub=hub)
         finally:
+            watching.set()
+            await watcher
             await hub.close_all()
             await client.stop()
 
@@ -413,6 +446,8 @@ class Deployment:
     processor: CommandProcessor | None = None
     process_managers: dict[str, ElectedRunner] = field(default_factory=dict)
     projector: Projector | None = None
+    #: Logs once per outage of a service the roles use (see ``watch_services``).
+    watch: ServiceWatch | None = None
 
     @property
     def runnables(self) -> dict[str, Runnable]:
@@ -426,8 +461,12 @@ class Deployment:
         return parts
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Run every part until ``stop`` is set; the first to fail fails this."""
-        await asyncio.gather(*(part.run(stop) for part in self.runnables.values()))
+        """Run every part (and the service watch) until ``stop`` is set; the first to
+        fail fails this."""
+        parts = [part.run(stop) for part in self.runnables.values()]
+        if self.watch is not None:
+            parts.append(self.watch.run(stop))
+        await asyncio.gather(*parts)
 
 
 @asynccontextmanager
@@ -449,6 +488,9 @@ async def deploy(
         raise ValueError(f"deploy builds processor, streams and projector, not {sorted(wanted)}")
     clients = await connect(settings, kafka=kafka, clock=clock)
     deployment = Deployment(clients)
+    used = ("kafka", "postgres", "redis") if "projector" in wanted else ("kafka",)
+    role = ",".join(r for r in ROLES if r in wanted)
+    deployment.watch = watch_services(clients, role, used)
     if "processor" in wanted:
         deployment.processor = build_processor(clients)
     if "streams" in wanted:

@@ -289,6 +289,10 @@ def api(
     _serve_api(settings.model_copy(update=updates))
 
 
+def _exit_zero(signum: int, frame: object) -> None:
+    raise SystemExit(0)
+
+
 def _serve_api(settings: Settings) -> None:
     """Serve the HTTP API with uvicorn until SIGTERM, in ``settings.api_workers``
     processes (uvicorn's workers share the port; each builds its parts through
@@ -298,6 +302,11 @@ def _serve_api(settings: Settings) -> None:
     from api.app import create_app
 
     asyncio.run(bootstrap.connect(settings))  # create missing topics once, before the workers
+    # uvicorn drains on SIGTERM (no new connections, open requests finished, lifespan
+    # shutdown closing the SSE streams and flushing the producer), then raises the
+    # signal again for its default action, which would make a clean stop exit -15: this
+    # handler, restored by uvicorn before it does so, turns that into exit 0.
+    signal.signal(signal.SIGTERM, _exit_zero)
     if settings.api_workers > 1:
         # Workers build the app from the environment: hand the settings down through it.
         kafka_url, database_url, redis_url = settings.require_services()
