@@ -16,9 +16,11 @@ are ignored, since the run stops PostgreSQL and Redis):
 3. the faults, for ``--duration`` seconds in all: every ``--kill-interval`` seconds
    (seeded jitter, x0.5 to x1.5) a random target (processor, streams, projector, API or
    one agent) is killed with SIGKILL and started again after ``--restart-delay``
-   seconds; then PostgreSQL and then Redis are stopped for ``--outage`` seconds each
-   (``infra.stack.stop_service``) and started again (``infra.stack.up``). A role that
-   exits by itself is recorded and started again, as a supervisor would;
+   seconds, for the whole window; in its last part PostgreSQL and then Redis are stopped
+   for ``--outage`` seconds each (``infra.stack.stop_service``) and started again
+   (``infra.stack.up``), the kills going on meanwhile (so a role may be started while a
+   service is down). A role that exits by itself is recorded and started again, as a
+   supervisor would;
 4. waits up to ``--settle-timeout`` seconds after the faults stop for every task to be
    completed in the read model, stops the agents and lets the projector catch up;
 5. checks, from the log read with read_committed and from the read models: every
@@ -101,10 +103,11 @@ STAKE_TOKENS = 1_000
 class ChaosConfig:
     """One chaos run's size and faults. Times in seconds.
 
-    ``duration_s`` is the whole fault window: kills for ``duration_s`` minus the outages
-    (each ``outage_s`` plus the restart), then the outages; tasks are submitted evenly
-    over it. ``settle_timeout_s`` bounds the time from the faults' end until every task
-    is completed in the read model. ``seed`` fixes the kill schedule and targets.
+    ``duration_s`` is the whole fault window: kills throughout, and after ``duration_s``
+    minus the outages (each ``outage_s`` plus about 5 s for the restart) the outages, one
+    after the other; tasks are submitted evenly over it. ``settle_timeout_s`` bounds the
+    time from the faults' end until every task is completed in the read model. ``seed``
+    fixes the kill schedule and targets.
     """
 
     tasks: int = 300
@@ -128,7 +131,8 @@ class ChaosReport:
 
     ``kills`` counts SIGKILLs by target kind; ``kill_log`` is (seconds since the faults
     began, child name) per kill; ``exits`` names each child that exited by itself (and
-    its log's last line); ``outages`` is (service, seconds down, seconds to start again);
+    its log's last line); ``outages`` is (service, seconds since the faults began, seconds
+    down, seconds its start took);
     ``submit_answers`` counts the answers to ``POST /tasks`` (HTTP status, or the
     exception's class name); ``settle_s`` is from the faults' end to the last task's
     completion on the log (0 if all completed before), ``read_model_settle_s`` to when
@@ -144,7 +148,7 @@ class ChaosReport:
     kills: Counter[str] = field(default_factory=Counter)
     kill_log: list[tuple[float, str]] = field(default_factory=list)
     exits: list[str] = field(default_factory=list)
-    outages: list[tuple[str, float, float]] = field(default_factory=list)
+    outages: list[tuple[str, float, float, float]] = field(default_factory=list)
     accepted: set[str] = field(default_factory=set)
     refused: dict[str, str] = field(default_factory=dict)
     submit_answers: Counter[str] = field(default_factory=Counter)
@@ -256,15 +260,14 @@ class _Chaos:
                     self.start(target)
             await asyncio.sleep(0.5)
 
-    async def kills(self, seconds: float, t0: float) -> None:
-        """Kill a random target every ``kill_interval_s`` (x0.5..1.5) for ``seconds``."""
-        end = time.monotonic() + seconds
+    async def kills(self, t0: float, done: asyncio.Event) -> None:
+        """Kill a random target every ``kill_interval_s`` (x0.5..1.5) until ``done``."""
         while True:
             wait = self.config.kill_interval_s * self.rng.uniform(0.5, 1.5)
-            if time.monotonic() + wait > end:
-                await asyncio.sleep(max(0.0, end - time.monotonic()))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(done.wait(), wait)
+            if done.is_set():
                 return
-            await asyncio.sleep(wait)
             kind = self.rng.choice(TARGETS)
             target = f"agent-{self.rng.randrange(self.config.agents)}" if kind == "agent" else kind
             name = self.kill(target)
@@ -273,15 +276,23 @@ class _Chaos:
             await asyncio.sleep(self.config.restart_delay_s)
             self.start(target)
 
-    async def outage(self, service: str) -> None:
-        """Stop ``service`` for ``outage_s`` seconds, then start it again."""
-        t = time.monotonic()
-        await asyncio.to_thread(stack.stop_service, self.state_dir, service)
-        down = time.monotonic()
-        await asyncio.sleep(self.config.outage_s)
-        await asyncio.to_thread(start_private_stack, self.state_dir, Console(stderr=True))
-        back = time.monotonic()
-        self.report.outages.append((service, back - t, back - down - self.config.outage_s))
+    async def outages(self, t0: float, after_s: float, done: asyncio.Event) -> None:
+        """After ``after_s`` seconds, stop each of ``SERVICES`` in turn for ``outage_s``
+        seconds and start it again; then set ``done``."""
+        try:
+            await asyncio.sleep(after_s)
+            for service in SERVICES:
+                t = time.monotonic()
+                await asyncio.to_thread(stack.stop_service, self.state_dir, service)
+                down = time.monotonic()
+                await asyncio.sleep(self.config.outage_s)
+                await asyncio.to_thread(start_private_stack, self.state_dir, Console(stderr=True))
+                back = time.monotonic()
+                self.report.outages.append(
+                    (service, t - t0, back - t, back - down - self.config.outage_s)
+                )
+        finally:
+            done.set()
 
 
 async def post_until_answered(
@@ -705,16 +716,14 @@ async def run_chaos(
         outages = len(SERVICES) * (config.outage_s + 5.0)
         kill_s = max(config.kill_interval_s * 1.5, config.duration_s - outages)
         console.print(
-            f"[bold]{run}[/]: {config.tasks} tasks, {config.agents} agents; kills for"
-            f" {kill_s:.0f} s, then {', '.join(SERVICES)} down {config.outage_s:.0f} s each;"
-            f" logs in {log_dir}"
+            f"[bold]{run}[/]: {config.tasks} tasks, {config.agents} agents; kills every"
+            f" ~{config.kill_interval_s:.1f} s throughout; after {kill_s:.0f} s"
+            f" {', '.join(SERVICES)} down {config.outage_s:.0f} s each; logs in {log_dir}"
         )
         t0 = time.monotonic()
         driver = asyncio.create_task(_drive(chaos.base_url, config, report))
-        await chaos.kills(kill_s, t0)
-        for service in SERVICES:
-            console.print(f"stopping {service}")
-            await chaos.outage(service)
+        done = asyncio.Event()
+        await asyncio.gather(chaos.kills(t0, done), chaos.outages(t0, kill_s, done))
         faults_end_wall = datetime.now(UTC)
         faults_end = time.monotonic()
         report.faults_s = faults_end - t0
@@ -787,8 +796,11 @@ def render(report: ChaosReport, console: Console) -> None:
         f"kills (SIGKILL, restarted after {cfg.restart_delay_s} s): {kills};"
         f" total {sum(report.kills.values())}"
     )
-    for service, down_s, restart_s in report.outages:
-        console.print(f"outage: {service} down {down_s:.1f} s (restart took {restart_s:.1f} s)")
+    for service, at_s, down_s, restart_s in report.outages:
+        console.print(
+            f"outage: {service} stopped at {at_s:.0f} s, down {down_s:.1f} s"
+            f" (restart took {restart_s:.1f} s)"
+        )
     console.print(
         "kill times (s after the faults began): "
         + ", ".join(f"{t:.0f} {name}" for t, name in report.kill_log)
