@@ -10,7 +10,11 @@ processes) on the local stack or the services the environment names:
 2. sustained lifecycles: ``--tasks`` tasks submitted with ``POST /tasks:batch`` and run by
    ``--agents`` no-op agents; lifecycles/s = tasks / (first submit -> last completion
    projected), with submit-to-assigned and submit-to-completed percentiles from the read
-   model, and projection lag (event time to the commit of its row in the archive).
+   model, and projection lag (event time to the commit of its row in the archive);
+   and the agents' liveness under that load: how many times an agent was marked offline
+   (every agent lives throughout, so each is a false heartbeat timeout), how many tasks
+   were requeued for it, and the gaps between an agent's recorded heartbeats (by the
+   time each was sent; the agents send one every 2 s).
 
 Run: ``eval "$(swarmlog up)"; python -m bench.lifecycle --tasks 2000 --agents 8``.
 """
@@ -152,6 +156,27 @@ async def bench(
                 )
                 or []
             ]
+            offline = await conn.fetchval(
+                f"SELECT count(*) FROM {run}.events WHERE aggregate_type = 'agent'"
+                f" AND aggregate_id LIKE $1 AND type LIKE '%.marked_offline'",
+                f"{run}-agent-%",
+            )
+            requeued = await conn.fetchval(
+                f"SELECT count(*) FROM {run}.events WHERE aggregate_id LIKE $1"
+                f" AND type LIKE '%.requeued' AND data->>'reason' = 'agent_offline'",
+                f"{run}-t%",
+            )
+            gaps = [
+                float(v)
+                for v in await conn.fetchval(
+                    f"SELECT array_agg(gap) FROM (SELECT extract(epoch FROM time - lag(time)"
+                    f" OVER (PARTITION BY aggregate_id ORDER BY version)) * 1000 AS gap"
+                    f" FROM {run}.events WHERE aggregate_id LIKE $1"
+                    f" AND type LIKE '%.heartbeat_recorded') g WHERE gap IS NOT NULL",
+                    f"{run}-agent-%",
+                )
+                or []
+            ]
         finally:
             await conn.close()
         assign = [float(r["assign_ms"]) for r in rows]
@@ -163,6 +188,13 @@ async def bench(
             submit_to_assigned_ms={"p50": _pct(assign, 0.5), "p99": _pct(assign, 0.99)},
             submit_to_completed_ms={"p50": _pct(complete, 0.5), "p99": _pct(complete, 0.99)},
             projection_lag_ms={"p50": _pct(lag, 0.5), "p99": _pct(lag, 0.99)},
+            marked_offline=offline,
+            requeued_agent_offline=requeued,
+            heartbeat_gap_ms={
+                "p50": _pct(gaps, 0.5),
+                "p99": _pct(gaps, 0.99),
+                "max": max(gaps, default=float("nan")),
+            },
         )
     finally:
         stop.set()
@@ -206,6 +238,13 @@ def main(
     console.print(
         f"projection lag (event time -> row committed): p50"
         f" {f['projection_lag_ms']['p50']:.0f} ms, p99 {f['projection_lag_ms']['p99']:.0f} ms"
+    )
+    g = f["heartbeat_gap_ms"]
+    console.print(
+        f"heartbeat timeouts among the {agents} live agents: {f['marked_offline']} marked"
+        f" offline, {f['requeued_agent_offline']} tasks requeued for it; gap between"
+        f" an agent's recorded heartbeats p50 {g['p50']:.0f} ms, p99 {g['p99']:.0f} ms,"
+        f" max {g['max']:.0f} ms"
     )
 
 

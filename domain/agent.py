@@ -8,11 +8,12 @@ the agent's load (its assigned and running tasks); it is not stored twice here.
 
 from __future__ import annotations
 
-from typing import Annotated, ClassVar, Literal
+from datetime import datetime
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import Field, field_validator
+from pydantic import AwareDatetime, Field, field_validator
 
-from domain.messages import Command, Decider, Event, Message, Rejection, rejected
+from domain.messages import Command, Decider, Event, Message, Rejection, Upcaster, rejected
 from domain.money import MAX_PRICE, MicroTokens
 
 AGENT = "agent"
@@ -87,13 +88,25 @@ class RestartAgent(AgentCommand):
 
 
 class RecordHeartbeat(AgentCommand):
-    """Record that the agent is alive at ``at``; an offline agent comes back online."""
+    """Record that the agent is alive at ``at``; an offline agent comes back online.
+
+    ``at`` is when the agent sent the heartbeat (the API clamps the agent's ``sent_at``
+    to a few seconds before it received it, api/routes/agents.py), not when it is
+    decided: the heartbeat timeout is measured from it.
+    """
 
 
 class MarkAgentOffline(AgentCommand):
-    """Mark a running agent offline (sent by the scheduler when heartbeats stop)."""
+    """Mark a running agent offline (sent by the scheduler when heartbeats stop).
+
+    With ``timeout_s`` (seconds) the decider refuses (``agent_alive``) while the last
+    heartbeat the agent sent is less than ``timeout_s`` before ``at``: a scheduler whose
+    view lags the log cannot take a live agent offline. Without it (commands written
+    before it existed) only the lifecycle is checked.
+    """
 
     reason: str = "heartbeat_timeout"
+    timeout_s: float | None = Field(default=None, ge=0)
 
 
 class UpdateCapabilities(AgentCommand):
@@ -143,11 +156,25 @@ class AgentRestarted(AgentEvent):
     event_type: ClassVar[str] = "restarted"
 
 
+def _sent_at_unknown(data: dict[str, Any]) -> dict[str, Any]:
+    """HeartbeatRecorded v1 -> v2: the send time was not recorded (``sent_at`` None)."""
+    return {**data, "sent_at": None}
+
+
 class HeartbeatRecorded(AgentEvent):
-    """A heartbeat arrived; ``resumed`` is true when it brought an offline agent back."""
+    """A heartbeat arrived; ``resumed`` is true when it brought an offline agent back.
+
+    ``sent_at`` is when the agent sent it (the command's ``at``). Schema version 2 added
+    it; version-1 records (before 2026-12-08) are upcast with ``sent_at`` None, and a
+    state folded from them knows no heartbeat time (``MarkAgentOffline`` is then decided
+    on the lifecycle alone, as it was when they were written).
+    """
 
     event_type: ClassVar[str] = "heartbeat_recorded"
+    schema_version: ClassVar[int] = 2
+    upcasters: ClassVar[tuple[Upcaster, ...]] = (_sent_at_unknown,)
     resumed: bool = False
+    sent_at: AwareDatetime | None = None
 
 
 class AgentMarkedOffline(AgentEvent):
@@ -179,6 +206,8 @@ class AgentState(Message):
     max_concurrent_tasks: int
     cost_per_task: MicroTokens
     lifecycle: Lifecycle
+    last_heartbeat_at: datetime | None = None
+    """When the agent sent its last recorded heartbeat (None: none recorded with a time)."""
 
 
 def decide(command: AgentCommand, state: AgentState | None) -> list[AgentEvent] | Rejection:
@@ -186,7 +215,7 @@ def decide(command: AgentCommand, state: AgentState | None) -> list[AgentEvent] 
 
     Returns a non-empty list of events, or a Rejection: ``agent_not_found`` (not_found),
     ``agent_already_registered``, ``agent_deregistered`` (gone), ``agent_not_running``,
-    ``agent_already_running``, ``agent_already_stopped`` (conflict).
+    ``agent_already_running``, ``agent_already_stopped``, ``agent_alive`` (conflict).
     """
     aid = command.agent_id
     match command, state:
@@ -221,10 +250,20 @@ def decide(command: AgentCommand, state: AgentState | None) -> list[AgentEvent] 
         case RestartAgent(), AgentState(lifecycle="running" | "stopped" | "offline"):
             return [AgentRestarted(agent_id=aid)]
         case RecordHeartbeat(), AgentState(lifecycle="running"):
-            return [HeartbeatRecorded(agent_id=aid)]
+            return [HeartbeatRecorded(agent_id=aid, sent_at=command.at)]
         case RecordHeartbeat(), AgentState(lifecycle="offline"):
-            return [HeartbeatRecorded(agent_id=aid, resumed=True)]
+            return [HeartbeatRecorded(agent_id=aid, resumed=True, sent_at=command.at)]
         case MarkAgentOffline(), AgentState(lifecycle="running"):
+            last = state.last_heartbeat_at
+            if command.timeout_s is not None and last is not None:
+                silent_s = (command.at - last).total_seconds()
+                if silent_s < command.timeout_s:
+                    return rejected(
+                        "conflict",
+                        "agent_alive",
+                        f"agent {aid} sent a heartbeat {silent_s:.3f} s before this command,"
+                        f" within its {command.timeout_s:g} s timeout",
+                    )
             return [AgentMarkedOffline(agent_id=aid, reason=command.reason)]
         case UpdateCapabilities(), AgentState():
             return [CapabilitiesUpdated(agent_id=aid, capabilities=command.capabilities)]
@@ -255,8 +294,12 @@ def evolve(state: AgentState | None, event: AgentEvent) -> AgentState | None:
     match event:
         case AgentStarted() | AgentRestarted():
             return state.model_copy(update={"lifecycle": "running"})
-        case HeartbeatRecorded(resumed=True):
-            return state.model_copy(update={"lifecycle": "running"})
+        case HeartbeatRecorded():
+            update: dict[str, Any] = {"lifecycle": "running"} if event.resumed else {}
+            last = state.last_heartbeat_at
+            if event.sent_at is not None and (last is None or event.sent_at > last):
+                update["last_heartbeat_at"] = event.sent_at
+            return state.model_copy(update=update) if update else state
         case AgentStopped():
             return state.model_copy(update={"lifecycle": "stopped"})
         case AgentMarkedOffline():

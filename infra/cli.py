@@ -82,7 +82,20 @@ def _services_table(state_dir: Path) -> Table:
 
 
 @app.command()
-def up(state_dir: StateDir) -> None:
+def up(
+    state_dir: StateDir,
+    brokers: Annotated[
+        int | None,
+        typer.Option(
+            "--brokers",
+            min=1,
+            help="Kafka nodes: 1, or 3 for a KRaft cluster (each node broker and controller;"
+            " replication factor 3, min.insync.replicas 2). Default: what --state-dir holds,"
+            " else 1.",
+            show_default=False,
+        ),
+    ] = None,
+) -> None:
     """Start Kafka, PostgreSQL and Redis locally, or reuse them if they already run.
 
     Needs no Docker and no configuration: the Kafka broker jars are fetched from Maven
@@ -93,9 +106,12 @@ def up(state_dir: StateDir) -> None:
 
     Prints the services on stderr and `export` lines on stdout:
     eval "$(swarmlog up)" sets the variables in your shell.
+
+    With --brokers 3, KAFKA_BOOTSTRAP_SERVERS lists the three brokers; run again, it
+    starts only the brokers that died.
     """
     try:
-        info = stack.up(state_dir, console=_err)
+        info = stack.up(state_dir, console=_err, brokers=brokers)
     except stack.StackError as error:
         message = f"[red]swarmlog up failed:[/] {escape(str(error))}"
         _err.print(message, soft_wrap=True, highlight=False)

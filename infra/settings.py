@@ -40,7 +40,11 @@ class Settings(BaseSettings):
     redis_prefix: str = "swarmlog"
     #: Partitions of the command topic and of every event topic (they are co-partitioned).
     partitions: int = 3
-    replication_factor: int = 1
+    #: Replication factor of the topics swarmlog creates; None (the default) takes the
+    #: cluster's ``default.replication.factor`` (1 on `swarmlog up`'s single node, 3 on
+    #: `swarmlog up --brokers 3`). Their ``min.insync.replicas`` is 2 from 3 replicas up,
+    #: else 1. More than the live brokers is refused by Kafka (infra/topics.py says so).
+    replication_factor: int | None = Field(default=None, ge=1)
 
     api_host: str = "127.0.0.1"
     api_port: int = 8000
@@ -69,6 +73,9 @@ class Settings(BaseSettings):
     aging_interval_s: float = 30.0
     #: An agent with no heartbeat for this long is marked offline.
     heartbeat_timeout_s: float = 15.0
+    #: API: a heartbeat counts from the ``sent_at`` its agent says, but never from more
+    #: than this many seconds before the API took it up (a slow or wrong agent clock).
+    heartbeat_max_skew_s: float = Field(default=5.0, ge=0)
     #: Economy: a command not answered by an event within this long is sent again (same id).
     economy_resend_s: float = 10.0
     #: Workflow engine: the same, for the commands it sends.

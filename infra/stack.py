@@ -1,4 +1,4 @@
-"""The local stack: a single-node Kafka, PostgreSQL and Redis started as plain processes.
+"""The local stack: Kafka (one node or a cluster), PostgreSQL and Redis as plain processes.
 
 ``swarmlog up`` calls :func:`up`, which needs no Docker and no configuration. Where the
 environment already names services (``KAFKA_BOOTSTRAP_SERVERS``, ``DATABASE_URL`` and
@@ -9,7 +9,8 @@ each only if it is not already running:
   ``infra/kafka/pom.xml`` into ``~/.cache/swarmlog/kafka-3.9.1/libs``), run on the
   machine's Java as one KRaft node that is both broker and controller, configured for a
   single node (replication factor 1 for the offsets and transaction logs, or transactions
-  hang at init; see DESIGN.md).
+  hang at init; see DESIGN.md). With ``brokers=3`` (``swarmlog up --brokers 3``) it is a
+  three-node KRaft cluster instead; see "A Kafka cluster" below.
 * **PostgreSQL** from Debian's packages: ``initdb`` with trust auth and superuser
   ``swarmlog``, run as the ``postgres`` OS user when we are root (PostgreSQL refuses to run
   as root), database ``swarmlog``.
@@ -22,12 +23,33 @@ Everything lives under ``state_dir`` (default ``.swarmlog``)::
     kafka/log4j.properties
     kafka/data/                the Kafka log (formatted once)
     kafka/kafka.log  kafka/kafka.pid
+    kafka-2/ kafka-3/          the same for nodes 2 and 3 of a cluster (node 1 is kafka/)
     postgres/data/  postgres/postgres.log  postgres/run/ (unix socket)
     redis/redis.log  redis/redis.pid
 
 When we are root and the ``postgres`` user cannot reach ``state_dir`` (a checkout under
 ``/root``, or pytest's ``/tmp/pytest-of-root``, both mode 700), PostgreSQL's directory is
 ``/var/tmp/swarmlog-<hash of state_dir>/postgres`` instead, recorded in ``stack.json``.
+
+A Kafka cluster (``brokers`` of 3 up to 9, recorded in ``stack.json`` as
+``kafka_brokers``): every node is a combined broker and controller (``process.roles=
+broker,controller``), and all of them are the voters of the KRaft controller quorum
+(``controller.quorum.voters``, static). Combined nodes rather than separate controllers:
+three JVMs instead of six on one machine, and the quorum still survives the loss of any
+one node (a majority of three is two), which is the fault the cluster is there to take.
+Kafka's operations guide (KRaft, "Deploying Considerations") advises dedicated controllers
+for critical deployments, where brokers and controllers scale and fail apart;
+docker-compose.cluster.yml has the same layout as here. The brokers are configured so
+that one of three may die with nothing acknowledged lost: ``default.replication.factor=3``,
+``min.insync.replicas=2``, the offsets and transaction-state logs with replication factor 3
+and min ISR 2, and
+``unclean.leader.election.enable=false`` (an out-of-sync replica never becomes leader).
+With acks=all (every swarmlog producer, infra/kafka.py) a write is acknowledged only once
+two replicas hold it. Each node's heap is 128-512 MB (one node alone keeps 256-768 MB).
+A cluster's state directory stays a cluster: ``up`` with another broker count raises
+StackError (``down --purge`` first). Ports are fixed at the first ``up``: the voters list
+names them, so a dead node is restarted on its own ports, and new ports are chosen only
+when no node runs.
 
 Services listen on 127.0.0.1 only, on free ports chosen at the first ``up`` and kept.
 Processes are started in their own session, so they outlive the caller; :func:`down` stops
@@ -130,24 +152,34 @@ class StackInfo:
 # --------------------------------------------------------------------------- public API
 
 
-def up(state_dir: Path, *, console: Console | None = None) -> StackInfo:
+def up(state_dir: Path, *, console: Console | None = None, brokers: int | None = None) -> StackInfo:
     """Start Kafka, PostgreSQL and Redis under ``state_dir`` (or reuse them) and say where.
 
     If ``KAFKA_BOOTSTRAP_SERVERS``, ``DATABASE_URL`` and ``REDIS_URL`` are all set, starts
     nothing and returns them with ``started=False``. Otherwise each service that is not
     already running (pid file, live process, answering its port) is started and waited for:
-    Kafka until its metadata answers (up to 90 s), PostgreSQL until ``pg_ctl -w`` returns
-    and database ``swarmlog`` exists, Redis until PING answers. Idempotent: a second call
-    reuses the running processes and returns the same URLs. Progress goes to ``console``
-    (stderr by default).
+    Kafka until its metadata lists every broker (up to 90 s), PostgreSQL until ``pg_ctl
+    -w`` returns and database ``swarmlog`` exists, Redis until PING answers. Idempotent: a
+    second call reuses the running processes and returns the same URLs; on a cluster where
+    some brokers died, only those are started again. Progress goes to ``console`` (stderr
+    by default).
+
+    ``brokers`` is the number of Kafka nodes: 1 (one node) or 3 to 9 (a KRaft cluster, see
+    the module docstring); None means what ``state_dir`` already holds, else 1. The
+    returned ``kafka_bootstrap_servers`` lists every broker, comma-separated.
 
     Raises StackError naming the service, its log file and the log's last lines when one
-    fails to start, or the Debian package to install when a program is missing.
+    fails to start, or the Debian package to install when a program is missing; also when
+    ``brokers`` is 2 or out of range, or differs from the cluster ``state_dir`` holds.
     """
     console = console or Console(stderr=True)
+    if brokers is not None:
+        _check_broker_count(brokers)
     external = environment_info()
     if external is not None:
         _say(console, "[dim]Using KAFKA_BOOTSTRAP_SERVERS, DATABASE_URL and REDIS_URL.[/]")
+        if brokers is not None and brokers > 1:
+            _say(console, f"[yellow]--brokers {brokers} ignored: no Kafka is started.[/]")
         return external
     settings = Settings()
     given = (settings.kafka_bootstrap_servers, settings.database_url, settings.redis_url)
@@ -163,9 +195,10 @@ def up(state_dir: Path, *, console: Console | None = None) -> StackInfo:
     layout.root.mkdir(parents=True, exist_ok=True)
     with _locked(layout.lock):
         state = _load_state(layout)
+        count = _resolve_broker_count(layout, state, brokers)
         libs = ensure_kafka_jars(console=console)
         # Kafka takes longest, so it is launched first and waited for last.
-        kafka = _launch_kafka(layout, state, libs, console)
+        kafka = _launch_kafka(layout, state, libs, console, count)
         _save_state(layout, state)
         pg_url = _ensure_postgres(layout, state, console)
         _save_state(layout, state)
@@ -180,7 +213,8 @@ def up(state_dir: Path, *, console: Console | None = None) -> StackInfo:
 def down(state_dir: Path, *, purge: bool = False) -> list[str]:
     """Stop what :func:`up` started under ``state_dir``, by recorded pid; return what was done.
 
-    Kafka and Redis get SIGTERM, then SIGKILL after 20 s; PostgreSQL is stopped with
+    Kafka and Redis get SIGTERM, then SIGKILL after 20 s (every broker of a cluster at once,
+    so that none waits for the others to leave); PostgreSQL is stopped with
     ``pg_ctl stop -m fast`` (signals if that fails). Data stays in place unless ``purge``,
     which then deletes ``state_dir`` and PostgreSQL's directory outside it, if any. A pid
     whose process is gone or is no longer the service is only forgotten, never signalled.
@@ -191,7 +225,7 @@ def down(state_dir: Path, *, purge: bool = False) -> list[str]:
     messages: list[str] = []
     with _locked(layout.lock):
         state = _load_state(layout)
-        messages.append(_stop_pidfile("Kafka", layout.kafka_pid, "kafka.Kafka"))
+        messages.extend(_stop_brokers(layout, state))
         messages.append(_stop_postgres(layout, state))
         messages.append(_stop_pidfile("Redis", layout.redis_pid, "redis-server"))
         if purge:
@@ -237,26 +271,35 @@ def stop_service(state_dir: Path, service: str) -> str:
 def status(state_dir: Path) -> list[dict[str, Any]]:
     """Describe each local service under ``state_dir``; starts nothing.
 
-    Returns one dict per service, Kafka, PostgreSQL, Redis in that order, with keys
-    ``name`` (str), ``running`` (bool: the recorded pid is a live process of that service),
-    ``pid`` (int or None), ``address`` (bootstrap servers or URL, None before the first
-    ``up``) and ``log`` (Path of its log file).
+    Returns one dict per service, Kafka (one per broker of a cluster: ``Kafka 1``, ``Kafka
+    2``, ...), PostgreSQL, Redis in that order, with keys ``name`` (str), ``running``
+    (bool: the recorded pid is a live process of that service), ``pid`` (int or None),
+    ``address`` (the broker's host:port or the URL, None before the first ``up``) and
+    ``log`` (Path of its log file).
     """
     layout = _Layout(state_dir)
     state = _load_state(layout) if layout.state_file.exists() else {}
     pg_root = _pg_root_from_state(layout, state)
-    kafka_pid = _live_pid(layout.kafka_pid, "kafka.Kafka")
     pg_pid = _live_pid(pg_root / "data" / "postmaster.pid", "postgres")
     redis_pid = _live_pid(layout.redis_pid, "redis-server")
     urls = _urls(state)
+    nodes = _broker_nodes(layout, state)
+    kafka: list[dict[str, Any]] = []
+    for node in nodes:
+        paths = layout.broker(node)
+        pid = _live_pid(paths.pid, "kafka.Kafka")
+        port = state.get(_port_keys(node)[0])
+        kafka.append(
+            {
+                "name": "Kafka" if len(nodes) == 1 else f"Kafka {node}",
+                "running": pid is not None,
+                "pid": pid,
+                "address": f"{_HOST}:{port}" if port else None,
+                "log": paths.log,
+            }
+        )
     return [
-        {
-            "name": "Kafka",
-            "running": kafka_pid is not None,
-            "pid": kafka_pid,
-            "address": urls[0],
-            "log": layout.kafka_log,
-        },
+        *kafka,
         {
             "name": "PostgreSQL",
             "running": pg_pid is not None,
@@ -386,6 +429,20 @@ def ensure_kafka_jars(*, console: Console | None = None) -> Path:
 # --------------------------------------------------------------------------- layout, state
 
 
+class _BrokerPaths:
+    """The files of one Kafka node: node 1 in ``kafka/`` (where a single node always lived,
+    so older state directories still work), node n in ``kafka-<n>/``."""
+
+    def __init__(self, root: Path, node: int) -> None:
+        self.node = node
+        self.dir = root / ("kafka" if node == 1 else f"kafka-{node}")
+        self.data = self.dir / "data"
+        self.properties = self.dir / "server.properties"
+        self.log4j = self.dir / "log4j.properties"
+        self.log = self.dir / "kafka.log"
+        self.pid = self.dir / "kafka.pid"
+
+
 class _Layout:
     """Paths under one state directory."""
 
@@ -393,15 +450,21 @@ class _Layout:
         self.root = Path(state_dir).expanduser().resolve()
         self.state_file = self.root / "stack.json"
         self.lock = self.root / ".stack.lock"
-        self.kafka_dir = self.root / "kafka"
-        self.kafka_data = self.kafka_dir / "data"
-        self.kafka_properties = self.kafka_dir / "server.properties"
-        self.kafka_log4j = self.kafka_dir / "log4j.properties"
-        self.kafka_log = self.kafka_dir / "kafka.log"
-        self.kafka_pid = self.kafka_dir / "kafka.pid"
+        # Kafka node 1 (the only one, unless a cluster).
+        first = self.broker(1)
+        self.kafka_dir = first.dir
+        self.kafka_data = first.data
+        self.kafka_properties = first.properties
+        self.kafka_log4j = first.log4j
+        self.kafka_log = first.log
+        self.kafka_pid = first.pid
         self.redis_dir = self.root / "redis"
         self.redis_log = self.redis_dir / "redis.log"
         self.redis_pid = self.redis_dir / "redis.pid"
+
+    def broker(self, node: int) -> _BrokerPaths:
+        """The files of Kafka node ``node`` (1-based)."""
+        return _BrokerPaths(self.root, node)
 
     def fallback_pg_root(self) -> Path:
         digest = hashlib.sha256(str(self.root).encode()).hexdigest()[:12]
@@ -425,7 +488,8 @@ def _save_state(layout: _Layout, state: dict[str, Any]) -> None:
 
 
 def _urls(state: dict[str, Any]) -> tuple[str | None, str | None, str | None]:
-    kafka = f"{_HOST}:{state['kafka_port']}" if state.get("kafka_port") else None
+    ports = [state.get(_port_keys(node)[0]) for node in range(1, _recorded_brokers(state) + 1)]
+    kafka = ",".join(f"{_HOST}:{port}" for port in ports) if all(ports) else None
     database = (
         f"postgresql://{DATABASE_USER}@{_HOST}:{state['postgres_port']}/{DATABASE_NAME}"
         if state.get("postgres_port")
@@ -666,12 +730,73 @@ def _ports_for(
 # --------------------------------------------------------------------------- Kafka
 
 
+#: Most Kafka nodes ``up`` runs; 2 is refused (a quorum of two survives no loss).
+MAX_BROKERS = 9
+#: Replication factor and min ISR a cluster gives its topics (internal ones included):
+#: one broker of three may die with every acknowledged write still on two.
+CLUSTER_REPLICATION_FACTOR = 3
+CLUSTER_MIN_INSYNC_REPLICAS = 2
+
+
 @dataclass
 class _KafkaLaunch:
+    node: int
     pid: int
     port: int
     started: bool
     since: float
+
+
+def _check_broker_count(brokers: int) -> None:
+    if brokers != 1 and not 3 <= brokers <= MAX_BROKERS:
+        raise StackError(
+            f"Kafka: --brokers {brokers}: use 1 (one node) or 3 to {MAX_BROKERS} (a cluster;"
+            " two nodes cannot lose one, neither their controller quorum nor min ISR 2)"
+        )
+
+
+def _recorded_brokers(state: dict[str, Any]) -> int:
+    count = state.get("kafka_brokers")
+    return count if isinstance(count, int) and count >= 1 else 1
+
+
+def _broker_nodes(layout: _Layout, state: dict[str, Any]) -> list[int]:
+    """Node numbers to look at: those the state records, and any other node directory."""
+    count = _recorded_brokers(state)
+    for path in layout.root.glob("kafka-*"):
+        suffix = path.name.removeprefix("kafka-")
+        if suffix.isdigit():
+            count = max(count, int(suffix))
+    return list(range(1, count + 1))
+
+
+def _port_keys(node: int) -> tuple[str, str]:
+    """The ``stack.json`` keys of node ``node``'s broker and controller ports."""
+    if node == 1:
+        return "kafka_port", "kafka_controller_port"
+    return f"kafka_{node}_port", f"kafka_{node}_controller_port"
+
+
+def _resolve_broker_count(layout: _Layout, state: dict[str, Any], requested: int | None) -> int:
+    """The number of Kafka nodes to run: ``requested``, else what the state dir holds, else 1.
+
+    Raises StackError when ``requested`` differs from a cluster already formatted here (a
+    KRaft quorum's voters are fixed when it is formatted).
+    """
+    formatted = any(
+        (layout.broker(node).data / "meta.properties").exists()
+        for node in _broker_nodes(layout, state)
+    )
+    recorded = _recorded_brokers(state)
+    if requested is None:
+        return recorded
+    if formatted and requested != recorded:
+        raise StackError(
+            f"Kafka: {layout.root} holds a {recorded}-broker Kafka; `swarmlog up --brokers"
+            f" {recorded}` starts it again. For {requested}, use another --state-dir, or"
+            " `swarmlog down --purge` first (which deletes every topic)"
+        )
+    return requested
 
 
 def _cluster_id() -> str:
@@ -684,26 +809,47 @@ def _cluster_id() -> str:
             return cid
 
 
-def _write_kafka_config(layout: _Layout, port: int, controller_port: int) -> None:
-    layout.kafka_properties.write_text(
+def _write_kafka_config(
+    paths: _BrokerPaths, brokers: int, port: int, controller_port: int, voters: str
+) -> None:
+    if brokers == 1:
+        replication = """# A single node: internal topics with replication 1, or transactions hang
+# at init.
+offsets.topic.replication.factor=1
+transaction.state.log.replication.factor=1
+transaction.state.log.min.isr=1
+default.replication.factor=1
+min.insync.replicas=1"""
+    else:
+        rf, isr = CLUSTER_REPLICATION_FACTOR, CLUSTER_MIN_INSYNC_REPLICAS
+        replication = f"""# A cluster: every topic (the offsets and transaction logs too) on {rf}
+# brokers, a write acknowledged (acks=all) only once {isr} replicas hold it: one node may die.
+offsets.topic.replication.factor={rf}
+transaction.state.log.replication.factor={rf}
+transaction.state.log.min.isr={isr}
+default.replication.factor={rf}
+min.insync.replicas={isr}"""
+    shape = (
+        "One KRaft node that is both broker and controller"
+        if brokers == 1
+        else f"Node {paths.node} of {brokers} KRaft nodes, each broker and controller (voter)"
+    )
+    paths.properties.write_text(
         f"""# Generated by swarmlog (infra/stack.py) on every start; edits are overwritten.
-# One KRaft node that is both broker and controller, on loopback only.
+# {shape}, on loopback only.
 process.roles=broker,controller
-node.id=1
-controller.quorum.voters=1@{_HOST}:{controller_port}
+node.id={paths.node}
+controller.quorum.voters={voters}
 listeners=PLAINTEXT://{_HOST}:{port},CONTROLLER://{_HOST}:{controller_port}
 advertised.listeners=PLAINTEXT://{_HOST}:{port}
 listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
 controller.listener.names=CONTROLLER
 inter.broker.listener.name=PLAINTEXT
-log.dirs={layout.kafka_data}
+log.dirs={paths.data}
 
-# A single node: internal topics with replication 1, or transactions hang at init.
-offsets.topic.replication.factor=1
-transaction.state.log.replication.factor=1
-transaction.state.log.min.isr=1
-default.replication.factor=1
-min.insync.replicas=1
+{replication}
+# Only an in-sync replica may become leader: never trade acknowledged writes for uptime.
+unclean.leader.election.enable=false
 
 # Tests join groups constantly; do not wait 3 s for more members.
 group.initial.rebalance.delay.ms=0
@@ -712,7 +858,7 @@ num.partitions=3
 auto.create.topics.enable=false
 """
     )
-    layout.kafka_log4j.write_text(
+    paths.log4j.write_text(
         """# Generated by swarmlog: everything to stdout, which goes to kafka.log.
 log4j.rootLogger=INFO, stdout
 log4j.appender.stdout=org.apache.log4j.ConsoleAppender
@@ -726,63 +872,177 @@ log4j.logger.kafka.authorizer.logger=WARN
 
 
 def _launch_kafka(
-    layout: _Layout, state: dict[str, Any], libs: Path, console: Console
-) -> _KafkaLaunch:
-    """Start the broker unless it runs; do not wait for it (see :func:`_await_kafka`)."""
-    layout.kafka_dir.mkdir(parents=True, exist_ok=True)
-    pid = _live_pid(layout.kafka_pid, "kafka.Kafka")
-    if pid is not None and state.get("kafka_port"):
-        return _KafkaLaunch(pid, int(state["kafka_port"]), started=False, since=time.monotonic())
-    if pid is not None:  # running but we lost its ports: restart it on known ones
-        _terminate(pid, "kafka.Kafka")
+    layout: _Layout, state: dict[str, Any], libs: Path, console: Console, brokers: int
+) -> list[_KafkaLaunch]:
+    """Start every Kafka node that does not run; do not wait for them (:func:`_await_kafka`).
+
+    While some nodes of a cluster run, the dead ones are started on their recorded ports
+    (the running voters know them by those); only when none runs may ports change.
+    """
+    nodes = list(range(1, brokers + 1))
+    state["kafka_brokers"] = brokers
+    running = {node: _live_pid(layout.broker(node).pid, "kafka.Kafka") for node in nodes}
+    keys = tuple(key for node in nodes for key in _port_keys(node))
+    have_ports = all(state.get(key) for key in keys)
+    if have_ports and any(running.values()):
+        for node in nodes:
+            taken = [
+                state[key]
+                for key in _port_keys(node)
+                if running[node] is None and not _port_free(state[key])
+            ]
+            if taken:
+                raise StackError(
+                    f"Kafka: node {node}'s port(s) {taken} are taken by another program, and the"
+                    " running nodes know it by them: `swarmlog down`, then `swarmlog up"
+                    f" --brokers {brokers}` chooses new ports for all"
+                )
+    else:
+        for pid in running.values():
+            if pid is not None:  # running but we lost its ports: restart all on known ones
+                _terminate(pid, "kafka.Kafka")
+        running = dict.fromkeys(nodes)
+        _ports_for(state, keys, "Kafka", console)
+    voters = ",".join(f"{node}@{_HOST}:{state[_port_keys(node)[1]]}" for node in nodes)
     java = _java()
     classpath = f"{libs}/*"
-    port, controller_port = _ports_for(
-        state, ("kafka_port", "kafka_controller_port"), "Kafka", console
+    to_start = [node for node in nodes if running[node] is None]
+    for node in to_start:
+        paths = layout.broker(node)
+        paths.dir.mkdir(parents=True, exist_ok=True)
+        port, controller_port = (int(state[key]) for key in _port_keys(node))
+        _write_kafka_config(paths, brokers, port, controller_port, voters)
+    _format_kafka(
+        layout,
+        state,
+        java,
+        classpath,
+        [n for n in to_start if not (layout.broker(n).data / "meta.properties").exists()],
+        brokers,
     )
-    _write_kafka_config(layout, port, controller_port)
-    log4j = f"-Dlog4j.configuration=file:{layout.kafka_log4j}"
-    if not (layout.kafka_data / "meta.properties").exists():
-        cluster_id = state.setdefault("kafka_cluster_id", _cluster_id())
-        format_command = [
+    launches: list[_KafkaLaunch] = []
+    for node in nodes:
+        port = int(state[_port_keys(node)[0]])
+        pid = running[node]
+        if pid is not None:
+            launches.append(_KafkaLaunch(node, pid, port, started=False, since=time.monotonic()))
+            continue
+        paths = layout.broker(node)
+        # One node keeps the heap it always had; three share 2 cores with everything else.
+        heap = ["-Xms256m", "-Xmx768m"] if brokers == 1 else ["-Xms128m", "-Xmx512m"]
+        command = [
+            java,
+            *heap,
+            "-XX:+ExitOnOutOfMemoryError",
+            "-Djava.awt.headless=true",
+            f"-Dlog4j.configuration=file:{paths.log4j}",
+            "-cp",
+            classpath,
+            "kafka.Kafka",
+            str(paths.properties),
+        ]
+        process = _spawn(command, cwd=paths.dir, log=paths.log, pid_file=paths.pid)
+        launches.append(_KafkaLaunch(node, process.pid, port, started=True, since=time.monotonic()))
+    return launches
+
+
+def _format_kafka(
+    layout: _Layout,
+    state: dict[str, Any],
+    java: str,
+    classpath: str,
+    nodes: list[int],
+    brokers: int,
+) -> None:
+    """Format the KRaft storage of ``nodes`` (all at once: a JVM start each) with the
+    state's cluster id; raise StackError naming the first that failed and its log."""
+    if not nodes:
+        return
+    cluster_id = state.setdefault("kafka_cluster_id", _cluster_id())
+    running: list[tuple[int, list[str], subprocess.Popen[str]]] = []
+    for node in nodes:
+        paths = layout.broker(node)
+        command = [
             java,
             "-cp",
             classpath,
-            log4j,
+            f"-Dlog4j.configuration=file:{paths.log4j}",
             "kafka.tools.StorageTool",
             "format",
             f"--cluster-id={cluster_id}",  # one argument even for an id from an older run
             "-c",
-            str(layout.kafka_properties),
+            str(paths.properties),
             "--ignore-formatted",
         ]
-        result = subprocess.run(
-            format_command,
-            cwd=layout.kafka_dir,
+        process = subprocess.Popen(
+            command,
+            cwd=paths.dir,
             stdin=subprocess.DEVNULL,
-            capture_output=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
             text=True,
-            check=False,
         )
-        with open(layout.kafka_log, "a") as log:
-            log.write(f"\n--- {shlex.join(format_command)}\n{result.stdout}{result.stderr}")
-        if result.returncode != 0:
-            raise _failure("Kafka", "formatting the KRaft storage failed", layout.kafka_log)
-        state["kafka_formatted"] = True
-    command = [
-        java,
-        "-Xms256m",
-        "-Xmx768m",
-        "-XX:+ExitOnOutOfMemoryError",
-        "-Djava.awt.headless=true",
-        log4j,
-        "-cp",
-        classpath,
-        "kafka.Kafka",
-        str(layout.kafka_properties),
-    ]
-    process = _spawn(command, cwd=layout.kafka_dir, log=layout.kafka_log, pid_file=layout.kafka_pid)
-    return _KafkaLaunch(process.pid, port, started=True, since=time.monotonic())
+        running.append((node, command, process))
+    failed: list[int] = []
+    for node, command, process in running:
+        output, _ = process.communicate()
+        with open(layout.broker(node).log, "a") as log:
+            log.write(f"\n--- {shlex.join(command)}\n{output}")
+        if process.returncode != 0:
+            failed.append(node)
+    if failed:
+        node = failed[0]
+        raise _failure(
+            _broker_name(node, brokers),
+            "formatting the KRaft storage failed",
+            layout.broker(node).log,
+        )
+    state["kafka_formatted"] = True
+
+
+def _broker_name(node: int, brokers: int) -> str:
+    return "Kafka" if brokers == 1 else f"Kafka {node}"
+
+
+def _stop_brokers(layout: _Layout, state: dict[str, Any]) -> list[str]:
+    """SIGTERM every live Kafka node at once, SIGKILL those still there after 20 s."""
+    nodes = _broker_nodes(layout, state)
+    messages: dict[int, str] = {}
+    live: dict[int, int] = {}
+    for node in nodes:
+        name = _broker_name(node, len(nodes))
+        pid_file = layout.broker(node).pid
+        pid = _read_pid(pid_file)
+        if pid is None:
+            messages[node] = f"{name}: not running."
+        elif not _is_alive(pid, "kafka.Kafka"):
+            pid_file.unlink(missing_ok=True)
+            messages[node] = f"{name}: not running (forgot stale pid {pid})."
+        else:
+            live[node] = pid
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + STOP_TIMEOUT_S
+    while live and time.monotonic() < deadline:
+        for node, pid in list(live.items()):
+            if not _is_alive(pid, "kafka.Kafka"):
+                messages[node] = f"{_broker_name(node, len(nodes))}: stopped (pid {pid})."
+                layout.broker(node).pid.unlink(missing_ok=True)
+                del live[node]
+        time.sleep(0.1)
+    for node, pid in live.items():
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        for _ in range(50):
+            if not _is_alive(pid, "kafka.Kafka"):
+                break
+            time.sleep(0.1)
+        messages[node] = (
+            f"{_broker_name(node, len(nodes))}: killed (no exit {STOP_TIMEOUT_S:.0f} s after"
+            f" SIGTERM) (pid {pid})."
+        )
+        layout.broker(node).pid.unlink(missing_ok=True)
+    return [messages[node] for node in nodes]
 
 
 @contextlib.contextmanager
@@ -797,7 +1057,9 @@ def _quiet(logger_name: str) -> Iterator[None]:
         logger.setLevel(previous)
 
 
-async def _kafka_metadata(bootstrap: str) -> bool:
+async def _kafka_brokers(bootstrap: str) -> set[int]:
+    """The node ids of the brokers the cluster's metadata lists (live ones); empty if none
+    answers yet."""
     from aiokafka.admin import AIOKafkaAdminClient
 
     admin = AIOKafkaAdminClient(
@@ -806,37 +1068,51 @@ async def _kafka_metadata(bootstrap: str) -> bool:
     try:
         await asyncio.wait_for(admin.start(), 10)
         cluster = await asyncio.wait_for(admin.describe_cluster(), 10)
-        return bool(cluster.get("brokers"))
+        return {int(broker["node_id"]) for broker in cluster.get("brokers", [])}
     except Exception:  # noqa: BLE001 - not ready yet, the caller retries
-        return False
+        return set()
     finally:
         with contextlib.suppress(Exception):
             await admin.close()
 
 
-def _await_kafka(layout: _Layout, launch: _KafkaLaunch, console: Console) -> str:
-    """Wait until the broker answers a metadata request; return its bootstrap address."""
-    bootstrap = f"{_HOST}:{launch.port}"
-    deadline = launch.since + KAFKA_READY_TIMEOUT_S
+def _await_kafka(layout: _Layout, launches: list[_KafkaLaunch], console: Console) -> str:
+    """Wait until the metadata lists every node as a broker; return the bootstrap list."""
+    bootstrap = ",".join(f"{_HOST}:{launch.port}" for launch in launches)
+    brokers = len(launches)
+    nodes = {launch.node for launch in launches}
+    since = min(launch.since for launch in launches)
+    deadline = since + KAFKA_READY_TIMEOUT_S
     with console.status(f"Waiting for Kafka on {bootstrap} …"):
         while True:
-            if not _is_alive(launch.pid, "kafka.Kafka"):
-                layout.kafka_pid.unlink(missing_ok=True)
-                raise _failure("Kafka", f"the broker (pid {launch.pid}) exited", layout.kafka_log)
-            if _port_answers(launch.port):
+            for launch in launches:
+                if not _is_alive(launch.pid, "kafka.Kafka"):
+                    paths = layout.broker(launch.node)
+                    paths.pid.unlink(missing_ok=True)
+                    raise _failure(
+                        _broker_name(launch.node, brokers),
+                        f"the broker (pid {launch.pid}) exited",
+                        paths.log,
+                    )
+            if all(_port_answers(launch.port) for launch in launches):
                 with _quiet("aiokafka"):
-                    if _run_async(lambda: _kafka_metadata(bootstrap)):
+                    if _run_async(lambda: _kafka_brokers(bootstrap)) >= nodes:
                         break
             if time.monotonic() > deadline:
+                late = [launch for launch in launches if launch.started] or launches
                 raise _failure(
-                    "Kafka",
-                    f"no answer on {bootstrap} within {KAFKA_READY_TIMEOUT_S:.0f} s"
-                    f" (pid {launch.pid} still runs; `swarmlog down` stops it)",
-                    layout.kafka_log,
+                    _broker_name(late[0].node, brokers),
+                    f"the metadata on {bootstrap} did not list every broker within"
+                    f" {KAFKA_READY_TIMEOUT_S:.0f} s (pids {[x.pid for x in launches]} still"
+                    " run; `swarmlog down` stops them)",
+                    layout.broker(late[0].node).log,
                 )
             time.sleep(0.25)
-    verb = f"started in {time.monotonic() - launch.since:.1f} s" if launch.started else "running"
-    _say(console, f"[green]✓[/] Kafka {KAFKA_VERSION} {verb} on {bootstrap} (pid {launch.pid})")
+    for launch in launches:
+        took = time.monotonic() - launch.since
+        verb = f"started in {took:.1f} s" if launch.started else "running"
+        name = f"Kafka {KAFKA_VERSION}" + (f" node {launch.node}" if brokers > 1 else "")
+        _say(console, f"[green]✓[/] {name} {verb} on {_HOST}:{launch.port} (pid {launch.pid})")
     return bootstrap
 
 

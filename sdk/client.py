@@ -5,7 +5,9 @@ logical call), so when the connection breaks or the API answers 429/502/503/504 
 is sent again with the same key and the API returns the first outcome instead of
 deciding the command twice. Error answers (RFC 9457 problem+json) raise
 :class:`~sdk.errors.SwarmError`; no answer after every retry raises
-:class:`~sdk.errors.SwarmConnectionError`.
+:class:`~sdk.errors.SwarmConnectionError`. A command given ``until`` (a deadline on the
+client's monotonic clock) is retried until a definite answer instead, however many tries
+that takes, and raises :class:`~sdk.errors.DeadlineExceeded` if the deadline comes first.
 
 Units: times in seconds; token amounts as decimal strings of tokens (``"0.5"``), which
 the API turns into micro-tokens (1 token = 1,000,000).
@@ -19,6 +21,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from datetime import UTC, datetime
 from decimal import Decimal
 from types import TracebackType
 from typing import Any
@@ -73,7 +76,7 @@ class SwarmClient:
       up to ``pending_resends`` times, after which the 202 is returned;
     - **until a deadline**: a command call given ``until`` (a point on ``clock``, by
       default :func:`time.monotonic`, in seconds) is resent on no answer, on
-      429/502/503/504 and on 202 for as long as it takes to get a definite answer (2xx
+      429, on any 5xx and on 202 for as long as it takes to get a definite answer (2xx
       other than 202, or an error that retrying cannot change), and raises
       :class:`~sdk.errors.DeadlineExceeded` once ``until`` has passed without one. A
       try in flight at the deadline is let finish (it is bounded by ``timeout``).
@@ -181,7 +184,9 @@ class SwarmClient:
                         response.content,
                         retry_after=response.headers.get("retry-after"),
                     )
-                    if not error.retryable:
+                    # Before a deadline a 5xx is no answer either: the API failed around
+                    # the command, which the same key makes safe to send again.
+                    if not (error.retryable or (until is not None and error.status >= 500)):
                         raise error
             if until is None and attempt >= tries and error is not None:
                 if isinstance(error, SwarmConnectionError):
@@ -312,14 +317,28 @@ class SwarmClient:
         )
 
     async def heartbeat(
-        self, agent_id: str, *, idempotency_key: str | None = None, retries: int | None = None
+        self,
+        agent_id: str,
+        *,
+        idempotency_key: str | None = None,
+        retries: int | None = None,
+        sent_at: datetime | None = None,
     ) -> CommandResult:
-        """``POST /agents/{id}/heartbeat``; brings an offline agent back.
+        """``POST /agents/{id}/heartbeat`` with ``sent_at`` (default: now, UTC); brings an
+        offline agent back. Every try of the call sends the same ``sent_at``, so the
+        heartbeat counts from when it was first sent (the API clamps it to a few seconds
+        before it received it). ValueError for a naive ``sent_at``.
 
         409 ``agent_not_running`` when the agent is registered or stopped.
         """
+        sent = sent_at if sent_at is not None else datetime.now(UTC)
+        if sent.tzinfo is None or sent.utcoffset() is None:
+            raise ValueError("sent_at must be timezone-aware")
         return await self._command(
-            f"/agents/{_seg(agent_id)}/heartbeat", idempotency_key=idempotency_key, retries=retries
+            f"/agents/{_seg(agent_id)}/heartbeat",
+            {"sent_at": sent.isoformat()},
+            idempotency_key=idempotency_key,
+            retries=retries,
         )
 
     async def get_agent(self, agent_id: str) -> dict[str, Any]:
@@ -409,7 +428,7 @@ class SwarmClient:
 
         ``until`` is the deadline of this report, a point on :attr:`clock` (by default
         ``time.monotonic()``, seconds): the call is resent with the same Idempotency-Key
-        on no answer, 429/502/503/504 and 202 until a definite answer, and raises
+        on no answer, 429, any 5xx and 202 until a definite answer, and raises
         :class:`~sdk.errors.DeadlineExceeded` once ``until`` has passed without one.
         Give it the task's own deadline (the Worker uses: when the start was first sent
         + the lease timeout + the run timeout; for the reports after it, when the start
@@ -479,9 +498,9 @@ class SwarmClient:
         """``POST /tasks/{id}/fail``; a ``retryable`` failure is retried while attempts remain.
 
         ``until`` as for :meth:`start_task` (it overrides ``retries``).
-        ``expected_version`` is sent as ``If-Match``: the failure is decided only if the
-        task is still at that version, else 412 ``version_mismatch`` (a fail names no
-        attempt, so this is how a hand-back avoids failing a later attempt).
+        ``expected_version`` is sent as ``If-Match`` (RFC 9110 §13.1.1): the failure is
+        decided only if the task is still at that version, else 412 ``version_mismatch``
+        (a fail names no attempt, so this is how a hand-back avoids failing a later one).
         """
         body = {"agent_id": agent_id, "error": error or "failed", "retryable": retryable}
         return await self._command(

@@ -4,7 +4,9 @@ What :meth:`Worker.run` does, in order:
 
 1. registers the agent (``agent_already_registered`` is fine) and starts it
    (``agent_already_running`` is fine: an offline agent comes back with its heartbeat);
-2. sends a heartbeat every ``heartbeat_interval_s`` seconds;
+2. sends a heartbeat every ``heartbeat_interval_s`` seconds, on a client of its own
+   (its own connections, so it never waits behind the work's calls), each stamped with
+   when it was sent and not abandoned after one interval (a few may be in flight);
 3. follows ``GET /agents/{id}/assignments`` (SSE), remembering the last event id and
    reconnecting with exponential backoff; on every (re)connect, and after a failed one,
    it reconciles with the server (:meth:`Worker.reconcile`): of the tasks the server
@@ -26,7 +28,7 @@ Reports are delivered exactly once, however long the API is away: start, progres
 complete and fail carry idempotency keys derived from (agent, task, attempt, step), so a
 retry, or a worker restarted mid-task, never doubles a command; and each is resent with
 its key (capped exponential backoff with jitter, :mod:`sdk.backoff`) on no answer,
-429/502/503/504 and 202 until a definite answer, or until the task's own deadline:
+429, any 5xx and 202 until a definite answer, or until the task's own deadline:
 for the start, when it was first sent + the lease timeout + the run timeout (a start
 decided in time runs at most that long); for the reports after it, when the start was
 acknowledged + the run timeout. Past it the server has timed the task out, and a report
@@ -51,6 +53,7 @@ import inspect
 import math
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any, TypeAlias
 
@@ -90,6 +93,9 @@ DEFAULT_LEASE_TIMEOUT_S = 30.0
 
 DEFAULT_RUN_TIMEOUT_S = 600.0
 """The API's default run timeout (seconds a started task may run)."""
+
+MAX_HEARTBEATS_IN_FLIGHT = 3
+"""Heartbeats of one worker sent and not yet answered, at most (one more is skipped)."""
 
 
 @dataclass
@@ -151,12 +157,19 @@ class TaskContext:
     def progress_sync(
         self, fraction: float, message: str | None = None, timeout_s: float = 30.0
     ) -> None:
-        """:meth:`progress` for a sync handler running in a worker thread (blocks up to
-        ``timeout_s`` seconds); raises TaskRevoked likewise."""
+        """:meth:`progress` for a sync handler running in a worker thread; raises
+        TaskRevoked likewise. Blocks up to ``timeout_s`` seconds; a report still
+        unanswered then (the API is away) goes on being retried in the background, with
+        its key, and this returns."""
         if self._loop is None:
             return
         future = asyncio.run_coroutine_threadsafe(self.progress(fraction, message), self._loop)
-        future.result(timeout=timeout_s)
+        try:
+            future.result(timeout=timeout_s)
+        except TimeoutError:
+            structlog.get_logger("swarmlog.sdk.worker").info(
+                "task.progress_pending", task_id=self.task_id, waited_s=timeout_s
+            )
 
 
 def normalize_result(value: Any) -> HandlerResult:
@@ -207,14 +220,16 @@ class Reconciliation:
     """What one :meth:`Worker.reconcile` did, in tasks: ``kept`` (running on the server
     and here), ``handed_back`` (running on the server, not here: failed as retryable),
     ``moot`` (the hand-back found the task had moved on), ``not_handed_back`` (the
-    hand-back got no definite answer; the next reconciliation tries again), and
-    ``offered`` (assigned, and new to this process: started)."""
+    hand-back got no definite answer; the next reconciliation tries again),
+    ``offered`` (assigned, and new to this process: started); ``complete`` is False when
+    a listing failed (nothing is handed back without the running list)."""
 
     kept: int = 0
     handed_back: int = 0
     moot: int = 0
     not_handed_back: int = 0
     offered: int = 0
+    complete: bool = True
 
 
 def error_text(exc: BaseException) -> str:
@@ -235,6 +250,8 @@ class Worker:
     ``default_lease_timeout_s`` and ``default_run_timeout_s`` (seconds, the API's
     defaults) bound how long a report is retried when the assignment does not carry
     the task's own timeouts (see the module docstring).
+    Heartbeats go on ``heartbeat_client`` if given, else on a client the worker makes
+    for them alone (``base_url``, ``token``, its own connection pool).
     """
 
     def __init__(
@@ -250,6 +267,7 @@ class Worker:
         heartbeat_interval_s: float = 2.0,
         token: str | None = None,
         client: SwarmClient | None = None,
+        heartbeat_client: SwarmClient | None = None,
         reconnect_base_s: float = 0.5,
         reconnect_cap_s: float = 30.0,
         stream_read_timeout_s: float | None = 60.0,
@@ -284,11 +302,15 @@ class Worker:
         self._token = token
         self._shared_client = client
         self._client: SwarmClient | None = client
+        self._heartbeat_client = heartbeat_client
         self._tracker = AssignmentTracker()
         self._slots = asyncio.Semaphore(max_concurrent_tasks)
         self._runners: set[asyncio.Task[None]] = set()
         self._background: set[asyncio.Task[None]] = set()
+        self._reconciling: asyncio.Task[None] | None = None
         self._stopping = False
+        self._own_beats: SwarmClient | None = None
+        self._beat_failing = False
         self._last_event_id: str | None = None
         self._server_retry_s: float | None = None
         self._log = structlog.get_logger("swarmlog.sdk.worker").bind(agent_id=agent_id)
@@ -320,8 +342,12 @@ class Worker:
             await asyncio.wait([startup, stopped], return_when=asyncio.FIRST_COMPLETED)
             if not startup.done() or not startup.result():
                 return  # stopped while the API was still unreachable
+            beats = self._heartbeat_client or SwarmClient(
+                self.base_url, token=self._token, retries=0, pending_resends=0
+            )
+            self._own_beats = None if self._heartbeat_client else beats
             loops = [
-                asyncio.create_task(self._heartbeat_loop(client), name="swarmlog-heartbeat"),
+                asyncio.create_task(self._heartbeat_loop(beats), name="swarmlog-heartbeat"),
                 asyncio.create_task(self._follow_assignments(client), name="swarmlog-assignments"),
             ]
             try:
@@ -336,6 +362,9 @@ class Worker:
             for task in (startup, stopped):
                 task.cancel()
             await asyncio.gather(startup, stopped, return_exceptions=True)
+            if self._own_beats is not None:
+                await self._own_beats.aclose()
+                self._own_beats = None
             if self._shared_client is None:
                 await client.aclose()
                 self._client = None
@@ -428,32 +457,55 @@ class Worker:
             self._log.warning("agent.stop_timed_out", timeout_s=self.shutdown_timeout_s)
 
     async def _heartbeat_loop(self, client: SwarmClient) -> None:
-        """Send a heartbeat every interval; failures are logged, never fatal."""
-        complained = False
-        while True:
-            try:
-                await asyncio.wait_for(
-                    client.heartbeat(self.agent_id, retries=0),
-                    timeout=max(self.heartbeat_interval_s, 1.0),
+        """Send a heartbeat every ``heartbeat_interval_s`` seconds, whether or not the
+        previous ones were answered: each is stamped with when it was sent and may take
+        up to :attr:`heartbeat_call_timeout_s` (a slow API still records it, counted from
+        its send time); at most ``MAX_HEARTBEATS_IN_FLIGHT`` are in flight. Failures are
+        logged once until a heartbeat succeeds again, never fatal."""
+        loop = asyncio.get_running_loop()
+        in_flight: set[asyncio.Task[None]] = set()
+        try:
+            while True:
+                sent = loop.time()
+                if len(in_flight) < MAX_HEARTBEATS_IN_FLIGHT:
+                    beat = asyncio.create_task(self._beat(client, datetime.now(UTC)))
+                    in_flight.add(beat)
+                    beat.add_done_callback(in_flight.discard)
+                else:
+                    self._log.debug("agent.heartbeat_skipped", in_flight=len(in_flight))
+                await asyncio.sleep(max(0.0, sent + self.heartbeat_interval_s - loop.time()))
+        finally:
+            for beat in in_flight:
+                beat.cancel()
+            await asyncio.gather(*in_flight, return_exceptions=True)
+
+    @property
+    def heartbeat_call_timeout_s(self) -> float:
+        """How long one heartbeat call may take, seconds: 3 intervals, at least 10 s."""
+        return max(3 * self.heartbeat_interval_s, 10.0)
+
+    async def _beat(self, client: SwarmClient, sent_at: datetime) -> None:
+        try:
+            await asyncio.wait_for(
+                client.heartbeat(self.agent_id, retries=0, sent_at=sent_at),
+                timeout=self.heartbeat_call_timeout_s,
+            )
+            if self._beat_failing:
+                self._log.info("agent.heartbeat_ok")
+            self._beat_failing = False
+        except SwarmError as exc:
+            if not self._beat_failing:
+                # agent_not_running: stopped by an operator; we do not overrule that.
+                self._log.warning(
+                    "agent.heartbeat_failed", status=exc.status, code=exc.code, detail=exc.detail
                 )
-                if complained:
-                    self._log.info("agent.heartbeat_ok")
-                complained = False
-            except SwarmError as exc:
-                if not complained:
-                    # agent_not_running: stopped by an operator; we do not overrule that.
-                    self._log.warning(
-                        "agent.heartbeat_failed",
-                        status=exc.status,
-                        code=exc.code,
-                        detail=exc.detail,
-                    )
-                complained = True
-            except TimeoutError:
-                if not complained:
-                    self._log.warning("agent.heartbeat_timed_out")
-                complained = True
-            await asyncio.sleep(self.heartbeat_interval_s)
+            self._beat_failing = True
+        except TimeoutError:
+            if not self._beat_failing:
+                self._log.warning(
+                    "agent.heartbeat_timed_out", timeout_s=self.heartbeat_call_timeout_s
+                )
+            self._beat_failing = True
 
     # -- assignments ----------------------------------------------------------------------
 
@@ -473,7 +525,7 @@ class Worker:
                     connected_at = loop.time()
                     self._log.info("assignments.connected", last_event_id=self._last_event_id)
                     # Subscribed first, then listed: nothing can fall between the two.
-                    self._spawn_reconcile()
+                    self._spawn_reconcile(always=True)
                     async for message in messages:
                         self._on_message(message.event, message.data, message.id, message.retry)
                 reason = "stream ended"
@@ -493,8 +545,9 @@ class Worker:
             except Exception as exc:  # noqa: BLE001 - any read error means: reconnect
                 reason = f"{type(exc).__name__}: {exc}"
             if connected_at is None:
-                # Could not subscribe: still pick up what was assigned meanwhile.
-                self._spawn_reconcile()
+                # Could not subscribe: still pick up what was assigned meanwhile (unless a
+                # reconciliation is still at it: an outage would pile them up).
+                self._spawn_reconcile(always=False)
             elif loop.time() - connected_at >= 10.0:
                 backoff.reset()
             delay = backoff.next_delay()
@@ -516,8 +569,11 @@ class Worker:
         if assignment is not None:
             self.offer(assignment)
 
-    def _spawn_reconcile(self) -> None:
+    def _spawn_reconcile(self, *, always: bool) -> None:
+        if not always and self._reconciling is not None and not self._reconciling.done():
+            return
         task = asyncio.create_task(self._reconcile_logged(), name="swarmlog-reconcile")
+        self._reconciling = task
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
@@ -538,7 +594,8 @@ class Worker:
         retried until a definite answer or the task's run timeout from now. Run on every
         (re)connect of the assignment stream, so also at startup: a process restarted
         under the same agent id hands back what its dead predecessor held. Listing
-        failures are logged, not raised (the next reconnect reconciles again).
+        failures are logged, not raised (``complete`` is then False, and the next
+        reconnect reconciles again).
         RuntimeError when there is no client (neither ``client=`` nor :meth:`run`).
         """
         client = self._client
@@ -550,12 +607,14 @@ class Worker:
                 running.append(item)
         except SwarmError as exc:
             self._log.warning(
-                "assignments.list_failed",
+                "assignments.reconcile_failed",
                 status_listed="running",
                 status=exc.status,
                 code=exc.code,
                 detail=exc.detail,
             )
+            return Reconciliation(complete=False)
+        complete = True
         offered = 0
         try:
             async for item in client.iter_tasks(agent_id=self.agent_id, status="assigned"):
@@ -563,6 +622,7 @@ class Worker:
                 if assignment is not None and self.offer(assignment):
                     offered += 1
         except SwarmError as exc:
+            complete = False
             self._log.warning(
                 "assignments.list_failed",
                 status_listed="assigned",
@@ -577,6 +637,7 @@ class Worker:
             moot=outcomes.count("moot"),
             not_handed_back=outcomes.count("not_handed_back"),
             offered=offered,
+            complete=complete,
         )
         self._log.info(
             "assignments.reconciled",
@@ -585,6 +646,7 @@ class Worker:
             moot=result.moot,
             not_handed_back=result.not_handed_back,
             offered=result.offered,
+            complete=result.complete,
         )
         return result
 

@@ -9,7 +9,10 @@ needs now:
    stopped before starting them;
 2. requeue assigned tasks whose lease ran out before the agent started them, and time
    out running tasks past their run timeout;
-3. mark offline the running agents whose heartbeats stopped;
+3. mark offline the running agents whose heartbeats stopped (the timeout counts from
+   when the agent sent its last heartbeat, the event's ``time``; the command carries
+   the timeout, and the decider refuses it if a heartbeat sent within it was decided
+   meanwhile);
 4. assign queued tasks to eligible agents, highest (aged) priority first, best score
    first (domain/scoring.py; an agent's staking tier, folded from its account's
    ``TierChanged`` events, raises its standing).
@@ -38,7 +41,8 @@ from streams.unbuilt import Unbuilt, build
 
 @dataclass
 class AgentView:
-    """The scheduler's view of one agent; ``last_seen`` is its last sign of life."""
+    """The scheduler's view of one agent; ``last_seen`` is its last sign of life (the
+    time its last heartbeat was sent, or of its start or last progress report)."""
 
     agent_id: str
     capabilities: dict[str, float]
@@ -149,7 +153,8 @@ def _apply_agent(view: SchedulerView, stored: RecordedEvent, e: ag.AgentEvent) -
         case ag.AgentStarted() | ag.AgentRestarted():
             a.lifecycle, a.last_seen = "running", stored.time
         case ag.HeartbeatRecorded():
-            a.lifecycle, a.last_seen = "running", max(a.last_seen, stored.time)
+            sent = e.sent_at or stored.time  # when the agent sent it (v1 records: decided)
+            a.lifecycle, a.last_seen = "running", max(a.last_seen, sent)
         case ag.AgentStopped():
             a.lifecycle = "stopped"
         case ag.AgentMarkedOffline():
@@ -279,6 +284,7 @@ def plan(
                     ag.MarkAgentOffline,
                     agent_id=a.agent_id,
                     reason="heartbeat_timeout",
+                    timeout_s=policy.heartbeat_timeout_s,
                     at=now,
                 )
             )

@@ -3,6 +3,7 @@ follow an agent's assignments live (SSE)."""
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query, Response
@@ -28,7 +29,7 @@ from api.live import sse_response
 from api.pagination import TEXT, Keyset
 from api.positions import Layout
 from api.problems import Problem
-from api.schemas.agents import AgentCreate, AgentPublic, AgentUpdate
+from api.schemas.agents import AgentCreate, AgentPublic, AgentUpdate, HeartbeatIn
 from api.schemas.commands import CommandResult
 from api.schemas.common import Page
 from api.schemas.money import to_micro
@@ -65,7 +66,6 @@ _LIFECYCLE_COMMANDS: dict[str, type[ag.AgentCommand]] = {
     "start": ag.StartAgent,
     "stop": ag.StopAgent,
     "restart": ag.RestartAgent,
-    "heartbeat": ag.RecordHeartbeat,
 }
 
 
@@ -81,14 +81,42 @@ def _lifecycle_route(action: str, cls: type[ag.AgentCommand]) -> None:
         methods=["POST"],
         response_model=CommandResult,
         responses=COMMAND_RESPONSES,
-        summary=f"{action.capitalize()} an agent"
-        if action != "heartbeat"
-        else "Record a heartbeat",
+        summary=f"{action.capitalize()} an agent",
     )
 
 
 for _action, _cls in _LIFECYCLE_COMMANDS.items():
     _lifecycle_route(_action, _cls)
+
+
+@router.post(
+    "/{agent_id}/heartbeat",
+    response_model=CommandResult,
+    responses=COMMAND_RESPONSES,
+    summary="Record a heartbeat",
+)
+async def heartbeat_agent(
+    agent_id: AgentIdPath,
+    dispatch: DispatchDep,
+    settings: SettingsDep,
+    body: HeartbeatIn | None = None,
+) -> JSONResponse:
+    """Record that the agent is alive; an offline agent comes back online.
+
+    The heartbeat counts from the body's ``sent_at`` (when the agent sent it), clamped to
+    [received - ``heartbeat_max_skew_s``, received] (seconds; received = when this route
+    took it up); with no ``sent_at``, from received. The scheduler's heartbeat timeout
+    is measured from that time, so a heartbeat that waited behind other requests is not
+    counted late.
+    """
+    command = dispatch.command(ag.RecordHeartbeat, agent_id=agent_id)
+    if body is not None and body.sent_at is not None:
+        received = command.at
+        earliest = received - timedelta(seconds=settings.heartbeat_max_skew_s)
+        # Clamped first: converting year 1 at +05:00 to UTC would overflow.
+        sent = min(max(body.sent_at, earliest), received).astimezone(received.tzinfo)
+        command = command.model_copy(update={"at": sent})
+    return await dispatch.execute(command)
 
 
 @router.patch("/{agent_id}", response_model=CommandResult, responses=COMMAND_RESPONSES)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import AwareDatetime, BaseModel, Field
 
 from api.schemas.common import Id, In
 from api.schemas.money import Tokens, TokenString
@@ -39,6 +39,18 @@ class AgentUpdate(In):
     """Replace an agent's capabilities."""
 
     capabilities: list[CapabilityIn] = Field(max_length=100)
+
+
+class HeartbeatIn(In):
+    """A heartbeat: ``sent_at`` is when the agent sent it (RFC 3339 with a UTC offset).
+
+    The API records it clamped to [received - ``heartbeat_max_skew_s``, received], so a
+    heartbeat that waited in a queue still counts from when it was sent and a fast
+    agent clock cannot date one in the future. Without it (or with no body) the
+    heartbeat counts from when the API took it up.
+    """
+
+    sent_at: AwareDatetime | None = None
 
 
 class CapabilityPublic(BaseModel):

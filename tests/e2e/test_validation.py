@@ -85,6 +85,9 @@ BAD_REQUESTS: list[tuple[str, str, Any, dict[str, str], str]] = [
     ("POST", "/agents/bad-1/restart", None, {"If-Match": "W/"}, "If-Match"),
     ("POST", f"/agents/{LONG_ID}/heartbeat", None, {}, "agent_id"),
     ("POST", "/agents/bad-1/heartbeat", None, {"If-Match": "*"}, "If-Match"),
+    ("POST", "/agents/bad-1/heartbeat", {"sent_at": "yesterday"}, {}, "sent_at"),
+    ("POST", "/agents/bad-1/heartbeat", {"sent_at": "2026-12-08T03:00:00"}, {}, "sent_at"),
+    ("POST", "/agents/bad-1/heartbeat", {"sent_at": 12.5, "beat": 1}, {}, "beat"),
     (
         "PATCH",
         "/agents/bad-1",

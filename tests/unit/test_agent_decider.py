@@ -199,14 +199,14 @@ def test_restarting_an_agent_that_was_never_started_is_rejected() -> None:
 
 def test_a_heartbeat_from_a_running_agent_is_recorded() -> None:
     given(AGENT_DECIDER, *LIFECYCLES["running"]).when(RecordHeartbeat(agent_id=AID, at=at(5))).then(
-        HeartbeatRecorded(agent_id=AID, resumed=False)
-    ).and_state(lifecycle="running")
+        HeartbeatRecorded(agent_id=AID, resumed=False, sent_at=at(5))
+    ).and_state(lifecycle="running", last_heartbeat_at=at(5))
 
 
 def test_a_heartbeat_from_an_offline_agent_resumes_it() -> None:
     given(AGENT_DECIDER, *LIFECYCLES["offline"]).when(RecordHeartbeat(agent_id=AID, at=at(5))).then(
-        HeartbeatRecorded(agent_id=AID, resumed=True)
-    ).and_state(lifecycle="running")
+        HeartbeatRecorded(agent_id=AID, resumed=True, sent_at=at(5))
+    ).and_state(lifecycle="running", last_heartbeat_at=at(5))
 
 
 @pytest.mark.parametrize("lifecycle", ["registered", "stopped"])
@@ -230,6 +230,58 @@ def test_marking_a_running_agent_offline_records_the_reason() -> None:
 def test_marking_an_agent_offline_defaults_to_heartbeat_timeout() -> None:
     given(AGENT_DECIDER, *LIFECYCLES["running"]).when(MarkAgentOffline(agent_id=AID, at=at())).then(
         AgentMarkedOffline(agent_id=AID, reason="heartbeat_timeout")
+    )
+
+
+def beat(sent: float) -> HeartbeatRecorded:
+    """A heartbeat the agent sent ``sent`` seconds after T0."""
+    return HeartbeatRecorded(agent_id=AID, sent_at=at(sent))
+
+
+def test_an_agent_that_sent_a_heartbeat_within_the_timeout_is_not_marked_offline() -> None:
+    rejection = (
+        given(AGENT_DECIDER, *LIFECYCLES["running"], beat(10))
+        .when(MarkAgentOffline(agent_id=AID, at=at(24.9), timeout_s=15))
+        .then_rejected("agent_alive", kind="conflict")
+    )
+    assert "14.900 s" in rejection.detail
+
+
+def test_an_agent_silent_for_the_whole_timeout_is_marked_offline() -> None:
+    given(AGENT_DECIDER, *LIFECYCLES["running"], beat(10)).when(
+        MarkAgentOffline(agent_id=AID, at=at(25), timeout_s=15)
+    ).then(AgentMarkedOffline(agent_id=AID, reason="heartbeat_timeout")).and_state(
+        lifecycle="offline", last_heartbeat_at=at(10)
+    )
+
+
+def test_the_latest_sent_heartbeat_counts_even_when_an_older_one_is_decided_last() -> None:
+    # Two heartbeats in flight: the one sent at 12 was decided before the one sent at 3.
+    history = given(AGENT_DECIDER, *LIFECYCLES["running"], beat(12), beat(3))
+    assert history.state.last_heartbeat_at == at(12)
+    history.when(MarkAgentOffline(agent_id=AID, at=at(20), timeout_s=15)).then_rejected(
+        "agent_alive", kind="conflict"
+    )
+
+
+def test_an_offline_command_without_a_timeout_or_heartbeats_without_a_time_go_by_lifecycle() -> (
+    None
+):
+    given(AGENT_DECIDER, *LIFECYCLES["running"], beat(10)).when(
+        MarkAgentOffline(agent_id=AID, at=at(11))
+    ).then(AgentMarkedOffline(agent_id=AID, reason="heartbeat_timeout"))
+    v1 = HeartbeatRecorded(agent_id=AID)  # a schema-version-1 record: no send time
+    given(AGENT_DECIDER, *LIFECYCLES["running"], v1).when(
+        MarkAgentOffline(agent_id=AID, at=at(11), timeout_s=15)
+    ).then(AgentMarkedOffline(agent_id=AID, reason="heartbeat_timeout"))
+
+
+def test_a_heartbeat_v1_record_is_upcast_with_no_send_time() -> None:
+    from infra.mapper import EVENTS  # noqa: PLC0415 - the reader that applies upcasters
+
+    data = EVENTS.upcast(HeartbeatRecorded, 1, {"agent_id": AID, "resumed": True})
+    assert HeartbeatRecorded.model_validate(data) == HeartbeatRecorded(
+        agent_id=AID, resumed=True, sent_at=None
     )
 
 

@@ -86,8 +86,17 @@ class Swarm:
             self._emit("agent", agent_id, at, ag.AgentStarted(agent_id=agent_id))
         return self
 
-    def heartbeat(self, agent_id: str, at: float, *, resumed: bool = False) -> Swarm:
-        self._emit("agent", agent_id, at, ag.HeartbeatRecorded(agent_id=agent_id, resumed=resumed))
+    def heartbeat(
+        self, agent_id: str, at: float, *, resumed: bool = False, sent: float | None = None
+    ) -> Swarm:
+        """A heartbeat decided at ``at``, sent at ``sent`` (None: a v1 record, no send time)."""
+        sent_at = None if sent is None else t(sent)
+        self._emit(
+            "agent",
+            agent_id,
+            at,
+            ag.HeartbeatRecorded(agent_id=agent_id, resumed=resumed, sent_at=sent_at),
+        )
         return self
 
     def stop(self, agent_id: str, at: float) -> Swarm:
@@ -452,7 +461,18 @@ def test_an_agent_whose_heartbeats_stop_is_marked_offline() -> None:
     planned = swarm.plan(20.5, policy)
 
     assert of_type(planned, ag.MarkAgentOffline) == [
-        ag.MarkAgentOffline(agent_id="a", reason="heartbeat_timeout", at=t(20.5))
+        ag.MarkAgentOffline(agent_id="a", reason="heartbeat_timeout", timeout_s=15, at=t(20.5))
+    ]
+
+
+def test_the_heartbeat_timeout_counts_from_when_the_heartbeat_was_sent() -> None:
+    policy = Policy(heartbeat_timeout_s=15)
+    # Sent at 5, decided (and stamped) at 12: the agent went silent at 5, not 12.
+    swarm = Swarm().agent("a", at=0).heartbeat("a", at=12, sent=5)
+
+    assert of_type(swarm.plan(20, policy), ag.MarkAgentOffline) == []
+    assert of_type(swarm.plan(20.5, policy), ag.MarkAgentOffline) == [
+        ag.MarkAgentOffline(agent_id="a", reason="heartbeat_timeout", timeout_s=15, at=t(20.5))
     ]
 
 

@@ -125,6 +125,23 @@ async def test_a_validation_error_is_not_retried() -> None:
     assert caught.value.status == 422 and len(script.requests) == 1 and time.sleeps == []
 
 
+async def test_before_a_deadline_a_server_error_is_sent_again_with_the_same_key() -> None:
+    script = Scripted(status(500, problem="internal_error"), status(200))
+    time = FakeTime()
+    async with client(script, time) as c:
+        result = await c.complete_task("t1", "a1", {}, idempotency_key="k-5", until=time.now + 60)
+    assert result.status == 200 and len(script.requests) == 2 and script.keys() == {"k-5"}
+
+
+async def test_without_a_deadline_a_server_error_is_raised_at_once() -> None:
+    script = Scripted(status(500, problem="internal_error"), status(200))
+    time = FakeTime()
+    async with client(script, time) as c:
+        with pytest.raises(SwarmError) as caught:
+            await c.complete_task("t1", "a1", {})
+    assert caught.value.status == 500 and len(script.requests) == 1
+
+
 async def test_without_a_deadline_a_call_still_retries_by_count() -> None:
     script = Scripted(down)
     time = FakeTime()
