@@ -36,7 +36,7 @@ from api.problems import Problem
 from api.sse import LiveResponse
 from domain.recorded import RecordedEvent
 from infra.cloudevents import DecodeError
-from infra.kafka import Kafka, record_bytes
+from infra.kafka import Kafka, record_bytes, stop_client
 from infra.mapper import ce_type_of, decode_event, event_json
 
 Filter = Callable[[RecordedEvent], bool]
@@ -190,7 +190,7 @@ class Tap:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
         with contextlib.suppress(Exception):
-            await self._consumer.stop()
+            await stop_client(self._consumer)
 
 
 class TapStream:
@@ -324,7 +324,7 @@ class EventStream:
         self._closed = True
         self.hub.release(self)
         with contextlib.suppress(Exception):
-            await self._consumer.stop()
+            await stop_client(self._consumer)
 
 
 @dataclass

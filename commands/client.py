@@ -19,7 +19,7 @@ import structlog
 
 from infra.cloudevents import DecodeError
 from infra.envelope import CommandEnvelope, encode_command
-from infra.kafka import Kafka, record_bytes, send
+from infra.kafka import Kafka, record_bytes, send, stop_client
 from infra.outcome import Outcome, decode_outcome
 from infra.topics import Topics
 
@@ -147,8 +147,8 @@ class CommandClient:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         if self._consumer is not None:
-            await self._consumer.stop()
-        await self.producer.stop()
+            await stop_client(self._consumer)
+        await stop_client(self.producer)
 
     async def _follow(self) -> None:
         assert self._consumer is not None

@@ -39,6 +39,9 @@ from typing import Any
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import (
+    KafkaConnectionError,
+    KafkaError,
+    KafkaTimeoutError,
     MessageSizeTooLargeError,
     ProducerFenced,
     RecordListTooLargeError,
@@ -60,7 +63,7 @@ from infra.clock import Clock, SystemClock
 from infra.cloudevents import DecodeError, Record
 from infra.deadletter_records import encode_dead_letter
 from infra.envelope import CommandEnvelope, decode_command
-from infra.kafka import Kafka, send
+from infra.kafka import Kafka, send, stop_client
 from infra.mapper import ce_type_of, decode_event, encode_event
 from infra.outcome import Outcome, WrittenEvent, decode_outcome, encode_outcome
 from infra.settings import Settings
@@ -77,8 +80,20 @@ MAX_ID_BYTES = 16 * 1024
 #: Longest exception message an internal_error rejection carries.
 MAX_DETAIL_CHARS = 2000
 
+#: Seconds before the first retry of a failed batch, doubled per failed try up to the max.
+RETRY_BACKOFF_START_S = 0.5
+RETRY_BACKOFF_MAX_S = 5.0
+
 #: Errors of one record that the broker or the producer refuses as too large.
 _TOO_LARGE_ERRORS = (MessageSizeTooLargeError, RecordTooLargeError, RecordListTooLargeError)
+
+
+def _is_outage(exc: BaseException) -> bool:
+    """True for a failure to reach Kafka that a retry may get past: a connection or
+    timeout error, or a Kafka error marked retriable (aiokafka's ``retriable``)."""
+    if isinstance(exc, (OSError, TimeoutError, KafkaConnectionError, KafkaTimeoutError)):
+        return True
+    return isinstance(exc, KafkaError) and bool(getattr(exc, "retriable", False))
 
 
 @dataclass
@@ -205,7 +220,7 @@ class OutcomeReader:
     async def stop(self) -> None:
         """Close the consumer, if it was started."""
         if self._consumer is not None:
-            await self._consumer.stop()
+            await stop_client(self._consumer)
             self._consumer = None
 
 
@@ -258,7 +273,8 @@ class CommandProcessor:
         self.processed = 0
         self.internal_errors = 0
         self._failure: BaseException | None = None
-        self.retry_backoff_s = 0.5
+        self.retry_backoff_s = RETRY_BACKOFF_START_S
+        self._batch_failing = False
         #: Seconds of deciding after which a batch is committed and the rest read again
         #: (well inside the producer's transaction timeout of 60 s).
         self.batch_budget_s = 5.0
@@ -284,8 +300,13 @@ class CommandProcessor:
                         try:
                             await processor._acquire(tp.partition)
                         except Exception as exc:  # noqa: BLE001 (raised by run())
-                            processor._failure = exc
-                            return
+                            try:
+                                if not _is_outage(exc):
+                                    raise
+                                await processor._reacquire(tp.partition)  # wait it out
+                            except Exception as final:  # noqa: BLE001 (raised by run())
+                                processor._failure = final
+                                return
 
         await self.consumer.start()
         self.consumer.subscribe([self.topics.commands], listener=Listener())
@@ -308,7 +329,7 @@ class CommandProcessor:
                         )
                     )
         finally:
-            await self.consumer.stop()
+            await stop_client(self.consumer)
             for p in list(self.partitions):
                 await self._release(p)
             await self.reader.stop()
@@ -367,8 +388,15 @@ class CommandProcessor:
                 if record.value:
                     self.cache.put(digest, bytes(record.value))
 
-        await self.kafka.read_to_end(tps, on_event)
-        await self.kafka.read_to_end([TopicPartition(self.topics.outcomes, partition)], on_outcome)
+        try:
+            await self.kafka.read_to_end(tps, on_event)
+            await self.kafka.read_to_end(
+                [TopicPartition(self.topics.outcomes, partition)], on_outcome
+            )
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await stop_client(producer)
+            raise
         self.partitions[partition] = ps
         log.info(
             "partition assigned",
@@ -377,6 +405,24 @@ class CommandProcessor:
             commands_seen=len(ps.decided),
             unreadable_aggregates=len(ps.broken),
         )
+
+    async def _reacquire(self, partition: int) -> None:
+        """Take ``partition`` over afresh after a failed batch, retrying with capped
+        exponential backoff (``retry_backoff_s``: 0.5 s doubling to 5 s) until it works:
+        during a Kafka outage the new producer cannot start (its ``init_producer_id``
+        needs the broker), and the role must wait the outage out, not exit. Raises what
+        is not an outage (``_is_outage``)."""
+        while True:
+            await asyncio.sleep(self.retry_backoff_s)
+            self.retry_backoff_s = min(self.retry_backoff_s * 2, RETRY_BACKOFF_MAX_S)
+            try:
+                await self._acquire(partition)
+                return
+            except Exception as exc:
+                self.partitions.pop(partition, None)
+                if not _is_outage(exc):
+                    raise  # not an outage to wait out (misconfigured, unauthorized)
+                log.debug("partition not taken over yet", partition=partition, error=repr(exc))
 
     async def _release(self, partition: int) -> None:
         ps = self.partitions.pop(partition, None)
@@ -479,14 +525,20 @@ class CommandProcessor:
             # Start the partition afresh: a new producer with the same transactional id
             # fences this one and aborts whatever it left open (its error state may not
             # allow an abort), and the state is rebuilt from what was committed.
-            log.exception("batch failed; taking the partition over afresh", partition=tp.partition)
+            if not self._batch_failing:  # once per outage, not per try
+                self._batch_failing = True
+                log.exception(
+                    "batch failed; taking the partition over afresh", partition=tp.partition
+                )
             await self._release(tp.partition)
-            await asyncio.sleep(self.retry_backoff_s)
-            self.retry_backoff_s = min(self.retry_backoff_s * 2, 30.0)
-            await self._acquire(tp.partition)
-            self.consumer.seek(tp, records[0].offset)
+            await self._reacquire(tp.partition)
+            if tp in self.consumer.assignment():  # else revoked meanwhile: the new owner reads
+                self.consumer.seek(tp, records[0].offset)
             return
-        self.retry_backoff_s = 0.5
+        self.retry_backoff_s = RETRY_BACKOFF_START_S
+        if self._batch_failing:
+            self._batch_failing = False
+            log.info("batches commit again", partition=tp.partition)
         ps.aggregates.update(staged_aggregates)
         for digest, value, future in firsts:
             meta = future.result()

@@ -12,10 +12,13 @@ import asyncio
 import contextlib
 import os
 import signal
-from collections.abc import Awaitable, Callable
+import sys
+import threading
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Annotated, Any
 
+import structlog
 import typer
 from rich import box
 from rich.console import Console
@@ -35,6 +38,7 @@ app = typer.Typer(
 )
 
 _err = Console(stderr=True)
+_log = structlog.get_logger("swarmlog")
 
 
 def _default_state_dir() -> Path:
@@ -203,15 +207,70 @@ def _settings(state_dir: Path) -> Settings:
     )
 
 
-async def _until_signalled(run: Callable[[asyncio.Event], Awaitable[None]]) -> None:
+#: Seconds a role gets to drain after SIGTERM or SIGINT (finish or abort the batch in
+#: hand, commit, close its clients) before what is left is cancelled; a role whose
+#: service is unreachable may not finish (its clients wait on the broker).
+DRAIN_TIMEOUT_S = 7.0
+#: Seconds after the signal at which the process exits whatever still runs (a cancelled
+#: client that does not return): within the 10 s bound of a clean stop (issue 10).
+EXIT_DEADLINE_S = 9.0
+
+
+def _exit_by_deadline() -> None:
+    """Exit the process ``EXIT_DEADLINE_S`` after the stop signal, from a daemon thread
+    the event loop cannot block: what is left open is safe to drop (an open transaction
+    is aborted by the broker or fenced by the next owner; the projector's offsets commit
+    with its rows), as after a kill."""
+
+    def deadline() -> None:
+        sys.stderr.write(
+            f"swarmlog: still stopping {EXIT_DEADLINE_S:.0f} s after the signal; exiting now"
+            " (nothing committed is lost: an open transaction is aborted)\n"
+        )
+        sys.stderr.flush()
+        os._exit(0)
+
+    timer = threading.Timer(EXIT_DEADLINE_S, deadline)
+    timer.daemon = True
+    timer.start()
+
+
+async def _until_signalled(run: Callable[[asyncio.Event], Coroutine[Any, Any, None]]) -> None:
     """Run ``run(stop)``; SIGTERM or SIGINT sets ``stop`` (the part then finishes the batch
-    in hand, commits and returns)."""
+    in hand, commits and returns). A part that has not returned ``DRAIN_TIMEOUT_S``
+    seconds after the signal is cancelled, and the process exits at the latest
+    ``EXIT_DEADLINE_S`` seconds after it (``_exit_by_deadline``). An error of the part
+    propagates."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def on_signal() -> None:
+        if not stop.is_set():
+            stop.set()
+            _exit_by_deadline()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(sig, stop.set)
-    await run(stop)
+            loop.add_signal_handler(sig, on_signal)
+    task = asyncio.create_task(run(stop), name="roles")
+    signalled = asyncio.create_task(stop.wait(), name="stop-signal")
+    try:
+        await asyncio.wait({task, signalled}, return_when=asyncio.FIRST_COMPLETED)
+        if not task.done():
+            await asyncio.wait({task}, timeout=DRAIN_TIMEOUT_S)
+        if not task.done():
+            _log.warning(
+                f"not drained {DRAIN_TIMEOUT_S:.0f} s after the stop signal (a service"
+                " unreachable?): cancelling what is left; an open transaction is aborted,"
+                " nothing committed is lost"
+            )
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            return
+    finally:
+        signalled.cancel()
+    await task
 
 
 def run_roles(
@@ -305,6 +364,11 @@ def api(
     _serve_api(settings.model_copy(update=updates))
 
 
+#: Seconds uvicorn waits for open requests and streams after SIGTERM before closing them
+#: (then the lifespan shutdown closes the API's clients): a clean stop within 10 s.
+API_GRACEFUL_SHUTDOWN_S = 5
+
+
 def _exit_zero(signum: int, frame: object) -> None:
     raise SystemExit(0)
 
@@ -336,6 +400,7 @@ def _serve_api(settings: Settings) -> None:
             port=settings.api_port,
             workers=settings.api_workers,
             log_level="warning",
+            timeout_graceful_shutdown=API_GRACEFUL_SHUTDOWN_S,
         )
         return
     uvicorn.run(
@@ -344,6 +409,7 @@ def _serve_api(settings: Settings) -> None:
         port=settings.api_port,
         log_level="warning",
         lifespan="on",
+        timeout_graceful_shutdown=API_GRACEFUL_SHUTDOWN_S,
     )  # uvicorn handles SIGTERM itself
 
 

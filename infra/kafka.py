@@ -41,6 +41,21 @@ class CachedPartitioner:
         return all_partitions[index]
 
 
+async def stop_client(client: AIOKafkaConsumer | AIOKafkaProducer) -> None:
+    """``client.stop()``, except that a CancelledError that is not this task's own is
+    swallowed: aiokafka's fetcher cancels its pending fetch requests on close and awaits
+    them unguarded (aiokafka 0.12, ``Fetcher.close``), so stopping a consumer while the
+    broker is unreachable raised CancelledError out of ``stop`` (a role stopped on
+    SIGTERM during a Kafka outage then exited 1, its other clients left open). A
+    cancellation of the calling task itself still propagates."""
+    try:
+        await client.stop()
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise
+
+
 def producer(bootstrap_servers: str, *, transactional_id: str | None = None) -> AIOKafkaProducer:
     """An idempotent producer (acks=all); transactional when ``transactional_id`` is given.
 
@@ -130,7 +145,7 @@ async def partitions_of(
             await asyncio.sleep(0.1)
         return [TopicPartition(topic, p) for p in sorted(parts or ())]
     finally:
-        await c.stop()
+        await stop_client(c)
 
 
 async def read_to_end(
@@ -170,7 +185,7 @@ async def read_to_end(
                     pending.discard(tp)
         return positions
     finally:
-        await c.stop()
+        await stop_client(c)
 
 
 @dataclass(frozen=True)

@@ -143,7 +143,7 @@ _CHATTER = (
     "FindCoordinator Request failed",
     "Heartbeat session expired",
     "Heartbeat send request failed",
-    "Error sending HeartbeatRequest",
+    "-- marking coordinator dead",
     "Heartbeat failed: %r",
     "Failed to restore the pool connection floor",
 )

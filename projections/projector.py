@@ -59,7 +59,7 @@ from domain.recorded import Position, RecordedEvent
 from infra.clock import Clock, SystemClock
 from infra.cloudevents import DecodeError
 from infra.deadletter_records import encode_dead_letter
-from infra.kafka import Kafka, send
+from infra.kafka import Kafka, send, stop_client
 from infra.mapper import ce_type_of, decode_event
 from infra.topics import Topics
 from projections.db import checked_schema, has_json_codec
@@ -336,8 +336,8 @@ class Projector:
                             return  # nothing committed: a restart reads the batch again
                 saved.update(moved)
         finally:
-            await consumer.stop()
-            await dead_letters.stop()
+            await stop_client(consumer)
+            await stop_client(dead_letters)
 
     async def replay(self, position: Position) -> ReplayResult:
         """Re-apply the dead-lettered event at ``position`` of an event topic, after a fix

@@ -52,7 +52,7 @@ from infra.clock import Clock, SystemClock
 from infra.cloudevents import DecodeError, Record
 from infra.deadletter_records import encode_dead_command, encode_dead_letter
 from infra.envelope import CommandEnvelope, encode_command
-from infra.kafka import Kafka, send
+from infra.kafka import Kafka, send, stop_client
 from infra.mapper import ce_type_of, decode_event
 from infra.topics import Topics
 from streams.unbuilt import Unbuilt
@@ -359,7 +359,7 @@ class ElectedRunner(ABC):
                 await self._lead(stop, election, client)
         finally:
             await client.stop()
-            await election.stop()
+            await stop_client(election)
 
     def _wanted(self, record: Any) -> bool:
         # Read from the raw header (one dict lookup per record): decoding a record costs
@@ -445,4 +445,4 @@ class ElectedRunner(ABC):
                         self._log_once("planning failed", exc)
                     await self.flush_dead_letters(client)
         finally:
-            await consumer.stop()
+            await stop_client(consumer)

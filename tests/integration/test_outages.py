@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import signal
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -196,3 +198,34 @@ async def _is_ready(http: httpx.AsyncClient) -> bool:
 @pytest.mark.parametrize("service", ["redis", "postgres", "kafka"])
 async def test_every_role_rides_out_an_outage(deployment: Deployment, service: str) -> None:
     await _ride_out(deployment, service)
+
+
+async def test_every_role_stops_within_10_s_on_sigterm_while_kafka_is_down(
+    deployment: Deployment,
+) -> None:
+    """Run last: it stops the module's roles. With the broker gone a role cannot finish
+    its clients' goodbyes (leave the group, flush): it cancels them after a drain period
+    and exits 0 within the bound anyway (an open transaction is aborted by the broker)."""
+    stopped = await asyncio.to_thread(stop_service, deployment.state_dir, "kafka")
+    assert "stopped" in stopped, stopped
+    try:
+        await asyncio.sleep(3)
+        procs = dict(deployment.children.procs)
+        started = time.monotonic()
+        for proc in procs.values():
+            os.kill(proc.pid, signal.SIGTERM)
+        exits: dict[str, tuple[float, int | None]] = {}
+        while len(exits) < len(procs) and time.monotonic() - started < 30:
+            for role, proc in procs.items():
+                if role not in exits and proc.poll() is not None:
+                    exits[role] = (round(time.monotonic() - started, 1), proc.returncode)
+            await asyncio.sleep(0.05)
+        for role in procs:
+            assert role in exits, f"{role} still runs 30 s after SIGTERM: {exits}"
+            seconds, code = exits[role]
+            assert code == 0, f"{role} exited {code}: {exits}\n" + deployment.children.log_tail(
+                role
+            )
+            assert seconds < 10, f"{role} took {seconds} s to stop: {exits}"
+    finally:
+        await asyncio.to_thread(_up, deployment.state_dir)
