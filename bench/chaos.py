@@ -18,9 +18,10 @@ are ignored, since the run stops PostgreSQL and Redis):
    one agent) is killed with SIGKILL and started again after ``--restart-delay``
    seconds, for the whole window; in its last part PostgreSQL and then Redis are stopped
    for ``--outage`` seconds each (``infra.stack.stop_service``) and started again
-   (``infra.stack.up``), the kills going on meanwhile (so a role may be started while a
-   service is down). A role that exits by itself is recorded and started again, as a
-   supervisor would;
+   (``infra.stack.up``), the kills going on meanwhile; a quarter into each outage every
+   role is also killed and started again, so each is seen to start while the service
+   is down (``--no-restart-roles-in-outages`` leaves that out). A role that exits by
+   itself is recorded and started again, as a supervisor would;
 4. waits up to ``--settle-timeout`` seconds after the faults stop for every task to be
    completed in the read model, stops the agents and lets the projector catch up;
 5. checks, from the log read with read_committed and from the read models: every
@@ -107,7 +108,9 @@ class ChaosConfig:
     minus the outages (each ``outage_s`` plus about 5 s for the restart) the outages, one
     after the other; tasks are submitted evenly over it. ``settle_timeout_s`` bounds the
     time from the faults' end until every task is completed in the read model. ``seed``
-    fixes the kill schedule and targets.
+    fixes the kill schedule and targets. ``restart_roles_in_outages`` kills and starts
+    every role a quarter into each outage (besides the random kills), so each role is
+    seen to start while each service is down.
     """
 
     tasks: int = 300
@@ -123,6 +126,7 @@ class ChaosConfig:
     concurrency: int = 8
     heartbeat_timeout_s: float = 5.0
     max_attempts: int = 20
+    restart_roles_in_outages: bool = True
 
 
 @dataclass
@@ -212,6 +216,7 @@ class _Chaos:
         self.incarnation: Counter[str] = Counter()
         self.agent_ids = [f"{report.run}-agent-{i}" for i in range(config.agents)]
         self.stopping = False
+        self.locks: dict[str, asyncio.Lock] = {}
 
     def start(self, target: str) -> None:
         """Start ``target`` (a role, or ``agent-<i>``) as a new child ``<target>.<n>``."""
@@ -270,6 +275,12 @@ class _Chaos:
                 return
             kind = self.rng.choice(TARGETS)
             target = f"agent-{self.rng.randrange(self.config.agents)}" if kind == "agent" else kind
+            await self.restart(target, kind, t0)
+
+    async def restart(self, target: str, kind: str, t0: float) -> None:
+        """SIGKILL ``target`` (counted as a kill of ``kind``), start it again after
+        ``restart_delay_s``; one restart of a target at a time."""
+        async with self.locks.setdefault(target, asyncio.Lock()):
             name = self.kill(target)
             self.report.kills[kind] += 1
             self.report.kill_log.append((time.monotonic() - t0, name))
@@ -278,14 +289,18 @@ class _Chaos:
 
     async def outages(self, t0: float, after_s: float, done: asyncio.Event) -> None:
         """After ``after_s`` seconds, stop each of ``SERVICES`` in turn for ``outage_s``
-        seconds and start it again; then set ``done``."""
+        seconds and start it again; then set ``done``. With ``restart_roles_in_outages``,
+        every role is also killed and started again a quarter into each outage."""
         try:
             await asyncio.sleep(after_s)
             for service in SERVICES:
                 t = time.monotonic()
                 await asyncio.to_thread(stack.stop_service, self.state_dir, service)
                 down = time.monotonic()
-                await asyncio.sleep(self.config.outage_s)
+                if self.config.restart_roles_in_outages:
+                    await asyncio.sleep(self.config.outage_s / 4)
+                    await asyncio.gather(*(self.restart(role, role, t0) for role in ROLES))
+                await asyncio.sleep(max(0.0, down + self.config.outage_s - time.monotonic()))
                 await asyncio.to_thread(start_private_stack, self.state_dir, Console(stderr=True))
                 back = time.monotonic()
                 self.report.outages.append(
@@ -865,6 +880,10 @@ def main(
         float, typer.Option(min=1, help="Seconds after the faults for every task to complete.")
     ] = 60.0,
     seed: Annotated[int, typer.Option(help="Seed of the kill schedule and targets.")] = 0,
+    restart_roles_in_outages: Annotated[
+        bool,
+        typer.Option(help="Also kill and start every role a quarter into each outage."),
+    ] = True,
     state_dir: Annotated[
         Path, typer.Option(help="The private stack's state directory (its services get stopped).")
     ] = Path(".swarmlog-chaos"),
@@ -885,6 +904,7 @@ def main(
         seed=seed,
         agent_slots=slots,
         work_ms=work_ms,
+        restart_roles_in_outages=restart_roles_in_outages,
     )
     console = Console(width=None if sys.stdout.isatty() else 140)
     report = asyncio.run(run_chaos(config, state_dir, console=console, keep_stack=keep_stack))

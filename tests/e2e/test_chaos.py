@@ -6,8 +6,8 @@ by itself.
 
 The harness and its checks are bench/chaos.py's (``python -m bench.chaos`` runs a
 longer version); here about 55 s of faults on 240 tasks and 3 agents: with seed 6,
-about 15 kills, 2 to 4 of each kind, some of them while PostgreSQL or Redis is down for
-its 8 s (when exactly depends on the machine's speed). Each check must pass; the log is
+about 15 random kills, 2 to 4 of each kind, and every role killed and started again 2 s
+into each 8 s outage (so each role starts while PostgreSQL, then Redis, is down). Each check must pass; the log is
 checked once more with the integration tests' own helper. About 75 s in all.
 """
 
