@@ -264,6 +264,9 @@ class CommandProcessor:
         self._failure: BaseException | None = None
         self.retry_backoff_s = RETRY_BACKOFF_START_S
         self._batch_failing = False
+        #: Partitions this copy is assigned but could not take over (Kafka out): paused at
+        #: the first command not committed, -> the monotonic time of the next try.
+        self._lost: dict[int, float] = {}
         #: Seconds of deciding after which a batch is committed and the rest read again
         #: (well inside the producer's transaction timeout of 60 s).
         self.batch_budget_s = 5.0
@@ -279,6 +282,7 @@ class CommandProcessor:
             async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
                 async with processor._lock:
                     for tp in revoked:
+                        processor._lost.pop(tp.partition, None)
                         await processor._release(tp.partition)
 
             async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
@@ -286,16 +290,15 @@ class CommandProcessor:
                 # rather than go on owning a partition it cannot decide for.
                 async with processor._lock:
                     for tp in assigned:
+                        processor._lost.pop(tp.partition, None)
                         try:
                             await processor._acquire(tp.partition)
                         except Exception as exc:  # noqa: BLE001 (raised by run())
-                            try:
-                                if not is_kafka_outage(exc):
-                                    raise
-                                await processor._reacquire(tp.partition)  # wait it out
-                            except Exception as final:  # noqa: BLE001 (raised by run())
-                                processor._failure = final
+                            processor.partitions.pop(tp.partition, None)
+                            if not is_kafka_outage(exc):
+                                processor._failure = exc
                                 return
+                            processor._lose(tp, None)  # taken over by run() once Kafka is back
 
         await self.consumer.start()
         self.consumer.subscribe([self.topics.commands], listener=Listener())
@@ -307,6 +310,8 @@ class CommandProcessor:
                 if time.monotonic() >= self._next_forget:
                     async with self._lock:
                         await self._forget_expired()
+                if self._lost:
+                    await self._take_over_lost()
                 if not batch:
                     continue
                 async with self._lock:
@@ -395,23 +400,48 @@ class CommandProcessor:
             unreadable_aggregates=len(ps.broken),
         )
 
-    async def _reacquire(self, partition: int) -> None:
-        """Take ``partition`` over afresh after a failed batch, retrying with capped
-        exponential backoff (``retry_backoff_s``: 0.5 s doubling to 5 s) until it works:
-        during a Kafka outage the new producer cannot start (its ``init_producer_id``
-        needs the broker), and the role must wait the outage out, not exit. Raises what
-        is not an outage (``infra.kafka.is_kafka_outage``)."""
-        while True:
-            await asyncio.sleep(self.retry_backoff_s)
-            self.retry_backoff_s = min(self.retry_backoff_s * 2, RETRY_BACKOFF_MAX_S)
-            try:
-                await self._acquire(partition)
-                return
-            except Exception as exc:
-                self.partitions.pop(partition, None)
-                if not is_kafka_outage(exc):
-                    raise  # not an outage to wait out (misconfigured, unauthorized)
-                log.debug("partition not taken over yet", partition=partition, error=repr(exc))
+    def _lose(self, tp: TopicPartition, offset: int | None) -> None:
+        """Give up ``tp`` until it can be taken over again (:meth:`_take_over_lost`): seek
+        back to ``offset`` (the failed batch's first command; None: where the consumer
+        is), pause it so no command of it is read meanwhile, and schedule the next try
+        after ``retry_backoff_s`` (0.5 s doubling to 5 s). Nothing of it is held meanwhile,
+        so a rebalance can hand it to another copy: the lock is not held while waiting."""
+        if tp not in self.consumer.assignment():
+            return  # revoked meanwhile: the new owner reads it from the committed offset
+        if offset is not None:
+            self.consumer.seek(tp, offset)
+        self.consumer.pause(tp)
+        self._lost[tp.partition] = time.monotonic() + self.retry_backoff_s
+        self.retry_backoff_s = min(self.retry_backoff_s * 2, RETRY_BACKOFF_MAX_S)
+
+    async def _take_over_lost(self) -> None:
+        """Try again to take over each lost partition that is due and still assigned to
+        this copy; resume it once taken. During a Kafka outage the new producer cannot
+        start (its ``init_producer_id`` needs the broker) and the role waits the outage
+        out, not exits; what is not an outage (``infra.kafka.is_kafka_outage``) is
+        raised."""
+        now = time.monotonic()
+        for partition, due in list(self._lost.items()):
+            tp = TopicPartition(self.topics.commands, partition)
+            if tp not in self.consumer.assignment():
+                self._lost.pop(partition, None)
+                continue
+            if now < due:
+                continue
+            async with self._lock:
+                if partition not in self._lost:
+                    continue  # revoked, or assigned afresh, while waiting for the lock
+                try:
+                    await self._acquire(partition)
+                except Exception as exc:
+                    self.partitions.pop(partition, None)
+                    if not is_kafka_outage(exc):
+                        raise  # not an outage to wait out (misconfigured, unauthorized)
+                    log.debug("partition not taken over yet", partition=partition, error=repr(exc))
+                    self._lose(tp, None)
+                    continue
+                del self._lost[partition]
+                self.consumer.resume(tp)
 
     async def _release(self, partition: int) -> None:
         ps = self.partitions.pop(partition, None)
@@ -520,9 +550,7 @@ class CommandProcessor:
                     "batch failed; taking the partition over afresh", partition=tp.partition
                 )
             await self._release(tp.partition)
-            await self._reacquire(tp.partition)
-            if tp in self.consumer.assignment():  # else revoked meanwhile: the new owner reads
-                self.consumer.seek(tp, records[0].offset)
+            self._lose(tp, records[0].offset)  # taken over again by run(), outside the lock
             return
         self.retry_backoff_s = RETRY_BACKOFF_START_S
         if self._batch_failing:

@@ -164,8 +164,11 @@ def _sent_at_unknown(data: dict[str, Any]) -> dict[str, Any]:
 class HeartbeatRecorded(AgentEvent):
     """A heartbeat arrived; ``resumed`` is true when it brought an offline agent back.
 
-    ``sent_at`` is when the agent sent it (the command's ``at``). Schema version 2 added
-    it; version-1 records (before 2026-12-08) are upcast with ``sent_at`` None, and a
+    ``sent_at`` is when the agent sent it (the command's ``at``, clamped by the API to at
+    most ``heartbeat_max_skew_s`` before it was received), and so also the event's
+    CloudEvents ``time``: within one agent, heartbeats' times follow when they were sent,
+    not the order they were decided in. Schema version 2 added it; version-1 records
+    (before 2026-12-08) are upcast with ``sent_at`` None, and a
     state folded from them knows no heartbeat time (``MarkAgentOffline`` is then decided
     on the lifecycle alone, as it was when they were written).
     """

@@ -236,7 +236,9 @@ def watch_services(
 ) -> ServiceWatch:
     """A ``ServiceWatch`` of ``services`` (among kafka, postgres, redis): the Kafka of
     ``clients``, the database and Redis its settings name; it logs as ``role``, one
-    warning when a service stops answering, one info line when it is back. Raises
+    warning when a service stops answering, one info line when it is back. With more
+    than one Kafka bootstrap server each broker is also watched on its own (``kafka
+    broker host:port``), so a cluster running on fewer brokers is said too. Raises
     RuntimeError naming a service URL the settings lack.
     """
     settings = clients.settings
@@ -250,7 +252,12 @@ def watch_services(
         "postgres": [url_address(settings.database_url or "", 5432)],
         "redis": [url_address(settings.redis_url or "", 6379)],
     }
-    return ServiceWatch({name: addresses[name] for name in chosen}, role=role)
+    watched = {name: addresses[name] for name in chosen}
+    if "kafka" in chosen and len(addresses["kafka"]) > 1:
+        # A cluster goes on with a broker down, one loss from refusing writes: say so.
+        for host, port in addresses["kafka"]:
+            watched[f"kafka broker {host}:{port}"] = [(host, port)]
+    return ServiceWatch(watched, role=role)
 
 
 # one builder per role -------------------------------------------------------------------

@@ -220,15 +220,16 @@ def _exit_by_deadline() -> None:
     """Exit the process ``EXIT_DEADLINE_S`` after the stop signal, from a daemon thread
     the event loop cannot block: what is left open is safe to drop (an open transaction
     is aborted by the broker or fenced by the next owner; the projector's offsets commit
-    with its rows), as after a kill."""
+    with its rows), as after a kill. The exit code is 1: a supervisor sees that the role
+    did not stop cleanly."""
 
     def deadline() -> None:
         sys.stderr.write(
             f"swarmlog: still stopping {EXIT_DEADLINE_S:.0f} s after the signal; exiting now"
-            " (nothing committed is lost: an open transaction is aborted)\n"
+            " with code 1 (nothing committed is lost: an open transaction is aborted)\n"
         )
         sys.stderr.flush()
-        os._exit(0)
+        os._exit(1)
 
     timer = threading.Timer(EXIT_DEADLINE_S, deadline)
     timer.daemon = True
@@ -287,9 +288,14 @@ def run_roles(
     naming the role and the reason, and exit code 1 (typer.Exit).
     """
 
-    async def main() -> None:
+    async def deployed(stop: asyncio.Event) -> None:
+        # Deployed inside the signal handling: a SIGTERM while the roles still wait for a
+        # service at start stops them like one while they run.
         async with bootstrap.deploy(settings, roles, only=only) as deployment:
-            await _until_signalled(deployment.run)
+            await deployment.run(stop)
+
+    async def main() -> None:
+        await _until_signalled(deployed)
 
     try:
         asyncio.run(main())

@@ -182,7 +182,8 @@ async def ensure_topics(bootstrap_servers: str, topics: Topics) -> list[str]:
                     f" replication factor {replication_factor}: {name}"
                     + (f" ({message})" if message else "")
                 )
-            created = [s.name for s in wanted]
+            # Not those another process created first (TopicAlreadyExists above).
+            created = [error[0] for error in response.topic_errors if error[1] == 0]
         present = [s for s in topics.specs() if s.name in existing]
         if present:
             described = await admin.describe_topics([s.name for s in present])

@@ -56,8 +56,11 @@ def evolve_agent(row: Row | None, stored: RecordedEvent) -> Row | None:
             row["lifecycle"] = "running"
             row["last_heartbeat_at"] = stored.time
         case ag.HeartbeatRecorded():
+            # A heartbeat's time is when the agent sent it (sent_at): one sent earlier
+            # may be decided after a later one, so the latest send time wins.
             row["lifecycle"] = "running"
-            row["last_heartbeat_at"] = stored.time
+            last = row.get("last_heartbeat_at")
+            row["last_heartbeat_at"] = stored.time if last is None else max(last, stored.time)
         case ag.AgentStopped():
             row["lifecycle"] = "stopped"
         case ag.AgentMarkedOffline():

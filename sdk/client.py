@@ -44,6 +44,11 @@ USER_AGENT = "swarmlog-sdk/0.1"
 
 log = structlog.get_logger("swarmlog.sdk.client")
 
+MAX_SERVER_ERROR_RESENDS = 5
+"""A command call given ``until`` resends a 500 (or another 5xx that is not an outage's
+502/503/504) at most this many times in a row, then raises it: the API failed around the
+command, and the same key makes a resend safe, but one that keeps failing is a bug."""
+
 
 def _seg(value: str) -> str:
     """One path segment, percent-encoded (ids may hold ``/`` or ``:``)."""
@@ -76,7 +81,8 @@ class SwarmClient:
       up to ``pending_resends`` times, after which the 202 is returned;
     - **until a deadline**: a command call given ``until`` (a point on ``clock``, by
       default :func:`time.monotonic`, in seconds) is resent on no answer, on
-      429, on any 5xx and on 202 for as long as it takes to get a definite answer (2xx
+      429, on any 5xx (a 500 at most ``MAX_SERVER_ERROR_RESENDS`` times in a row) and on
+      202 for as long as it takes to get a definite answer (2xx
       other than 202, or an error that retrying cannot change), and raises
       :class:`~sdk.errors.DeadlineExceeded` once ``until`` has passed without one. A
       try in flight at the deadline is let finish (it is bounded by ``timeout``).
@@ -158,6 +164,7 @@ class SwarmClient:
         query = {k: v for k, v in (params or {}).items() if v is not None}
         attempt = 0
         resends = 0
+        server_errors = 0  # 5xx answers in a row
         while True:
             attempt += 1
             error: SwarmError | None = None
@@ -185,8 +192,15 @@ class SwarmClient:
                         retry_after=response.headers.get("retry-after"),
                     )
                     # Before a deadline a 5xx is no answer either: the API failed around
-                    # the command, which the same key makes safe to send again.
-                    if not (error.retryable or (until is not None and error.status >= 500)):
+                    # the command, which the same key makes safe to send again; but a
+                    # 500 that keeps coming is a bug, not an outage: raised after a few.
+                    server_errors = server_errors + 1 if error.status >= 500 else 0
+                    resend = error.retryable or (
+                        until is not None
+                        and error.status >= 500
+                        and server_errors <= MAX_SERVER_ERROR_RESENDS
+                    )
+                    if not resend:
                         raise error
             if until is None and attempt >= tries and error is not None:
                 if isinstance(error, SwarmConnectionError):

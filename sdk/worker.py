@@ -94,6 +94,10 @@ DEFAULT_LEASE_TIMEOUT_S = 30.0
 DEFAULT_RUN_TIMEOUT_S = 600.0
 """The API's default run timeout (seconds a started task may run)."""
 
+PROGRESS_RETRY_S = 30.0
+"""Seconds a progress report is resent for at most (within the task's deadline): progress
+is advisory, so a handler is not held up by a long outage; the next report supersedes."""
+
 MAX_HEARTBEATS_IN_FLIGHT = 3
 """Heartbeats of one worker sent and not yet answered, at most (one more is skipped)."""
 
@@ -124,8 +128,9 @@ class TaskContext:
         """Report progress ``fraction`` in [0, 1] with an optional message.
 
         Like every report it is resent with one idempotency key until a definite answer
-        or the task's deadline (so it is never lost to a short outage, nor recorded
-        twice), which means this call waits while the API is away. Raises
+        (so it is never lost to a short outage, nor recorded twice), but for at most
+        ``PROGRESS_RETRY_S`` (30 s) within the task's deadline: progress is advisory, and
+        the handler should not wait out a long outage for it. Raises
         :class:`~sdk.errors.TaskRevoked` when the task is no longer this agent's (stop
         working on it; the worker drops it quietly). Other failures to report are
         logged and ignored: progress is advisory.
@@ -134,6 +139,9 @@ class TaskContext:
             return
         self._reports += 1
         key = derived_key(self.agent_id, self.task_id, self.attempt, "progress", self._reports)
+        until = self._client.clock() + PROGRESS_RETRY_S
+        if self._until is not None:
+            until = min(until, self._until)
         try:
             await self._client.report_progress(
                 self.task_id,
@@ -141,7 +149,7 @@ class TaskContext:
                 fraction,
                 None if message is None else message[:MAX_MESSAGE_CHARS],
                 idempotency_key=key,
-                until=self._until,
+                until=until,
             )
         except SwarmError as exc:
             if is_revocation(exc):
@@ -155,7 +163,7 @@ class TaskContext:
             )
 
     def progress_sync(
-        self, fraction: float, message: str | None = None, timeout_s: float = 30.0
+        self, fraction: float, message: str | None = None, timeout_s: float = 40.0
     ) -> None:
         """:meth:`progress` for a sync handler running in a worker thread; raises
         TaskRevoked likewise. Blocks up to ``timeout_s`` seconds; a report still

@@ -107,7 +107,9 @@ async def heartbeat_agent(
     [received - ``heartbeat_max_skew_s``, received] (seconds; received = when this route
     took it up); with no ``sent_at``, from received. The scheduler's heartbeat timeout
     is measured from that time, so a heartbeat that waited behind other requests is not
-    counted late.
+    counted late. 404 ``agent_not_found``; 409 ``agent_not_running`` (registered or
+    stopped: an operator's stop is not overruled); 422 naming ``sent_at`` when it is not
+    a date-time with a UTC offset.
     """
     command = dispatch.command(ag.RecordHeartbeat, agent_id=agent_id)
     if body is not None and body.sent_at is not None:

@@ -113,6 +113,9 @@ async def test_every_role_drains_on_sigterm_within_10_s_and_nothing_is_lost(
                 role
             )
             assert seconds < STOP_BOUND_S, f"{role} took {seconds:.1f} s to stop: {exits}"
+            # Drained, not cut short: neither the drain timeout's cancel nor the hard exit.
+            tail = children.log_tail(role)
+            assert "not drained" not in tail and "exiting now" not in tail, tail
     finally:
         children.stop_all(timeout_s=15)
         with contextlib.suppress(Exception):

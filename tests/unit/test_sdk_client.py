@@ -133,6 +133,15 @@ async def test_before_a_deadline_a_server_error_is_sent_again_with_the_same_key(
     assert result.status == 200 and len(script.requests) == 2 and script.keys() == {"k-5"}
 
 
+async def test_before_a_deadline_a_server_error_that_keeps_coming_is_raised() -> None:
+    script = Scripted(status(500, problem="internal_error"))
+    time = FakeTime()
+    async with client(script, time) as c:
+        with pytest.raises(SwarmError) as caught:
+            await c.complete_task("t1", "a1", {}, until=time.now + 600)
+    assert caught.value.status == 500 and len(script.requests) == 6  # 1 + 5 resends
+
+
 async def test_without_a_deadline_a_server_error_is_raised_at_once() -> None:
     script = Scripted(status(500, problem="internal_error"), status(200))
     time = FakeTime()

@@ -13,7 +13,13 @@ import httpx
 import pytest
 
 from sdk import Assignment, NonRetryableError, TaskContext, Worker
-from sdk.worker import MAX_ERROR_CHARS, error_text, normalize_result, task_timeouts
+from sdk.worker import (
+    MAX_ERROR_CHARS,
+    PROGRESS_RETRY_S,
+    error_text,
+    normalize_result,
+    task_timeouts,
+)
 from tests.unit.sdk_fakes import FakeApi, FakeTime
 
 
@@ -157,6 +163,30 @@ async def test_a_lost_progress_answer_is_not_recorded_twice() -> None:
     progress = api.posts("progress", "t1")
     assert len(progress) == 4  # the first report sent three times, the second once
     assert len(api.decided("progress", "t1")) == 2  # and each decided once
+    assert api.tasks["t1"]["status"] == "completed"
+
+
+async def test_progress_is_given_up_after_30_s_of_outage_and_the_work_goes_on() -> None:
+    api, time = FakeApi(), FakeTime()
+    api.add_task("t1", "a1", "assigned")
+
+    async def before(request: httpx.Request) -> None:
+        if request.url.path.endswith("/progress"):
+            raise httpx.ConnectError("connection refused", request=request)
+
+    api.before = before
+    waited: list[float] = []
+
+    async def handler(ctx: TaskContext) -> tuple[dict[str, Any], float]:
+        started = time.now
+        await ctx.progress(0.5)  # the API is away for progress: advisory, given up
+        waited.append(time.now - started)
+        return {}, 1.0
+
+    worker = worker_on(api, time, handler)
+    worker.offer(assignment(api, "t1"))
+    await settle(worker)
+    assert waited == [pytest.approx(PROGRESS_RETRY_S)]  # not the 600 s run timeout
     assert api.tasks["t1"]["status"] == "completed"
 
 

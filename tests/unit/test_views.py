@@ -306,3 +306,22 @@ def test_agent_counters_come_from_completed_failed_and_lost_tasks() -> None:
         ("a2", "tasks_failed"),
         ("a1", "tasks_completed"),
     ]
+
+
+def test_a_heartbeat_sent_earlier_but_decided_later_does_not_move_last_heartbeat_back() -> None:
+    log = Log()
+    log.add(
+        "a1",
+        0,
+        ag.AgentRegistered(
+            agent_id="a1", name="Ada", capabilities=(), max_concurrent_tasks=1, cost_per_task=0
+        ),
+    )
+    log.add("a1", 1, ag.AgentStarted(agent_id="a1"))
+    log.add("a1", 12, ag.HeartbeatRecorded(agent_id="a1", sent_at=t(12)))
+    log.add("a1", 10, ag.HeartbeatRecorded(agent_id="a1", sent_at=t(10)))  # decided after
+
+    row = fold_agent(log.events)
+
+    assert row is not None and row["version"] == 4
+    assert row["last_heartbeat_at"] == t(12)

@@ -76,3 +76,23 @@ async def test_one_failed_check_is_not_an_outage() -> None:
     with capture_logs() as logs:
         await watch.check()
     assert watch.down == [] and logs == []
+
+
+def test_a_cluster_is_watched_as_a_whole_and_broker_by_broker() -> None:
+    from infra.bootstrap import Clients, watch_services
+    from infra.clock import SystemClock
+    from infra.kafka import Kafka
+    from infra.settings import Settings
+    from infra.topics import Topics
+
+    def watched(bootstrap: str) -> set[str]:
+        settings = Settings(
+            kafka_bootstrap_servers=bootstrap,
+            database_url="postgresql://u@db:5432/d",
+            redis_url="redis://cache:6379/0",
+        )
+        clients = Clients(settings, Kafka(bootstrap), Topics(), SystemClock())
+        return set(watch_services(clients, "processor", services=("kafka",)).services)
+
+    assert watched("k1:9092,k2:9093") == {"kafka", "kafka broker k1:9092", "kafka broker k2:9093"}
+    assert watched("k1:9092") == {"kafka"}
