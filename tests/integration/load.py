@@ -15,6 +15,26 @@ from infra.topics import Topics
 from tests.integration.helpers import assert_log_is_clean, read_events, read_outcomes, wait_until
 
 
+async def is_ready(http: httpx.AsyncClient) -> bool:
+    """Whether ``GET /ready`` answers 200 within 5 s (False on any HTTP error)."""
+    try:
+        return (await http.get("/ready", timeout=5)).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+async def follow_sse(base_url: str, lines: list[str], prefix: str = "id:") -> None:
+    """Hold a live SSE stream of every event (``GET /events``) open until the server ends
+    it, keeping its lines that start with ``prefix``."""
+    async with (
+        httpx.AsyncClient(base_url=base_url, timeout=httpx.Timeout(5, read=None)) as http,
+        http.stream("GET", "/events") as response,
+    ):
+        async for line in response.aiter_lines():
+            if line.startswith(prefix):
+                lines.append(line)
+
+
 @dataclass
 class Trickle:
     """Clients submitting tasks named ``<name>-<worker>-<n>`` through the API at ``http``;

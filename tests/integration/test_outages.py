@@ -39,7 +39,7 @@ from infra import supervise
 from infra.stack import StackInfo, down, stop_service, up
 from infra.topics import Topics
 from tests.integration.helpers import ROOT, fresh_prefix, role_env, wait_until
-from tests.integration.load import Trickle
+from tests.integration.load import Trickle, follow_sse, is_ready
 
 pytestmark = pytest.mark.integration
 
@@ -124,17 +124,6 @@ async def _read(http: httpx.AsyncClient, trickle: Trickle, stop: asyncio.Event) 
     return codes
 
 
-async def _follow_sse(base_url: str, lines: list[str]) -> None:
-    """Hold a live SSE stream of every event open, keeping its ``data:`` lines."""
-    async with (
-        httpx.AsyncClient(base_url=base_url, timeout=httpx.Timeout(5, read=None)) as http,
-        http.stream("GET", "/events") as response,
-    ):
-        async for line in response.aiter_lines():
-            if line.startswith("data:"):
-                lines.append(line)
-
-
 async def _poll_ready(http: httpx.AsyncClient, stop: asyncio.Event, out: list[tuple]) -> None:
     while not stop.is_set():
         try:
@@ -155,7 +144,7 @@ async def _ride_out(deployment: Deployment, service: str) -> None:
         poller = asyncio.create_task(_poll_ready(http, stop, readiness))
         reader = asyncio.create_task(_read(http, trickle, stop))
         sse_lines: list[str] = []
-        sse = asyncio.create_task(_follow_sse(deployment.base_url, sse_lines))
+        sse = asyncio.create_task(follow_sse(deployment.base_url, sse_lines, "data:"))
         await asyncio.sleep(3)
         stopped = await asyncio.to_thread(stop_service, deployment.state_dir, service)
         assert "stopped" in stopped, stopped
@@ -176,7 +165,7 @@ async def _ride_out(deployment: Deployment, service: str) -> None:
         if late_role == "api":
             async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{late_port}") as late_http:
                 await wait_until(
-                    lambda: _is_ready(late_http), 60, interval=0.5, what="the late API ready"
+                    lambda: is_ready(late_http), 60, interval=0.5, what="the late API ready"
                 )
         stop.set()
         await asyncio.wait_for(load, 60)
@@ -201,7 +190,7 @@ async def _ride_out(deployment: Deployment, service: str) -> None:
             status == 503 and service in failed for _, status, failed in during
         ), during
         await wait_until(
-            lambda: _is_ready(http), 30, interval=0.5, what="/ready to answer 200 again"
+            lambda: is_ready(http), 30, interval=0.5, what="/ready to answer 200 again"
         )
 
         # nothing accepted is lost: every task is on the read models
@@ -232,13 +221,6 @@ async def _ride_out(deployment: Deployment, service: str) -> None:
         assert sum(f"{service} is unreachable" in line for line in lines) == 1, text[-3000:]
         assert sum(f"{service} is back" in line for line in lines) == 1, text[-3000:]
         assert len(lines) < 40, f"{role} logged {len(lines)} lines:\n" + text[-3000:]
-
-
-async def _is_ready(http: httpx.AsyncClient) -> bool:
-    try:
-        return (await http.get("/ready", timeout=5)).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 @pytest.mark.parametrize("service", ["redis", "postgres", "kafka"])

@@ -25,31 +25,13 @@ from infra import supervise
 from infra.stack import StackInfo
 from infra.topics import Topics
 from tests.integration.helpers import ROOT, fresh_prefix, role_env, wait_until
-from tests.integration.load import Trickle
+from tests.integration.load import Trickle, follow_sse, is_ready
 
 pytestmark = pytest.mark.integration
 
 ROLES = ("processor", "streams", "projector", "api")
 #: The bound the issue sets on a clean stop, in seconds.
 STOP_BOUND_S = 10.0
-
-
-async def _ready(http: httpx.AsyncClient) -> bool:
-    try:
-        return (await http.get("/ready", timeout=5)).status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
-async def _follow_sse(base_url: str, seen: list[str]) -> None:
-    """Hold a live SSE stream of every event open until the server ends it."""
-    async with (
-        httpx.AsyncClient(base_url=base_url, timeout=httpx.Timeout(5, read=None)) as http,
-        http.stream("GET", "/events") as response,
-    ):
-        async for line in response.aiter_lines():
-            if line.startswith("id:"):
-                seen.append(line)
 
 
 async def _sigterm(proc: object, name: str) -> tuple[float, int]:
@@ -83,7 +65,7 @@ async def test_every_role_drains_on_sigterm_within_10_s_and_nothing_is_lost(
             trickle = Trickle(http, prefix)
             load = asyncio.create_task(trickle.run(stop))
             seen: list[str] = []
-            sse = asyncio.create_task(_follow_sse(base_url, seen))
+            sse = asyncio.create_task(follow_sse(base_url, seen))
             await asyncio.sleep(3)
             for role in ROLES:
                 before = len(trickle.accepted)
@@ -98,7 +80,7 @@ async def test_every_role_drains_on_sigterm_within_10_s_and_nothing_is_lost(
                 if role == "api":
                     await asyncio.wait_for(sse, 5)  # the stream ended with the server
                     assert seen, "the SSE stream carried no event before the stop"
-                await wait_until(lambda: _ready(http), 60, interval=0.3, what="/ready again")
+                await wait_until(lambda: is_ready(http), 60, interval=0.3, what="/ready again")
             await asyncio.sleep(3)
             stop.set()
             await asyncio.wait_for(load, 60)
