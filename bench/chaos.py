@@ -48,13 +48,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import random
 import sys
 import time
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -94,7 +92,6 @@ TARGETS = (*ROLES, "agent")
 SERVICES = ("postgres", "redis")
 """The services stopped and started once each, in this order, after the kills."""
 
-ENV_VARS = ("KAFKA_BOOTSTRAP_SERVERS", "DATABASE_URL", "REDIS_URL")
 
 GRANT_TOKENS = 1_050
 STAKE_TOKENS = 1_000
@@ -171,23 +168,10 @@ class ChaosReport:
         return bool(self.checks) and all(c.ok for c in self.checks)
 
 
-@contextlib.contextmanager
-def _without_service_env() -> Iterator[None]:
-    """Hide the environment's service URLs (and their ``SWARMLOG_`` forms) so that
-    ``infra.stack.up`` starts the private stack; restored on exit."""
-    names = [n for v in ENV_VARS for n in (v, f"SWARMLOG_{v}")]
-    saved = {n: os.environ.pop(n) for n in names if n in os.environ}
-    try:
-        yield
-    finally:
-        os.environ.update(saved)
-
-
 def start_private_stack(state_dir: Path, console: Console | None = None) -> StackInfo:
     """``infra.stack.up(state_dir)`` with the environment's service URLs ignored: the
     chaos stops services, so it must run on a stack of its own. Raises StackError."""
-    with _without_service_env():
-        return stack.up(state_dir, console=console or Console(stderr=True))
+    return stack.up(state_dir, console=console or Console(stderr=True), own=True)
 
 
 class _Chaos:
@@ -797,8 +781,7 @@ async def run_chaos(
             watcher.cancel()
         chaos.children.stop_all()
         if not keep_stack:
-            with _without_service_env():
-                stack.down(state_dir, purge=True)
+            stack.down(state_dir, purge=True)
     return report
 
 

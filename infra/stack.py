@@ -152,11 +152,20 @@ class StackInfo:
 # --------------------------------------------------------------------------- public API
 
 
-def up(state_dir: Path, *, console: Console | None = None, brokers: int | None = None) -> StackInfo:
+def up(
+    state_dir: Path,
+    *,
+    console: Console | None = None,
+    brokers: int | None = None,
+    own: bool = False,
+) -> StackInfo:
     """Start Kafka, PostgreSQL and Redis under ``state_dir`` (or reuse them) and say where.
 
     If ``KAFKA_BOOTSTRAP_SERVERS``, ``DATABASE_URL`` and ``REDIS_URL`` are all set, starts
-    nothing and returns them with ``started=False``. Otherwise each service that is not
+    nothing and returns them with ``started=False``, unless ``own`` is True: then the
+    environment's services are ignored and ``state_dir``'s own are started (for tests and
+    benchmarks that stop services, which must never stop the ones the environment names).
+    Otherwise each service that is not
     already running (pid file, live process, answering its port) is started and waited for:
     Kafka until its metadata lists every broker (up to 90 s), PostgreSQL until ``pg_ctl
     -w`` returns and database ``swarmlog`` exists, Redis until PING answers. Idempotent: a
@@ -175,7 +184,7 @@ def up(state_dir: Path, *, console: Console | None = None, brokers: int | None =
     console = console or Console(stderr=True)
     if brokers is not None:
         _check_broker_count(brokers)
-    external = environment_info()
+    external = None if own else environment_info()
     if external is not None:
         _say(console, "[dim]Using KAFKA_BOOTSTRAP_SERVERS, DATABASE_URL and REDIS_URL.[/]")
         if brokers is not None and brokers > 1:
@@ -184,7 +193,7 @@ def up(state_dir: Path, *, console: Console | None = None, brokers: int | None =
     settings = Settings()
     given = (settings.kafka_bootstrap_servers, settings.database_url, settings.redis_url)
     partial = [name for name, value in zip(ENV_VARS, given, strict=True) if value]
-    if partial:
+    if partial and not own:
         _say(
             console,
             f"[yellow]Ignoring {', '.join(partial)}: the local stack is used unless all of "

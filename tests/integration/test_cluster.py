@@ -34,7 +34,7 @@ from domain import task as tk
 from infra import kafka
 from infra.envelope import CommandEnvelope
 from infra.kafka import Kafka
-from infra.stack import ENV_VARS, StackError, StackInfo, down, status, up
+from infra.stack import StackError, StackInfo, down, status, up
 from tests.integration.helpers import (
     RoleProcess,
     assert_log_is_clean,
@@ -70,15 +70,12 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     """A three-broker cluster with its PostgreSQL and Redis, stopped and deleted at the end."""
     state_dir = tmp_path_factory.mktemp("cluster")
     console = Console(stderr=True)
-    with pytest.MonkeyPatch.context() as patch:
-        for name in ENV_VARS:  # with them set, up() would start nothing
-            patch.delenv(name, raising=False)
-        began = time.monotonic()
-        try:
-            info = up(state_dir, console=console, brokers=BROKERS)
-        except BaseException:
-            down(state_dir, purge=True)
-            raise
+    began = time.monotonic()
+    try:
+        info = up(state_dir, console=console, brokers=BROKERS, own=True)
+    except BaseException:
+        down(state_dir, purge=True)
+        raise
     start_s = time.monotonic() - began
     print(f"three-broker stack started in {start_s:.1f} s")
     try:
@@ -154,10 +151,8 @@ async def test_every_topic_has_three_replicas_and_min_insync_replicas_two(
 
 
 def test_status_shows_each_broker_and_the_cluster_keeps_its_broker_count(
-    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+    cluster: Cluster,
 ) -> None:
-    for name in ENV_VARS:
-        monkeypatch.delenv(name, raising=False)
     rows = status(cluster.state_dir)
     kafka_rows = [row for row in rows if row["name"].startswith("Kafka")]
 
@@ -166,9 +161,9 @@ def test_status_shows_each_broker_and_the_cluster_keeps_its_broker_count(
     assert ",".join(row["address"] for row in kafka_rows) == (cluster.info.kafka_bootstrap_servers)
     assert len({row["log"] for row in kafka_rows}) == BROKERS
     with pytest.raises(StackError, match="holds a 3-broker Kafka"):
-        up(cluster.state_dir, console=Console(stderr=True), brokers=1)
+        up(cluster.state_dir, console=Console(stderr=True), brokers=1, own=True)
     with pytest.raises(StackError, match="use 1 .* or 3 to"):
-        up(cluster.state_dir, console=Console(stderr=True), brokers=2)
+        up(cluster.state_dir, console=Console(stderr=True), brokers=2, own=True)
     assert cluster.broker_pids() == {int(r["name"][-1]): r["pid"] for r in kafka_rows}
 
 
@@ -315,12 +310,9 @@ async def test_sigkill_of_a_broker_under_load_loses_no_accepted_command_and_doub
         assert processor.alive(), processor.output()
         sent_with_two = sum(1 for at, _ in sender.sent.values() if at >= killed_at)
 
-        with pytest.MonkeyPatch.context() as patch:
-            for name in ENV_VARS:
-                patch.delenv(name, raising=False)
-            restarted_at = time.monotonic()
-            again = up(cluster.state_dir, console=Console(stderr=True), brokers=BROKERS)
-            restart_s = time.monotonic() - restarted_at
+        restarted_at = time.monotonic()
+        again = up(cluster.state_dir, console=Console(stderr=True), brokers=BROKERS, own=True)
+        restart_s = time.monotonic() - restarted_at
         after = cluster.broker_pids()
         assert again.kafka_bootstrap_servers == bootstrap
         assert {n: p for n, p in after.items() if n != victim} == {

@@ -59,11 +59,7 @@ USERS = {
 def _up(state_dir: Path) -> StackInfo:
     """``infra.stack.up`` on ``state_dir`` even though the environment names the shared
     stack (``up`` would otherwise use that and start nothing)."""
-    with pytest.MonkeyPatch.context() as patch:
-        for name in ("KAFKA_BOOTSTRAP_SERVERS", "DATABASE_URL", "REDIS_URL"):
-            patch.delenv(name, raising=False)
-            patch.delenv(f"SWARMLOG_{name}", raising=False)
-        return up(state_dir, console=Console(stderr=True))
+    return up(state_dir, console=Console(stderr=True), own=True)
 
 
 @dataclass

@@ -70,27 +70,20 @@ async def _service_works(info: StackInfo, service: str) -> None:
 def private_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, StackInfo]]:
     """A local stack of our own (the shared one must never be stopped)."""
     state_dir = tmp_path_factory.mktemp("stop-service")
-    with pytest.MonkeyPatch.context() as patch:
-        for name in ("KAFKA_BOOTSTRAP_SERVERS", "DATABASE_URL", "REDIS_URL"):
-            patch.delenv(name, raising=False)
-            patch.delenv(f"SWARMLOG_{name}", raising=False)
-        try:
-            info = up(state_dir, console=Console(stderr=True))
-        except BaseException:
-            down(state_dir, purge=True)
-            raise
+    try:
+        info = up(state_dir, console=Console(stderr=True), own=True)
+    except BaseException:
+        down(state_dir, purge=True)
+        raise
     yield state_dir, info
     down(state_dir, purge=True)
 
 
 @pytest.mark.parametrize("service", SERVICES)
 def test_stop_service_then_up_brings_it_back_on_the_same_url(
-    private_stack: tuple[Path, StackInfo], service: str, monkeypatch: pytest.MonkeyPatch
+    private_stack: tuple[Path, StackInfo], service: str
 ) -> None:
     state_dir, info = private_stack
-    for name in ("KAFKA_BOOTSTRAP_SERVERS", "DATABASE_URL", "REDIS_URL"):
-        monkeypatch.delenv(name, raising=False)
-        monkeypatch.delenv(f"SWARMLOG_{name}", raising=False)
     before = {s["name"]: s for s in status(state_dir)}
 
     message = stop_service(state_dir, service)
@@ -105,7 +98,7 @@ def test_stop_service_then_up_brings_it_back_on_the_same_url(
             assert described["running"]
             assert described["pid"] == before[other]["pid"]
 
-    again = up(state_dir, console=Console(stderr=True))
+    again = up(state_dir, console=Console(stderr=True), own=True)
 
     assert again == info  # same bootstrap servers and URLs, hence the same ports
     after_up = {s["name"]: s for s in status(state_dir)}
