@@ -524,27 +524,6 @@ def check_sequences(events: list[RecordedEvent]) -> Check:
     )
 
 
-def fold_rows(events: list[RecordedEvent]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The agents and tasks rows the log says there should be: the projector's views
-    (projections/views.py) folded in log order, the agent counters counting every
-    completed, failed or lost task whatever topic came first (as in
-    tests/integration/test_projector.py)."""
-    agents: dict[str, Any] = {}
-    tasks: dict[str, Any] = {}
-    counts: Counter[tuple[str, str]] = Counter()
-    for e in events:
-        if e.aggregate_type == "agent":
-            agents[e.aggregate_id] = views.evolve_agent(agents.get(e.aggregate_id), e)
-        elif e.aggregate_type == tk.TASK:
-            tasks[e.aggregate_id] = views.evolve_task(tasks.get(e.aggregate_id), e)
-            if (c := views.agent_counts(e)) is not None:
-                counts[c] += 1
-    for (agent_id, column), n in counts.items():
-        if agent_id in agents:
-            agents[agent_id] = {**agents[agent_id], column: agents[agent_id][column] + n}
-    return agents, tasks
-
-
 def _rows(records: list[Any], key: str) -> dict[str, dict[str, Any]]:
     out = {}
     for rec in records:
@@ -601,7 +580,7 @@ async def check_read_models(
         if e.position is not None
         and e.position.offset < offsets.get((e.position.topic, e.position.partition), 0)
     ]
-    want_agents, want_tasks = fold_rows(projected)
+    want_agents, want_tasks = views.fold_rows(projected)
     diffs = _diff("agent", agents, want_agents) + _diff("task", tasks, want_tasks)
     fold = Check(
         "read models (agents, tasks) equal the log folded to the projected offsets",

@@ -8,6 +8,8 @@ applying an event twice is harmless.
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -593,3 +595,25 @@ def close_steps(steps: dict[str, Row], at: datetime) -> dict[str, Row]:
 def steps_done(steps: dict[str, Row]) -> int:
     """The run's progress: how many of its main steps (not compensations) have finished."""
     return sum(1 for r in steps.values() if r["kind"] == "step" and r["status"] in wr.STEP_FINISHED)
+
+
+def fold_rows(events: Iterable[RecordedEvent]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The agents and tasks rows (by id) that ``events``, in log order, fold to: what the
+    projector's read models must equal once they have read exactly these events (the
+    agent counters count every completed, failed or lost task, whichever topic the
+    projector read first). For audits and tests; the projector applies the same views
+    batch by batch."""
+    agents: dict[str, Any] = {}
+    tasks: dict[str, Any] = {}
+    counts: Counter[tuple[str, str]] = Counter()
+    for e in events:
+        if e.aggregate_type == ag.AGENT:
+            agents[e.aggregate_id] = evolve_agent(agents.get(e.aggregate_id), e)
+        elif e.aggregate_type == tk.TASK:
+            tasks[e.aggregate_id] = evolve_task(tasks.get(e.aggregate_id), e)
+            if (c := agent_counts(e)) is not None:
+                counts[c] += 1
+    for (agent_id, column), n in counts.items():
+        if agent_id in agents:
+            agents[agent_id] = {**agents[agent_id], column: agents[agent_id][column] + n}
+    return agents, tasks

@@ -282,28 +282,9 @@ def workload(agents: list[str], n_tasks: int, heartbeats: int = 3) -> list[list[
     ]
 
 
-def fold(events: list[RecordedEvent]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The agents and tasks rows the log says there should be (views folded in log order;
-    the agent counters count every completed/failed/lost task, whatever topic came first)."""
-    agents: dict[str, Any] = {}
-    tasks: dict[str, Any] = {}
-    counts: Counter[tuple[str, str]] = Counter()
-    for e in events:
-        if e.aggregate_type == "agent":
-            agents[e.aggregate_id] = views.evolve_agent(agents.get(e.aggregate_id), e)
-        elif e.aggregate_type == "task":
-            tasks[e.aggregate_id] = views.evolve_task(tasks.get(e.aggregate_id), e)
-            if (c := views.agent_counts(e)) is not None:
-                counts[c] += 1
-    for (agent_id, column), n in counts.items():
-        if agent_id in agents:
-            agents[agent_id] = {**agents[agent_id], column: agents[agent_id][column] + n}
-    return agents, tasks
-
-
 async def assert_read_models_match_the_log(w: World) -> list[RecordedEvent]:
     events = await read_events(w.bootstrap, w.topics)
-    want_agents, want_tasks = fold(events)
+    want_agents, want_tasks = views.fold_rows(events)
     got_agents = await w.rows("agents", "agent_id")
     got_tasks = await w.rows("tasks", "task_id")
     assert got_agents.keys() == want_agents.keys()

@@ -8,7 +8,7 @@ from typing import Any
 from domain import agent as ag
 from domain import task as tk
 from domain.recorded import RecordedEvent
-from projections.views import Row, agent_counts, evolve_agent, evolve_task
+from projections.views import Row, agent_counts, evolve_agent, evolve_task, fold_rows
 from tests.unit.logs import Log, t
 
 
@@ -325,3 +325,14 @@ def test_a_heartbeat_sent_earlier_but_decided_later_does_not_move_last_heartbeat
 
     assert row is not None and row["version"] == 4
     assert row["last_heartbeat_at"] == t(12)
+
+
+def test_the_log_folds_to_rows_with_each_agents_task_counters() -> None:
+    log = _agent_log()
+    log.add("t1", 70, tk.TaskCompleted(task_id="t1", agent_id="a1", result={}, quality=1.0))
+
+    agents, tasks = fold_rows(log.events)
+
+    assert agents["a1"]["lifecycle"] == "stopped"
+    assert agents["a1"]["tasks_completed"] == 1  # counted though the task has no row
+    assert tasks == {"t1": None}  # an event without its submission folds to no row
